@@ -1,0 +1,45 @@
+# The verbs people type. Everything installs into .venv; `make demo` and `make test` work on a fresh clone.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+LLAMA_CPP_DIR ?= $(VENV)/llama.cpp
+# Portable llama.cpp build (GEMMA_NOTES: the default -march=native build breaks on other CPUs);
+# tests/examples are not needed and cost compile minutes.
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
+STAMP := $(VENV)/.setup-done
+
+export LLAMA_CPP_DIR
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: setup demo test test-fast lint bench tiny-model clean help
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+setup: $(STAMP)  ## create .venv, install pinned deps, unpack llama.cpp's converter
+
+$(STAMP): pyproject.toml constraints.txt scripts/fetch_llama_cpp.sh
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -c constraints.txt -e '.[dev]'
+	bash scripts/fetch_llama_cpp.sh $(LLAMA_CPP_DIR) $(PY)
+	touch $@
+
+tiny-model: setup  ## build the tiny offline Gemma 2 into models/.cache (idempotent)
+	$(PY) -m train.tiny_model
+
+demo: tiny-model  ## train + export + verify on the tiny model (configs/demo.yaml)
+	$(PY) -m train --config configs/demo.yaml
+
+test: setup  ## run the test suite (CPU; GPU tests skip)
+	$(PY) -m pytest
+
+lint: setup  ## ruff check + format check
+	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+
+bench: setup  ## benchmarks in bench/
+	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:  ## remove run outputs and built models (keeps .venv)
+	rm -rf outputs/*/ models/gguf/*.gguf models/finetuned/*/*/ models/.cache/*/
