@@ -1,0 +1,82 @@
+"""python -m train --config FILE [dotted.key=value ...] [--dry-run] [--fresh]"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from train.hub import configure_cache_env
+
+EPILOG = """\
+examples:
+  python -m train --config configs/demo.yaml
+  python -m train --config configs/gemma2b_lora.yaml --dry-run
+  python -m train --config configs/gemma2b_lora.yaml run_name=nightly-2026-11-27 training.max_steps=500
+  python -m train --print-defaults > my_config.yaml
+
+what it does:
+  validate config, model and data -> LoRA training (checkpoints in outputs/<run_name>/) ->
+  adapter to models/finetuned/adapters/<run_name>/ -> (export.enabled) merge to
+  models/finetuned/final_models/<run_name>/ -> GGUF f32 + quants with llama.cpp -> verification
+  against the merged model -> promotion to models/gguf/. Running the same command again on a
+  complete run reports it without retraining; on an unfinished run it resumes from the last checkpoint.
+
+exit codes:
+  0 success   2 invalid config, data or missing model (nothing trained)   3 verification failed
+  (nothing promoted)   4 llama.cpp tooling missing or failed   1 unexpected error
+"""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m train",
+        description="LoRA fine-tuning of Gemma 2 with verified GGUF export through llama.cpp.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", help="YAML config (see configs/; every key is documented by --print-defaults)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="override config keys, e.g. training.learning_rate=1e-4 lora.r=8")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate config, model presence and data; print the plan and the resolved config; write nothing")
+    parser.add_argument("--fresh", action="store_true",
+                        help="discard outputs/<run_name>/ and train from scratch")
+    parser.add_argument("--print-defaults", action="store_true",
+                        help="print every config key with its default and documentation, then exit")
+    args = parser.parse_intermixed_args(argv)
+    if not args.config and not args.print_defaults:
+        parser.error("--config is required (try configs/demo.yaml)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    configure_cache_env()  # before transformers/huggingface_hub are imported
+    from train.config import ConfigError, commented_defaults, load_config
+
+    if args.print_defaults:
+        print(commented_defaults())
+        return 0
+    from convert.llamacpp import LlamaCppError
+    from convert.verify import VerificationFailed
+    from train.data import DataError
+    from train.hub import ModelNotFoundError
+    from train.run import RunError, run
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        run(cfg, dry_run=args.dry_run, fresh=args.fresh)
+    except (ConfigError, DataError, ModelNotFoundError, RunError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except VerificationFailed as e:
+        print(f"error: {e}\n  the report is in the run folder (verify.md)", file=sys.stderr)
+        return 3
+    except LlamaCppError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 4
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
