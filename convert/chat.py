@@ -10,7 +10,10 @@ def answer(gguf_path: Path, prompt: str, max_tokens: int = 64) -> str:
     so a file that lost either answers visibly wrong here."""
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=512, verbose=False, seed=0)
+    from convert.llamacpp import native_output_to
+
+    with native_output_to(None):
+        llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=512, verbose=False, seed=0)
     try:
         out = llm.create_chat_completion(
             messages=[{"role": "user", "content": prompt}], temperature=0.0, max_tokens=max_tokens

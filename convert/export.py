@@ -55,7 +55,7 @@ def export_gguf(model_dir: Path, name: str, export_cfg, verify_cfg, work_dir: Pa
             say(f"  quantizing -> {files[quant].name}")
             quantize(f32, files[quant], quant, export_cfg.token_embedding_type, log)
     say(f"  verifying {len(files)} file(s) against {model_dir}")
-    reports = verify_files(model_dir, files, verify_cfg, texts)
+    reports = verify_files(model_dir, list(files.items()), verify_cfg, texts, log)
     result = ExportResult(name, model_dir, reports=reports)
     if not all(r.passed for r in reports):
         raise VerificationFailed(reports)

@@ -109,11 +109,10 @@ def convert_hf_to_gguf(model_dir: Path, out_path: Path, outtype: str = "f32", lo
 
 
 @contextlib.contextmanager
-def _output_to(log_path: Path | None):
-    """Send what C code prints on stdout/stderr (llama.cpp's per-tensor quantize log) to a file."""
-    if log_path is None:
-        yield
-        return
+def native_output_to(log_path: Path | None):
+    """Send what C code prints on stdout/stderr (llama.cpp's load and quantize logs, which ignore
+    verbose=False in places) to a log file, or discard it when log_path is None."""
+    log_path = log_path or Path(os.devnull)
     sys.stdout.flush()
     sys.stderr.flush()
     saved = [os.dup(1), os.dup(2)]
@@ -139,7 +138,7 @@ def quantize(src: Path, dst: Path, quant: str, token_embedding_type: str | None 
     if token_embedding_type and quant not in FLOAT_TYPES:
         params.token_embedding_type = getattr(llama_cpp, GGML_TYPE_NAMES[token_embedding_type])
     tmp = dst.with_name(f".{dst.name}.tmp")
-    with _output_to(log_path):
+    with native_output_to(log_path):
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
     if rc != 0:
         tmp.unlink(missing_ok=True)

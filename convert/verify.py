@@ -122,16 +122,17 @@ class Reference:
         self.chat_template = tok.chat_template
 
 
-def verify_file(ref: Reference, gguf_path: Path, quant: str, verify_cfg) -> FileReport:
+def verify_file(ref: Reference, gguf_path: Path, quant: str, verify_cfg, log_path: Path | None = None) -> FileReport:
     """Measure one GGUF against the reference and apply the configured gates."""
     import llama_cpp
 
-    from convert.llamacpp import read_metadata
+    from convert.llamacpp import native_output_to, read_metadata
 
     report = FileReport(str(gguf_path), quant)
     n_ctx = max(len(ids) for _, ids, _ in ref.sequences) + 8
-    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
-                          verbose=False, seed=0)
+    with native_output_to(log_path):
+        llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
+                              logits_all=True, verbose=False, seed=0)
     try:
         # Tokens: same ids as the HF tokenizer, special markers parsed as single tokens.
         mismatches = []
@@ -187,14 +188,15 @@ def verify_file(ref: Reference, gguf_path: Path, quant: str, verify_cfg) -> File
     return report
 
 
-def verify_files(model_dir: Path, files: dict[str, Path], verify_cfg, texts: list[str]) -> list[FileReport]:
-    """Verify several GGUFs (quant name -> path) of one HF model; the reference is computed once."""
+def verify_files(model_dir: Path, files: list[tuple[str, Path]], verify_cfg, texts: list[str],
+                 log_path: Path | None = None) -> list[FileReport]:
+    """Verify several GGUFs ((quant name, path) pairs) of one HF model; the reference is computed once."""
     from tqdm import tqdm
 
     ref = Reference(model_dir, list(verify_cfg.prompts), texts)
     reports = []
-    for quant, path in tqdm(files.items(), desc="verify", unit="file"):
-        reports.append(verify_file(ref, path, quant, verify_cfg))
+    for quant, path in tqdm(files, desc="verify", unit="file"):
+        reports.append(verify_file(ref, path, quant, verify_cfg, log_path))
     return reports
 
 

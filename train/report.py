@@ -58,14 +58,16 @@ def _answers(cfg, manifest: dict) -> list[str]:
     if not prompt or "finetuned" not in gguf:
         return []
     lines = ["", f"--- prompt (through llama.cpp, {default}): {prompt!r}"]
+    replies = {}
     for label in ("base", "finetuned"):
         entry = gguf.get(label, {}).get(default)
         if entry and Path(entry["path"]).is_file():
-            lines.append(f"    {label:>9}: {answer(Path(entry['path']), prompt)!r}")
-    if cfg.verify.demo_expected:
-        got = answer(Path(gguf["finetuned"][default]["path"]), prompt)
-        verdict = "matches" if got.strip() == cfg.verify.demo_expected.strip() else "DOES NOT match"
-        lines.append(f"    fine-tuned answer {verdict} the training target {cfg.verify.demo_expected!r}")
+            replies[label] = answer(Path(entry["path"]), prompt)
+            shown = repr(replies[label])
+            lines.append(f"    {label:>9}: {shown if len(shown) <= 100 else shown[:60] + ' ... ' + shown[-30:]}")
+    if cfg.verify.demo_expected and "finetuned" in replies:
+        same = replies["finetuned"].strip() == cfg.verify.demo_expected.strip()
+        lines.append(f"    fine-tuned answer {'matches' if same else 'DOES NOT match'} the training target")
     return lines
 
 
