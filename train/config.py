@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # GGUF file types we export, by the names llama.cpp's `llama-quantize` uses (lower-cased).
 # f32/f16/bf16 come straight from convert_hf_to_gguf.py; the rest from llama_model_quantize.
@@ -168,6 +168,14 @@ class VerifySection(Section):
     demo_expected: str | None = None
     """The training target for demo_prompt, to show whether the fine-tuned answer matches it."""
 
+    @field_validator("max_nmse", "min_top1", "max_kld", mode="before")
+    @classmethod
+    def _keep_default_gates(cls, value, info):
+        """Setting one gate (verify.max_kld.q4_k_m=0.02) keeps the defaults of the others."""
+        if not isinstance(value, dict):
+            return value
+        return cls.model_fields[info.field_name].get_default(call_default_factory=True) | value
+
 
 class PathsSection(Section):
     output_dir: str = "outputs"
@@ -206,7 +214,7 @@ class Config(Section):
         if self.export.name == self.export.base_name:
             problems.append("export.name and export.base_name are equal: the base export would overwrite yours")
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ValueError("\n".join(problems))
         return self
 
 
@@ -235,7 +243,7 @@ def _format_errors(err: ValidationError, source: str) -> str:
             hint = f"; did you mean '{'.'.join(loc[:-1] + close)}'?" if close else f"; known keys: {', '.join(known)}"
             lines.append(f"  - {where}: unknown key{hint}")
         elif e["type"] == "value_error":
-            for part in str(e["ctx"]["error"]).split("; "):
+            for part in str(e["ctx"]["error"]).split("\n"):
                 lines.append(f"  - {part}")
         else:
             got = e.get("input")

@@ -83,11 +83,16 @@ def _tokenizer_corpus(data_file: Path | None) -> list[str]:
 
 def train_tokenizer(out_dir: Path, data_file: Path | None, vocab_size: int = 768) -> Path:
     """Train a Gemma-style SentencePiece BPE model into out_dir/tokenizer.model."""
+    import io
+
     import sentencepiece as spm
 
+    # model_writer instead of model_prefix: the prefix (a temp path) would be stored in the model's
+    # trainer spec and make every build's bytes differ.
+    model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(_tokenizer_corpus(data_file)),
-        model_prefix=str(out_dir / "tokenizer"),
+        model_writer=model,
         vocab_size=vocab_size,
         model_type="bpe",
         byte_fallback=True,  # any unseen character becomes <0xNN> pieces, as in Gemma
@@ -105,7 +110,7 @@ def train_tokenizer(out_dir: Path, data_file: Path | None, vocab_size: int = 768
         num_threads=1,  # determinism
         minloglevel=2,
     )
-    (out_dir / "tokenizer.vocab").unlink()
+    (out_dir / "tokenizer.model").write_bytes(model.getvalue())
     return out_dir / "tokenizer.model"
 
 
