@@ -233,7 +233,7 @@ def _field_names(model: type[BaseModel], path: list[str]) -> list[str]:
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
-    lines = [f"invalid config {source}: {err.error_count()} problem(s)"]
+    lines = []
     for e in err.errors():
         loc = [str(p) for p in e["loc"]]
         where = ".".join(loc) or "(top level)"
@@ -248,7 +248,7 @@ def _format_errors(err: ValidationError, source: str) -> str:
         else:
             got = e.get("input")
             lines.append(f"  - {where}: {e['msg']} (got {got!r})" if not isinstance(got, dict) else f"  - {where}: {e['msg']}")
-    return "\n".join(lines)
+    return "\n".join([f"invalid config {source}: {len(lines)} problem(s)"] + lines)
 
 
 def apply_override(raw: dict[str, Any], override: str) -> None:
