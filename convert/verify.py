@@ -38,6 +38,20 @@ TOKENIZER_PROBES = [
 ]
 
 
+# Always measured besides the configured prompts and held-out data, so that every export's KL divergence
+# covers a few hundred positions of ordinary prose, code and a chat exchange.
+REFERENCE_TEXTS = [
+    "The nightly job trains a small adapter on yesterday's conversations, merges it into the base model "
+    "and exports a quantized file. Before the file replaces the one in production, it is compared with the "
+    "model it came from, token by token, so that a broken conversion never reaches the agent loop.",
+    "def moving_average(values, window):\n    total = sum(values[:window])\n    out = [total / window]\n"
+    "    for i in range(window, len(values)):\n        total += values[i] - values[i - window]\n"
+    "        out.append(total / window)\n    return out\n",
+    "<start_of_turn>user\nWhich disk is almost full?<end_of_turn>\n<start_of_turn>model\n"
+    "The data volume is at 91%; the system disk has 40 GB free.<end_of_turn>\n",
+]
+
+
 @dataclass
 class Gate:
     name: str
@@ -97,7 +111,7 @@ def compare_logits(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
 class Reference:
     """The HF model and tokenizer the GGUF must match, with its logits computed once per text."""
 
-    def __init__(self, model_dir: Path, prompts: list[str], texts: list[str]):
+    def __init__(self, model_dir: Path, prompts: list[str], texts: list[str], max_tokens_per_text: int = 256):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -109,13 +123,14 @@ class Reference:
         for p in prompts:  # chat-rendered, ending in the model header: the next token is the answer
             text = tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
             sequences.append(("prompt", text))
-        sequences += [("text", t) for t in texts]
+        sequences += [("text", t) for t in REFERENCE_TEXTS + list(texts)]
         self.sequences = []
         with torch.no_grad():
             for kind, text in sequences:
                 ids = tok(text, add_special_tokens=False)["input_ids"]
                 if ids[:1] != [tok.bos_token_id]:
                     ids = [tok.bos_token_id] + ids
+                ids = ids[:max_tokens_per_text]
                 logits = model(torch.tensor([ids])).logits[0].float().numpy()
                 self.sequences.append((kind, ids, logits))
         self.end_of_turn = tok.convert_tokens_to_ids("<end_of_turn>")
@@ -193,7 +208,7 @@ def verify_files(model_dir: Path, files: list[tuple[str, Path]], verify_cfg, tex
     """Verify several GGUFs ((quant name, path) pairs) of one HF model; the reference is computed once."""
     from tqdm import tqdm
 
-    ref = Reference(model_dir, list(verify_cfg.prompts), texts)
+    ref = Reference(model_dir, list(verify_cfg.prompts), texts, verify_cfg.max_tokens_per_text)
     reports = []
     for quant, path in tqdm(files, desc="verify", unit="file"):
         reports.append(verify_file(ref, path, quant, verify_cfg, log_path))

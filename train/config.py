@@ -163,6 +163,9 @@ class VerifySection(Section):
     """Extra held-out data (any data format) whose rendered text joins the KL/top-1 measurement."""
     max_heldout_records: int = Field(16, ge=0)
     """Cap on held-out records used (verification runs the HF model on CPU)."""
+    max_tokens_per_text: int = Field(256, ge=8)
+    """Held-out texts are cut to this many tokens. The reference keeps fp32 logits for every position:
+    with Gemma's 256k vocab that is ~1 MB per token, so records x tokens bounds verification memory."""
     demo_prompt: str | None = None
     """A prompt the summary answers with the base and the fine-tuned GGUF side by side."""
     demo_expected: str | None = None
