@@ -12,7 +12,7 @@ STAMP := $(VENV)/.setup-done
 export LLAMA_CPP_DIR
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup demo test test-fast lint bench tiny-model clean help
+.PHONY: setup demo test lint bench gpu-smoke tiny-model clean help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -38,8 +38,11 @@ test: setup  ## run the test suite (CPU; GPU tests skip)
 lint: setup  ## ruff check + format check
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .
 
-bench: setup  ## benchmarks in bench/
-	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+bench: setup  ## CPU benchmarks (bench/bench_*.py), each against a baseline in the same run
+	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+gpu-smoke: setup  ## Gemma-2-2B-shaped LoRA steps on a CUDA GPU: tokens/s and peak memory
+	$(PY) bench/gpu_smoke.py
 
 clean:  ## remove run outputs and built models (keeps .venv)
 	rm -rf outputs/*/ models/gguf/*.gguf models/finetuned/*/*/ models/.cache/*/
