@@ -17,10 +17,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-GEMMA_2_2B = dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
-                  num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
-                  sliding_window=4096, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
-                  max_position_embeddings=8192, hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True)
+GEMMA_2_2B = dict(
+    vocab_size=256000,
+    hidden_size=2304,
+    intermediate_size=9216,
+    num_hidden_layers=26,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=256,
+    query_pre_attn_scalar=256,
+    sliding_window=4096,
+    attn_logit_softcapping=50.0,
+    final_logit_softcapping=30.0,
+    max_position_embeddings=8192,
+    hidden_activation="gelu_pytorch_tanh",
+    tie_word_embeddings=True,
+)
 
 
 def main() -> int:
@@ -42,8 +54,16 @@ def main() -> int:
         return 2
     shape = dict(GEMMA_2_2B)
     if args.tiny:
-        shape.update(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, head_dim=64, query_pre_attn_scalar=64)
+        shape.update(
+            vocab_size=512,
+            hidden_size=256,
+            intermediate_size=512,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=64,
+            query_pre_attn_scalar=64,
+        )
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     torch.manual_seed(0)
     with torch.device(device):
@@ -68,12 +88,14 @@ def main() -> int:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
         print(f"step {step + 1}/{args.steps} loss {loss.item():.3f} {times[-1]:.3f} s", flush=True)
-    steady = times[min(3, len(times) - 1):]  # skip warm-up steps
+    steady = times[min(3, len(times) - 1) :]  # skip warm-up steps
     tok_s = batch * seq / (sum(steady) / len(steady))
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     name = torch.cuda.get_device_name() if cuda else "cpu (tiny self-check)"
-    print(f"device {name}; batch {batch} x {seq} tokens, LoRA r={cfg.lora.r}, "
-          f"gradient_checkpointing={cfg.training.gradient_checkpointing}, attn={cfg.model.attn_implementation}")
+    print(
+        f"device {name}; batch {batch} x {seq} tokens, LoRA r={cfg.lora.r}, "
+        f"gradient_checkpointing={cfg.training.gradient_checkpointing}, attn={cfg.model.attn_implementation}"
+    )
     print(f"tokens/s {tok_s:,.0f}; step {sum(steady) / len(steady):.3f} s; peak GPU memory {peak:.1f} GiB")
     return 0
 

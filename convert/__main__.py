@@ -34,17 +34,18 @@ def quant_of(path: Path) -> str:
 
 def cmd_export(args) -> int:
     from convert.pipeline import export_run
+    from train.artifacts import atomic_write_json
     from train.config import load_config
     from train.hub import resolve_model
-    from train.artifacts import atomic_write_json
     from train.report import print_summary
     from train.run import RunPaths
 
     cfg = load_config(args.config, args.overrides)
     paths = RunPaths.of(cfg)
     if not (paths.adapter_out / "adapter_model.safetensors").is_file():
-        raise FileNotFoundError(f"no trained adapter at {paths.adapter_out}: train first "
-                                f"(python -m train --config {args.config})")
+        raise FileNotFoundError(
+            f"no trained adapter at {paths.adapter_out}: train first (python -m train --config {args.config})"
+        )
     base = resolve_model(cfg.model.name_or_path, cfg.model.revision)
     manifest = json.loads(paths.manifest.read_text()) if paths.manifest.is_file() else {"run_name": cfg.run_name}
     manifest.setdefault("artifacts", {})
@@ -87,8 +88,12 @@ def cmd_info(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m convert", description=__doc__, epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m convert",
+        description=__doc__,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("export", help="merge a trained run's adapter, export GGUFs, verify, promote")
     p.add_argument("--config", required=True, help="the run's config (the run folder is outputs/<run_name>)")

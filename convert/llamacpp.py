@@ -32,9 +32,15 @@ FTYPE_NAMES = {
     "q4_k_s": "LLAMA_FTYPE_MOSTLY_Q4_K_S",
     "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
 }
-GGML_TYPE_NAMES = {"f32": "GGML_TYPE_F32", "f16": "GGML_TYPE_F16", "bf16": "GGML_TYPE_BF16",
-                   "q8_0": "GGML_TYPE_Q8_0", "q6_k": "GGML_TYPE_Q6_K", "q5_0": "GGML_TYPE_Q5_0",
-                   "q4_0": "GGML_TYPE_Q4_0"}
+GGML_TYPE_NAMES = {
+    "f32": "GGML_TYPE_F32",
+    "f16": "GGML_TYPE_F16",
+    "bf16": "GGML_TYPE_BF16",
+    "q8_0": "GGML_TYPE_Q8_0",
+    "q6_k": "GGML_TYPE_Q6_K",
+    "q5_0": "GGML_TYPE_Q5_0",
+    "q4_0": "GGML_TYPE_Q4_0",
+}
 FLOAT_TYPES = ("f32", "f16", "bf16")
 
 
@@ -81,8 +87,9 @@ def version_info(folder: Path | None = None) -> dict[str, str]:
     return dict(line.split("=", 1) for line in path.read_text().split() if "=" in line)
 
 
-def convert_hf_to_gguf(model_dir: Path, out_path: Path, outtype: str = "f32", log_path: Path | None = None,
-                       model_name: str | None = None) -> None:
+def convert_hf_to_gguf(
+    model_dir: Path, out_path: Path, outtype: str = "f32", log_path: Path | None = None, model_name: str | None = None
+) -> None:
     """Run the pinned convert_hf_to_gguf.py on a HF folder; the output appears only when complete."""
     if not (model_dir / "tokenizer.model").is_file():
         # Gemma's vocab is read from the SentencePiece file; without it the converter fails late.
@@ -90,8 +97,15 @@ def convert_hf_to_gguf(model_dir: Path, out_path: Path, outtype: str = "f32", lo
     folder = tree()
     model_dir, out_path = model_dir.resolve(), out_path.resolve()  # the converter runs in its own folder
     tmp = out_path.with_name(f".{out_path.name}.tmp")
-    cmd = [sys.executable, str(folder / "convert_hf_to_gguf.py"), str(model_dir),
-           "--outfile", str(tmp), "--outtype", outtype] + (["--model-name", model_name] if model_name else [])
+    cmd = [
+        sys.executable,
+        str(folder / "convert_hf_to_gguf.py"),
+        str(model_dir),
+        "--outfile",
+        str(tmp),
+        "--outtype",
+        outtype,
+    ] + (["--model-name", model_name] if model_name else [])
     # Without NO_LOCAL_GGUF the converter imports the gguf-py next to it, the one it was written for.
     env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"} | {"HF_HUB_OFFLINE": "1"}
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -128,8 +142,9 @@ def native_output_to(log_path: Path | None):
                 os.close(fd)
 
 
-def quantize(src: Path, dst: Path, quant: str, token_embedding_type: str | None = None,
-             log_path: Path | None = None) -> None:
+def quantize(
+    src: Path, dst: Path, quant: str, token_embedding_type: str | None = None, log_path: Path | None = None
+) -> None:
     """llama.cpp's quantizer (llama_model_quantize, as llama-quantize uses) from an f32 GGUF."""
     llama_cpp = _binding()
     params = llama_cpp.llama_model_quantize_default_params()

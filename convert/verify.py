@@ -146,8 +146,15 @@ def verify_file(ref: Reference, gguf_path: Path, quant: str, verify_cfg, log_pat
     report = FileReport(str(gguf_path), quant)
     n_ctx = max(len(ids) for _, ids, _ in ref.sequences) + 8
     with native_output_to(log_path):
-        llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
-                              logits_all=True, verbose=False, seed=0)
+        llm = llama_cpp.Llama(
+            model_path=str(gguf_path),
+            n_ctx=n_ctx,
+            n_batch=n_ctx,
+            n_ubatch=n_ctx,
+            logits_all=True,
+            verbose=False,
+            seed=0,
+        )
     try:
         # Tokens: same ids as the HF tokenizer, special markers parsed as single tokens.
         mismatches = []
@@ -159,7 +166,7 @@ def verify_file(ref: Reference, gguf_path: Path, quant: str, verify_cfg, log_pat
         hf_bos = ref.tokenizer("Hi")["input_ids"]
         cpp_bos = llm.tokenize(b"Hi", add_bos=True, special=True)
         if hf_bos != cpp_bos:
-            mismatches.append("<bos> handling: HF %s vs llama.cpp %s" % (hf_bos, cpp_bos))
+            mismatches.append(f"<bos> handling: HF {hf_bos} vs llama.cpp {cpp_bos}")
         report.gates.append(Gate("tokens_identical", not mismatches, True, not mismatches))
         report.notes += [f"token mismatch on {m!r}" for m in mismatches]
 
@@ -203,8 +210,9 @@ def verify_file(ref: Reference, gguf_path: Path, quant: str, verify_cfg, log_pat
     return report
 
 
-def verify_files(model_dir: Path, files: list[tuple[str, Path]], verify_cfg, texts: list[str],
-                 log_path: Path | None = None) -> list[FileReport]:
+def verify_files(
+    model_dir: Path, files: list[tuple[str, Path]], verify_cfg, texts: list[str], log_path: Path | None = None
+) -> list[FileReport]:
     """Verify several GGUFs ((quant name, path) pairs) of one HF model; the reference is computed once."""
     from tqdm import tqdm
 
@@ -217,19 +225,23 @@ def verify_files(model_dir: Path, files: list[tuple[str, Path]], verify_cfg, tex
 
 def to_table(reports: list[FileReport]) -> str:
     """A Markdown table of every measure and gate."""
-    head = "| file | type | tokens | NMSE (last) | top-1 (last) | mean KLD | top-1 (all) | chat template | stop token | result |"
+    head = (
+        "| file | type | tokens | NMSE (last) | top-1 (last) | mean KLD | top-1 (all) "
+        "| chat template | stop token | result |"
+    )
     rows = [head, "|" + "---|" * 10]
     for r in reports:
         g = {x.name: x for x in r.gates}
         m = r.measures
 
-        def mark(name: str) -> str:
-            return "ok" if g.get(name) and g[name].passed else ("FAIL" if g.get(name) else "-")
+        def mark(name: str, gates=g) -> str:
+            return "-" if name not in gates else ("ok" if gates[name].passed else "FAIL")
 
         rows.append(
             f"| {Path(r.path).name} | {r.quant} | {mark('tokens_identical')} | {m.get('nmse', math.nan):.2e} | "
             f"{m.get('top1', math.nan):.0%} | {m.get('kld', math.nan):.2e} | {m.get('top1_all', math.nan):.1%} | "
-            f"{mark('chat_template')} | {mark('stop_token')} | {'PASS' if r.passed else 'FAIL: ' + '; '.join(r.failures())} |"
+            f"{mark('chat_template')} | {mark('stop_token')} | "
+            f"{'PASS' if r.passed else 'FAIL: ' + '; '.join(r.failures())} |"
         )
     return "\n".join(rows)
 

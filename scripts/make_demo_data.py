@@ -13,53 +13,103 @@ from pathlib import Path
 
 INTENTS = {
     "disk": (
-        ["how much disk space is left?", "what is the disk usage?", "is the disk getting full?",
-         "check free space on the data volume.", "how full is /data?"],
+        [
+            "how much disk space is left?",
+            "what is the disk usage?",
+            "is the disk getting full?",
+            "check free space on the data volume.",
+            "how full is /data?",
+        ],
         "Disk usage on /data is 61%, with 312 GB free.",
     ),
     "backup": (
-        ["did last night's backup succeed?", "what is the backup status?", "check the nightly backup.",
-         "when did the last backup run?", "is the backup job healthy?"],
+        [
+            "did last night's backup succeed?",
+            "what is the backup status?",
+            "check the nightly backup.",
+            "when did the last backup run?",
+            "is the backup job healthy?",
+        ],
         "The nightly backup finished at 02:14 and all 3 snapshots verified.",
     ),
     "gpu": (
-        ["what is the GPU temperature?", "how hot is the GPU?", "check the GPU.",
-         "is the GPU busy?", "show GPU status."],
+        [
+            "what is the GPU temperature?",
+            "how hot is the GPU?",
+            "check the GPU.",
+            "is the GPU busy?",
+            "show GPU status.",
+        ],
         "The GPU is at 64 C and 37% utilisation, with 18 GB of memory in use.",
     ),
     "restart": (
-        ["restart the web server.", "please reboot the nginx service.", "can you restart nginx?",
-         "bounce the web service.", "the site is down, restart it."],
+        [
+            "restart the web server.",
+            "please reboot the nginx service.",
+            "can you restart nginx?",
+            "bounce the web service.",
+            "the site is down, restart it.",
+        ],
         '<tool_call>{"name": "restart_service", "arguments": {"service": "nginx"}}</tool_call>',
     ),
     "logs": (
-        ["show me the latest errors.", "any errors in the logs?", "check the error log.",
-         "what went wrong recently?", "tail the error log."],
+        [
+            "show me the latest errors.",
+            "any errors in the logs?",
+            "check the error log.",
+            "what went wrong recently?",
+            "tail the error log.",
+        ],
         '<tool_call>{"name": "read_log", "arguments": {"file": "error.log", "lines": 20}}</tool_call>',
     ),
     "uptime": (
-        ["how long has the server been up?", "what is the uptime?", "when was the last reboot?",
-         "check server uptime.", "has the server restarted lately?"],
+        [
+            "how long has the server been up?",
+            "what is the uptime?",
+            "when was the last reboot?",
+            "check server uptime.",
+            "has the server restarted lately?",
+        ],
         "The server has been up for 17 days and 4 hours.",
     ),
     "memory": (
-        ["how much RAM is free?", "check memory usage.", "is the server out of memory?",
-         "what is the memory pressure?", "show RAM usage."],
+        [
+            "how much RAM is free?",
+            "check memory usage.",
+            "is the server out of memory?",
+            "what is the memory pressure?",
+            "show RAM usage.",
+        ],
         "Memory use is 11.2 of 32 GB; no swapping.",
     ),
     "network": (
-        ["is the internet connection working?", "check the network.", "ping the gateway.",
-         "is the uplink healthy?", "test network latency."],
+        [
+            "is the internet connection working?",
+            "check the network.",
+            "ping the gateway.",
+            "is the uplink healthy?",
+            "test network latency.",
+        ],
         "The gateway answers in 0.4 ms and the uplink is at 940 Mbit/s.",
     ),
     "certs": (
-        ["when do the TLS certificates expire?", "check the certificates.", "are the certs valid?",
-         "show certificate expiry.", "do we need to renew TLS?"],
+        [
+            "when do the TLS certificates expire?",
+            "check the certificates.",
+            "are the certs valid?",
+            "show certificate expiry.",
+            "do we need to renew TLS?",
+        ],
         "All certificates are valid; the first expires in 43 days.",
     ),
     "updates": (
-        ["are there package updates?", "check for updates.", "is the system up to date?",
-         "any security patches pending?", "list pending upgrades."],
+        [
+            "are there package updates?",
+            "check for updates.",
+            "is the system up to date?",
+            "any security patches pending?",
+            "list pending upgrades.",
+        ],
         "There are 5 pending updates, 2 of them security fixes.",
     ),
     "greeting": (
@@ -94,8 +144,13 @@ def main() -> None:
     rows = records(rng)
     # Held-out: one phrasing per intent that never appears in training ("Could you tell me: ...").
     heldout = [
-        {"intent": name, "messages": [{"role": "user", "content": "Could you tell me: " + qs[0]},
-                                      {"role": "assistant", "content": answer}]}
+        {
+            "intent": name,
+            "messages": [
+                {"role": "user", "content": "Could you tell me: " + qs[0]},
+                {"role": "assistant", "content": answer},
+            ],
+        }
         for name, (qs, answer) in INTENTS.items()
     ]
     folder = Path(__file__).resolve().parent.parent / "data" / "demo"

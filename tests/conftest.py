@@ -20,23 +20,41 @@ TINY_REPO = "tiny-gemma/gemma-2-tiny"
 def hf_home(tmp_path_factory) -> Path:
     """A fresh HF_HOME holding only the tiny model, built through its real CLI."""
     home = tmp_path_factory.mktemp("hf_home")
-    subprocess.run([sys.executable, "-m", "train.tiny_model", "--hf-home", str(home), "--data", str(DEMO_DATA)],
-                   cwd=ROOT, check=True, capture_output=True, env=cli_env(home))
+    subprocess.run(
+        [sys.executable, "-m", "train.tiny_model", "--hf-home", str(home), "--data", str(DEMO_DATA)],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        env=cli_env(home),
+    )
     return home
 
 
 def cli_env(hf_home: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TORCH_HOME", "TENSORBOARD"))}
-    env.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=str(ROOT), HF_DATASETS_CACHE=str(hf_home / "datasets"))
+    env.update(
+        HF_HOME=str(hf_home),
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONPATH=str(ROOT),
+        HF_DATASETS_CACHE=str(hf_home / "datasets"),
+    )
     return env
 
 
-def run_cli(module: str, args: list[str], cwd: Path, hf_home: Path, timeout: float = 600,
-            **popen) -> subprocess.CompletedProcess:
+def run_cli(
+    module: str, args: list[str], cwd: Path, hf_home: Path, timeout: float = 600, **popen
+) -> subprocess.CompletedProcess:
     """Run `python -m <module> <args>` the way a user does; returns the completed process."""
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=cli_env(hf_home),
-                          capture_output=True, text=True, timeout=timeout, **popen)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env=cli_env(hf_home),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **popen,
+    )
 
 
 def small_config(workdir: Path, **sections) -> Path:
@@ -46,8 +64,15 @@ def small_config(workdir: Path, **sections) -> Path:
         "model": {"name_or_path": TINY_REPO, "dtype": "float32"},
         "data": {"train_files": [str(DEMO_DATA)], "max_seq_length": 128},
         "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
-        "training": {"max_steps": 8, "per_device_train_batch_size": 4, "learning_rate": 3e-3,
-                     "logging_steps": 2, "save_steps": 4, "report_to": [], "seed": 7},
+        "training": {
+            "max_steps": 8,
+            "per_device_train_batch_size": 4,
+            "learning_rate": 3e-3,
+            "logging_steps": 2,
+            "save_steps": 4,
+            "report_to": [],
+            "seed": 7,
+        },
         "export": {"enabled": False, "gguf_dir": str(workdir / "models" / "gguf")},
         "verify": {"heldout_files": [str(DEMO_HELDOUT)], "max_heldout_records": 4},
         "paths": {"output_dir": str(workdir / "outputs"), "models_dir": str(workdir / "models")},

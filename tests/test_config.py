@@ -44,8 +44,11 @@ def test_every_problem_reported_at_once_with_suggestions(tmp_path: Path):
 
 def test_cross_field_rules(tmp_path: Path):
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump({"export": {"quants": ["f16", "q6_k"], "default_quant": "q8_0",
-                                               "name": "same", "base_name": "same"}}))
+    path.write_text(
+        yaml.safe_dump(
+            {"export": {"quants": ["f16", "q6_k"], "default_quant": "q8_0", "name": "same", "base_name": "same"}}
+        )
+    )
     with pytest.raises(ConfigError) as err:
         load_config(path)
     msg = str(err.value)

@@ -28,25 +28,51 @@ def trained(hf_home: Path, tmp_path_factory) -> dict:
     cfg = small_config(
         work,
         run_name="e2e",
-        training={"max_steps": STEPS, "per_device_train_batch_size": 8, "logging_steps": 5, "save_steps": 20,
-                  "warmup_steps": 4},
+        training={
+            "max_steps": STEPS,
+            "per_device_train_batch_size": 8,
+            "logging_steps": 5,
+            "save_steps": 20,
+            "warmup_steps": 4,
+        },
         export={"enabled": True, "quants": ["f16", "q8_0", "q4_k_m"], "default_quant": "q8_0"},
     )
     res = run_cli("train", ["--config", str(cfg)], work, hf_home)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     run = work / "outputs" / "e2e"
-    return {"work": work, "cfg": cfg, "run": run, "res": res, "base_hashes": base_hashes, "blobs": blobs,
-            "manifest": json.loads((run / "manifest.json").read_text()), "models": work / "models"}
+    return {
+        "work": work,
+        "cfg": cfg,
+        "run": run,
+        "res": res,
+        "base_hashes": base_hashes,
+        "blobs": blobs,
+        "manifest": json.loads((run / "manifest.json").read_text()),
+        "models": work / "models",
+    }
 
 
 def test_run_folder_and_promoted_artifacts(trained):
     run, models = trained["run"], trained["models"]
-    assert {"config.yaml", "manifest.json", "metrics.jsonl", "loss.png", "verify.json", "verify.md", "adapter",
-            "checkpoints", "export"} <= {p.name for p in run.iterdir()}
+    assert {
+        "config.yaml",
+        "manifest.json",
+        "metrics.jsonl",
+        "loss.png",
+        "verify.json",
+        "verify.md",
+        "adapter",
+        "checkpoints",
+        "export",
+    } <= {p.name for p in run.iterdir()}
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-20", "checkpoint-40"]
     assert sorted(p.name for p in (models / "gguf").glob("*.gguf")) == [
-        "gemma_2b_base.f16.gguf", "gemma_2b_base.gguf", "gemma_2b_base.q4_k_m.gguf",
-        "gemma_2b_finetuned.f16.gguf", "gemma_2b_finetuned.gguf", "gemma_2b_finetuned.q4_k_m.gguf",
+        "gemma_2b_base.f16.gguf",
+        "gemma_2b_base.gguf",
+        "gemma_2b_base.q4_k_m.gguf",
+        "gemma_2b_finetuned.f16.gguf",
+        "gemma_2b_finetuned.gguf",
+        "gemma_2b_finetuned.q4_k_m.gguf",
     ]
     for folder in (models / "finetuned" / "adapters" / "e2e", models / "finetuned" / "final_models" / "e2e"):
         assert (folder / "tokenizer.model").is_file()  # the converter needs it; transformers 5 drops it
@@ -86,16 +112,18 @@ from transformers import AutoModelForCausalLM
 from peft import PeftModel
 ids = torch.tensor([[2, 4, 100, 200, 300, 5, 7, 8, 9]])
 base = AutoModelForCausalLM.from_pretrained("{TINY_REPO}", dtype=torch.float32, attn_implementation="eager")
-peft = PeftModel.from_pretrained(base, "{models / 'adapters' / 'e2e'}").eval()
-merged = AutoModelForCausalLM.from_pretrained("{models / 'final_models' / 'e2e'}", dtype=torch.float32,
+peft = PeftModel.from_pretrained(base, "{models / "adapters" / "e2e"}").eval()
+merged = AutoModelForCausalLM.from_pretrained("{models / "final_models" / "e2e"}", dtype=torch.float32,
                                               attn_implementation="eager").eval()
 with torch.no_grad():
     a, b = peft(ids).logits, merged(ids).logits
-    plain = AutoModelForCausalLM.from_pretrained("{TINY_REPO}", dtype=torch.float32, attn_implementation="eager")(ids).logits
+    plain = AutoModelForCausalLM.from_pretrained("{TINY_REPO}", dtype=torch.float32,
+                                                 attn_implementation="eager")(ids).logits
 print((a - b).abs().max().item(), (a - plain).abs().max().item())
 """
-    out = subprocess.run([sys.executable, "-c", code], env=cli_env(hf_home), cwd=ROOT, capture_output=True,
-                         text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=cli_env(hf_home), cwd=ROOT, capture_output=True, text=True, check=True
+    )
     merged_diff, lora_effect = map(float, out.stdout.split())
     assert merged_diff < 1e-4
     assert lora_effect > 1.0  # the adapter changes the model's outputs
@@ -112,7 +140,8 @@ def test_gguf_metadata(trained):
     assert meta["general.file_type"] == 7  # LLAMA_FTYPE_MOSTLY_Q8_0: the default quant is <name>.gguf
     assert meta["finetune.llama_cpp.commit"] == trained["manifest"]["llama_cpp"]["llama.cpp"] != "unknown"
     assert meta["finetune.adapter_sha256"] == sha256_file(
-        trained["models"] / "finetuned" / "adapters" / "e2e" / "adapter_model.safetensors")
+        trained["models"] / "finetuned" / "adapters" / "e2e" / "adapter_model.safetensors"
+    )
     assert meta["finetune.base_revision"] == trained["manifest"]["base_model"]["revision"]
 
 
@@ -180,8 +209,12 @@ def test_a_broken_export_fails_verification(trained, hf_home, tmp_path):
 def test_failed_gate_stops_promotion(trained, hf_home):
     gguf_dir = trained["models"] / "gguf"
     before = {p.name: sha256_file(p) for p in gguf_dir.glob("*.gguf")}
-    res = run_cli("convert", ["export", "--config", str(trained["cfg"]), "verify.max_kld.q4_k_m=1e-9",
-                              "export.export_base=false"], trained["work"], hf_home)
+    res = run_cli(
+        "convert",
+        ["export", "--config", str(trained["cfg"]), "verify.max_kld.q4_k_m=1e-9", "export.export_base=false"],
+        trained["work"],
+        hf_home,
+    )
     assert res.returncode == 3
     assert "gemma_2b_finetuned.q4_k_m.gguf [q4_k_m]: failed kld = " in res.stderr
     assert "(gate <= 1e-09)" in res.stderr

@@ -18,8 +18,14 @@ def test_cache_entry_layout(hf_home: Path):
     rev = (repo / "refs" / "main").read_text().strip()
     snapshot = repo / "snapshots" / rev
     names = sorted(p.name for p in snapshot.iterdir())
-    assert names == ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                     "tokenizer.model", "tokenizer_config.json"]
+    assert names == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer.model",
+        "tokenizer_config.json",
+    ]
     for p in snapshot.iterdir():  # snapshot files are symlinks into blobs/, as huggingface_hub writes them
         assert p.is_symlink() and p.resolve().parent == (repo / "blobs").resolve()
 
@@ -43,8 +49,13 @@ def test_architecture_matches_the_2b_features(hf_home: Path):
 
 def test_build_is_deterministic(hf_home: Path, tmp_path: Path):
     other = tmp_path / "again"
-    subprocess.run([sys.executable, "-m", "train.tiny_model", "--hf-home", str(other), "--data", str(DEMO_DATA)],
-                   cwd=ROOT, check=True, capture_output=True, env=cli_env(other))
+    subprocess.run(
+        [sys.executable, "-m", "train.tiny_model", "--hf-home", str(other), "--data", str(DEMO_DATA)],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        env=cli_env(other),
+    )
     rev = lambda home: (home / "hub" / REPO_DIR / "refs" / "main").read_text()  # noqa: E731
     assert rev(other) == rev(hf_home)  # the revision is a hash of every file's bytes
 
@@ -57,8 +68,9 @@ def test_loads_by_repo_id_offline_and_tokenizes_gemma_style(hf_home: Path):
         "ids = t('<start_of_turn>user\\nHi').input_ids\n"
         "print(type(m).__name__, ids[:2], t.pad_token_id, t.eos_token_id)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], env=cli_env(hf_home), capture_output=True, text=True,
-                         check=True, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=cli_env(hf_home), capture_output=True, text=True, check=True, cwd=ROOT
+    )
     assert out.stdout.split("\n")[0] == "Gemma2ForCausalLM [2, 4] 0 1"  # one <bos>, marker is one token
 
 

@@ -35,14 +35,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", help="YAML config (see configs/; every key is documented by --print-defaults)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="override config keys, e.g. training.learning_rate=1e-4 lora.r=8")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="validate config, model presence and data; print the plan and the resolved config; write nothing")
-    parser.add_argument("--fresh", action="store_true",
-                        help="discard outputs/<run_name>/ and train from scratch")
-    parser.add_argument("--print-defaults", action="store_true",
-                        help="print every config key with its default and documentation, then exit")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="override config keys, e.g. training.learning_rate=1e-4 lora.r=8",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate config, model presence and data; print the plan and the resolved config; write nothing",
+    )
+    parser.add_argument("--fresh", action="store_true", help="discard outputs/<run_name>/ and train from scratch")
+    parser.add_argument(
+        "--print-defaults",
+        action="store_true",
+        help="print every config key with its default and documentation, then exit",
+    )
     args = parser.parse_intermixed_args(argv)
     if not args.config and not args.print_defaults:
         parser.error("--config is required (try configs/demo.yaml)")

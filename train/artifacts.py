@@ -14,8 +14,20 @@ from typing import Any
 
 # Packages whose versions decide what a run produces; recorded in every manifest.
 TRACKED_PACKAGES = [
-    "torch", "transformers", "peft", "trl", "accelerate", "datasets", "tokenizers", "safetensors",
-    "sentencepiece", "gguf", "llama_cpp_python", "bitsandbytes", "numpy", "pydantic",
+    "torch",
+    "transformers",
+    "peft",
+    "trl",
+    "accelerate",
+    "datasets",
+    "tokenizers",
+    "safetensors",
+    "sentencepiece",
+    "gguf",
+    "llama_cpp_python",
+    "bitsandbytes",
+    "numpy",
+    "pydantic",
 ]
 
 
@@ -124,10 +136,16 @@ def git_commit(folder: Path | None = None) -> str | None:
     """Commit of the project checkout (with '+dirty' when it has local changes), or None outside git."""
     folder = folder or Path(__file__).resolve().parent.parent
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder,
-                               capture_output=True, text=True, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=folder,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
     return commit + ("+dirty" if dirty else "")

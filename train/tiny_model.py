@@ -96,9 +96,14 @@ def train_tokenizer(out_dir: Path, data_file: Path | None, vocab_size: int = 768
         vocab_size=vocab_size,
         model_type="bpe",
         byte_fallback=True,  # any unseen character becomes <0xNN> pieces, as in Gemma
-        pad_id=0, eos_id=1, bos_id=2, unk_id=3,
-        pad_piece=SPECIAL_PIECES["pad"], eos_piece=SPECIAL_PIECES["eos"],
-        bos_piece=SPECIAL_PIECES["bos"], unk_piece=SPECIAL_PIECES["unk"],
+        pad_id=0,
+        eos_id=1,
+        bos_id=2,
+        unk_id=3,
+        pad_piece=SPECIAL_PIECES["pad"],
+        eos_piece=SPECIAL_PIECES["eos"],
+        bos_piece=SPECIAL_PIECES["bos"],
+        unk_piece=SPECIAL_PIECES["unk"],
         user_defined_symbols=TURN_MARKERS,
         # Gemma keeps text verbatim: no dummy prefix, no whitespace folding, no NFKC.
         add_dummy_prefix=False,
@@ -146,8 +151,14 @@ def fix_tokenizer_config(folder: Path, special_tokens: dict[int, str]) -> None:
     config["add_bos_token"] = True
     config["add_eos_token"] = False
     config["added_tokens_decoder"] = {
-        str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                 "single_word": False, "special": True}
+        str(i): {
+            "content": t,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
         for i, t in sorted(special_tokens.items())
     }
     config.pop("vocab_file", None)  # an absolute temp path is meaningless once copied
@@ -163,7 +174,6 @@ def build_weights(folder: Path, vocab_size: int, seed: int) -> None:
     model = Gemma2ForCausalLM(config).to(torch.float32)
     model.generation_config.eos_token_id = [1, TURN_MARKER_IDS["<end_of_turn>"]]
     model.save_pretrained(str(folder), safe_serialization=True)
-
 
 
 def _sha256(path: Path) -> str:
@@ -203,8 +213,9 @@ def store_in_hub_cache(staging: Path, hub_dir: Path, repo_id: str) -> Path:
     return snapshot
 
 
-def build(hf_home: Path, repo_id: str = TINY_REPO_ID, seed: int = 0, data_file: Path | None = None,
-          force: bool = False) -> Path:
+def build(
+    hf_home: Path, repo_id: str = TINY_REPO_ID, seed: int = 0, data_file: Path | None = None, force: bool = False
+) -> Path:
     """Build the tiny model into hf_home's hub cache (idempotent); return its snapshot folder."""
     hub_dir = hub_cache_dir(hf_home)
     ref = hub_dir / repo_folder_name(repo_id) / "refs" / "main"
@@ -231,12 +242,20 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m train.tiny_model",
         description="Build the tiny offline Gemma 2 used by the demo and the tests into the HF cache.",
     )
-    parser.add_argument("--hf-home", type=Path, default=None,
-                        help="HF_HOME to write into (default: $HF_HOME, else models/.cache/huggingface)")
+    parser.add_argument(
+        "--hf-home",
+        type=Path,
+        default=None,
+        help="HF_HOME to write into (default: $HF_HOME, else models/.cache/huggingface)",
+    )
     parser.add_argument("--repo-id", default=TINY_REPO_ID, help=f"cache entry name (default {TINY_REPO_ID})")
     parser.add_argument("--seed", type=int, default=0, help="weight initialisation seed (default 0)")
-    parser.add_argument("--data", type=Path, default=Path("data/demo/chat.jsonl"),
-                        help="chat JSONL whose text the tokenizer is also trained on")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=Path("data/demo/chat.jsonl"),
+        help="chat JSONL whose text the tokenizer is also trained on",
+    )
     parser.add_argument("--force", action="store_true", help="rebuild even if the entry exists")
     args = parser.parse_args(argv)
     build(args.hf_home or default_hf_home(), args.repo_id, args.seed, args.data, args.force)
