@@ -9,7 +9,7 @@ LLAMA_CPP_DIR ?= $(VENV)/llama.cpp
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
 STAMP := $(VENV)/.setup-done
 
-export LLAMA_CPP_DIR
+# Not exported: the code finds the tree at <venv>/llama.cpp by itself (LLAMA_CPP_DIR overrides, e.g. in Docker).
 export HF_HUB_OFFLINE ?= 1
 
 .PHONY: setup demo test lint bench gpu-smoke tiny-model clean help
