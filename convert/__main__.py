@@ -15,7 +15,8 @@ examples:
   python -m convert verify --model models/finetuned/final_models/demo models/gguf/gemma_2b_finetuned.gguf
   python -m convert info models/gguf/gemma_2b_finetuned.gguf
 
-exit codes: 0 ok, 2 invalid input, 3 verification failed (nothing promoted), 4 llama.cpp tooling error
+exit codes: 0 ok, 2 invalid input, 3 verification failed (nothing promoted), 4 llama.cpp tooling error,
+  6 disk full, 75 run folder or promotion target locked by another process
 """
 
 
@@ -37,6 +38,7 @@ def cmd_export(args) -> int:
     from train.artifacts import atomic_write_json
     from train.config import load_config
     from train.hub import resolve_model
+    from train.locking import hold_lock
     from train.report import print_summary
     from train.run import RunPaths
 
@@ -47,11 +49,12 @@ def cmd_export(args) -> int:
             f"no trained adapter at {paths.adapter_out}: train first (python -m train --config {args.config})"
         )
     base = resolve_model(cfg.model.name_or_path, cfg.model.revision)
-    manifest = json.loads(paths.manifest.read_text()) if paths.manifest.is_file() else {"run_name": cfg.run_name}
-    manifest.setdefault("artifacts", {})
-    manifest = export_run(cfg, paths, base, manifest)
-    manifest["status"] = "complete"
-    atomic_write_json(paths.manifest, manifest)
+    with hold_lock(paths.lock, f"run folder {paths.root}", cfg.run_name):  # not while `train` writes it
+        manifest = json.loads(paths.manifest.read_text()) if paths.manifest.is_file() else {"run_name": cfg.run_name}
+        manifest.setdefault("artifacts", {})
+        manifest = export_run(cfg, paths, base, manifest)
+        manifest["status"] = "complete"
+        atomic_write_json(paths.manifest, manifest)
     print_summary(paths, cfg, manifest)
     return 0
 
@@ -114,12 +117,16 @@ def main(argv: list[str] | None = None) -> int:
     from train.data import DataError
     from train.hub import ModelNotFoundError
     from train.run import RunError
+    from train.stops import RunStopped
 
     try:
         return {"export": cmd_export, "verify": cmd_verify, "info": cmd_info}[args.command](args)
     except (ConfigError, DataError, ModelNotFoundError, RunError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunStopped as e:  # lock held (75), disk space (6)
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
     except VerificationFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 3

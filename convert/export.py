@@ -6,6 +6,7 @@ stays in the run folder (outputs/<run>/export/) for inspection and the command e
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 from convert.llamacpp import add_metadata, convert_hf_to_gguf, quantize, version_info
 from convert.verify import FileReport, VerificationFailed, to_json, to_table, verify_files
 from train.artifacts import atomic_copy_file, atomic_write_json, atomic_write_text, sha256_file
+from train.locking import promotion_lock
 
 
 @dataclass
@@ -31,12 +33,18 @@ def gguf_filename(name: str, quant: str, default_quant: str) -> str:
 def _move(src: Path, dst: Path) -> None:
     """Move a finished file into place atomically, across file systems (Docker volumes) too."""
     try:
-        tmp = dst.with_name(f".{dst.name}.tmp")
-        os.replace(src, tmp)
-        os.replace(tmp, dst)
-    except OSError:
-        atomic_copy_file(src, dst)
+        os.replace(src, dst)  # same file system: one atomic rename
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+        atomic_copy_file(src, dst)  # another file system: temporary name beside dst, fsync, rename
         src.unlink()
+        return
+    fd = os.open(dst.parent, os.O_RDONLY)  # make the rename durable before the manifest names the file
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def export_gguf(model_dir: Path, name: str, export_cfg, verify_cfg, work_dir: Path,
@@ -61,13 +69,16 @@ def export_gguf(model_dir: Path, name: str, export_cfg, verify_cfg, work_dir: Pa
         raise VerificationFailed(reports)
     gguf_dir = Path(export_cfg.gguf_dir)
     gguf_dir.mkdir(parents=True, exist_ok=True)
-    for quant in export_cfg.quants:
-        dst = gguf_dir / gguf_filename(name, quant, export_cfg.default_quant)
-        _move(files[quant], dst)
-        result.files[quant] = dst
-        for r in reports:  # report where the verified file now lives
-            if r.path == str(files[quant]):
-                r.path = str(dst)
+    # one promoter per file stem at a time (models/gguf/.<name>.lock): two runs exporting the same name
+    # would otherwise interleave their quants
+    with promotion_lock(gguf_dir / name, provenance.get("finetune.run_name", "?")):
+        for quant in export_cfg.quants:
+            dst = gguf_dir / gguf_filename(name, quant, export_cfg.default_quant)
+            _move(files[quant], dst)
+            result.files[quant] = dst
+            for r in reports:  # report where the verified file now lives
+                if r.path == str(files[quant]):
+                    r.path = str(dst)
     if "f32" not in export_cfg.quants and not export_cfg.keep_f32:
         f32.unlink()
     return result

@@ -36,7 +36,9 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
 
     base_config = json.loads((base_dir / "config.json").read_text())
     base_dtype = base_config.get("dtype") or base_config.get("torch_dtype") or "float32"
-    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32, attn_implementation="eager")
+    base = AutoModelForCausalLM.from_pretrained(
+        str(base_dir), dtype=torch.float32, attn_implementation="eager", use_safetensors=True
+    )
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     merged = merged.to(getattr(torch, base_dtype))
     tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))  # carries the chat template trained with

@@ -21,24 +21,14 @@ from convert.llamacpp import version_info
 from convert.merge import merge_adapter, save_tokenizer
 from convert.verify import VerificationFailed
 from train.artifacts import atomic_write_json, hash_tree, sha256_file
+from train.locking import promotion_lock
 
 
 def heldout_texts(tokenizer, cfg) -> list[str]:
-    """Rendered text of up to verify.max_heldout_records records of verify.heldout_files."""
-    from train.data import read_jsonl, render_record
+    """Rendered text of up to verify.max_heldout_records records of verify.heldout_files (DataError if any is bad)."""
+    from train.data import heldout_texts as rendered_texts
 
-    texts: list[str] = []
-    problems: list[str] = []
-    for name in cfg.verify.heldout_files:
-        for where, record in read_jsonl(Path(name), problems):
-            if len(texts) >= cfg.verify.max_heldout_records:
-                return texts
-            out = render_record(tokenizer, record, where, cfg.data.system_message)
-            if not isinstance(out, str):
-                texts.append(tokenizer.decode(out[0][1:]))  # without <bos>: the reference adds it
-    if problems:
-        raise ValueError("verify.heldout_files: " + "; ".join(problems))
-    return texts
+    return rendered_texts(tokenizer, cfg.verify.heldout_files, cfg.data, cfg.verify.max_heldout_records)
 
 
 def prepare_base_folder(base_dir: Path, adapter_dir: Path, dest: Path) -> Path:
@@ -86,7 +76,8 @@ def export_run(cfg, paths, base, manifest: dict, say=print) -> dict:
     from transformers import AutoTokenizer
 
     say(f"merging adapter into {base.repo_id or base.path}")
-    merge_adapter(base.path, paths.adapter_out, paths.merged_out)
+    with promotion_lock(paths.merged_out, cfg.run_name):  # replaced as a whole (atomic_replace_dir)
+        merge_adapter(base.path, paths.adapter_out, paths.merged_out)
     manifest["artifacts"]["merged"] = {"path": str(paths.merged_out), "files": hash_tree(paths.merged_out)}
     texts = heldout_texts(AutoTokenizer.from_pretrained(str(paths.merged_out)), cfg)
     export_dir = paths.root / "export"
@@ -117,11 +108,12 @@ def export_run(cfg, paths, base, manifest: dict, say=print) -> dict:
                 results.append(base_result)
                 entries = file_entries(base_result)
                 manifest["artifacts"]["gguf"]["base"] = entries
-                atomic_write_json(sidecar, {"base_revision": base.revision, "llama_cpp": llama,
-                                            "quants": list(cfg.export.quants),
-                                            "default_quant": cfg.export.default_quant,
-                                            "token_embedding_type": cfg.export.token_embedding_type,
-                                            "files": entries})
+                with promotion_lock(Path(cfg.export.gguf_dir) / cfg.export.base_name, cfg.run_name):
+                    atomic_write_json(sidecar, {"base_revision": base.revision, "llama_cpp": llama,
+                                                "quants": list(cfg.export.quants),
+                                                "default_quant": cfg.export.default_quant,
+                                                "token_embedding_type": cfg.export.token_embedding_type,
+                                                "files": entries})
     except VerificationFailed as e:
         write_reports(paths.root, [r for x in results for r in x.reports] + e.reports, failed=True)
         manifest["status"] = "export_failed"

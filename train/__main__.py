@@ -1,9 +1,10 @@
-"""python -m train --config FILE [dotted.key=value ...] [--dry-run] [--fresh]"""
+"""python -m train --config FILE [dotted.key=value ...] [--dry-run] [--fresh | --resume-from CHECKPOINT]"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from train.hub import configure_cache_env
 
@@ -19,11 +20,19 @@ what it does:
   adapter to models/finetuned/adapters/<run_name>/ -> (export.enabled) merge to
   models/finetuned/final_models/<run_name>/ -> GGUF f32 + quants with llama.cpp -> verification
   against the merged model -> promotion to models/gguf/. Running the same command again on a
-  complete run reports it without retraining; on an unfinished run it resumes from the last checkpoint.
+  complete run reports it without retraining; on an unfinished run it resumes from the newest
+  committed checkpoint whose hashes verify (see docs/operations.md).
 
 exit codes:
-  0 success   2 invalid config, data or missing model (nothing trained)   3 verification failed
-  (nothing promoted)   4 llama.cpp tooling missing or failed   1 unexpected error
+  0    success
+  1    unexpected error
+  2    invalid config, data or missing model; unsafe resume (nothing trained)
+  3    verification failed (nothing promoted)
+  4    llama.cpp tooling missing or failed
+  5    non-finite loss or gradient norm: stopped before applying it (last commit kept)
+  6    not enough disk space (preflight), or the disk filled up during a save (last commit kept)
+  75   the run folder or a promotion target is locked by another process (named in the message)
+  130  stopped by SIGINT, 143 stopped by SIGTERM: step finished, checkpoint committed; rerun resumes
 """
 
 
@@ -48,6 +57,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--fresh", action="store_true", help="discard outputs/<run_name>/ and train from scratch")
     parser.add_argument(
+        "--resume-from",
+        metavar="CHECKPOINT",
+        type=Path,
+        help="resume from this checkpoint of the run (outputs/<run>/checkpoints/checkpoint-N) instead of the "
+        "newest good one; it must verify against its commit record; newer checkpoints are moved to rejected/",
+    )
+    parser.add_argument(
         "--print-defaults",
         action="store_true",
         help="print every config key with its default and documentation, then exit",
@@ -55,6 +71,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_intermixed_args(argv)
     if not args.config and not args.print_defaults:
         parser.error("--config is required (try configs/demo.yaml)")
+    if args.fresh and args.resume_from:
+        parser.error("--fresh and --resume-from exclude each other: --fresh discards every checkpoint")
     return args
 
 
@@ -71,10 +89,20 @@ def main(argv: list[str] | None = None) -> int:
     from train.data import DataError
     from train.hub import ModelNotFoundError
     from train.run import RunError, run
+    from train.stops import Preempted, RunStopped
 
     try:
         cfg = load_config(args.config, args.overrides)
-        run(cfg, dry_run=args.dry_run, fresh=args.fresh)
+        run(cfg, dry_run=args.dry_run, fresh=args.fresh, resume_from=args.resume_from)
+    except Preempted as e:
+        print(f"{e}", file=sys.stderr)
+        return e.exit_code
+    except RunStopped as e:  # non-finite loss, disk space, lock held: exit codes in EPILOG
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (inside it, StopOnSignal handles it)
+        print("interrupted", file=sys.stderr)
+        return 130
     except (ConfigError, DataError, ModelNotFoundError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

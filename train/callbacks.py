@@ -1,12 +1,26 @@
-"""Small, single-purpose Trainer callbacks and the loss-curve picture."""
+"""Small, single-purpose Trainer callbacks and the loss-curve picture.
+
+- MetricsJsonl: every log line to metrics.jsonl, NaN included.
+- CommitCheckpoints: after each Trainer save, commit the checkpoint (train/checkpoint.py), then retention.
+- NonFiniteGuard: a NaN/inf loss or gradient norm stops the run before the optimizer applies it.
+- StopOnSignal: SIGTERM/SIGINT finish the step, commit a checkpoint and stop (exit 143/130).
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 from pathlib import Path
+from typing import Any
 
+import torch
 from transformers import TrainerCallback
+
+from train.artifacts import atomic_write_text
+from train.checkpoint import apply_retention, commit_checkpoint, newest_committed
+from train.stops import NonFiniteLoss, Preempted
 
 
 class MetricsJsonl(TrainerCallback):
@@ -30,9 +44,31 @@ class MetricsJsonl(TrainerCallback):
 
 
 def read_metrics(path: Path) -> list[dict]:
+    """The logged rows; a last line cut short (the process died mid-write) is left out."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if i != len(lines) - 1:
+                raise ValueError(f"{path}:{i + 1}: not a JSON line") from None
+    return rows
+
+
+def trim_metrics(path: Path, step: int) -> int:
+    """Keep only rows up to `step` (the checkpoint a run resumes from); return how many were dropped.
+
+    Steps after the last commit were lost with the process that ran them and are run again, so their
+    rows would otherwise appear twice.
+    """
+    rows = read_metrics(path)
+    kept = [r for r in rows if r.get("step", 0) <= step]
+    if len(kept) != len(rows) or (path.is_file() and not path.read_text().endswith("\n")):
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+    return len(rows) - len(kept)
 
 
 def plot_losses(metrics_path: Path, out_path: Path) -> Path | None:
@@ -57,6 +93,134 @@ def plot_losses(metrics_path: Path, out_path: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out_path)
+    tmp = out_path.with_name(f".{out_path.name}.tmp")  # a reader never sees half a picture
+    fig.savefig(tmp, format=out_path.suffix.lstrip(".") or "png")
     plt.close(fig)
+    os.replace(tmp, out_path)
     return out_path
+
+
+def _finite_or_none(x: Any) -> float | None:
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+class CommitCheckpoints(TrainerCallback):
+    """Commit every checkpoint the Trainer saves (train/checkpoint.py), then apply retention.
+
+    Retention is ours: TrainingArguments gets save_total_limit=None, because the Trainer's rotation
+    counts folders whether committed or not and could delete the only one a resume can use.
+    """
+
+    def __init__(self, identity: dict[str, Any], keep_last: int | None, say=print):
+        self.identity, self.keep_last, self.say = identity, keep_last, say
+        self.eval_loss: dict[int, float | None] = {}
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if metrics and "eval_loss" in metrics:
+            self.eval_loss[state.global_step] = _finite_or_none(metrics["eval_loss"])
+
+    def on_save(self, args, state, control, **kwargs):
+        if args.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # every rank's RNG file is written before rank 0 hashes the folder
+        if not state.is_world_process_zero:
+            return
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        extra = {"eval_loss": self.eval_loss[state.global_step]} if state.global_step in self.eval_loss else {}
+        commit_checkpoint(folder, self.identity, args.world_size, extra)
+        apply_retention(folder.parent, self.keep_last, self.say)
+
+
+class NonFiniteGuard(TrainerCallback):
+    """Stop before the optimizer applies a step whose loss or gradient norm is NaN or inf.
+
+    In Trainer._run_epoch (transformers 5.24) the gradients are clipped, then on_pre_optimizer_step
+    runs, then optimizer.step(). Raising here leaves the weights, the optimizer state and the last
+    committed checkpoint as they were after the previous step. The gradient norm is recomputed from
+    the (clipped) gradients: clipping turns a NaN/inf norm into NaN gradients, so nothing escapes.
+    The loss is read per micro-batch from the model's output by a forward hook.
+    """
+
+    def __init__(self):
+        self.bad_loss: float | None = None
+        self._hook = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._hook = model.register_forward_hook(self._watch_loss)
+
+    def _watch_loss(self, module, inputs, output):
+        loss = output.get("loss") if isinstance(output, dict) else None
+        if module.training and loss is not None and self.bad_loss is None and not bool(torch.isfinite(loss).all()):
+            self.bad_loss = float(loss.detach().float().sum())
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.bad_loss = None
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        grads = [p.grad.detach() for p in model.parameters() if p.grad is not None]
+        norm = (torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+                if grads else torch.zeros(()))
+        if self.bad_loss is None and bool(torch.isfinite(norm)):
+            return
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
+        updates = [int(s["step"]) for s in inner.state.values() if "step" in s]
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        raise NonFiniteLoss(state.global_step + 1, {
+            "step": state.global_step + 1,
+            "loss": "finite" if self.bad_loss is None else str(self.bad_loss),
+            "grad_norm": str(float(norm)),
+            # Measured here, before optimizer.step(): proof that the bad update was not applied.
+            "optimizer_updates_applied": max(updates, default=0),
+            "trainable_weights_finite": all(bool(torch.isfinite(p).all()) for p in trainable),
+        })
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._hook is not None:
+            self._hook.remove()
+
+
+class StopOnSignal(TrainerCallback):
+    """SIGTERM/SIGINT (docker stop, a scheduler's preemption, Ctrl-C): finish the optimizer step in
+    progress, log, save and commit a checkpoint, stop, and raise Preempted (exit 128 + signal number).
+
+    The time to exit is bounded by one optimizer step plus one checkpoint save (plus an evaluation if
+    one falls due on that step). A second signal meanwhile stops the process at once: the checkpoint
+    being written stays uncommitted and the resume uses the previous commit.
+    Keep this callback last: it raises from on_train_end once the others have closed their files.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        try:
+            self._previous = {s: signal.signal(s, self._on_signal) for s in self.SIGNALS}
+        except ValueError:  # not the main thread: signals cannot be handled here
+            self._previous = {}
+
+    def _on_signal(self, signum, frame):
+        if self.received is not None:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.received = signum
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.received is not None:
+            control.should_log = True  # losses since the last log line would otherwise be lost
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.received is not None:  # arrived during this save: stop right after it
+            control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+        if self.received is not None:
+            raise Preempted(self.received, state.global_step, newest_committed(Path(args.output_dir)))

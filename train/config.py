@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
 
 # GGUF file types we export, by the names llama.cpp's `llama-quantize` uses (lower-cased).
 # f32/f16/bf16 come straight from convert_hf_to_gguf.py; the rest from llama_model_quantize.
@@ -39,15 +39,79 @@ class ModelSection(Section):
     """Allow code from the model repo to run. Off: Gemma 2 is native to transformers."""
 
 
+class DataSource(Section):
+    """One entry of data.train_files / data.eval_files; a plain string is shorthand for {path: ...}."""
+
+    path: str
+    """A .jsonl, .json, .parquet or .csv file; a folder of them; a folder written by datasets' save_to_disk; or
+    a Hugging Face dataset id (org/name) already in the local cache (nothing is downloaded)."""
+    format: Literal["auto", "messages", "prompt_completion", "text"] = "auto"
+    """Record format: 'auto' detects it per record from its keys; a declared format makes its fields required."""
+    split: str = "train"
+    """Split of a DatasetDict, a hub dataset, or a folder with split-named files (datasets' naming conventions)."""
+    name: str | None = None
+    """Configuration name of a hub dataset that datasets.load_dataset prepared in the cache (its `name`)."""
+    revision: str = "main"
+    """Branch, tag or commit of a hub dataset snapshot in the cache; the commit goes into the manifest."""
+    weight: float = Field(1.0, gt=0)
+    """Uses of each training record of this source: 2 repeats every record twice, 0.5 keeps a fixed half
+    (picked by content hash, the same records on every run). Eval records are never weighted."""
+    max_samples: int | None = Field(None, ge=1)
+    """Read only the first N records of this source (file order); later records are not used or validated."""
+
+
 class DataSection(Section):
-    train_files: list[str] = Field(default_factory=lambda: ["data/train.jsonl"])
-    """JSONL files of records: {"messages": [...]} (chat), {"prompt", "completion"} or {"text"}."""
-    eval_files: list[str] = Field(default_factory=list)
-    """Optional held-out JSONL files, same formats; evaluated every `training.eval_steps` when set."""
+    train_files: list[DataSource] = Field(default_factory=lambda: ["data/train.jsonl"], validate_default=True)
+    """Training data: each entry a path (file, folder, save_to_disk folder, cached hub dataset id) or a mapping
+    {path, format, split, name, revision, weight, max_samples}. Formats: {"messages": [...]} (chat, with tool
+    calls), {"prompt", "completion"}, {"text"}; docs/data.md shows how each is rendered."""
+    eval_files: list[DataSource] = Field(default_factory=list)
+    """Held-out data, same forms (never weighted); evaluated every training.eval_steps. Or use eval_fraction."""
+    eval_fraction: float = Field(0.0, ge=0, lt=1)
+    """Hold out this fraction of the training records for eval, by the sha256 of each record's content: a record
+    stays on its side when data is appended or reordered, and duplicates land on the same side."""
     max_seq_length: int = Field(1024, ge=16)
-    """Tokens per example after rendering; longer examples are truncated (and counted in the log)."""
-    system_message: Literal["merge", "error"] = "merge"
-    """Gemma has no system role: 'merge' prepends a system message to the first user turn, 'error' rejects it."""
+    """Tokens per example (TRL calls it max_length). Longer examples are cut at the end and counted; one with no
+    supervised token left is an invalid record."""
+    system_message: Literal["merge", "keep", "error"] = "merge"
+    """Gemma has no system role. 'merge': "<system>\\n\\n<first user message>" (as the gemma template and
+    llama.cpp do at inference); 'keep': pass it to the chat template as is; 'error': reject the record."""
+    assistant_only_loss: bool = True
+    """Chat: the loss covers assistant turns only (content + <end_of_turn>); false trains on the whole text."""
+    completion_only_loss: bool = True
+    """prompt/completion: the loss covers the completion (+ <eos>) only; false also trains on the prompt."""
+    packing: bool = False
+    """Pack several examples into each max_seq_length row (whole examples, best fit). Each example attends only
+    to itself: positions restart per example and transformers builds a block-diagonal mask from them."""
+    max_invalid_fraction: float = Field(0.0, ge=0, le=1)
+    """0 (strict): any invalid record stops the run before training. Above 0: skip invalid records while they
+    are at most this fraction of all records; each skipped record and its reason goes to
+    <run>/skipped_records.jsonl and the count into the manifest."""
+    dataset_num_proc: int | None = Field(None, ge=1)
+    """Processes rendering and tokenizing (datasets.map num_proc). null: 1 below 20,000 records, else up to 8
+    (CPU count)."""
+
+    @field_validator("train_files", "eval_files", mode="before")
+    @classmethod
+    def _paths_are_sources(cls, value: Any) -> Any:
+        return [{"path": v} if isinstance(v, str) else v for v in value] if isinstance(value, list) else value
+
+    @field_serializer("train_files", "eval_files")
+    def _sources_as_written(self, sources: list[DataSource]) -> list[Any]:
+        # A source with only a path is written back as the path (configs stay as short as the user wrote them).
+        return [s.path if s == DataSource(path=s.path) else s.model_dump(exclude_defaults=True) for s in sources]
+
+    @model_validator(mode="after")
+    def _data_rules(self) -> DataSection:
+        problems = []
+        if not self.train_files:
+            problems.append("data.train_files: is empty; name at least one file, folder or dataset")
+        if self.eval_files and self.eval_fraction:
+            problems.append("data.eval_fraction and data.eval_files are both set: hold out by fraction or give "
+                            "eval files, not both")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 class LoraSection(Section):
@@ -100,7 +164,9 @@ class TrainingSection(Section):
     save_steps: int = Field(100, ge=1)
     """Write a checkpoint every N steps."""
     save_total_limit: int | None = Field(3, ge=1)
-    """Keep at most N step checkpoints."""
+    """Keep the newest N committed checkpoints (plus the best by eval loss when evaluating); null keeps all.
+    Applied by the pipeline after each commit, not by the Trainer: the newest commit, the one a resume
+    needs, is never deleted (docs/operations.md)."""
     eval_steps: int | None = Field(None, ge=1)
     """Evaluate on data.eval_files every N steps (defaults to logging_steps when eval files are set)."""
     seed: int = 42
@@ -185,6 +251,9 @@ class PathsSection(Section):
     """Run folders are <output_dir>/<run_name>/."""
     models_dir: str = "models"
     """Promoted artifacts: finetuned/adapters/<run>, finetuned/final_models/<run> (GGUF: export.gguf_dir)."""
+    check_free_space: bool = True
+    """Before training, estimate what the run and its export will write (checkpoints, adapter, merged model,
+    GGUF files) and refuse to start (exit 6) if a file system lacks the space. false skips the check."""
 
 
 class Config(Section):
@@ -212,8 +281,9 @@ class Config(Section):
                     problems.append(f"verify: no max_nmse/min_top1 gate for export quant '{q}'")
             elif q not in self.verify.max_kld:
                 problems.append(f"verify.max_kld: no gate for export quant '{q}'; add e.g. max_kld.{q}=0.05")
-        if self.training.eval_steps and not self.data.eval_files:
-            problems.append("training.eval_steps is set but data.eval_files is empty: nothing to evaluate on")
+        if self.training.eval_steps and not (self.data.eval_files or self.data.eval_fraction):
+            problems.append("training.eval_steps is set but data.eval_files is empty and data.eval_fraction is 0: "
+                            "nothing to evaluate on")
         if self.export.name == self.export.base_name:
             problems.append("export.name and export.base_name are equal: the base export would overwrite yours")
         if problems:
@@ -227,8 +297,12 @@ class ConfigError(ValueError):
 
 def _field_names(model: type[BaseModel], path: list[str]) -> list[str]:
     for part in path:
+        if part.isdigit():  # an index into a list of sections (data.train_files.0.format)
+            continue
         field = model.model_fields.get(part)
         ann = field.annotation if field else None
+        if getattr(ann, "__origin__", None) is list:
+            ann = ann.__args__[0]
         if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
             return []
         model = ann
@@ -250,7 +324,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
                 lines.append(f"  - {part}")
         else:
             got = e.get("input")
-            lines.append(f"  - {where}: {e['msg']} (got {got!r})" if not isinstance(got, dict) else f"  - {where}: {e['msg']}")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"  - {where}: {e['msg']}{shown}")
     return "\n".join([f"invalid config {source}: {len(lines)} problem(s)"] + lines)
 
 

@@ -27,15 +27,10 @@ def describe_plan(cfg, paths, base, train_stats, eval_stats, example: str) -> st
         f"    {base.path}",
         "--- data",
     ]
-    for f, n in train_stats.per_file.items():
-        lines.append(f"    train {f}: {n} records")
-    lines.append(f"    {train_stats.records} examples, {train_stats.tokens} tokens, "
-                 f"{train_stats.supervised_tokens} supervised "
-                 f"({train_stats.supervised_tokens / max(train_stats.tokens, 1):.0%}), "
-                 f"{train_stats.truncated} truncated to {cfg.data.max_seq_length}")
-    if eval_stats:
-        lines.append(f"    eval: {eval_stats.records} examples")
-    lines += ["--- first example ([[...]] is what the loss sees)", example, "",
+    from train.data import describe_data
+
+    lines += describe_data(cfg.data, train_stats, eval_stats, paths.root)
+    lines += ["--- first training example, as tokens decoded ([[...]] is what the loss sees)", example, "",
               "--- would write",
               f"    run folder   {paths.root}/ (config.yaml, checkpoints/, metrics.jsonl, loss.png, manifest.json)",
               f"    adapter      {paths.adapter_out}/"]

@@ -1,0 +1,259 @@
+"""Committed checkpoints: a checkpoint counts only once its commit record is durably in place.
+
+transformers' Trainer writes checkpoint-N/ file by file, never fsyncs, and `resume_from_checkpoint=True`
+takes the highest-numbered folder without looking inside: a folder cut short by a kill, a full disk or
+a lost node looks just like a good one. So every save is followed by a commit (CommitCheckpoints in
+train/callbacks.py): each file is fsynced and hashed, then checkpoint-N/COMMITTED.json (size and sha256
+of every file, the step, and the identity of what was trained) is written to a temporary name, fsynced
+and renamed into place, and the folder entries are fsynced. A folder without that record, or whose
+files no longer match it, is never resumed from.
+
+Skipped folders are moved to <run>/rejected/ with a warning (never deleted: they are evidence, and
+possibly someone's older checkpoints); only the checkpoint this process was writing when it failed is
+removed (remove_partial), since it is known to be incomplete and keeping it would keep the disk full.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from train.artifacts import atomic_write_json
+
+COMMIT_FILE = "COMMITTED.json"
+RECORD_FORMAT = 1
+
+# What a resume reads: the adapter (peft load_adapter, safetensors only), optimizer and scheduler
+# (Trainer._load_optimizer_and_scheduler), the step and log history (TrainerState.load_from_json) and
+# the RNG states (Trainer._load_rng_state). A checkpoint without any of them cannot resume exactly.
+REQUIRED_FILES = ("adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt",
+                  "trainer_state.json")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be committed or resumed from; the message names the file."""
+
+
+def rng_files(world_size: int) -> list[str]:
+    """RNG state files Trainer._save_rng_state writes: one per process when distributed."""
+    return ["rng_state.pth"] if world_size <= 1 else [f"rng_state_{i}.pth" for i in range(world_size)]
+
+
+def step_of(folder: Path) -> int | None:
+    prefix, _, number = folder.name.partition("-")
+    return int(number) if prefix == "checkpoint" and number.isdigit() else None
+
+
+def checkpoint_dirs(checkpoints: Path) -> list[Path]:
+    """checkpoint-N folders, oldest step first."""
+    found = [(step_of(p), p) for p in checkpoints.glob("checkpoint-*") if p.is_dir()]
+    return [p for step, p in sorted((s, p) for s, p in found if s is not None)]
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync_and_hash(path: Path) -> str:
+    """sha256 of a file, after forcing its data to disk (fsync works on a read-only descriptor on Linux)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+        os.fsync(f.fileno())
+    return h.hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def commit_checkpoint(folder: Path, identity: dict[str, Any], world_size: int = 1,
+                      extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Make checkpoint folder durable and write its commit record; return the record."""
+    step = step_of(folder)
+    missing = [n for n in (*REQUIRED_FILES, *rng_files(world_size)) if not (folder / n).is_file()]
+    if step is None or missing:
+        raise CheckpointError(f"{folder}: cannot commit: {', '.join(missing) or 'not a checkpoint-N folder'} "
+                              f"missing after the Trainer's save (save_only_model must stay off)")
+    files = {
+        str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sync_and_hash(p)}
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != COMMIT_FILE and not p.name.endswith(".tmp")
+    }
+    for sub in {folder, *(p for p in folder.rglob("*") if p.is_dir())}:
+        _fsync_dir(sub)
+    record = {"format": RECORD_FORMAT, "step": step, "committed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "identity": identity, **(extra or {}), "files": files}
+    atomic_write_json(folder / COMMIT_FILE, record)  # tmp + fsync + rename + fsync(folder)
+    _fsync_dir(folder.parent)  # the checkpoint-N entry itself
+    return record
+
+
+def read_record(folder: Path) -> dict[str, Any] | None:
+    """The commit record, or None when there is none or it cannot be parsed."""
+    try:
+        record = json.loads((folder / COMMIT_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("files"), dict) else None
+
+
+def verify_checkpoint(folder: Path, world_size: int = 1) -> list[str]:
+    """Problems that make folder unusable for resuming; empty when every committed file matches."""
+    if not (folder / COMMIT_FILE).is_file():
+        return [f"{folder / COMMIT_FILE}: missing: the save never completed (the process was killed or "
+                f"failed while writing)"]
+    record = read_record(folder)
+    if record is None:
+        return [f"{folder / COMMIT_FILE}: unreadable commit record"]
+    problems = []
+    files = record["files"]
+    for name in (*REQUIRED_FILES, *rng_files(world_size)):
+        if name not in files:
+            what = "RNG state" if name.startswith("rng_state") else "required file"
+            problems.append(f"{folder / name}: {what} not in the commit record: the run could not resume exactly")
+    for name, entry in files.items():
+        path = folder / name
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+        elif path.stat().st_size != entry["size"]:
+            problems.append(f"{path}: {path.stat().st_size} bytes, committed as {entry['size']} (truncated?)")
+        elif _sha256(path) != entry["sha256"]:
+            problems.append(f"{path}: content differs from the commit record (sha256 mismatch)")
+    if not problems:
+        state = json.loads((folder / "trainer_state.json").read_text())
+        if not (state.get("global_step") == record.get("step") == step_of(folder)):
+            problems.append(f"{folder / 'trainer_state.json'}: global_step {state.get('global_step')} does not "
+                            f"match the folder and commit record (step {record.get('step')})")
+    return problems
+
+
+def identity_mismatches(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """What differs between the checkpoint's identity and this run's: each would make a resume unsafe."""
+    labels = {
+        "base_model": "base model",
+        "base_revision": "base model revision",
+        "data_fingerprint": "training data fingerprint (the tokenized examples)",
+        "lora": "LoRA shape",
+    }
+    return [f"{label}: checkpoint has {recorded.get(key)!r}, this run has {current.get(key)!r}"
+            for key, label in labels.items() if recorded.get(key) != current.get(key)]
+
+
+def reject(folder: Path, why: str, say=print) -> Path:
+    """Move a checkpoint that may not be resumed from to <run>/rejected/, out of every resume's way."""
+    dest_dir = folder.parent.parent / "rejected"
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    dest = dest_dir / folder.name
+    n = 1
+    while dest.exists():
+        dest, n = dest_dir / f"{folder.name}.{n}", n + 1
+    folder.rename(dest)
+    say(f"warning: skipping {folder.name}: {why}; moved to {dest}")
+    return dest
+
+
+def choose_resume(checkpoints: Path, world_size: int = 1, say=print) -> Path | None:
+    """The newest checkpoint whose commit record verifies; newer ones that do not are rejected."""
+    for folder in reversed(checkpoint_dirs(checkpoints)):
+        problems = verify_checkpoint(folder, world_size)
+        if not problems:
+            return folder
+        reject(folder, "; ".join(problems), say)
+    return None
+
+
+def check_explicit(folder: Path, world_size: int = 1) -> None:
+    """An explicitly requested checkpoint must verify; otherwise fail naming the file."""
+    if not folder.is_dir() or step_of(folder) is None:
+        raise CheckpointError(f"--resume-from {folder}: not a checkpoint-N folder")
+    problems = verify_checkpoint(folder, world_size)
+    if problems:
+        raise CheckpointError(f"cannot resume from {folder}:\n  " + "\n  ".join(problems)
+                              + "\n  fix: resume from another checkpoint, leave out --resume-from to take the "
+                              "newest good one, or --fresh")
+
+
+def apply_retention(checkpoints: Path, keep_last: int | None, say=print) -> list[Path]:
+    """Delete committed checkpoints beyond the newest keep_last, keeping the best by eval loss too.
+
+    The newest commit is always kept (keep_last >= 1): it is the one a resume needs. Uncommitted
+    folders are left alone here; resume moves them to rejected/.
+    """
+    if keep_last is None:
+        return []
+    committed = [(c, read_record(c)) for c in checkpoint_dirs(checkpoints)]
+    committed = [(c, r) for c, r in committed if r is not None]
+    keep = {c for c, _ in committed[-keep_last:]}
+    evaluated = [(r["eval_loss"], step_of(c), c) for c, r in committed if r.get("eval_loss") is not None]
+    if evaluated:
+        keep.add(min(evaluated)[2])
+    removed = []
+    for folder, _ in committed:
+        if folder not in keep:
+            # The record goes first: a kill in the middle of rmtree leaves an uncommitted folder, never
+            # a committed one with files missing.
+            (folder / COMMIT_FILE).unlink()
+            shutil.rmtree(folder)
+            removed.append(folder)
+    if removed:
+        say(f"retention: removed {', '.join(p.name for p in removed)} (training.save_total_limit={keep_last})")
+    return removed
+
+
+def remove_partial(checkpoints: Path, step: int) -> Path | None:
+    """Remove checkpoint-<step> if this process left it uncommitted (a save that failed midway)."""
+    folder = checkpoints / f"checkpoint-{step}"
+    if folder.is_dir() and not (folder / COMMIT_FILE).is_file():
+        shutil.rmtree(folder, ignore_errors=True)
+        return folder
+    return None
+
+
+def newest_committed(checkpoints: Path) -> Path | None:
+    committed = [c for c in checkpoint_dirs(checkpoints) if (c / COMMIT_FILE).is_file()]
+    return committed[-1] if committed else None
+
+
+# Config keys that may differ between a run and its resume: they change what is logged and saved,
+# never the weights' trajectory (no RNG draws, no numerics). Every other key of these sections may.
+RESUME_SECTIONS = ("model", "data", "lora", "training")
+RESUME_SAFE_KEYS = {
+    "training.logging_steps", "training.save_steps", "training.save_total_limit", "training.report_to",
+    "training.dataloader_num_workers", "training.per_device_eval_batch_size",
+}
+
+
+def _flatten(prefix: str, value: Any) -> dict[str, Any]:
+    if isinstance(value, dict):
+        return {k: v for key, sub in value.items() for k, v in _flatten(f"{prefix}.{key}", sub).items()}
+    return {prefix: value}
+
+
+def unsafe_config_changes(before, after) -> list[str]:
+    """`key: old -> new` for every key of the training-defining sections that differs, safe keys aside."""
+    old = {k: v for s in RESUME_SECTIONS for k, v in _flatten(s, getattr(before, s).model_dump(mode="json")).items()}
+    new = {k: v for s in RESUME_SECTIONS for k, v in _flatten(s, getattr(after, s).model_dump(mode="json")).items()}
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
+            if k not in RESUME_SAFE_KEYS and old.get(k) != new.get(k)]
+
+
+def holds_last_step(folder: Path) -> bool:
+    """Whether the checkpoint is the run's last step. Trainer.train resumed from it would run one step past
+    the end (transformers 5.24 _run_epoch takes a step before its stop check), so the run loads it instead."""
+    state = json.loads((folder / "trainer_state.json").read_text())
+    return state.get("max_steps", 0) > 0 and state["global_step"] >= state["max_steps"]

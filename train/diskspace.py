@@ -1,0 +1,187 @@
+"""Disk space: a preflight estimate of what a run and its export will write, and full-disk diagnosis.
+
+The estimate, per destination (grouped by file system, since outputs/ and models/ are often separate
+Docker volumes):
+  run folder   checkpoints present at once x (adapter weights + AdamW's two moments + tokenizer files),
+               the run's adapter, and the f32 GGUF each export converts first (deleted after quantizing
+               unless export.keep_f32)
+  models_dir   the promoted adapter and the merged model (saved in the base dtype: the base's size)
+  gguf_dir     every exported GGUF type, fine-tuned and (export.export_base) base
+It is an upper bound on what the run adds, plus 10%, not on the peak: files already present (a resumed
+run's checkpoints) are not subtracted. `paths.check_free_space: false` skips the check.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from train.artifacts import human_size
+from train.stops import DiskSpaceError
+
+MARGIN = 1.10
+
+# Bits per weight of each GGUF type: ggml block layouts (ggml-common.h: block_q8_0 is 34 bytes per 32
+# weights, block_q4_K 144 per 256, block_q6_K 210 per 256, ...). The *_m/_s k-quant mixes keep some
+# tensors at a higher type (llama.cpp's llama_tensor_get_type); their figures are llama.cpp's
+# measured averages, rounded up.
+BITS_PER_WEIGHT = {
+    "f32": 32.0, "f16": 16.0, "bf16": 16.0, "q8_0": 8.5, "q6_k": 6.5625, "q5_k_m": 5.75, "q5_k_s": 5.5,
+    "q5_0": 5.5, "q4_k_m": 4.9, "q4_k_s": 4.6, "q4_0": 4.5,
+}
+
+# A failure during a save is blamed on a full disk when fewer bytes than this remain free: torch.save
+# reports ENOSPC only as "unexpected pos ..." from its zip writer, without an errno.
+FULL_BELOW = 1 << 20
+
+
+@dataclass
+class Write:
+    what: str
+    path: Path
+    size: int
+
+
+@dataclass
+class TensorCounts:
+    params: int
+    embedding_params: int
+    safetensors_bytes: int
+
+
+def tensor_counts(model_dir: Path) -> TensorCounts:
+    """Parameter counts from the safetensors headers (8-byte length, then JSON), without loading weights."""
+    params = embedding = size = 0
+    for f in sorted(model_dir.glob("*.safetensors")):
+        size += f.stat().st_size
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            numel = math.prod(info["shape"])
+            params += numel
+            if "embed_tokens" in name:
+                embedding += numel
+    return TensorCounts(params, embedding, size)
+
+
+def gguf_bytes(counts: TensorCounts, quant: str, token_embedding_type: str | None) -> int:
+    bits = counts.params * BITS_PER_WEIGHT[quant]
+    if token_embedding_type and quant not in ("f32", "f16", "bf16"):
+        bits += counts.embedding_params * max(0.0, BITS_PER_WEIGHT[token_embedding_type] - BITS_PER_WEIGHT[quant])
+    return int(bits / 8)
+
+
+def tokenizer_bytes(model_dir: Path) -> int:
+    return sum(p.stat().st_size for p in model_dir.iterdir()
+               if p.is_file() and (p.name.startswith("tokenizer") or p.name.endswith(".jinja")))
+
+
+def checkpoints_at_once(cfg, total_steps: int, evaluating: bool) -> int:
+    saves = math.ceil(total_steps / cfg.training.save_steps) + 1  # + the final save
+    limit = cfg.training.save_total_limit
+    if limit is None:
+        return saves
+    # the new checkpoint is committed before retention removes the oldest; the best one is kept too
+    return min(saves, limit + 1 + (1 if evaluating else 0))
+
+
+def planned_writes(cfg, run_root: Path, adapter_out: Path, merged_out: Path, base_dir: Path,
+                   trainable_bytes: int, total_steps: int, evaluating: bool) -> list[Write]:
+    tok = tokenizer_bytes(base_dir)
+    per_checkpoint = 3 * trainable_bytes + tok + (64 << 10)
+    n = checkpoints_at_once(cfg, total_steps, evaluating)
+    writes = [Write(f"checkpoints ({n} x {human_size(per_checkpoint)})", run_root / "checkpoints", n * per_checkpoint),
+              Write("adapter", run_root / "adapter", trainable_bytes + tok),
+              Write("promoted adapter", adapter_out, trainable_bytes + tok)]
+    if not cfg.export.enabled:
+        return writes
+    counts = tensor_counts(base_dir)
+    exports = 2 if cfg.export.export_base else 1
+    f32 = gguf_bytes(counts, "f32", None)
+    gguf_dir = Path(cfg.export.gguf_dir)
+    quants = sum(gguf_bytes(counts, q, cfg.export.token_embedding_type) for q in cfg.export.quants if q != "f32")
+    writes += [Write("merged model", merged_out, counts.safetensors_bytes + tok),
+               Write("f32 GGUF (intermediate)", run_root / "export", f32 * (exports if cfg.export.keep_f32 else 1)),
+               Write(f"{exports * len(cfg.export.quants)} GGUF file(s)", gguf_dir, exports * quants)]
+    if "f32" in cfg.export.quants:
+        writes.append(Write("f32 GGUF", gguf_dir, exports * f32))
+    if _device(run_root) != _device(gguf_dir):  # quantized files are written in the run folder, then copied
+        writes.append(Write("GGUF staging", run_root / "export", quants))
+    return writes
+
+
+def _existing(path: Path) -> Path:
+    path = path.resolve()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def _device(path: Path) -> int:
+    return _existing(path).stat().st_dev
+
+
+def free_bytes(path: Path) -> int:
+    return shutil.disk_usage(_existing(path)).free
+
+
+def check_free_space(writes: list[Write], free=free_bytes) -> str:
+    """Raise DiskSpaceError if any file system lacks room for what will be written there; else a summary."""
+    by_device: dict[int, list[Write]] = {}
+    for w in writes:
+        by_device.setdefault(_device(w.path), []).append(w)
+    lines, problems = [], []
+    for group in by_device.values():
+        need = int(sum(w.size for w in group) * MARGIN)
+        have = free(group[0].path)
+        where = _existing(group[0].path)
+        detail = ", ".join(f"{w.what} {human_size(w.size)}" for w in group)
+        lines.append(f"{human_size(need)} of {human_size(have)} free at {where}")
+        if need > have:
+            problems.append(f"  {where}: needs about {human_size(need)} ({need} bytes: {detail}; +10%), "
+                            f"{human_size(have)} ({have} bytes) free")
+    if problems:
+        raise DiskSpaceError(
+            "not enough free disk space for this run:\n" + "\n".join(problems) + "\n"
+            "  fix: free space or point paths.output_dir / paths.models_dir / export.gguf_dir at a larger "
+            "volume; a lower training.save_total_limit or fewer export.quants write less; "
+            "paths.check_free_space=false skips this check"
+        )
+    return "disk: the run will write about " + "; ".join(lines)
+
+
+def is_disk_full(exc: BaseException, folder: Path) -> bool:
+    """Whether exc (or what caused it) is a full disk or quota, or the disk at folder is now full."""
+    seen: BaseException | None = exc
+    visited = set()
+    while seen is not None and id(seen) not in visited:
+        visited.add(id(seen))
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(seen) or "Disk quota exceeded" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    try:
+        return free_bytes(folder) < FULL_BELOW
+    except OSError:
+        return False
+
+
+def preflight(cfg, paths, base_dir: Path, model, n_examples: int, evaluating: bool) -> str | None:
+    """The run's disk check (None when paths.check_free_space is off); raises DiskSpaceError."""
+    if not cfg.paths.check_free_space:
+        return None
+    t = cfg.training
+    steps = t.max_steps if t.max_steps > 0 else math.ceil(
+        t.num_train_epochs * math.ceil(n_examples / (t.per_device_train_batch_size * t.gradient_accumulation_steps)))
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return check_free_space(planned_writes(cfg, paths.root, paths.adapter_out, paths.merged_out, base_dir,
+                                           trainable, steps, evaluating))

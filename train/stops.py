@@ -1,0 +1,68 @@
+"""Ways a run stops on purpose, each with its own exit status (listed in `python -m train --help`).
+
+Every one of them leaves the run folder resumable: the last committed checkpoint is intact and running
+the same command again continues from it (docs/operations.md).
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+EXIT_NONFINITE = 5
+EXIT_DISK_SPACE = 6
+EXIT_LOCKED = 75  # EX_TEMPFAIL (sysexits.h): "temporary failure, the user is invited to retry"
+
+
+class RunStopped(RuntimeError):
+    """The run stopped on purpose; `exit_code` is the process status the CLI returns."""
+
+    exit_code = 1
+
+
+class Preempted(RunStopped):
+    """SIGTERM/SIGINT arrived: the step finished and a checkpoint was committed. Exit 128 + signal."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path | None):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        self.exit_code = 128 + signum
+        where = f"{checkpoint.name} is committed" if checkpoint else "no checkpoint could be committed"
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; {where}.\n"
+                         f"  run the same command to resume")
+
+
+class NonFiniteLoss(RunStopped):
+    """A step's loss or gradient norm was NaN/inf; its update was not applied."""
+
+    exit_code = EXIT_NONFINITE
+
+    def __init__(self, step: int, details: dict):
+        self.step, self.details = step, details
+        super().__init__(
+            f"non-finite training signal at step {step}: loss {details['loss']}, gradient norm "
+            f"{details['grad_norm']}. The optimizer step was NOT applied; no checkpoint was written for it.\n"
+            f"  fix: lower training.learning_rate, check the data around this step, or use bf16 instead of "
+            f"fp16; then run the same command to resume from the last committed checkpoint, or --fresh"
+        )
+
+
+class DiskSpaceError(RunStopped):
+    """Too little free space for what the run will write, or the disk filled up during a save."""
+
+    exit_code = EXIT_DISK_SPACE
+
+
+class LockHeld(RunStopped):
+    """Another process holds the run folder or the promotion target."""
+
+    exit_code = EXIT_LOCKED
+
+    def __init__(self, what: str, lock_file: Path, holder: dict):
+        self.holder = holder
+        who = (f"pid {holder.get('pid')} (run '{holder.get('run_name')}' on {holder.get('host')}, "
+               f"since {holder.get('since')})") if holder.get("pid") else "another process (holder not recorded yet)"
+        super().__init__(
+            f"{what} is in use by {who}; lock file {lock_file}.\n"
+            f"  fix: wait for it to finish, or stop it (kill {holder.get('pid', '<pid>')}); a stopped or killed "
+            f"holder releases the lock at once, nothing needs deleting"
+        )
