@@ -30,7 +30,9 @@ def quant_of(path: Path) -> str:
     for name, const in FTYPE_NAMES.items():
         if getattr(llama_cpp, const) == ftype:
             return name
-    raise ValueError(f"{path}: file type {ftype} is not one this pipeline exports ({', '.join(FTYPE_NAMES)})")
+    from train.run import RunError
+
+    raise RunError(f"{path}: file type {ftype} is not one this pipeline exports ({', '.join(FTYPE_NAMES)})")
 
 
 def cmd_export(args) -> int:
@@ -40,12 +42,12 @@ def cmd_export(args) -> int:
     from train.hub import resolve_model
     from train.locking import hold_lock
     from train.report import print_summary
-    from train.run import RunPaths
+    from train.run import RunError, RunPaths
 
     cfg = load_config(args.config, args.overrides)
     paths = RunPaths.of(cfg)
     if not (paths.adapter_out / "adapter_model.safetensors").is_file():
-        raise FileNotFoundError(
+        raise RunError(
             f"no trained adapter at {paths.adapter_out}: train first (python -m train --config {args.config})"
         )
     base = resolve_model(cfg.model.name_or_path, cfg.model.revision)
@@ -111,29 +113,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_cache_env()
 
-    from convert.llamacpp import LlamaCppError
-    from convert.verify import VerificationFailed
-    from train.config import ConfigError
-    from train.data import DataError
-    from train.hub import ModelNotFoundError
-    from train.run import RunError
-    from train.stops import RunStopped
+    from train.stops import exit_status
 
     try:
         return {"export": cmd_export, "verify": cmd_verify, "info": cmd_info}[args.command](args)
-    except (ConfigError, DataError, ModelNotFoundError, RunError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except RunStopped as e:  # lock held (75), disk space (6)
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except VerificationFailed as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    except LlamaCppError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 4
-
+    except BaseException as e:
+        status = exit_status(e)
+        if status is None:
+            raise
+        print(status[1], file=sys.stderr)
+        return status[0]
 
 if __name__ == "__main__":
     sys.exit(main())

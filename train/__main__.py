@@ -79,39 +79,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configure_cache_env()  # before transformers/huggingface_hub are imported
-    from train.config import ConfigError, commented_defaults, load_config
+    from train.config import commented_defaults, load_config
 
     if args.print_defaults:
         print(commented_defaults())
         return 0
-    from convert.llamacpp import LlamaCppError
-    from convert.verify import VerificationFailed
-    from train.data import DataError
-    from train.hub import ModelNotFoundError
-    from train.run import RunError, run
-    from train.stops import Preempted, RunStopped
+    from train.run import run
+    from train.stops import exit_status
 
     try:
         cfg = load_config(args.config, args.overrides)
         run(cfg, dry_run=args.dry_run, fresh=args.fresh, resume_from=args.resume_from)
-    except Preempted as e:
-        print(f"{e}", file=sys.stderr)
-        return e.exit_code
-    except RunStopped as e:  # non-finite loss, disk space, lock held: exit codes in EPILOG
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:  # Ctrl-C outside the training loop (inside it, StopOnSignal handles it)
-        print("interrupted", file=sys.stderr)
-        return 130
-    except (ConfigError, DataError, ModelNotFoundError, RunError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except VerificationFailed as e:
-        print(f"error: {e}\n  the report is in the run folder (verify.md)", file=sys.stderr)
-        return 3
-    except LlamaCppError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 4
+    except BaseException as e:
+        status = exit_status(e)
+        if status is None:
+            raise
+        print(status[1], file=sys.stderr)
+        return status[0]
     return 0
 
 

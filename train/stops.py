@@ -66,3 +66,30 @@ class LockHeld(RunStopped):
             f"  fix: wait for it to finish, or stop it (kill {holder.get('pid', '<pid>')}); a stopped or killed "
             f"holder releases the lock at once, nothing needs deleting"
         )
+
+
+def exit_status(e: BaseException) -> tuple[int, str] | None:
+    """(exit status, message) for an error the user can act on, or None for a bug (let it raise).
+
+    One table for both CLIs (python -m train, python -m convert); the codes are listed in their --help.
+    """
+    from convert.llamacpp import LlamaCppError
+    from convert.verify import VerificationFailed
+    from train.config import ConfigError
+    from train.data import DataError
+    from train.hub import ModelNotFoundError
+    from train.run import RunError
+
+    if isinstance(e, Preempted):  # not an error: the run stopped as asked and can resume
+        return e.exit_code, str(e)
+    if isinstance(e, RunStopped):  # non-finite loss (5), disk space (6), lock held (75)
+        return e.exit_code, f"error: {e}"
+    if isinstance(e, KeyboardInterrupt):  # Ctrl-C outside the training loop (inside, StopOnSignal handles it)
+        return 130, "interrupted"
+    if isinstance(e, (ConfigError, DataError, ModelNotFoundError, RunError)):
+        return 2, f"error: {e}"
+    if isinstance(e, VerificationFailed):
+        return 3, f"error: {e}\n  the report is in the run folder (verify.md)"
+    if isinstance(e, LlamaCppError):
+        return 4, f"error: {e}"
+    return None

@@ -22,6 +22,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from train.artifacts import sha256_file
 from train.hub import default_hf_home, hub_cache_dir, repo_folder_name
 
 TINY_REPO_ID = "tiny-gemma/gemma-2-tiny"
@@ -176,14 +177,6 @@ def build_weights(folder: Path, vocab_size: int, seed: int) -> None:
     model.save_pretrained(str(folder), safe_serialization=True)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def store_in_hub_cache(staging: Path, hub_dir: Path, repo_id: str) -> Path:
     """Lay staging/* out as huggingface_hub does: blobs named by hash, snapshot symlinks, refs/main.
 
@@ -191,7 +184,7 @@ def store_in_hub_cache(staging: Path, hub_dir: Path, repo_id: str) -> Path:
     """
     repo_dir = hub_dir / repo_folder_name(repo_id)
     files = sorted(p for p in staging.iterdir() if p.is_file())
-    hashes = {p.name: _sha256(p) for p in files}
+    hashes = {p.name: sha256_file(p) for p in files}
     revision = hashlib.sha1(json.dumps(hashes, sort_keys=True).encode()).hexdigest()
     blobs = repo_dir / "blobs"
     snapshot = repo_dir / "snapshots" / revision
