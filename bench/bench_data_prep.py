@@ -28,8 +28,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 TEMPLATE = ROOT / "train" / "templates" / "gemma.jinja"
 ASSISTANT_TURN = "{{- '<start_of_turn>model\\n' + message['content'] | trim + '<end_of_turn>\\n' -}}"
-TAGGED_TURN = ("{{- '<start_of_turn>model\\n' -}}{% generation %}{{- message['content'] | trim + '<end_of_turn>\\n' -}}"
-               "{% endgeneration %}")
+TAGGED_TURN = (
+    "{{- '<start_of_turn>model\\n' -}}{% generation %}{{- message['content'] | trim + '<end_of_turn>\\n' -}}"
+    "{% endgeneration %}"
+)
 
 
 def make_records(n: int, seed: int = 0) -> list[dict]:
@@ -42,15 +44,22 @@ def make_records(n: int, seed: int = 0) -> list[dict]:
     records = []
     for i in range(n):
         kind = rng.random()
-        msgs = [{"role": "system", "content": "You are Wren, a concise home-lab operations assistant."}] \
-            if kind < 0.2 else []
+        msgs = (
+            [{"role": "system", "content": "You are Wren, a concise home-lab operations assistant."}]
+            if kind < 0.2
+            else []
+        )
         for _ in range(rng.choice([1, 1, 2, 3]) if kind < 0.85 else 1):
-            msgs += [{"role": "user", "content": f"{rng.choice(users)} (#{i})"},
-                     {"role": "assistant", "content": rng.choice(answers)}]
+            msgs += [
+                {"role": "user", "content": f"{rng.choice(users)} (#{i})"},
+                {"role": "assistant", "content": rng.choice(answers)},
+            ]
         if kind >= 0.85:  # an agent step: the call, its result, the answer
-            msgs[-1:] = [{"role": "assistant", "content": rng.choice(calls)},
-                         {"role": "tool", "content": json.dumps({"ok": True, "took_ms": rng.randint(1, 999)})},
-                         {"role": "assistant", "content": rng.choice(answers)}]
+            msgs[-1:] = [
+                {"role": "assistant", "content": rng.choice(calls)},
+                {"role": "tool", "content": json.dumps({"ok": True, "took_ms": rng.randint(1, 999)})},
+                {"role": "assistant", "content": rng.choice(answers)},
+            ]
         records.append({"messages": msgs})
     return records
 
@@ -71,8 +80,9 @@ def run_ours(tok, path: Path, num_proc: int, max_length: int):
     from train.data import load_datasets
 
     t0 = time.perf_counter()
-    train, stats, _, _ = load_datasets(tok, DataSection(train_files=[str(path)], max_seq_length=max_length,
-                                                        dataset_num_proc=num_proc))
+    train, stats, _, _ = load_datasets(
+        tok, DataSection(train_files=[str(path)], max_seq_length=max_length, dataset_num_proc=num_proc)
+    )
     return time.perf_counter() - t0, [(e.input_ids, e.labels) for e in train]
 
 
@@ -81,16 +91,22 @@ def run_trl(tok, model_path: Path, path: Path, num_proc: int, max_length: int, w
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
-    args = SFTConfig(output_dir=str(workdir / "trl"), assistant_only_loss=True, max_length=max_length,
-                     dataset_num_proc=num_proc, report_to=[], use_cpu=True)
+    args = SFTConfig(
+        output_dir=str(workdir / "trl"),
+        assistant_only_loss=True,
+        max_length=max_length,
+        dataset_num_proc=num_proc,
+        report_to=[],
+        use_cpu=True,
+    )
     model = AutoModelForCausalLM.from_pretrained(str(model_path), attn_implementation="eager")
-    one = datasets.Dataset.from_list([{"messages": [{"role": "user", "content": "hi"},
-                                                    {"role": "assistant", "content": "yo"}]}])
+    one = datasets.Dataset.from_list(
+        [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}]
+    )
     trainer = SFTTrainer(model=model, args=args, train_dataset=one, processing_class=tok)
 
     t0 = time.perf_counter()
-    ds = datasets.load_dataset("json", data_files=str(path), split="train",
-                               cache_dir=str(workdir / "datasets_cache"))
+    ds = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=str(workdir / "datasets_cache"))
     ds = trainer._prepare_dataset(ds, tok, args, packing=False, formatting_func=None, dataset_name="bench")
     seconds = time.perf_counter() - t0
     cols = ds.select_columns(["input_ids", "labels"]).to_dict()
@@ -129,15 +145,21 @@ def main() -> int:
     trl_tokens = sum(len(ids) for ids, _ in trl)
     same_ids = sum(o[0] == t[0] for o, t in zip(ours, trl, strict=True)) if len(ours) == len(trl) else 0
     same_labels = sum(o[1] == t[1] for o, t in zip(ours, trl, strict=True)) if len(ours) == len(trl) else 0
-    print(f"{a.records:,} chat records, {tokens:,} tokens (tiny Gemma tokenizer), num_proc={a.num_proc}, "
-          f"max_length={a.max_length}")
+    print(
+        f"{a.records:,} chat records, {tokens:,} tokens (tiny Gemma tokenizer), num_proc={a.num_proc}, "
+        f"max_length={a.max_length}"
+    )
     print(f"{'':34}{'seconds':>9}{'records/s':>12}{'tokens/s':>12}")
-    for name, s, n, t in (("ours (train.data)", ours_s, len(ours), tokens),
-                          ("TRL SFTTrainer._prepare_dataset", trl_s, len(trl), trl_tokens)):
+    for name, s, n, t in (
+        ("ours (train.data)", ours_s, len(ours), tokens),
+        ("TRL SFTTrainer._prepare_dataset", trl_s, len(trl), trl_tokens),
+    ):
         print(f"{name:<34}{s:>9.1f}{n / s:>12,.0f}{t / s:>12,.0f}")
     print(f"ratio: ours is {trl_s / ours_s:.2f}x TRL's speed (TRL seconds / our seconds)")
-    print(f"agreement: {len(ours):,} vs {len(trl):,} examples; input_ids identical for {same_ids / len(ours):.2%}, "
-          f"labels identical for {same_labels / len(ours):.2%}")
+    print(
+        f"agreement: {len(ours):,} vs {len(trl):,} examples; input_ids identical for {same_ids / len(ours):.2%}, "
+        f"labels identical for {same_labels / len(ours):.2%}"
+    )
     return 0
 
 

@@ -124,5 +124,6 @@ def main(argv: list[str] | None = None) -> int:
         print(status[1], file=sys.stderr)
         return status[0]
 
+
 if __name__ == "__main__":
     sys.exit(main())

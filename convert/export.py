@@ -47,8 +47,16 @@ def _move(src: Path, dst: Path) -> None:
         os.close(fd)
 
 
-def export_gguf(model_dir: Path, name: str, export_cfg, verify_cfg, work_dir: Path,
-                provenance: dict[str, str], texts: list[str], say=print) -> ExportResult:
+def export_gguf(
+    model_dir: Path,
+    name: str,
+    export_cfg,
+    verify_cfg,
+    work_dir: Path,
+    provenance: dict[str, str],
+    texts: list[str],
+    say=print,
+) -> ExportResult:
     """Convert one HF folder to every configured GGUF type, verify all, promote only if all pass."""
     work_dir.mkdir(parents=True, exist_ok=True)
     log = work_dir / "convert.log"
@@ -100,8 +108,9 @@ def provenance_metadata(cfg, base, extra: dict[str, str]) -> dict[str, str]:
 def write_reports(run_dir: Path, results: list[ExportResult] | list[FileReport], failed: bool = False) -> None:
     """verify.json (machine-readable) and verify.md (the table) in the run folder."""
     reports = [r for x in results for r in (x.reports if isinstance(x, ExportResult) else [x])]
-    atomic_write_json(run_dir / "verify.json", {"passed": not failed and all(r.passed for r in reports),
-                                                "files": to_json(reports)})
+    atomic_write_json(
+        run_dir / "verify.json", {"passed": not failed and all(r.passed for r in reports), "files": to_json(reports)}
+    )
     atomic_write_text(run_dir / "verify.md", "# Verification\n\n" + to_table(reports) + "\n")
 
 

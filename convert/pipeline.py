@@ -57,8 +57,13 @@ def _base_export_is_current(cfg, base, sidecar: Path) -> dict | None:
     if not sidecar.is_file():
         return None
     record = json.loads(sidecar.read_text())
-    want = {"base_revision": base.revision, "llama_cpp": version_info(), "quants": list(cfg.export.quants),
-            "default_quant": cfg.export.default_quant, "token_embedding_type": cfg.export.token_embedding_type}
+    want = {
+        "base_revision": base.revision,
+        "llama_cpp": version_info(),
+        "quants": list(cfg.export.quants),
+        "default_quant": cfg.export.default_quant,
+        "token_embedding_type": cfg.export.token_embedding_type,
+    }
     if any(record.get(k) != v for k, v in want.items()):
         return None
     for entry in record["files"].values():
@@ -87,10 +92,18 @@ def export_run(cfg, paths, base, manifest: dict, say=print) -> dict:
     try:
         say(f"exporting fine-tuned model as {cfg.export.name} ({', '.join(cfg.export.quants)})")
         adapter_sha = sha256_file(paths.adapter_out / "adapter_model.safetensors")
-        results.append(export_gguf(paths.merged_out, cfg.export.name, cfg.export, cfg.verify,
-                                   export_dir / cfg.export.name,
-                                   provenance_metadata(cfg, base, {"finetune.adapter_sha256": adapter_sha}),
-                                   texts, say))
+        results.append(
+            export_gguf(
+                paths.merged_out,
+                cfg.export.name,
+                cfg.export,
+                cfg.verify,
+                export_dir / cfg.export.name,
+                provenance_metadata(cfg, base, {"finetune.adapter_sha256": adapter_sha}),
+                texts,
+                say,
+            )
+        )
         manifest["artifacts"]["gguf"] = {"finetuned": file_entries(results[0])}
         if cfg.export.export_base:
             sidecar = Path(cfg.export.gguf_dir) / f"{cfg.export.base_name}.export.json"
@@ -102,18 +115,31 @@ def export_run(cfg, paths, base, manifest: dict, say=print) -> dict:
                 say(f"exporting base model as {cfg.export.base_name}")
                 with tempfile.TemporaryDirectory(dir=export_dir) as tmp:
                     folder = prepare_base_folder(base.path, paths.adapter_out, Path(tmp) / "base")
-                    base_result = export_gguf(folder, cfg.export.base_name, cfg.export, cfg.verify,
-                                              export_dir / cfg.export.base_name,
-                                              provenance_metadata(cfg, base, {}), texts, say)
+                    base_result = export_gguf(
+                        folder,
+                        cfg.export.base_name,
+                        cfg.export,
+                        cfg.verify,
+                        export_dir / cfg.export.base_name,
+                        provenance_metadata(cfg, base, {}),
+                        texts,
+                        say,
+                    )
                 results.append(base_result)
                 entries = file_entries(base_result)
                 manifest["artifacts"]["gguf"]["base"] = entries
                 with promotion_lock(Path(cfg.export.gguf_dir) / cfg.export.base_name, cfg.run_name):
-                    atomic_write_json(sidecar, {"base_revision": base.revision, "llama_cpp": llama,
-                                                "quants": list(cfg.export.quants),
-                                                "default_quant": cfg.export.default_quant,
-                                                "token_embedding_type": cfg.export.token_embedding_type,
-                                                "files": entries})
+                    atomic_write_json(
+                        sidecar,
+                        {
+                            "base_revision": base.revision,
+                            "llama_cpp": llama,
+                            "quants": list(cfg.export.quants),
+                            "default_quant": cfg.export.default_quant,
+                            "token_embedding_type": cfg.export.token_embedding_type,
+                            "files": entries,
+                        },
+                    )
     except VerificationFailed as e:
         write_reports(paths.root, [r for x in results for r in x.reports] + e.reports, failed=True)
         manifest["status"] = "export_failed"
@@ -121,8 +147,12 @@ def export_run(cfg, paths, base, manifest: dict, say=print) -> dict:
         atomic_write_json(paths.manifest, manifest)
         raise
     write_reports(paths.root, results)
-    manifest["verification"] = {"passed": True, "report": str(paths.root / "verify.md"),
-                                "files": {Path(r.path).name: r.measures for x in results for r in x.reports}}
-    manifest["default_gguf"] = str(Path(cfg.export.gguf_dir) / gguf_filename(cfg.export.name, cfg.export.default_quant,
-                                                                          cfg.export.default_quant))
+    manifest["verification"] = {
+        "passed": True,
+        "report": str(paths.root / "verify.md"),
+        "files": {Path(r.path).name: r.measures for x in results for r in x.reports},
+    }
+    manifest["default_gguf"] = str(
+        Path(cfg.export.gguf_dir) / gguf_filename(cfg.export.name, cfg.export.default_quant, cfg.export.default_quant)
+    )
     return manifest

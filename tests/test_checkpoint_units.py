@@ -33,12 +33,19 @@ from train.diskspace import Write, check_free_space, gguf_bytes, is_disk_full, t
 from train.locking import hold_lock
 from train.stops import EXIT_LOCKED, DiskSpaceError, LockHeld
 
-TRAINER_FILES = ["adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt", "rng_state.pth",
-                 "training_args.bin"]
+TRAINER_FILES = [
+    "adapter_model.safetensors",
+    "adapter_config.json",
+    "optimizer.pt",
+    "scheduler.pt",
+    "rng_state.pth",
+    "training_args.bin",
+]
 
 
-def fake_checkpoint(checkpoints: Path, step: int, commit: bool = True, eval_loss: float | None = None,
-                    skip: str | None = None) -> Path:
+def fake_checkpoint(
+    checkpoints: Path, step: int, commit: bool = True, eval_loss: float | None = None, skip: str | None = None
+) -> Path:
     folder = checkpoints / f"checkpoint-{step}"
     folder.mkdir(parents=True)
     for i, name in enumerate(n for n in TRAINER_FILES if n != skip):
@@ -63,8 +70,10 @@ def test_commit_records_every_file_and_verify_catches_truncation_and_edits(tmp_p
     (folder / "optimizer.pt").write_bytes(b"x" * 10)
     (folder / "scheduler.pt").write_bytes(bytes(reversed((folder / "scheduler.pt").read_bytes())) + b"")
     problems = verify_checkpoint(folder)
-    assert problems == [f"{folder / 'optimizer.pt'}: 10 bytes, committed as 1000 (truncated?)",
-                        f"{folder / 'scheduler.pt'}: content differs from the commit record (sha256 mismatch)"]
+    assert problems == [
+        f"{folder / 'optimizer.pt'}: 10 bytes, committed as 1000 (truncated?)",
+        f"{folder / 'scheduler.pt'}: content differs from the commit record (sha256 mismatch)",
+    ]
     with pytest.raises(CheckpointError, match=re.escape(f"{folder / 'optimizer.pt'}: 10 bytes")):
         check_explicit(folder)
 
@@ -76,8 +85,9 @@ def test_a_missing_rng_state_is_an_error_not_a_log_line(tmp_path):
     record = json.loads((folder / COMMIT_FILE).read_text())
     del record["files"]["rng_state.pth"]
     (folder / COMMIT_FILE).write_text(json.dumps(record))
-    assert verify_checkpoint(folder) == [f"{folder / 'rng_state.pth'}: RNG state not in the commit record: the "
-                                         f"run could not resume exactly"]
+    assert verify_checkpoint(folder) == [
+        f"{folder / 'rng_state.pth'}: RNG state not in the commit record: the run could not resume exactly"
+    ]
 
 
 def test_a_step_mismatch_between_folder_and_trainer_state_is_caught(tmp_path):
@@ -116,8 +126,12 @@ def test_retention_keeps_the_newest_commits_and_the_best_eval(tmp_path):
     fake_checkpoint(tmp_path, 10, commit=False)  # someone else's business: never deleted by retention
     removed = apply_retention(tmp_path, keep_last=2, say=lambda _: None)
     assert [p.name for p in removed] == ["checkpoint-2"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10", "checkpoint-4", "checkpoint-6",
-                                                          "checkpoint-8"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoint-10",
+        "checkpoint-4",
+        "checkpoint-6",
+        "checkpoint-8",
+    ]
     assert apply_retention(tmp_path, keep_last=None) == []
     assert [p.name for p in apply_retention(tmp_path, keep_last=1, say=lambda _: None)] == ["checkpoint-6"]
 
@@ -127,9 +141,13 @@ def test_retention_keeps_the_newest_commits_and_the_best_eval(tmp_path):
 
 def test_unsafe_config_changes_lists_what_changes_the_trajectory_only():
     before = Config()
-    after = Config.model_validate({"lora": {"r": 32}, "training": {"learning_rate": 1e-4, "save_steps": 7,
-                                                                     "logging_steps": 3, "save_total_limit": 9},
-                                   "export": {"quants": ["q8_0"], "default_quant": "q8_0"}})
+    after = Config.model_validate(
+        {
+            "lora": {"r": 32},
+            "training": {"learning_rate": 1e-4, "save_steps": 7, "logging_steps": 3, "save_total_limit": 9},
+            "export": {"quants": ["q8_0"], "default_quant": "q8_0"},
+        }
+    )
     assert unsafe_config_changes(before, after) == ["lora.r: 16 -> 32", "training.learning_rate: 0.0002 -> 0.0001"]
     assert unsafe_config_changes(before, Config()) == []
 
@@ -148,8 +166,9 @@ with hold_lock(Path(sys.argv[1]), "run folder x", "holder-run"):
 
 
 def start_holder(lock: Path, seconds: float) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(lock), str(seconds)], cwd=ROOT, stdout=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(lock), str(seconds)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout.readline().strip() == "locked"
     return proc
 
@@ -184,13 +203,17 @@ def test_promotion_waits_for_a_short_holder(tmp_path):
 
 
 def test_preflight_refuses_with_both_numbers(tmp_path):
-    writes = [Write("checkpoints", tmp_path / "outputs" / "run", 900_000),
-              Write("adapter", tmp_path / "models", 100_000)]
+    writes = [
+        Write("checkpoints", tmp_path / "outputs" / "run", 900_000),
+        Write("adapter", tmp_path / "models", 100_000),
+    ]
     with pytest.raises(DiskSpaceError) as e:
         check_free_space(writes, free=lambda _: 500_000)
     assert e.value.exit_code == 6
-    assert "needs about 1.0 MiB (1100000 bytes: checkpoints 878.9 KiB, adapter 97.7 KiB; +10%), 488.3 KiB (500000 " \
-           "bytes) free" in str(e.value)
+    assert (
+        "needs about 1.0 MiB (1100000 bytes: checkpoints 878.9 KiB, adapter 97.7 KiB; +10%), 488.3 KiB (500000 "
+        "bytes) free" in str(e.value)
+    )
     assert "paths.check_free_space=false" in str(e.value)
     assert check_free_space(writes, free=lambda _: 2_000_000).startswith("disk: the run will write about 1.0 MiB")
 
@@ -198,8 +221,13 @@ def test_preflight_refuses_with_both_numbers(tmp_path):
 def test_gguf_estimate_counts_parameters_from_safetensors_headers(tmp_path):
     from safetensors.numpy import save_file
 
-    save_file({"model.embed_tokens.weight": np.zeros((1000, 64), np.float32),
-               "model.layers.0.mlp.up_proj.weight": np.zeros((256, 64), np.float32)}, str(tmp_path / "m.safetensors"))
+    save_file(
+        {
+            "model.embed_tokens.weight": np.zeros((1000, 64), np.float32),
+            "model.layers.0.mlp.up_proj.weight": np.zeros((256, 64), np.float32),
+        },
+        str(tmp_path / "m.safetensors"),
+    )
     counts = tensor_counts(tmp_path)
     assert (counts.params, counts.embedding_params) == (80_384, 64_000)
     assert gguf_bytes(counts, "f32", None) == 80_384 * 4
@@ -235,8 +263,12 @@ def test_every_torch_load_uses_weights_only():
     """Ours (none today must stay so) and the Trainer's loads of RNG, optimizer and scheduler state."""
     from transformers import Trainer
 
-    ours = [(p, line) for p in [*(ROOT / "train").rglob("*.py"), *(ROOT / "convert").rglob("*.py")]
-            for line in p.read_text().splitlines() if "torch.load(" in line and "weights_only=True" not in line]
+    ours = [
+        (p, line)
+        for p in [*(ROOT / "train").rglob("*.py"), *(ROOT / "convert").rglob("*.py")]
+        for line in p.read_text().splitlines()
+        if "torch.load(" in line and "weights_only=True" not in line
+    ]
     assert ours == []
     for method in (Trainer._load_rng_state, Trainer._load_optimizer_and_scheduler):
         calls = re.findall(r"torch\.load\((.*?)\)\n", inspect.getsource(method), re.S)
@@ -245,8 +277,11 @@ def test_every_torch_load_uses_weights_only():
 
 def test_remote_code_is_off_unless_configured():
     assert Config().model.trust_remote_code is False
-    code = [p for p in [*(ROOT / "train").rglob("*.py"), *(ROOT / "convert").rglob("*.py")]
-            if "trust_remote_code=True" in p.read_text()]
+    code = [
+        p
+        for p in [*(ROOT / "train").rglob("*.py"), *(ROOT / "convert").rglob("*.py")]
+        if "trust_remote_code=True" in p.read_text()
+    ]
     assert code == []
 
 
@@ -277,8 +312,10 @@ def test_explicit_resume_moves_the_newer_branch_aside(tmp_path):
     resume = prepare_run_folder(paths, cfg, False, IDENTITY, paths.checkpoints / "checkpoint-4", said.append)
     assert resume == (paths.checkpoints / "checkpoint-4").resolve()
     assert sorted(p.name for p in paths.checkpoints.iterdir()) == ["checkpoint-2", "checkpoint-4"]
-    assert said == [f"warning: skipping checkpoint-6: newer than the requested --resume-from checkpoint-4; moved to "
-                    f"{paths.root / 'rejected' / 'checkpoint-6'}"]
+    assert said == [
+        f"warning: skipping checkpoint-6: newer than the requested --resume-from checkpoint-4; moved to "
+        f"{paths.root / 'rejected' / 'checkpoint-6'}"
+    ]
 
 
 def test_resume_is_refused_on_changed_identity_or_config_and_nothing_is_touched(tmp_path):
@@ -286,10 +323,12 @@ def test_resume_is_refused_on_changed_identity_or_config_and_nothing_is_touched(
 
     cfg, paths = run_folder(tmp_path, [2, 4])
     with pytest.raises(RunError) as e:
-        prepare_run_folder(paths, cfg, False, IDENTITY | {"data_fingerprint": "def"},
-                           paths.checkpoints / "checkpoint-2")
-    assert ("training data fingerprint (the tokenized examples): checkpoint has 'abc', this run has 'def'"
-            in str(e.value))
+        prepare_run_folder(
+            paths, cfg, False, IDENTITY | {"data_fingerprint": "def"}, paths.checkpoints / "checkpoint-2"
+        )
+    assert "training data fingerprint (the tokenized examples): checkpoint has 'abc', this run has 'def'" in str(
+        e.value
+    )
     assert "--fresh" in str(e.value)
     changed = cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"r": 4})})
     with pytest.raises(RunError, match=r"lora.r: 16 -> 4"):

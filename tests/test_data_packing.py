@@ -31,8 +31,10 @@ def test_best_fit_decreasing_bins():
 
 
 def test_collate_restarts_positions_at_each_example():
-    rows = [{"input_ids": [2, 10, 11, 2, 12], "labels": [-100, 10, 11, -100, 12]},
-            {"input_ids": [2, 13, 14], "labels": [-100, 13, 14]}]
+    rows = [
+        {"input_ids": [2, 10, 11, 2, 12], "labels": [-100, 10, 11, -100, 12]},
+        {"input_ids": [2, 13, 14], "labels": [-100, 13, 14]},
+    ]
     batch = collate(rows, pad_id=0)
     assert batch["input_ids"].tolist() == [[2, 10, 11, 2, 12], [2, 13, 14, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 10, 11, -100, 12], [-100, 13, 14, -100, -100]]
@@ -65,7 +67,7 @@ def examples(tok, tmp_path: Path):
     convs = [r["messages"] for r in rows[:24]]
     # three conversations of 90-150 tokens: longer than the 64-token sliding window
     for k in (3, 4, 5):
-        convs.append([m for c in convs[k * 2: k * 2 + k] for m in c if m["role"] != "system"])
+        convs.append([m for c in convs[k * 2 : k * 2 + k] for m in c if m["role"] != "system"])
     path = tmp_path / "mix.jsonl"
     path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
     train, stats, _, _ = load_datasets(tok, DataSection(train_files=[str(path)], max_seq_length=256))
@@ -89,8 +91,9 @@ def test_packed_loss_equals_unpacked_loss(tiny, tmp_path: Path):
     rows = pack(exs, 256)
     assert len(rows) < len(exs) / 3  # really packed: several examples per row
     assert sum(r.input_ids.count(tok.bos_token_id) for r in rows) == len(exs)
-    assert sorted(t for r in rows for t in r.labels if t != IGNORE_INDEX) == \
-        sorted(t for e in exs for t in e.labels if t != IGNORE_INDEX)
+    assert sorted(t for r in rows for t in r.labels if t != IGNORE_INDEX) == sorted(
+        t for e in exs for t in e.labels if t != IGNORE_INDEX
+    )
     unpacked = loss(model, exs)
     packed = loss(model, rows)
     assert abs(packed - unpacked) < 1e-5, (packed, unpacked)

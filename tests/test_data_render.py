@@ -28,16 +28,23 @@ ORIGINAL_GEMMA_TEMPLATE = (
 
 # A Gemma chat example with a system message, a tool call (OpenAI style: arguments as JSON text), its
 # result, and a second user turn.
-AGENT_RECORD = {"messages": [
-    {"role": "system", "content": "You are Wren."},
-    {"role": "user", "content": "Is nginx up?"},
-    {"role": "assistant", "content": None, "tool_calls": [
-        {"id": "c1", "type": "function", "function": {"name": "status", "arguments": "{\"service\": \"nginx\"}"}}]},
-    {"role": "tool", "tool_call_id": "c1", "content": "active"},
-    {"role": "assistant", "content": "Yes, nginx is up."},
-    {"role": "user", "content": "Thanks"},
-    {"role": "assistant", "content": "Any time."},
-]}
+AGENT_RECORD = {
+    "messages": [
+        {"role": "system", "content": "You are Wren."},
+        {"role": "user", "content": "Is nginx up?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "status", "arguments": '{"service": "nginx"}'}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "active"},
+        {"role": "assistant", "content": "Yes, nginx is up."},
+        {"role": "user", "content": "Thanks"},
+        {"role": "assistant", "content": "Any time."},
+    ]
+}
 AGENT_TEXT = (
     "<bos><start_of_turn>user\nYou are Wren.\n\nIs nginx up?<end_of_turn>\n"
     "<start_of_turn>model\n"
@@ -49,17 +56,124 @@ AGENT_TEXT = (
 )
 # Token ids of AGENT_TEXT with the tiny tokenizer (bos=2, <start_of_turn>=4, <end_of_turn>=5, "\n"=16).
 AGENT_IDS = [
-    2, 4, 573, 266, 16, 320, 288, 293, 713, 16, 16, 623, 609, 306, 729, 5, 16,
-    4, 716, 708, 715, 701, 709, 16,
-    742, 315, 733, 314, 390, 383, 284, 285, 558, 599, 332, 285, 385, 284, 382, 400, 284, 285, 525, 522, 315, 733,
-    314, 741, 5, 16,
-    4, 573, 266, 16, 742, 315, 733, 345, 717, 272, 304, 741, 703, 711, 336, 727, 701, 386, 315, 733, 345, 717, 272,
-    304, 741, 5, 16,
-    4, 716, 708, 715, 701, 709, 16,
-    746, 274, 718, 609, 282, 306, 713, 5, 16,
-    4, 573, 266, 16, 734, 562, 702, 5, 16,
-    4, 716, 708, 715, 701, 709, 16,
-    749, 707, 720, 268, 705, 270, 713, 5, 16,
+    2,
+    4,
+    573,
+    266,
+    16,
+    320,
+    288,
+    293,
+    713,
+    16,
+    16,
+    623,
+    609,
+    306,
+    729,
+    5,
+    16,
+    4,
+    716,
+    708,
+    715,
+    701,
+    709,
+    16,
+    742,
+    315,
+    733,
+    314,
+    390,
+    383,
+    284,
+    285,
+    558,
+    599,
+    332,
+    285,
+    385,
+    284,
+    382,
+    400,
+    284,
+    285,
+    525,
+    522,
+    315,
+    733,
+    314,
+    741,
+    5,
+    16,
+    4,
+    573,
+    266,
+    16,
+    742,
+    315,
+    733,
+    345,
+    717,
+    272,
+    304,
+    741,
+    703,
+    711,
+    336,
+    727,
+    701,
+    386,
+    315,
+    733,
+    345,
+    717,
+    272,
+    304,
+    741,
+    5,
+    16,
+    4,
+    716,
+    708,
+    715,
+    701,
+    709,
+    16,
+    746,
+    274,
+    718,
+    609,
+    282,
+    306,
+    713,
+    5,
+    16,
+    4,
+    573,
+    266,
+    16,
+    734,
+    562,
+    702,
+    5,
+    16,
+    4,
+    716,
+    708,
+    715,
+    701,
+    709,
+    16,
+    749,
+    707,
+    720,
+    268,
+    705,
+    270,
+    713,
+    5,
+    16,
 ]
 # The supervised token ranges: each assistant turn's content through its <end_of_turn> and "\n".
 AGENT_SUPERVISED = [range(24, 50), range(84, 93), range(109, 118)]
@@ -111,7 +225,8 @@ def test_rendering_matches_the_template_and_inference_tokenization(tok):
     # The text is what transformers' apply_chat_template renders (the template the GGUF ships), after the
     # system merge; the tokens equal tokenizing that whole text (no drift from tokenizing in pieces).
     merged = [{"role": "user", "content": "You are Wren.\n\nIs nginx up?"}] + [
-        {"role": m["role"], "content": m["content"]} for m in AGENT_RECORD["messages"][2:]]
+        {"role": m["role"], "content": m["content"]} for m in AGENT_RECORD["messages"][2:]
+    ]
     merged[1]["content"] = '<tool_call>{"name": "status", "arguments": {"service": "nginx"}}</tool_call>'
     assert tok.apply_chat_template(merged, tokenize=False) == AGENT_TEXT
     assert tok(AGENT_TEXT, add_special_tokens=False)["input_ids"] == AGENT_IDS
@@ -125,28 +240,42 @@ def test_rendering_matches_the_template_and_inference_tokenization(tok):
 def test_template_extension_keeps_plain_gemma_conversations_byte_identical(tok):
     rows = [json.loads(line) for line in (ROOT / "data" / "demo" / "chat.jsonl").read_text().splitlines()]
     convs = [[m for m in r["messages"] if m["role"] != "system"] for r in rows[:60]]
-    convs.append([{"role": "user", "content": "  a \n"}, {"role": "assistant", "content": "\nb "},
-                  {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}])
+    convs.append(
+        [
+            {"role": "user", "content": "  a \n"},
+            {"role": "assistant", "content": "\nb "},
+            {"role": "user", "content": "c"},
+            {"role": "assistant", "content": "d"},
+        ]
+    )
     for conv in convs:
         for k in range(1, len(conv) + 1):
             for gen in (False, True):
                 ours = tok.apply_chat_template(conv[:k], tokenize=False, add_generation_prompt=gen)
-                assert ours == tok.apply_chat_template(conv[:k], tokenize=False, add_generation_prompt=gen,
-                                                       chat_template=ORIGINAL_GEMMA_TEMPLATE)
+                assert ours == tok.apply_chat_template(
+                    conv[:k], tokenize=False, add_generation_prompt=gen, chat_template=ORIGINAL_GEMMA_TEMPLATE
+                )
 
 
 def test_llama_cpp_python_renders_tool_turns_like_transformers(tok):
     # The GGUF carries this template; llama-cpp-python renders it with its own jinja2 environment.
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "u"},
-            {"role": "assistant", "content": "<tool_call>{}</tool_call>"},
-            {"role": "tool", "content": "r1"}, {"role": "tool", "content": "r2"}]
-    fmt = Jinja2ChatFormatter(template=tok.chat_template, eos_token="<eos>", bos_token="<bos>",
-                              add_generation_prompt=True)
-    expected = ("<bos><start_of_turn>user\nS\n\nu<end_of_turn>\n<start_of_turn>model\n<tool_call>{}</tool_call>"
-                "<end_of_turn>\n<start_of_turn>user\n<tool_response>r1</tool_response>\n"
-                "<tool_response>r2</tool_response><end_of_turn>\n<start_of_turn>model\n")
+    msgs = [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "u"},
+        {"role": "assistant", "content": "<tool_call>{}</tool_call>"},
+        {"role": "tool", "content": "r1"},
+        {"role": "tool", "content": "r2"},
+    ]
+    fmt = Jinja2ChatFormatter(
+        template=tok.chat_template, eos_token="<eos>", bos_token="<bos>", add_generation_prompt=True
+    )
+    expected = (
+        "<bos><start_of_turn>user\nS\n\nu<end_of_turn>\n<start_of_turn>model\n<tool_call>{}</tool_call>"
+        "<end_of_turn>\n<start_of_turn>user\n<tool_response>r1</tool_response>\n"
+        "<tool_response>r2</tool_response><end_of_turn>\n<start_of_turn>model\n"
+    )
     assert fmt(messages=msgs).prompt == expected
     assert tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == expected
 
@@ -180,8 +309,14 @@ def test_prompt_completion_and_text_formats(tok):
 
 
 def test_loss_options_weight_zero_and_whole_conversation(tok):
-    rec = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "weight": 0},
-                        {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}
+    rec = {
+        "messages": [
+            {"role": "user", "content": "a"},
+            {"role": "assistant", "content": "b", "weight": 0},
+            {"role": "user", "content": "c"},
+            {"role": "assistant", "content": "d"},
+        ]
+    }
     assert supervised_text(tok, render(tok, rec)) == ["d<end_of_turn>\n"]
     whole = render(tok, rec, assistant_only_loss=False)
     assert whole.labels == [IGNORE_INDEX] + whole.input_ids[1:]
@@ -199,14 +334,20 @@ def test_truncation_keeps_the_start_and_counts(tok):
 
 
 def test_system_message_policies(tok):
-    rec = {"messages": [{"role": "system", "content": " Be brief. "}, {"role": "user", "content": " hi"},
-                        {"role": "assistant", "content": "yo"}]}
+    rec = {
+        "messages": [
+            {"role": "system", "content": " Be brief. "},
+            {"role": "user", "content": " hi"},
+            {"role": "assistant", "content": "yo"},
+        ]
+    }
     merged = render(tok, rec)
     assert tok.decode(merged.input_ids).startswith("<bos><start_of_turn>user\nBe brief.\n\nhi<end_of_turn>")
     problem = render(tok, rec, system_message="error")
     assert (problem.field, problem.reason) == (
-        "messages[0].role", "system messages are rejected (data.system_message=error); remove it, or set "
-                            "data.system_message=merge")
+        "messages[0].role",
+        "system messages are rejected (data.system_message=error); remove it, or set data.system_message=merge",
+    )
     # 'keep' hands the system message to the template: the gemma template merges it the same way
     assert render(tok, rec, system_message="keep").input_ids == merged.input_ids
 
@@ -226,18 +367,29 @@ def test_our_template_renders_exactly_like_apply_chat_template(tok):
     assert "Sandboxed" in type(compile_template(ORIGINAL_GEMMA_TEMPLATE).environment).__name__
     renderer = Renderer(tok, RenderOptions(max_seq_length=512, system_message="keep"))
     rows = [json.loads(line) for line in (ROOT / "data" / "demo" / "chat.jsonl").read_text().splitlines()]
-    convs = [r["messages"] for r in rows[:80]] + [
-        [{"role": "system", "content": "S"}, *m] for m in ([{"role": "user", "content": "u"}],)] + [
-        [{"role": "user", "content": "u"}, {"role": "assistant", "content": "<tool_call>{}</tool_call>"},
-         {"role": "tool", "content": "r1"}, {"role": "tool", "content": " r2 "}, {"role": "assistant", "content": "a"}]]
+    convs = (
+        [r["messages"] for r in rows[:80]]
+        + [[{"role": "system", "content": "S"}, *m] for m in ([{"role": "user", "content": "u"}],)]
+        + [
+            [
+                {"role": "user", "content": "u"},
+                {"role": "assistant", "content": "<tool_call>{}</tool_call>"},
+                {"role": "tool", "content": "r1"},
+                {"role": "tool", "content": " r2 "},
+                {"role": "assistant", "content": "a"},
+            ]
+        ]
+    )
     for conv in convs:
         for gen in (False, True):
             expected = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen)
             assert renderer.chat_text(conv, add_generation_prompt=gen) == expected
-    for bad in ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
-                [{"role": "assistant", "content": "a"}],
-                [{"role": "user", "content": "a"}, {"role": "tool", "content": "r"}],
-                [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]):
+    for bad in (
+        [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
+        [{"role": "assistant", "content": "a"}],
+        [{"role": "user", "content": "a"}, {"role": "tool", "content": "r"}],
+        [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}],
+    ):
         from jinja2 import TemplateError
 
         with pytest.raises(TemplateError) as err:

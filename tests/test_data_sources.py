@@ -15,18 +15,41 @@ from train.config import DataSection
 from train.data import DataError, load_datasets
 
 RECORDS = [
-    {"messages": [{"role": "system", "content": "You are Wren."}, {"role": "user", "content": "Disk?"},
-                  {"role": "assistant", "content": "61% used."}]},
-    {"messages": [{"role": "user", "content": "Restart nginx"},
-                  {"role": "assistant", "content": None, "tool_calls": [
-                      {"id": "c1", "type": "function",
-                       "function": {"name": "restart_service", "arguments": "{\"service\": \"nginx\"}"}}]},
-                  {"role": "tool", "tool_call_id": "c1", "content": "{\"ok\": true}"},
-                  {"role": "assistant", "content": "Restarted."}]},
+    {
+        "messages": [
+            {"role": "system", "content": "You are Wren."},
+            {"role": "user", "content": "Disk?"},
+            {"role": "assistant", "content": "61% used."},
+        ]
+    },
+    {
+        "messages": [
+            {"role": "user", "content": "Restart nginx"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "c1",
+                        "type": "function",
+                        "function": {"name": "restart_service", "arguments": '{"service": "nginx"}'},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "c1", "content": '{"ok": true}'},
+            {"role": "assistant", "content": "Restarted."},
+        ]
+    },
     {"prompt": "The capital of France is", "completion": " Paris."},
     {"text": "Backups run nightly at 02:00."},
-    {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
-                  {"role": "user", "content": "GPU temp?"}, {"role": "assistant", "content": "64 C."}]},
+    {
+        "messages": [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "GPU temp?"},
+            {"role": "assistant", "content": "64 C."},
+        ]
+    },
 ]
 
 
@@ -82,8 +105,9 @@ def test_every_format_renders_the_same_examples(tok, tmp_path: Path):
     write_jsonl(tmp_path / "folder" / "data" / "test.jsonl", [{"text": "held out"}])
     (tmp_path / "folder" / "README.md").write_text("# a dataset card is not data")
     assert fingerprint_of(tok, str(tmp_path / "folder")) == expected
-    _, stats, _, _ = load_datasets(tok, DataSection(
-        train_files=[{"path": str(tmp_path / "folder"), "split": "test"}], max_seq_length=64))
+    _, stats, _, _ = load_datasets(
+        tok, DataSection(train_files=[{"path": str(tmp_path / "folder"), "split": "test"}], max_seq_length=64)
+    )
     assert stats.records == 1
     assert list(stats.sources[0].files) == [str(tmp_path / "folder" / "data" / "test.jsonl")]
 
@@ -95,8 +119,9 @@ def test_json_array_and_csv_errors_name_the_line_the_record_starts_on(tok, tmp_p
         w = csv.writer(f)
         w.writerows([["prompt", "completion"], ["multi\nline\nprompt", "ok"], ["p", ""], ["p", '["x"']])
     with pytest.raises(DataError) as err:
-        load_datasets(tok, DataSection(train_files=[str(tmp_path / "a.json"), str(tmp_path / "a.csv")],
-                                       max_seq_length=64))
+        load_datasets(
+            tok, DataSection(train_files=[str(tmp_path / "a.json"), str(tmp_path / "a.csv")], max_seq_length=64)
+        )
     assert err.value.problems == [
         f"{tmp_path / 'a.json'}:5: text: must be a string, got number",
         f"{tmp_path / 'a.json'}:12: completion: missing",
@@ -110,7 +135,8 @@ def test_broken_json_array_is_rejected_as_a_whole(tok, tmp_path: Path):
         load_datasets(tok, DataSection(train_files=[str(tmp_path / "b.json")], max_seq_length=64))
     assert err.value.problems == [
         f"{tmp_path / 'b.json'}:4: (file): invalid JSON: Expecting ',' delimiter at column 3; the rest of the "
-        f"array cannot be read (JSON Lines can skip one bad line, arrays cannot)"]
+        f"array cannot be read (JSON Lines can skip one bad line, arrays cannot)"
+    ]
 
 
 def _prepared_hub_cache(datasets_cache: Path, repo: str, records_file: Path) -> None:
@@ -142,8 +168,9 @@ def test_cached_hub_datasets_offline_through_the_cli(tok, hf_home: Path, tmp_pat
     (repo / "refs" / "main").write_text(commit)
     _prepared_hub_cache(hf_home / "datasets", "acme/prepared-chats", write_jsonl(tmp_path / "p.jsonl", RECORDS[:3]))
 
-    cfg = small_config(tmp_path, data={"train_files": ["acme/wren-chats", "acme/prepared-chats"],
-                                       "max_seq_length": 256})
+    cfg = small_config(
+        tmp_path, data={"train_files": ["acme/wren-chats", "acme/prepared-chats"], "max_seq_length": 256}
+    )
     res = run_cli("train", ["--config", str(cfg), "--dry-run"], tmp_path, hf_home)
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"    train acme/wren-chats: 5 records -> 5 examples @ {commit[:12]}\n" in res.stdout
@@ -163,7 +190,11 @@ def test_a_dataset_that_is_not_cached_is_a_clear_error(tok, tmp_path: Path, monk
     with pytest.raises(DataError) as err:
         load_datasets(tok, DataSection(train_files=["acme/not-cached"]))
     (problem,) = err.value.problems
-    assert problem.startswith(f"acme/not-cached: not a local file or folder, and not a dataset in the local cache "
-                              f"({tmp_path / 'hub'} or {tmp_path / 'datasets'}): ConnectionError: ")
-    assert problem.endswith("On a connected machine: hf download --repo-type dataset acme/not-cached (then copy the "
-                            f"cache), or fix the path (relative paths start at {Path.cwd()})")
+    assert problem.startswith(
+        f"acme/not-cached: not a local file or folder, and not a dataset in the local cache "
+        f"({tmp_path / 'hub'} or {tmp_path / 'datasets'}): ConnectionError: "
+    )
+    assert problem.endswith(
+        "On a connected machine: hf download --repo-type dataset acme/not-cached (then copy the "
+        f"cache), or fix the path (relative paths start at {Path.cwd()})"
+    )

@@ -47,8 +47,10 @@ def problems_of(tok, files: list, **data) -> list[str]:
 
 # (line 2 of a file whose line 1 is valid, the `field: reason` reported for it)
 RULES = {
-    "json_truncated": ('{"messages": [{"role": "user", "content": "hi"}',
-                       "(line): invalid JSON: Expecting ',' delimiter at column 48"),
+    "json_truncated": (
+        '{"messages": [{"role": "user", "content": "hi"}',
+        "(line): invalid JSON: Expecting ',' delimiter at column 48",
+    ),
     "json_not_object": ("[1, 2]", "(line): expected a JSON object, got array"),
     "no_known_field": ('{"foo": 1}', "(record): no 'messages', 'prompt'/'completion' or 'text' field (keys: ['foo'])"),
     "messages_type": ('{"messages": "hi"}', "messages: must be an array of messages, got string"),
@@ -56,61 +58,96 @@ RULES = {
     "message_type": ('{"messages": ["hi"]}', "messages[0]: must be an object with 'role' and 'content', got string"),
     "role_missing": (msgs({"content": "x"}, A), "messages[0].role: missing"),
     "role_type": (msgs({"role": 5, "content": "x"}, A), "messages[0].role: must be a string, got number"),
-    "role_unknown": (msgs(U, {"role": "bot", "content": "x"}),
-                     "messages[1].role: 'bot' is not one of system, user, assistant, tool"),
+    "role_unknown": (
+        msgs(U, {"role": "bot", "content": "x"}),
+        "messages[1].role: 'bot' is not one of system, user, assistant, tool",
+    ),
     "content_type": (msgs({"role": "user", "content": 5}, A), "messages[0].content: must be a string, got number"),
     "content_missing": (msgs({"role": "user"}, A), "messages[0].content: missing"),
-    "content_part": (msgs({"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}, A),
-                     "messages[0].content[0]: only text parts are supported ({'type': 'text', 'text': ...}), "
-                     "got 'image_url'"),
-    "assistant_empty": (msgs(U, {"role": "assistant", "content": " \n"}),
-                        "messages[1].content: assistant message is empty"),
+    "content_part": (
+        msgs({"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}, A),
+        "messages[0].content[0]: only text parts are supported ({'type': 'text', 'text': ...}), got 'image_url'",
+    ),
+    "assistant_empty": (
+        msgs(U, {"role": "assistant", "content": " \n"}),
+        "messages[1].content: assistant message is empty",
+    ),
     "two_users": (msgs(U, U, A), "messages[1].role: two consecutive user messages at index 0 and 1"),
     "two_assistants": (msgs(U, A, A), "messages[2].role: two consecutive assistant messages at index 1 and 2"),
-    "assistant_first": (msgs(A, U, A), "messages[0].role: the conversation must start with a user message (after an "
-                                       "optional system message), got 'assistant'"),
-    "ends_with_user": (msgs(U, A, U), "messages[2].role: the last message must be from the assistant (nothing to "
-                                      "learn otherwise), got 'user'"),
+    "assistant_first": (
+        msgs(A, U, A),
+        "messages[0].role: the conversation must start with a user message (after an "
+        "optional system message), got 'assistant'",
+    ),
+    "ends_with_user": (
+        msgs(U, A, U),
+        "messages[2].role: the last message must be from the assistant (nothing to learn otherwise), got 'user'",
+    ),
     "only_system": (msgs({"role": "system", "content": "s"}), "messages: has only a system message"),
-    "late_system": (msgs(U, A, {"role": "system", "content": "s"}, U, A),
-                    "messages[2].role: 'system' is only allowed as the first message"),
-    "tool_after_user": (msgs(U, {"role": "tool", "content": "r"}, A),
-                        "messages[1].role: a tool result must follow the assistant message that called the tool (or "
-                        "another tool result), not 'user' at index 0"),
-    "user_after_tool": (msgs(U, {"role": "assistant", "content": "<tool_call>{}</tool_call>"},
-                             {"role": "tool", "content": "r"}, U, A),
-                        "messages[3].role: a user message cannot follow the tool result at index 2: the assistant "
-                        "answers tool results"),
-    "tool_calls_on_user": (msgs({"role": "user", "content": "hi", "tool_calls": [call("f", {})]}, A),
-                           "messages[0].tool_calls: only assistant messages carry tool calls, not 'user'"),
-    "tool_calls_type": (msgs(U, {"role": "assistant", "content": None, "tool_calls": {"name": "f"}}),
-                        "messages[1].tool_calls: must be an array, got object"),
-    "tool_name_empty": (msgs(U, {"role": "assistant", "content": None, "tool_calls": [call("", {})]}),
-                        "messages[1].tool_calls[0].function.name: is empty"),
-    "tool_arguments_json": (msgs(U, {"role": "assistant", "content": None, "tool_calls": [call("f", "{bad")]}),
-                            "messages[1].tool_calls[0].function.arguments: not valid JSON: Expecting property name "
-                            "enclosed in double quotes at column 2"),
-    "tool_arguments_type": (msgs(U, {"role": "assistant", "content": None, "tool_calls": [call("f", [1])]}),
-                            "messages[1].tool_calls[0].function.arguments: must be an object (or JSON text of one), "
-                            "got array"),
-    "tool_call_id": (msgs(U, {"role": "assistant", "content": None, "tool_calls": [call("f", {}, id="a")]},
-                          {"role": "tool", "tool_call_id": "b", "content": "r"}, A),
-                     "messages[2].tool_call_id: 'b' matches no tool call of the assistant message at index 1 (ids: a)"),
+    "late_system": (
+        msgs(U, A, {"role": "system", "content": "s"}, U, A),
+        "messages[2].role: 'system' is only allowed as the first message",
+    ),
+    "tool_after_user": (
+        msgs(U, {"role": "tool", "content": "r"}, A),
+        "messages[1].role: a tool result must follow the assistant message that called the tool (or "
+        "another tool result), not 'user' at index 0",
+    ),
+    "user_after_tool": (
+        msgs(U, {"role": "assistant", "content": "<tool_call>{}</tool_call>"}, {"role": "tool", "content": "r"}, U, A),
+        "messages[3].role: a user message cannot follow the tool result at index 2: the assistant answers tool results",
+    ),
+    "tool_calls_on_user": (
+        msgs({"role": "user", "content": "hi", "tool_calls": [call("f", {})]}, A),
+        "messages[0].tool_calls: only assistant messages carry tool calls, not 'user'",
+    ),
+    "tool_calls_type": (
+        msgs(U, {"role": "assistant", "content": None, "tool_calls": {"name": "f"}}),
+        "messages[1].tool_calls: must be an array, got object",
+    ),
+    "tool_name_empty": (
+        msgs(U, {"role": "assistant", "content": None, "tool_calls": [call("", {})]}),
+        "messages[1].tool_calls[0].function.name: is empty",
+    ),
+    "tool_arguments_json": (
+        msgs(U, {"role": "assistant", "content": None, "tool_calls": [call("f", "{bad")]}),
+        "messages[1].tool_calls[0].function.arguments: not valid JSON: Expecting property name "
+        "enclosed in double quotes at column 2",
+    ),
+    "tool_arguments_type": (
+        msgs(U, {"role": "assistant", "content": None, "tool_calls": [call("f", [1])]}),
+        "messages[1].tool_calls[0].function.arguments: must be an object (or JSON text of one), got array",
+    ),
+    "tool_call_id": (
+        msgs(
+            U,
+            {"role": "assistant", "content": None, "tool_calls": [call("f", {}, id="a")]},
+            {"role": "tool", "tool_call_id": "b", "content": "r"},
+            A,
+        ),
+        "messages[2].tool_call_id: 'b' matches no tool call of the assistant message at index 1 (ids: a)",
+    ),
     "assistant_no_content": (msgs(U, {"role": "assistant"}), "messages[1].content: missing (and no tool_calls)"),
-    "control_token": (msgs({"role": "user", "content": "stop<end_of_turn>"}, A),
-                      "messages[0].content: contains the control token '<end_of_turn>' as text (the tokenizer would "
-                      "read it as a marker, not text); remove or escape it"),
-    "weight": (msgs(U, {"role": "assistant", "content": "x", "weight": 2}),
-               "messages[1].weight: only assistant messages take a weight, and it must be 0 or 1"),
+    "control_token": (
+        msgs({"role": "user", "content": "stop<end_of_turn>"}, A),
+        "messages[0].content: contains the control token '<end_of_turn>' as text (the tokenizer would "
+        "read it as a marker, not text); remove or escape it",
+    ),
+    "weight": (
+        msgs(U, {"role": "assistant", "content": "x", "weight": 2}),
+        "messages[1].weight: only assistant messages take a weight, and it must be 0 or 1",
+    ),
     "prompt_type": ('{"prompt": 3, "completion": "x"}', "prompt: must be a string, got number"),
     "completion_missing": ('{"prompt": "p"}', "completion: missing"),
     "completion_empty": ('{"prompt": "p", "completion": " "}', "completion: is empty"),
     "text_empty": ('{"text": ""}', "text: is empty"),
     "text_type": ('{"text": ["a"]}', "text: must be a string, got array"),
-    "nothing_left_after_truncation": (json.dumps({"prompt": "word " * 100, "completion": "x"}),
-                                      "(record): no supervised token left after truncation to max_seq_length=32 "
-                                      "(the example has 304 tokens, the first supervised one is token 303); "
-                                      "shorten the prompt or raise data.max_seq_length"),
+    "nothing_left_after_truncation": (
+        json.dumps({"prompt": "word " * 100, "completion": "x"}),
+        "(record): no supervised token left after truncation to max_seq_length=32 "
+        "(the example has 304 tokens, the first supervised one is token 303); "
+        "shorten the prompt or raise data.max_seq_length",
+    ),
 }
 
 
@@ -127,16 +164,19 @@ def test_all_problems_are_reported_together_with_a_hint(tok, tmp_path: Path):
     a.write_text(OK + "\n\n" + msgs(U, U, A) + "\n" + RULES["json_not_object"][0] + "\n")
     b.write_text(RULES["text_empty"][0] + "\n" + OK + "\n")
     with pytest.raises(DataError) as err:
-        load_datasets(tok, DataSection(train_files=[str(a), str(b), str(tmp_path / "missing.jsonl")],
-                                       max_seq_length=64))
+        load_datasets(
+            tok, DataSection(train_files=[str(a), str(b), str(tmp_path / "missing.jsonl")], max_seq_length=64)
+        )
     assert err.value.problems == [
         f"{tmp_path / 'missing.jsonl'}: file not found (relative paths start at {Path.cwd()})",
         f"{a}:3: messages[1].role: two consecutive user messages at index 0 and 1",  # blank line 2 is no record
         f"{a}:4: (line): expected a JSON object, got array",
         f"{b}:1: text: is empty",
     ]
-    assert str(err.value).endswith("nothing was trained. Fix the records, or set data.max_invalid_fraction (e.g. "
-                                   "0.01) to skip invalid records; each skipped one is listed in the run folder")
+    assert str(err.value).endswith(
+        "nothing was trained. Fix the records, or set data.max_invalid_fraction (e.g. "
+        "0.01) to skip invalid records; each skipped one is listed in the run folder"
+    )
 
 
 def test_non_utf8_and_cut_off_last_line(tok, tmp_path: Path):
@@ -153,7 +193,8 @@ def test_declared_format_requires_its_fields(tok, tmp_path: Path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"text": "hello"}\n{"prompt": "p", "completion": "c"}\n')
     assert problems_of(tok, [{"path": str(path), "format": "text"}]) == [
-        f"{path}:2: text: missing (the source declares format: text; the record has keys ['completion', 'prompt'])"]
+        f"{path}:2: text: missing (the source declares format: text; the record has keys ['completion', 'prompt'])"
+    ]
 
 
 def test_file_level_problems(tok, tmp_path: Path):
@@ -172,8 +213,9 @@ def test_file_level_problems(tok, tmp_path: Path):
 def test_tolerance_skips_invalid_records_and_lists_each(tok, tmp_path: Path):
     path = tmp_path / "mixed.jsonl"
     path.write_text("\n".join([OK, msgs(U, U, A), OK, '{"text": 1}', OK, OK, OK, OK]) + "\n")
-    train, stats, _, _ = load_datasets(tok, DataSection(train_files=[str(path)], max_seq_length=64,
-                                                        max_invalid_fraction=0.25))
+    train, stats, _, _ = load_datasets(
+        tok, DataSection(train_files=[str(path)], max_seq_length=64, max_invalid_fraction=0.25)
+    )
     assert len(train) == stats.records == 6
     assert stats.skipped == [
         {"where": f"{path}:2", "field": "messages[1].role", "reason": "two consecutive user messages at index 0 and 1"},
@@ -190,8 +232,9 @@ def test_tolerance_message_when_exceeded(tok, tmp_path: Path):
     path.write_text("\n".join([OK, '{"text": 1}', '{"text": 2}']) + "\n")
     with pytest.raises(DataError) as err:
         load_datasets(tok, DataSection(train_files=[str(path)], max_seq_length=64, max_invalid_fraction=0.5))
-    assert str(err.value).endswith("2 of 3 records are invalid (66.7%), more than data.max_invalid_fraction=0.5; "
-                                   "nothing was trained")
+    assert str(err.value).endswith(
+        "2 of 3 records are invalid (66.7%), more than data.max_invalid_fraction=0.5; nothing was trained"
+    )
 
 
 def test_config_rejects_contradictory_data_settings(tmp_path: Path):

@@ -32,8 +32,7 @@ pytestmark = pytest.mark.slow
 
 STEPS = 12
 # fp32 on CPU with full determinism: the setting under which a resumed run must equal an uninterrupted one.
-TRAINING = {"max_steps": STEPS, "save_steps": 2, "logging_steps": 1, "save_total_limit": 3,
-            "full_determinism": True}
+TRAINING = {"max_steps": STEPS, "save_steps": 2, "logging_steps": 1, "save_total_limit": 3, "full_determinism": True}
 SECRET = "hf_resilienceTestTokenThatMustNeverBeWritten"
 
 
@@ -49,9 +48,14 @@ def start(workdir: Path, hf_home: Path, *args: str, **env: str) -> subprocess.Po
     """`python -m train --config config.yaml` in workdir; output goes to files (a pipe could fill and block)."""
     n = len(list(workdir.glob("attempt-*.out")))
     out = open(workdir / f"attempt-{n}.out", "w")  # noqa: SIM115 (closed by finish)
-    proc = subprocess.Popen([sys.executable, "-m", "train", "--config", "config.yaml", *args], cwd=workdir,
-                            env=cli_env(hf_home) | {"HF_TOKEN": SECRET} | env, stdout=out,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "train", "--config", "config.yaml", *args],
+        cwd=workdir,
+        env=cli_env(hf_home) | {"HF_TOKEN": SECRET} | env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     proc.log = Path(out.name)
     return proc
 
@@ -273,8 +277,13 @@ def small_disk(reference, tmp_path):
     mount_point = tmp_path / "outputs"
     mount_point.mkdir()
     size = int(checkpoint * 1.5) + (64 << 10)
-    mounted = shutil.which("mount") and subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)], capture_output=True).returncode == 0
+    mounted = (
+        shutil.which("mount")
+        and subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)], capture_output=True
+        ).returncode
+        == 0
+    )
     yield mount_point if mounted else None
     if mounted:
         subprocess.run(["umount", str(mount_point)], check=True)
@@ -309,8 +318,9 @@ def test_no_secret_reaches_any_file_the_run_wrote(reference):
     assert leaks == []
     written = list(reference.workdir.rglob("*"))
     assert any(p.name == "training_args.bin" for p in written) and any(p.name == COMMIT_FILE for p in written)
-    assert yaml.safe_load((run_dir(reference.workdir) / "config.yaml").read_text())["model"][
-        "trust_remote_code"] is False
+    assert (
+        yaml.safe_load((run_dir(reference.workdir) / "config.yaml").read_text())["model"]["trust_remote_code"] is False
+    )
 
 
 def test_committed_checkpoint_holds_exactly_the_trainer_files_and_the_record(reference):
@@ -318,13 +328,13 @@ def test_committed_checkpoint_holds_exactly_the_trainer_files_and_the_record(ref
     record = json.loads((folder / COMMIT_FILE).read_text())
     on_disk = sorted(p.name for p in folder.iterdir())
     assert on_disk == sorted([*record["files"], COMMIT_FILE])
-    assert {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth",
-            "trainer_state.json"} <= set(record["files"])
+    assert {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"} <= set(
+        record["files"]
+    )
     assert record["step"] == 12
     assert record["identity"]["data_fingerprint"] == manifest(reference.workdir)["data"]["fingerprint"]
     for name, entry in record["files"].items():
         assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == entry["sha256"]
     # retention: the newest save_total_limit=3 commits survive, in the manifest too
-    assert manifest(reference.workdir)["training"]["checkpoints"] == ["checkpoint-8", "checkpoint-10",
-                                                                      "checkpoint-12"]
+    assert manifest(reference.workdir)["training"]["checkpoints"] == ["checkpoint-8", "checkpoint-10", "checkpoint-12"]
     assert os.environ.get("HF_TOKEN") != SECRET  # the secret only ever lived in the child's environment

@@ -158,21 +158,27 @@ class NonFiniteGuard(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         grads = [p.grad.detach() for p in model.parameters() if p.grad is not None]
-        norm = (torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-                if grads else torch.zeros(()))
+        norm = (
+            torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+            if grads
+            else torch.zeros(())
+        )
         if self.bad_loss is None and bool(torch.isfinite(norm)):
             return
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
         updates = [int(s["step"]) for s in inner.state.values() if "step" in s]
         trainable = [p for p in model.parameters() if p.requires_grad]
-        raise NonFiniteLoss(state.global_step + 1, {
-            "step": state.global_step + 1,
-            "loss": "finite" if self.bad_loss is None else str(self.bad_loss),
-            "grad_norm": str(float(norm)),
-            # Measured here, before optimizer.step(): proof that the bad update was not applied.
-            "optimizer_updates_applied": max(updates, default=0),
-            "trainable_weights_finite": all(bool(torch.isfinite(p).all()) for p in trainable),
-        })
+        raise NonFiniteLoss(
+            state.global_step + 1,
+            {
+                "step": state.global_step + 1,
+                "loss": "finite" if self.bad_loss is None else str(self.bad_loss),
+                "grad_norm": str(float(norm)),
+                # Measured here, before optimizer.step(): proof that the bad update was not applied.
+                "optimizer_updates_applied": max(updates, default=0),
+                "trainable_weights_finite": all(bool(torch.isfinite(p).all()) for p in trainable),
+            },
+        )
 
     def on_train_end(self, args, state, control, **kwargs):
         if self._hook is not None:

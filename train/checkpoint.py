@@ -31,8 +31,13 @@ RECORD_FORMAT = 1
 # What a resume reads: the adapter (peft load_adapter, safetensors only), optimizer and scheduler
 # (Trainer._load_optimizer_and_scheduler), the step and log history (TrainerState.load_from_json) and
 # the RNG states (Trainer._load_rng_state). A checkpoint without any of them cannot resume exactly.
-REQUIRED_FILES = ("adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt",
-                  "trainer_state.json")
+REQUIRED_FILES = (
+    "adapter_model.safetensors",
+    "adapter_config.json",
+    "optimizer.pt",
+    "scheduler.pt",
+    "trainer_state.json",
+)
 
 
 class CheckpointError(RuntimeError):
@@ -81,14 +86,17 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def commit_checkpoint(folder: Path, identity: dict[str, Any], world_size: int = 1,
-                      extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def commit_checkpoint(
+    folder: Path, identity: dict[str, Any], world_size: int = 1, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Make checkpoint folder durable and write its commit record; return the record."""
     step = step_of(folder)
     missing = [n for n in (*REQUIRED_FILES, *rng_files(world_size)) if not (folder / n).is_file()]
     if step is None or missing:
-        raise CheckpointError(f"{folder}: cannot commit: {', '.join(missing) or 'not a checkpoint-N folder'} "
-                              f"missing after the Trainer's save (save_only_model must stay off)")
+        raise CheckpointError(
+            f"{folder}: cannot commit: {', '.join(missing) or 'not a checkpoint-N folder'} "
+            f"missing after the Trainer's save (save_only_model must stay off)"
+        )
     files = {
         str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sync_and_hash(p)}
         for p in sorted(folder.rglob("*"))
@@ -96,8 +104,14 @@ def commit_checkpoint(folder: Path, identity: dict[str, Any], world_size: int = 
     }
     for sub in {folder, *(p for p in folder.rglob("*") if p.is_dir())}:
         _fsync_dir(sub)
-    record = {"format": RECORD_FORMAT, "step": step, "committed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-              "identity": identity, **(extra or {}), "files": files}
+    record = {
+        "format": RECORD_FORMAT,
+        "step": step,
+        "committed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "identity": identity,
+        **(extra or {}),
+        "files": files,
+    }
     atomic_write_json(folder / COMMIT_FILE, record)  # tmp + fsync + rename + fsync(folder)
     _fsync_dir(folder.parent)  # the checkpoint-N entry itself
     return record
@@ -115,8 +129,10 @@ def read_record(folder: Path) -> dict[str, Any] | None:
 def verify_checkpoint(folder: Path, world_size: int = 1) -> list[str]:
     """Problems that make folder unusable for resuming; empty when every committed file matches."""
     if not (folder / COMMIT_FILE).is_file():
-        return [f"{folder / COMMIT_FILE}: missing: the save never completed (the process was killed or "
-                f"failed while writing)"]
+        return [
+            f"{folder / COMMIT_FILE}: missing: the save never completed (the process was killed or "
+            f"failed while writing)"
+        ]
     record = read_record(folder)
     if record is None:
         return [f"{folder / COMMIT_FILE}: unreadable commit record"]
@@ -137,8 +153,10 @@ def verify_checkpoint(folder: Path, world_size: int = 1) -> list[str]:
     if not problems:
         state = json.loads((folder / "trainer_state.json").read_text())
         if not (state.get("global_step") == record.get("step") == step_of(folder)):
-            problems.append(f"{folder / 'trainer_state.json'}: global_step {state.get('global_step')} does not "
-                            f"match the folder and commit record (step {record.get('step')})")
+            problems.append(
+                f"{folder / 'trainer_state.json'}: global_step {state.get('global_step')} does not "
+                f"match the folder and commit record (step {record.get('step')})"
+            )
     return problems
 
 
@@ -150,8 +168,11 @@ def identity_mismatches(recorded: dict[str, Any], current: dict[str, Any]) -> li
         "data_fingerprint": "training data fingerprint (the tokenized examples)",
         "lora": "LoRA shape",
     }
-    return [f"{label}: checkpoint has {recorded.get(key)!r}, this run has {current.get(key)!r}"
-            for key, label in labels.items() if recorded.get(key) != current.get(key)]
+    return [
+        f"{label}: checkpoint has {recorded.get(key)!r}, this run has {current.get(key)!r}"
+        for key, label in labels.items()
+        if recorded.get(key) != current.get(key)
+    ]
 
 
 def reject(folder: Path, why: str, say=print) -> Path:
@@ -183,9 +204,12 @@ def check_explicit(folder: Path, world_size: int = 1) -> None:
         raise CheckpointError(f"--resume-from {folder}: not a checkpoint-N folder")
     problems = verify_checkpoint(folder, world_size)
     if problems:
-        raise CheckpointError(f"cannot resume from {folder}:\n  " + "\n  ".join(problems)
-                              + "\n  fix: resume from another checkpoint, leave out --resume-from to take the "
-                              "newest good one, or --fresh")
+        raise CheckpointError(
+            f"cannot resume from {folder}:\n  "
+            + "\n  ".join(problems)
+            + "\n  fix: resume from another checkpoint, leave out --resume-from to take the "
+            "newest good one, or --fresh"
+        )
 
 
 def apply_retention(checkpoints: Path, keep_last: int | None, say=print) -> list[Path]:
@@ -233,8 +257,12 @@ def newest_committed(checkpoints: Path) -> Path | None:
 # never the weights' trajectory (no RNG draws, no numerics). Every other key of these sections may.
 RESUME_SECTIONS = ("model", "data", "lora", "training")
 RESUME_SAFE_KEYS = {
-    "training.logging_steps", "training.save_steps", "training.save_total_limit", "training.report_to",
-    "training.dataloader_num_workers", "training.per_device_eval_batch_size",
+    "training.logging_steps",
+    "training.save_steps",
+    "training.save_total_limit",
+    "training.report_to",
+    "training.dataloader_num_workers",
+    "training.per_device_eval_batch_size",
 }
 
 
@@ -248,8 +276,11 @@ def unsafe_config_changes(before, after) -> list[str]:
     """`key: old -> new` for every key of the training-defining sections that differs, safe keys aside."""
     old = {k: v for s in RESUME_SECTIONS for k, v in _flatten(s, getattr(before, s).model_dump(mode="json")).items()}
     new = {k: v for s in RESUME_SECTIONS for k, v in _flatten(s, getattr(after, s).model_dump(mode="json")).items()}
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
-            if k not in RESUME_SAFE_KEYS and old.get(k) != new.get(k)]
+    return [
+        f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
+        for k in sorted(old.keys() | new.keys())
+        if k not in RESUME_SAFE_KEYS and old.get(k) != new.get(k)
+    ]
 
 
 def holds_last_step(folder: Path) -> bool:

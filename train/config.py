@@ -107,8 +107,9 @@ class DataSection(Section):
         if not self.train_files:
             problems.append("data.train_files: is empty; name at least one file, folder or dataset")
         if self.eval_files and self.eval_fraction:
-            problems.append("data.eval_fraction and data.eval_files are both set: hold out by fraction or give "
-                            "eval files, not both")
+            problems.append(
+                "data.eval_fraction and data.eval_files are both set: hold out by fraction or give eval files, not both"
+            )
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -212,8 +213,14 @@ class VerifySection(Section):
     """Min fraction of prompts whose last-token argmax matches the reference, per float type."""
     max_kld: dict[str, float] = Field(
         default_factory=lambda: {
-            "q8_0": 1e-3, "q6_k": 5e-3, "q5_k_m": 1e-2, "q5_k_s": 1e-2, "q5_0": 1e-2,
-            "q4_k_m": 0.05, "q4_k_s": 0.05, "q4_0": 0.1,
+            "q8_0": 1e-3,
+            "q6_k": 5e-3,
+            "q5_k_m": 1e-2,
+            "q5_k_s": 1e-2,
+            "q5_0": 1e-2,
+            "q4_k_m": 0.05,
+            "q4_k_s": 0.05,
+            "q4_0": 0.1,
         }
     )
     """Max mean KL(reference || quant) over every position of the verification texts, per quant type."""
@@ -282,8 +289,10 @@ class Config(Section):
             elif q not in self.verify.max_kld:
                 problems.append(f"verify.max_kld: no gate for export quant '{q}'; add e.g. max_kld.{q}=0.05")
         if self.training.eval_steps and not (self.data.eval_files or self.data.eval_fraction):
-            problems.append("training.eval_steps is set but data.eval_files is empty and data.eval_fraction is 0: "
-                            "nothing to evaluate on")
+            problems.append(
+                "training.eval_steps is set but data.eval_files is empty and data.eval_fraction is 0: "
+                "nothing to evaluate on"
+            )
         if self.export.name == self.export.base_name:
             problems.append("export.name and export.base_name are equal: the base export would overwrite yours")
         if problems:

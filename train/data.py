@@ -28,8 +28,18 @@ from train.data_sources import read_source
 if TYPE_CHECKING:
     from train.config import DataSection
 
-__all__ = ["IGNORE_INDEX", "DataError", "Example", "DataStats", "load_datasets", "collate", "fingerprint",
-           "show_example", "heldout_texts", "record_data"]
+__all__ = [
+    "IGNORE_INDEX",
+    "DataError",
+    "Example",
+    "DataStats",
+    "load_datasets",
+    "collate",
+    "fingerprint",
+    "show_example",
+    "heldout_texts",
+    "record_data",
+]
 
 PARALLEL_FROM = 20_000  # records; below this one process renders faster than starting workers
 SKIPPED_FILE = "skipped_records.jsonl"
@@ -102,8 +112,9 @@ def _render_batch(batch: dict[str, list], renderer: Renderer) -> dict[str, list]
     return out
 
 
-def render_records(renderer: Renderer, records: list[str], formats: list[str],
-                   num_proc: int | None) -> list[Rendered | RecordProblem]:
+def render_records(
+    renderer: Renderer, records: list[str], formats: list[str], num_proc: int | None
+) -> list[Rendered | RecordProblem]:
     """Render JSON-encoded records with `datasets.map` (batched; in parallel for large inputs)."""
     import datasets
 
@@ -123,17 +134,31 @@ def render_records(renderer: Renderer, records: list[str], formats: list[str],
         key = hashlib.sha256(repr((renderer.opts, renderer.tokenizer.chat_template, formats)).encode())
         for r in records:
             key.update(r.encode("utf-8", "surrogatepass"))
-        out = ds.map(_render_batch, batched=True, batch_size=500, num_proc=num_proc if num_proc > 1 else None,
-                     fn_kwargs={"renderer": renderer}, remove_columns=["record", "format"],
-                     new_fingerprint=key.hexdigest()[:32], desc="rendering and tokenizing records")
+        out = ds.map(
+            _render_batch,
+            batched=True,
+            batch_size=500,
+            num_proc=num_proc if num_proc > 1 else None,
+            fn_kwargs={"renderer": renderer},
+            remove_columns=["record", "format"],
+            new_fingerprint=key.hexdigest()[:32],
+            desc="rendering and tokenizing records",
+        )
     finally:
         if bars:
             datasets.enable_progress_bars()
     cols = out.to_dict()
     return [
         Rendered(ids, labels, n, cut) if not f else RecordProblem(f, r)
-        for ids, labels, n, cut, f, r in zip(cols["input_ids"], cols["labels"], cols["length"], cols["truncated"],
-                                             cols["field"], cols["reason"], strict=True)
+        for ids, labels, n, cut, f, r in zip(
+            cols["input_ids"],
+            cols["labels"],
+            cols["length"],
+            cols["truncated"],
+            cols["field"],
+            cols["reason"],
+            strict=True,
+        )
     ]
 
 
@@ -144,8 +169,11 @@ def content_digest(record: dict[str, Any]) -> bytes:
     """sha256 of what a record teaches (its messages/prompt/completion/text, canonical JSON): metadata such as
     ids or tags does not move a record between train and eval."""
     content = {k: record[k] for k in ("messages", "prompt", "completion", "text") if k in record} or record
-    return hashlib.sha256(json.dumps(content, sort_keys=True, ensure_ascii=False, separators=(",", ":"),
-                                     default=str).encode("utf-8", "surrogatepass")).digest()
+    return hashlib.sha256(
+        json.dumps(content, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str).encode(
+            "utf-8", "surrogatepass"
+        )
+    ).digest()
 
 
 def unit_interval(digest: bytes) -> float:
@@ -159,8 +187,12 @@ def load_datasets(tokenizer, data: DataSection) -> tuple[list[Example], DataStat
     Returns (train rows, train stats, eval rows, eval stats or None). Rows are examples, or packed rows with
     data.packing. Raises DataError listing every problem (file and record level) when the data is unusable.
     """
-    opts = RenderOptions(max_seq_length=data.max_seq_length, system_message=data.system_message,
-                         assistant_only_loss=data.assistant_only_loss, completion_only_loss=data.completion_only_loss)
+    opts = RenderOptions(
+        max_seq_length=data.max_seq_length,
+        system_message=data.system_message,
+        assistant_only_loss=data.assistant_only_loss,
+        completion_only_loss=data.completion_only_loss,
+    )
     renderer = Renderer(tokenizer, opts)
     problems: list[str] = []  # file level: always fatal
     sources = []
@@ -199,11 +231,15 @@ def load_datasets(tokenizer, data: DataSection) -> tuple[list[Example], DataStat
     allowed = data.max_invalid_fraction * total
     if problems or len(invalid_lines) > allowed:
         if data.max_invalid_fraction and invalid_lines:
-            hint = (f"{len(invalid_lines)} of {total} records are invalid ({len(invalid_lines) / total:.1%}), more "
-                    f"than data.max_invalid_fraction={data.max_invalid_fraction}; nothing was trained")
+            hint = (
+                f"{len(invalid_lines)} of {total} records are invalid ({len(invalid_lines) / total:.1%}), more "
+                f"than data.max_invalid_fraction={data.max_invalid_fraction}; nothing was trained"
+            )
         elif invalid_lines:
-            hint = ("nothing was trained. Fix the records, or set data.max_invalid_fraction (e.g. 0.01) to skip "
-                    "invalid records; each skipped one is listed in the run folder")
+            hint = (
+                "nothing was trained. Fix the records, or set data.max_invalid_fraction (e.g. 0.01) to skip "
+                "invalid records; each skipped one is listed in the run folder"
+            )
         else:
             hint = "nothing was trained"
         raise DataError(problems + invalid_lines, hint)
@@ -228,8 +264,10 @@ def load_datasets(tokenizer, data: DataSection) -> tuple[list[Example], DataStat
     stats["eval"].overlap = len(seen["eval"] & seen["train"])
 
     if not examples["train"]:
-        raise DataError([f"no training examples left (sources: {', '.join(s.label for s in stats['train'].sources)})"],
-                        "every record was invalid, held out for eval, or weighted away")
+        raise DataError(
+            [f"no training examples left (sources: {', '.join(s.label for s in stats['train'].sources)})"],
+            "every record was invalid, held out for eval, or weighted away",
+        )
     rows = {}
     for role in ("train", "eval"):
         st, exs = stats[role], examples[role]
@@ -238,8 +276,10 @@ def load_datasets(tokenizer, data: DataSection) -> tuple[list[Example], DataStat
         st.rows = len(rows[role])
     has_eval = bool(data.eval_files or data.eval_fraction)
     if has_eval and not examples["eval"]:
-        raise DataError(["no eval examples: data.eval_fraction held out no record, or the eval files have none"],
-                        "raise data.eval_fraction, or add eval records")
+        raise DataError(
+            ["no eval examples: data.eval_fraction held out no record, or the eval files have none"],
+            "raise data.eval_fraction, or add eval records",
+        )
     return rows["train"], stats["train"], rows["eval"], stats["eval"] if has_eval else None
 
 
@@ -307,36 +347,54 @@ def describe_data(data: DataSection, train: DataStats, evals: DataStats | None, 
     lines = []
     for st in (train, evals):
         for s in st.sources if st else []:
-            notes = [f"{s.invalid} invalid, skipped" if s.invalid else "",
-                     f"{s.held_out} held out for eval" if s.held_out else ""]
+            notes = [
+                f"{s.invalid} invalid, skipped" if s.invalid else "",
+                f"{s.held_out} held out for eval" if s.held_out else "",
+            ]
             notes = "; ".join(n for n in notes if n)
-            lines.append(f"    {s.role:<5} {s.label}: {s.records} records" + (f" ({notes})" if notes else "")
-                         + f" -> {s.examples} examples" + (f" @ {s.revision[:12]}" if s.revision else ""))
+            lines.append(
+                f"    {s.role:<5} {s.label}: {s.records} records"
+                + (f" ({notes})" if notes else "")
+                + f" -> {s.examples} examples"
+                + (f" @ {s.revision[:12]}" if s.revision else "")
+            )
     for st in (train, evals):
         if not st:
             continue
         p = st.length_percentiles
-        lines.append(f"    {st.role}: {st.examples} examples from {st.records} records, {st.tokens:,} tokens, "
-                     f"{st.supervised_tokens:,} supervised ({st.supervised_tokens / max(st.tokens, 1):.1%}), "
-                     f"{st.truncated} truncated to max_seq_length={data.max_seq_length}")
+        lines.append(
+            f"    {st.role}: {st.examples} examples from {st.records} records, {st.tokens:,} tokens, "
+            f"{st.supervised_tokens:,} supervised ({st.supervised_tokens / max(st.tokens, 1):.1%}), "
+            f"{st.truncated} truncated to max_seq_length={data.max_seq_length}"
+        )
         if p:
-            lines.append(f"      tokens per example before truncation: p50 {p['p50']}, p90 {p['p90']}, "
-                         f"p99 {p['p99']}, max {p['max']}")
+            lines.append(
+                f"      tokens per example before truncation: p50 {p['p50']}, p90 {p['p90']}, "
+                f"p99 {p['p99']}, max {p['max']}"
+            )
         if st.duplicates:
             lines.append(f"      {st.duplicates} records repeat an earlier record's content exactly")
         if st.overlap:
-            lines.append(f"      {st.overlap} eval records also appear in the training data: eval loss will "
-                         f"look better than it is")
+            lines.append(
+                f"      {st.overlap} eval records also appear in the training data: eval loss will "
+                f"look better than it is"
+            )
         if data.packing and st.rows:
-            lines.append(f"      packed into {st.rows} rows of at most {data.max_seq_length} tokens "
-                         f"({st.tokens / (st.rows * data.max_seq_length):.0%} full)")
+            lines.append(
+                f"      packed into {st.rows} rows of at most {data.max_seq_length} tokens "
+                f"({st.tokens / (st.rows * data.max_seq_length):.0%} full)"
+            )
     if data.eval_fraction:
-        lines.append(f"    eval split: records whose content hash falls below eval_fraction={data.eval_fraction} "
-                     f"(sha256; appended data never moves an old record)")
+        lines.append(
+            f"    eval split: records whose content hash falls below eval_fraction={data.eval_fraction} "
+            f"(sha256; appended data never moves an old record)"
+        )
     skipped = train.skipped + (evals.skipped if evals else [])
     if skipped:
-        lines.append(f"    {len(skipped)} invalid records would be skipped (data.max_invalid_fraction="
-                     f"{data.max_invalid_fraction}); a run lists them in {root / SKIPPED_FILE}:")
+        lines.append(
+            f"    {len(skipped)} invalid records would be skipped (data.max_invalid_fraction="
+            f"{data.max_invalid_fraction}); a run lists them in {root / SKIPPED_FILE}:"
+        )
         lines += [f"      {s['where']}: {s['field']}: {s['reason']}" for s in skipped[:10]]
         if len(skipped) > 10:
             lines.append(f"      ... and {len(skipped) - 10} more")
@@ -356,14 +414,33 @@ def record_data(root: Path, data: DataSection, train: DataStats, evals: DataStat
         return {f: h for s in st.sources for f, h in s.files.items()} if st else {}
 
     def summary(st: DataStats) -> dict:
-        return {"records": st.records, "examples": st.examples, "rows": st.rows, "tokens": st.tokens,
-                "supervised_tokens": st.supervised_tokens, "truncated": st.truncated,
-                "length_percentiles": st.length_percentiles, "duplicates": st.duplicates,
-                "skipped": len(st.skipped), "fingerprint": st.fingerprint}
+        return {
+            "records": st.records,
+            "examples": st.examples,
+            "rows": st.rows,
+            "tokens": st.tokens,
+            "supervised_tokens": st.supervised_tokens,
+            "truncated": st.truncated,
+            "length_percentiles": st.length_percentiles,
+            "duplicates": st.duplicates,
+            "skipped": len(st.skipped),
+            "fingerprint": st.fingerprint,
+        }
 
-    sources = [{"source": s.label, "role": s.role, "records": s.records, "invalid": s.invalid, "held_out": s.held_out,
-                "examples": s.examples, "revision": s.revision}
-               for st in (train, evals) if st for s in st.sources]
+    sources = [
+        {
+            "source": s.label,
+            "role": s.role,
+            "records": s.records,
+            "invalid": s.invalid,
+            "held_out": s.held_out,
+            "examples": s.examples,
+            "revision": s.revision,
+        }
+        for st in (train, evals)
+        if st
+        for s in st.sources
+    ]
     entry = {
         "train_files": files(train),
         "eval_files": files(evals),
@@ -375,8 +452,13 @@ def record_data(root: Path, data: DataSection, train: DataStats, evals: DataStat
         "fingerprint": train.fingerprint,
         "train": summary(train),
         "eval": summary(evals) | {"overlap_with_train": evals.overlap} if evals else None,
-        "eval_split": (f"sha256 content hash < {data.eval_fraction}" if data.eval_fraction
-                       else "eval_files" if data.eval_files else None),
+        "eval_split": (
+            f"sha256 content hash < {data.eval_fraction}"
+            if data.eval_fraction
+            else "eval_files"
+            if data.eval_files
+            else None
+        ),
         "packing": data.packing,
         "skipped_records": len(skipped),
         "skipped_file": str(skipped_path) if skipped_path else None,
@@ -399,8 +481,9 @@ def heldout_texts(tokenizer, paths: list[str], data: DataSection, limit: int) ->
     ok = [row for row in rows if row.record is not None]
     opts = RenderOptions(max_seq_length=1 << 30, system_message=data.system_message)
     texts = []
-    for row, result in zip(ok, Renderer(tokenizer, opts).render_many([r.record for r in ok], ["auto"] * len(ok)),
-                           strict=True):
+    for row, result in zip(
+        ok, Renderer(tokenizer, opts).render_many([r.record for r in ok], ["auto"] * len(ok)), strict=True
+    ):
         if isinstance(result, RecordProblem):
             problems.append(f"{row.where}: {result.field}: {result.reason}")
         else:

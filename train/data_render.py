@@ -70,8 +70,9 @@ def record_format(record: dict[str, Any], declared: str) -> str:
         needed = {"messages": ("messages",), "prompt_completion": ("prompt", "completion"), "text": ("text",)}
         missing = [k for k in needed[declared] if k not in present]
         if missing:
-            raise RecordProblem(missing[0], f"missing (the source declares format: {declared}; "
-                                            f"the record has keys {sorted(record)})")
+            raise RecordProblem(
+                missing[0], f"missing (the source declares format: {declared}; the record has keys {sorted(record)})"
+            )
         return declared
     if "messages" in present:
         return "messages"
@@ -91,8 +92,9 @@ def message_text(content: Any, field: str) -> str | None:
         for j, part in enumerate(content):
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                 kind = part.get("type") if isinstance(part, dict) else json_type(part)
-                raise RecordProblem(f"{field}[{j}]", f"only text parts are supported "
-                                                     f"({{'type': 'text', 'text': ...}}), got {kind!r}")
+                raise RecordProblem(
+                    f"{field}[{j}]", f"only text parts are supported ({{'type': 'text', 'text': ...}}), got {kind!r}"
+                )
             texts.append(part["text"])
         return "".join(texts)
     raise RecordProblem(field, f"must be a string, got {json_type(content)}")
@@ -132,8 +134,9 @@ def tool_calls_text(calls: Any, field: str) -> tuple[str, set[str]]:
     return "\n".join(texts), ids
 
 
-def normalize_messages(messages: Any, system_message: str,
-                       check_text=lambda text, field: None) -> tuple[list[dict[str, str]], list[bool]]:
+def normalize_messages(
+    messages: Any, system_message: str, check_text=lambda text, field: None
+) -> tuple[list[dict[str, str]], list[bool]]:
     """Validate an OpenAI-style conversation; return {role, content} messages for the template and, per
     message, whether the loss covers it. Raises RecordProblem naming the message index and the rule.
     `check_text(text, field)` vets every text that reaches the template."""
@@ -178,15 +181,20 @@ def normalize_messages(messages: Any, system_message: str,
         if role == "tool" and isinstance(m.get("tool_call_id"), str):
             asked = next((k for k in range(len(out) - 2, -1, -1) if out[k]["role"] == "assistant"), None)
             if asked is not None and call_ids[asked] and m["tool_call_id"] not in call_ids[asked]:
-                raise RecordProblem(f"{field}.tool_call_id", f"'{m['tool_call_id']}' matches no tool call of the "
-                                                             f"assistant message at index {index[asked]} "
-                                                             f"(ids: {', '.join(sorted(call_ids[asked]))})")
+                raise RecordProblem(
+                    f"{field}.tool_call_id",
+                    f"'{m['tool_call_id']}' matches no tool call of the "
+                    f"assistant message at index {index[asked]} "
+                    f"(ids: {', '.join(sorted(call_ids[asked]))})",
+                )
 
     start = 0
     if out[0]["role"] == "system":
         if system_message == "error":
-            raise RecordProblem("messages[0].role", "system messages are rejected (data.system_message=error); "
-                                                    "remove it, or set data.system_message=merge")
+            raise RecordProblem(
+                "messages[0].role",
+                "system messages are rejected (data.system_message=error); remove it, or set data.system_message=merge",
+            )
         start = 1
     body = list(zip(out[start:], index[start:], strict=True))
     if not body:
@@ -197,21 +205,30 @@ def normalize_messages(messages: Any, system_message: str,
         if role == "system":
             raise RecordProblem(f"messages[{i}].role", "'system' is only allowed as the first message")
         if prev_role is None and role != "user":
-            raise RecordProblem(f"messages[{i}].role", f"the conversation must start with a user message (after an "
-                                                       f"optional system message), got '{role}'")
+            raise RecordProblem(
+                f"messages[{i}].role",
+                f"the conversation must start with a user message (after an optional system message), got '{role}'",
+            )
         if prev_role == role and role in ("user", "assistant"):
             raise RecordProblem(f"messages[{i}].role", f"two consecutive {role} messages at index {prev_i} and {i}")
         if role == "tool" and prev_role not in ("assistant", "tool"):
-            raise RecordProblem(f"messages[{i}].role", f"a tool result must follow the assistant message that called "
-                                                       f"the tool (or another tool result), not '{prev_role}' at "
-                                                       f"index {prev_i}")
+            raise RecordProblem(
+                f"messages[{i}].role",
+                f"a tool result must follow the assistant message that called "
+                f"the tool (or another tool result), not '{prev_role}' at "
+                f"index {prev_i}",
+            )
         if role == "user" and prev_role == "tool":
-            raise RecordProblem(f"messages[{i}].role", f"a user message cannot follow the tool result at index "
-                                                       f"{prev_i}: the assistant answers tool results")
+            raise RecordProblem(
+                f"messages[{i}].role",
+                f"a user message cannot follow the tool result at index {prev_i}: the assistant answers tool results",
+            )
         prev_role, prev_i = role, i
     if prev_role != "assistant":
-        raise RecordProblem(f"messages[{prev_i}].role", f"the last message must be from the assistant (nothing to "
-                                                        f"learn otherwise), got '{prev_role}'")
+        raise RecordProblem(
+            f"messages[{prev_i}].role",
+            f"the last message must be from the assistant (nothing to learn otherwise), got '{prev_role}'",
+        )
 
     if start and system_message == "merge":
         # Gemma has no system role. Merged the way the template (and llama.cpp's built-in Gemma
@@ -292,16 +309,20 @@ class Renderer:
         from jinja2 import TemplateError
 
         try:
-            return self.template().render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                          **self.template_kwargs)
+            return self.template().render(
+                messages=messages, add_generation_prompt=add_generation_prompt, **self.template_kwargs
+            )
         except TemplateError as e:
             raise RecordProblem("messages", f"the chat template rejected the conversation: {e}") from None
 
     def check_text(self, text: str, field: str) -> None:
         hit = self.control.search(text)
         if hit:
-            raise RecordProblem(field, f"contains the control token '{hit.group()}' as text (the tokenizer would read "
-                                       f"it as a marker, not text); remove or escape it")
+            raise RecordProblem(
+                field,
+                f"contains the control token '{hit.group()}' as text (the tokenizer would read "
+                f"it as a marker, not text); remove or escape it",
+            )
 
     def plan(self, record: dict[str, Any], declared: str) -> tuple[list[str], list[bool], bool]:
         """Text pieces, whether the loss covers each, and whether <eos> follows."""
@@ -341,9 +362,12 @@ class Renderer:
             before = self.chat_text(msgs[:i], add_generation_prompt=True)
             upto = text if i == len(msgs) - 1 else self.chat_text(msgs[: i + 1])
             if not (text.startswith(upto) and upto.startswith(before)):
-                raise RecordProblem("messages", "the chat template does not render the start of this conversation "
-                                                "as the start of the whole, so assistant turns cannot be located "
-                                                "(check model.chat_template)")
+                raise RecordProblem(
+                    "messages",
+                    "the chat template does not render the start of this conversation "
+                    "as the start of the whole, so assistant turns cannot be located "
+                    "(check model.chat_template)",
+                )
             spans.append((len(before), len(upto)))
         pieces, flags, pos = [], [], 0
         for s, e in spans:
@@ -397,14 +421,20 @@ class Renderer:
     def finish(self, ids: list[int], labels: list[int]) -> Rendered | RecordProblem:
         ids, labels = with_single_bos(ids, labels, self.bos)
         if self.bos in ids[1:]:
-            return RecordProblem("(record)", f"<bos> (id {self.bos}) inside the example: the chat template emits it "
-                                             f"more than once (check model.chat_template)")
+            return RecordProblem(
+                "(record)",
+                f"<bos> (id {self.bos}) inside the example: the chat template emits it "
+                f"more than once (check model.chat_template)",
+            )
         supervised = [k for k, label in enumerate(labels) if label != IGNORE_INDEX]
         if not supervised:
             return RecordProblem("(record)", "no supervised token (every assistant message has weight 0)")
         limit = self.opts.max_seq_length
         if supervised[0] >= limit:
-            return RecordProblem("(record)", f"no supervised token left after truncation to max_seq_length={limit} "
-                                             f"(the example has {len(ids)} tokens, the first supervised one is token "
-                                             f"{supervised[0] + 1}); shorten the prompt or raise data.max_seq_length")
+            return RecordProblem(
+                "(record)",
+                f"no supervised token left after truncation to max_seq_length={limit} "
+                f"(the example has {len(ids)} tokens, the first supervised one is token "
+                f"{supervised[0] + 1}); shorten the prompt or raise data.max_seq_length",
+            )
         return Rendered(ids[:limit], labels[:limit], len(ids), len(ids) > limit)

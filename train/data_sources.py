@@ -92,8 +92,15 @@ def read_jsonl(path: Path, label: str, problems: list[str]) -> list[Row]:
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError as e:
-            rows.append(Row(where, problem=("(line)", f"not UTF-8 (byte 0x{line[e.start]:02x} at column "
-                                           f"{e.start + 1}); re-encode the file as UTF-8")))
+            rows.append(
+                Row(
+                    where,
+                    problem=(
+                        "(line)",
+                        f"not UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1}); re-encode the file as UTF-8",
+                    ),
+                )
+            )
             continue
         try:
             record = json.loads(text)
@@ -119,8 +126,9 @@ def read_json(path: Path, label: str, problems: list[str]) -> list[Row]:
     if text[start] == "{":  # JSON Lines named .json (datasets accepts these too)
         return read_jsonl(path, label, problems)
     if text[start] != "[":
-        problems.append(f"{label}: expected a JSON array of records (or one object per line), "
-                        f"found {text[start]!r} at the start")
+        problems.append(
+            f"{label}: expected a JSON array of records (or one object per line), found {text[start]!r} at the start"
+        )
         return []
     decoder = json.JSONDecoder()
     rows: list[Row] = []
@@ -147,13 +155,19 @@ def read_json(path: Path, label: str, problems: list[str]) -> list[Row]:
             record, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
             # A broken array cannot be resynchronised: everything after is unreadable, so the file is rejected.
-            problems.append(f"{label}:{e.lineno}: (file): invalid JSON: {json_error(e)}; "
-                            f"the rest of the array cannot be read (JSON Lines can skip one bad line, arrays cannot)")
+            problems.append(
+                f"{label}:{e.lineno}: (file): invalid JSON: {json_error(e)}; "
+                f"the rest of the array cannot be read (JSON Lines can skip one bad line, arrays cannot)"
+            )
             return rows
         bad = _has_undecodable(text[pos:end])
         if bad >= 0:
-            rows.append(Row(where, problem=("(record)", "not UTF-8 (an invalid byte in this record); "
-                                           "re-encode the file as UTF-8")))
+            rows.append(
+                Row(
+                    where,
+                    problem=("(record)", "not UTF-8 (an invalid byte in this record); re-encode the file as UTF-8"),
+                )
+            )
         elif not isinstance(record, dict):
             rows.append(Row(where, problem=("(record)", f"expected a JSON object, got {json_type(record)}")))
         else:
@@ -164,8 +178,10 @@ def read_json(path: Path, label: str, problems: list[str]) -> list[Row]:
             continue
         if pos < len(text) and text[pos] == "]":
             break
-        problems.append(f"{label}:{line_at(pos)}: (file): invalid JSON: expected ',' or ']' after the record at "
-                        f"{where}; the rest of the array cannot be read")
+        problems.append(
+            f"{label}:{line_at(pos)}: (file): invalid JSON: expected ',' or ']' after the record at "
+            f"{where}; the rest of the array cannot be read"
+        )
         return rows
     return rows
 
@@ -186,8 +202,11 @@ def read_csv(path: Path, label: str, problems: list[str]) -> list[Row]:
             last = reader.line_num
             extra = values.pop("\0extra", None)
             if extra is not None:
-                rows.append(Row(where, problem=("(line)", f"{len(header) + len(extra)} fields "
-                                               f"but the header has {len(header)}")))
+                rows.append(
+                    Row(
+                        where, problem=("(line)", f"{len(header) + len(extra)} fields but the header has {len(header)}")
+                    )
+                )
                 continue
             if any(v is not None and _has_undecodable(v) >= 0 for v in values.values()):
                 rows.append(Row(where, problem=("(line)", "not UTF-8; re-encode the file as UTF-8")))
@@ -246,8 +265,10 @@ READERS = {".jsonl": read_jsonl, ".json": read_json, ".csv": read_csv, ".parquet
 def read_file(path: Path, label: str, problems: list[str]) -> list[Row]:
     reader = READERS.get(path.suffix.lower())
     if reader is None:
-        problems.append(f"{label}: unsupported file type '{path.suffix}' "
-                        f"(supported: {', '.join(DATA_SUFFIXES)}, a folder, or a dataset id)")
+        problems.append(
+            f"{label}: unsupported file type '{path.suffix}' "
+            f"(supported: {', '.join(DATA_SUFFIXES)}, a folder, or a dataset id)"
+        )
         return []
     try:
         return reader(path, label, problems)
@@ -265,15 +286,18 @@ def split_files(folder: Path, split: str, label: str, problems: list[str]) -> li
         found = DataFilesDict.from_patterns(patterns, base_path=str(folder))
     except Exception:  # EmptyDatasetError / FileNotFoundError: no data file at all
         found = {}
-    by_split = {s: sorted(Path(f) for f in files if Path(f).suffix.lower() in DATA_SUFFIXES)
-                for s, files in found.items()}
+    by_split = {
+        s: sorted(Path(f) for f in files if Path(f).suffix.lower() in DATA_SUFFIXES) for s, files in found.items()
+    }
     by_split = {s: files for s, files in by_split.items() if files}
     if not by_split:
         problems.append(f"{label}: no data files ({', '.join(DATA_SUFFIXES)}) in this folder")
         return []
     if split not in by_split:
-        problems.append(f"{label}: no files for split '{split}' (found splits: {', '.join(sorted(by_split))}); "
-                        f"set the source's split")
+        problems.append(
+            f"{label}: no files for split '{split}' (found splits: {', '.join(sorted(by_split))}); "
+            f"set the source's split"
+        )
         return []
     return by_split[split]
 
@@ -298,8 +322,9 @@ def read_saved_dataset(folder: Path, label: str, split: str, out: SourceRows, pr
         return
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
-            problems.append(f"{label}: no split '{split}' in this DatasetDict (splits: {', '.join(ds)}); "
-                            f"set the source's split")
+            problems.append(
+                f"{label}: no split '{split}' in this DatasetDict (splits: {', '.join(ds)}); set the source's split"
+            )
             return
         ds, label = ds[split], f"{label}[{split}]"
     out.rows += rows_of_dataset(ds, label)
@@ -337,7 +362,8 @@ def read_hub(repo_id: str, name: str | None, split: str, revision: str, out: Sou
             f"{repo_id}: not a local file or folder, and not a dataset in the local cache "
             f"({HF_HUB_CACHE} or {datasets.config.HF_DATASETS_CACHE}): {type(e).__name__}: {str(e).splitlines()[0]}. "
             f"On a connected machine: hf download --repo-type dataset {repo_id} (then copy the cache), "
-            f"or fix the path (relative paths start at {Path.cwd()})")
+            f"or fix the path (relative paths start at {Path.cwd()})"
+        )
         return
     label = f"{repo_id}[{split}]" if name is None else f"{repo_id}/{name}[{split}]"
     out.rows += rows_of_dataset(ds, label)
@@ -345,8 +371,9 @@ def read_hub(repo_id: str, name: str | None, split: str, revision: str, out: Sou
         out.files[f["filename"]] = sha256_file(Path(f["filename"]))
 
 
-def read_source(path: str, split: str = "train", name: str | None = None, revision: str = "main",
-                problems: list[str] | None = None) -> SourceRows:
+def read_source(
+    path: str, split: str = "train", name: str | None = None, revision: str = "main", problems: list[str] | None = None
+) -> SourceRows:
     """Every record of one source, in order. Problems that make the source unusable go to `problems`."""
     problems = [] if problems is None else problems
     out = SourceRows(label=path)

@@ -31,8 +31,17 @@ MARGIN = 1.10
 # tensors at a higher type (llama.cpp's llama_tensor_get_type); their figures are llama.cpp's
 # measured averages, rounded up.
 BITS_PER_WEIGHT = {
-    "f32": 32.0, "f16": 16.0, "bf16": 16.0, "q8_0": 8.5, "q6_k": 6.5625, "q5_k_m": 5.75, "q5_k_s": 5.5,
-    "q5_0": 5.5, "q4_k_m": 4.9, "q4_k_s": 4.6, "q4_0": 4.5,
+    "f32": 32.0,
+    "f16": 16.0,
+    "bf16": 16.0,
+    "q8_0": 8.5,
+    "q6_k": 6.5625,
+    "q5_k_m": 5.75,
+    "q5_k_s": 5.5,
+    "q5_0": 5.5,
+    "q4_k_m": 4.9,
+    "q4_k_s": 4.6,
+    "q4_0": 4.5,
 }
 
 # A failure during a save is blamed on a full disk when fewer bytes than this remain free: torch.save
@@ -80,8 +89,11 @@ def gguf_bytes(counts: TensorCounts, quant: str, token_embedding_type: str | Non
 
 
 def tokenizer_bytes(model_dir: Path) -> int:
-    return sum(p.stat().st_size for p in model_dir.iterdir()
-               if p.is_file() and (p.name.startswith("tokenizer") or p.name.endswith(".jinja")))
+    return sum(
+        p.stat().st_size
+        for p in model_dir.iterdir()
+        if p.is_file() and (p.name.startswith("tokenizer") or p.name.endswith(".jinja"))
+    )
 
 
 def checkpoints_at_once(cfg, total_steps: int, evaluating: bool) -> int:
@@ -93,14 +105,24 @@ def checkpoints_at_once(cfg, total_steps: int, evaluating: bool) -> int:
     return min(saves, limit + 1 + (1 if evaluating else 0))
 
 
-def planned_writes(cfg, run_root: Path, adapter_out: Path, merged_out: Path, base_dir: Path,
-                   trainable_bytes: int, total_steps: int, evaluating: bool) -> list[Write]:
+def planned_writes(
+    cfg,
+    run_root: Path,
+    adapter_out: Path,
+    merged_out: Path,
+    base_dir: Path,
+    trainable_bytes: int,
+    total_steps: int,
+    evaluating: bool,
+) -> list[Write]:
     tok = tokenizer_bytes(base_dir)
     per_checkpoint = 3 * trainable_bytes + tok + (64 << 10)
     n = checkpoints_at_once(cfg, total_steps, evaluating)
-    writes = [Write(f"checkpoints ({n} x {human_size(per_checkpoint)})", run_root / "checkpoints", n * per_checkpoint),
-              Write("adapter", run_root / "adapter", trainable_bytes + tok),
-              Write("promoted adapter", adapter_out, trainable_bytes + tok)]
+    writes = [
+        Write(f"checkpoints ({n} x {human_size(per_checkpoint)})", run_root / "checkpoints", n * per_checkpoint),
+        Write("adapter", run_root / "adapter", trainable_bytes + tok),
+        Write("promoted adapter", adapter_out, trainable_bytes + tok),
+    ]
     if not cfg.export.enabled:
         return writes
     counts = tensor_counts(base_dir)
@@ -108,9 +130,11 @@ def planned_writes(cfg, run_root: Path, adapter_out: Path, merged_out: Path, bas
     f32 = gguf_bytes(counts, "f32", None)
     gguf_dir = Path(cfg.export.gguf_dir)
     quants = sum(gguf_bytes(counts, q, cfg.export.token_embedding_type) for q in cfg.export.quants if q != "f32")
-    writes += [Write("merged model", merged_out, counts.safetensors_bytes + tok),
-               Write("f32 GGUF (intermediate)", run_root / "export", f32 * (exports if cfg.export.keep_f32 else 1)),
-               Write(f"{exports * len(cfg.export.quants)} GGUF file(s)", gguf_dir, exports * quants)]
+    writes += [
+        Write("merged model", merged_out, counts.safetensors_bytes + tok),
+        Write("f32 GGUF (intermediate)", run_root / "export", f32 * (exports if cfg.export.keep_f32 else 1)),
+        Write(f"{exports * len(cfg.export.quants)} GGUF file(s)", gguf_dir, exports * quants),
+    ]
     if "f32" in cfg.export.quants:
         writes.append(Write("f32 GGUF", gguf_dir, exports * f32))
     if _device(run_root) != _device(gguf_dir):  # quantized files are written in the run folder, then copied
@@ -146,8 +170,10 @@ def check_free_space(writes: list[Write], free=free_bytes) -> str:
         detail = ", ".join(f"{w.what} {human_size(w.size)}" for w in group)
         lines.append(f"{human_size(need)} of {human_size(have)} free at {where}")
         if need > have:
-            problems.append(f"  {where}: needs about {human_size(need)} ({need} bytes: {detail}; +10%), "
-                            f"{human_size(have)} ({have} bytes) free")
+            problems.append(
+                f"  {where}: needs about {human_size(need)} ({need} bytes: {detail}; +10%), "
+                f"{human_size(have)} ({have} bytes) free"
+            )
     if problems:
         raise DiskSpaceError(
             "not enough free disk space for this run:\n" + "\n".join(problems) + "\n"
@@ -180,8 +206,14 @@ def preflight(cfg, paths, base_dir: Path, model, n_examples: int, evaluating: bo
     if not cfg.paths.check_free_space:
         return None
     t = cfg.training
-    steps = t.max_steps if t.max_steps > 0 else math.ceil(
-        t.num_train_epochs * math.ceil(n_examples / (t.per_device_train_batch_size * t.gradient_accumulation_steps)))
+    steps = (
+        t.max_steps
+        if t.max_steps > 0
+        else math.ceil(
+            t.num_train_epochs * math.ceil(n_examples / (t.per_device_train_batch_size * t.gradient_accumulation_steps))
+        )
+    )
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    return check_free_space(planned_writes(cfg, paths.root, paths.adapter_out, paths.merged_out, base_dir,
-                                           trainable, steps, evaluating))
+    return check_free_space(
+        planned_writes(cfg, paths.root, paths.adapter_out, paths.merged_out, base_dir, trainable, steps, evaluating)
+    )

@@ -50,8 +50,12 @@ def hold_lock(lock_file: Path, what: str, run_name: str, wait_s: float = 0.0) ->
                 if time.monotonic() >= deadline:
                     raise LockHeld(what, lock_file, read_holder(lock_file)) from None
                 time.sleep(0.2)
-        holder = {"pid": os.getpid(), "run_name": run_name, "host": socket.gethostname(),
-                  "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        holder = {
+            "pid": os.getpid(),
+            "run_name": run_name,
+            "host": socket.gethostname(),
+            "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(holder).encode(), 0)
         try:

@@ -30,16 +30,22 @@ def describe_plan(cfg, paths, base, train_stats, eval_stats, example: str) -> st
     from train.data import describe_data
 
     lines += describe_data(cfg.data, train_stats, eval_stats, paths.root)
-    lines += ["--- first training example, as tokens decoded ([[...]] is what the loss sees)", example, "",
-              "--- would write",
-              f"    run folder   {paths.root}/ (config.yaml, checkpoints/, metrics.jsonl, loss.png, manifest.json)",
-              f"    adapter      {paths.adapter_out}/"]
+    lines += [
+        "--- first training example, as tokens decoded ([[...]] is what the loss sees)",
+        example,
+        "",
+        "--- would write",
+        f"    run folder   {paths.root}/ (config.yaml, checkpoints/, metrics.jsonl, loss.png, manifest.json)",
+        f"    adapter      {paths.adapter_out}/",
+    ]
     if cfg.export.enabled:
         from convert.export import gguf_filename
 
         names = [gguf_filename(cfg.export.name, q, cfg.export.default_quant) for q in cfg.export.quants]
-        lines += [f"    merged model {paths.merged_out}/",
-                  f"    GGUF         {cfg.export.gguf_dir}/{{{', '.join(names)}}}"]
+        lines += [
+            f"    merged model {paths.merged_out}/",
+            f"    GGUF         {cfg.export.gguf_dir}/{{{', '.join(names)}}}",
+        ]
     return "\n".join(lines)
 
 
@@ -80,8 +86,10 @@ def print_summary(paths, cfg, manifest: dict, say=print) -> None:
             lines.append(f"GGUF {label:>9} {quant:>7}: {entry['path']} ({human_size(entry['size'])})")
     if art.get("loss_plot"):
         t = manifest.get("training", {})
-        lines.append(f"loss:         {t.get('first_logged_loss')} -> {t.get('last_logged_loss')} "
-                     f"({t.get('global_step')} steps; curve {art['loss_plot']})")
+        lines.append(
+            f"loss:         {t.get('first_logged_loss')} -> {t.get('last_logged_loss')} "
+            f"({t.get('global_step')} steps; curve {art['loss_plot']})"
+        )
     verify_md = paths.root / "verify.md"
     if verify_md.is_file():
         lines += ["", verify_md.read_text().strip()]
@@ -92,13 +100,17 @@ def print_summary(paths, cfg, manifest: dict, say=print) -> None:
 def finished_summary(paths, cfg, say=print) -> dict:
     """A rerun of a complete run: check its promoted files are still the ones it made, then report."""
     manifest = json.loads(paths.manifest.read_text())
-    say(f"run {cfg.run_name} is already complete ({paths.manifest}); not training again. "
-        f"Pass --fresh to retrain from scratch, or choose another run_name.")
+    say(
+        f"run {cfg.run_name} is already complete ({paths.manifest}); not training again. "
+        f"Pass --fresh to retrain from scratch, or choose another run_name."
+    )
     for label, files in manifest.get("artifacts", {}).get("gguf", {}).items():
         for quant, entry in files.items():
             p = Path(entry["path"])
             if not p.is_file() or sha256_file(p) != entry["sha256"]:
-                say(f"warning: {p} ({label} {quant}) is no longer the file this run exported "
-                    f"(missing or replaced, e.g. by another run); `python -m convert export` re-exports it")
+                say(
+                    f"warning: {p} ({label} {quant}) is no longer the file this run exported "
+                    f"(missing or replaced, e.g. by another run); `python -m convert export` re-exports it"
+                )
     print_summary(paths, cfg, manifest, say)
     return manifest

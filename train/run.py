@@ -65,9 +65,11 @@ class RunPaths:
     @classmethod
     def of(cls, cfg: Config) -> RunPaths:
         models = Path(cfg.paths.models_dir)
-        return cls(Path(cfg.paths.output_dir) / cfg.run_name,
-                   models / "finetuned" / "adapters" / cfg.run_name,
-                   models / "finetuned" / "final_models" / cfg.run_name)
+        return cls(
+            Path(cfg.paths.output_dir) / cfg.run_name,
+            models / "finetuned" / "adapters" / cfg.run_name,
+            models / "finetuned" / "final_models" / cfg.run_name,
+        )
 
 
 # ----------------------------------------------------------------------------- tokenizer and data
@@ -107,8 +109,10 @@ def load_data(tokenizer, cfg: Config):
         heldout_texts(tokenizer, cfg.verify.heldout_files, cfg.data, cfg.verify.max_heldout_records)
     skipped = len(train_stats.skipped) + (len(eval_stats.skipped) if eval_stats else 0)
     if skipped:
-        print(f"warning: skipping {skipped} invalid record(s) (data.max_invalid_fraction="
-              f"{cfg.data.max_invalid_fraction}); each is listed in {RunPaths.of(cfg).root}/skipped_records.jsonl")
+        print(
+            f"warning: skipping {skipped} invalid record(s) (data.max_invalid_fraction="
+            f"{cfg.data.max_invalid_fraction}); each is listed in {RunPaths.of(cfg).root}/skipped_records.jsonl"
+        )
     return train, train_stats, evals, eval_stats
 
 
@@ -131,7 +135,9 @@ def build_model(base: ResolvedModel, cfg: Config):
     # __init__, later: without this every process starts from a different adapter.
     set_seed(cfg.training.seed)
     model = AutoModelForCausalLM.from_pretrained(
-        str(base.path), dtype=compute_dtype(cfg), attn_implementation=cfg.model.attn_implementation,
+        str(base.path),
+        dtype=compute_dtype(cfg),
+        attn_implementation=cfg.model.attn_implementation,
         trust_remote_code=cfg.model.trust_remote_code,
         use_safetensors=True,  # never unpickle weights (a .bin-only model fails here, by design)
     )
@@ -176,17 +182,22 @@ def build_trainer(model, tokenizer, train, evals, paths: RunPaths, cfg: Config, 
         data_collator=partial(collate, pad_id=tokenizer.pad_token_id),
         processing_class=tokenizer,
         # InjectFaults (test hooks, env vars only) precedes NonFiniteGuard; StopOnSignal must be last.
-        callbacks=[*([faults.InjectFaults()] if faults.requested() else []),
-                   MetricsJsonl(paths.metrics), CommitCheckpoints(identity, t.save_total_limit, say),
-                   NonFiniteGuard(), StopOnSignal()],
+        callbacks=[
+            *([faults.InjectFaults()] if faults.requested() else []),
+            MetricsJsonl(paths.metrics),
+            CommitCheckpoints(identity, t.save_total_limit, say),
+            NonFiniteGuard(),
+            StopOnSignal(),
+        ],
     )
 
 
 # ----------------------------------------------------------------------------- the run
 
 
-def prepare_run_folder(paths: RunPaths, cfg: Config, fresh: bool, identity: dict,
-                       resume_from: Path | None = None, say=print) -> Path | None:
+def prepare_run_folder(
+    paths: RunPaths, cfg: Config, fresh: bool, identity: dict, resume_from: Path | None = None, say=print
+) -> Path | None:
     """Create or reuse the run folder; return the verified checkpoint to resume from, if any.
 
     Resuming is refused when the config (train.checkpoint.unsafe_config_changes) or the identity of
@@ -208,8 +219,10 @@ def prepare_run_folder(paths: RunPaths, cfg: Config, fresh: bool, identity: dict
     )
     from train.config import load_config
 
-    fix = (f"  fix: pass --fresh to discard {paths.root} and start over, or keep it and use another "
-           f"run_name (e.g. run_name={cfg.run_name}-2)")
+    fix = (
+        f"  fix: pass --fresh to discard {paths.root} and start over, or keep it and use another "
+        f"run_name (e.g. run_name={cfg.run_name}-2)"
+    )
     if fresh:  # everything but the lock this process holds
         for p in paths.root.iterdir() if paths.root.exists() else []:
             if p != paths.lock:
@@ -217,14 +230,17 @@ def prepare_run_folder(paths: RunPaths, cfg: Config, fresh: bool, identity: dict
     if paths.config.is_file():
         changed = unsafe_config_changes(load_config(paths.config), cfg)
         if changed:
-            raise RunError(f"{paths.root} holds an unfinished run started with a different config; resuming it "
-                           f"with these changes is unsafe:\n    " + "\n    ".join(changed) + "\n" + fix)
+            raise RunError(
+                f"{paths.root} holds an unfinished run started with a different config; resuming it "
+                f"with these changes is unsafe:\n    " + "\n    ".join(changed) + "\n" + fix
+            )
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if resume_from is not None:
         resume_from = resume_from.resolve()
         if resume_from.parent != paths.checkpoints.resolve():
-            raise RunError(f"--resume-from {resume_from}: not a checkpoint of this run (expected "
-                           f"{paths.checkpoints}/checkpoint-N)")
+            raise RunError(
+                f"--resume-from {resume_from}: not a checkpoint of this run (expected {paths.checkpoints}/checkpoint-N)"
+            )
         try:
             check_explicit(resume_from, world_size)
         except CheckpointError as e:
@@ -235,8 +251,12 @@ def prepare_run_folder(paths: RunPaths, cfg: Config, fresh: bool, identity: dict
     if resume is not None:
         mismatches = identity_mismatches(read_record(resume)["identity"], identity)
         if mismatches:
-            raise RunError(f"{resume} cannot be resumed by this run: what it was trained on has changed:\n    "
-                           + "\n    ".join(mismatches) + "\n" + fix)
+            raise RunError(
+                f"{resume} cannot be resumed by this run: what it was trained on has changed:\n    "
+                + "\n    ".join(mismatches)
+                + "\n"
+                + fix
+            )
     if resume_from is not None:  # the abandoned branch must not be picked up by a later automatic resume
         for later in [c for c in checkpoint_dirs(paths.checkpoints) if step_of(c) > step_of(resume_from)]:
             reject(later, f"newer than the requested --resume-from {resume_from.name}", say)
@@ -277,14 +297,17 @@ def training_stopped(e: BaseException, paths: RunPaths, manifest: dict, step: in
     return DiskSpaceError(
         f"the disk filled up during training after step {step}: {e}\n  "
         + (f"removed the partial {partial}; " if partial else "")
-        + (f"the last committed checkpoint, {last.name}, is intact and the next run resumes from it.\n"
-           if last else "no checkpoint had been committed yet.\n")
+        + (
+            f"the last committed checkpoint, {last.name}, is intact and the next run resumes from it.\n"
+            if last
+            else "no checkpoint had been committed yet.\n"
+        )
         + f"  fix: free space at {paths.root} ({human_size(free_bytes(paths.root))} free now), then run the "
-          f"same command")
+        f"same command"
+    )
 
 
-def run(cfg: Config, *, dry_run: bool = False, fresh: bool = False, resume_from: Path | None = None,
-        say=print) -> dict:
+def run(cfg: Config, *, dry_run: bool = False, fresh: bool = False, resume_from: Path | None = None, say=print) -> dict:
     """Train (or resume), export and verify; return the manifest.
 
     The run folder's lock (train/locking.py) is held throughout; a second process on the same run
@@ -319,8 +342,12 @@ def _run(cfg: Config, paths: RunPaths, *, dry_run: bool, fresh: bool, resume_fro
     # --- train
     t0 = time.time()
     # What a checkpoint was trained on; a resume with any of it changed is refused (prepare_run_folder).
-    identity = {"base_model": base.repo_id or str(base.path), "base_revision": base.revision,
-                "data_fingerprint": train_stats.fingerprint, "lora": cfg.lora.model_dump(mode="json")}
+    identity = {
+        "base_model": base.repo_id or str(base.path),
+        "base_revision": base.revision,
+        "data_fingerprint": train_stats.fingerprint,
+        "lora": cfg.lora.model_dump(mode="json"),
+    }
     resume = prepare_run_folder(paths, cfg, fresh, identity, resume_from, say)
     manifest = {
         "status": "training",
@@ -331,9 +358,11 @@ def _run(cfg: Config, paths: RunPaths, *, dry_run: bool, fresh: bool, resume_fro
         "git_commit": git_commit(),
     }
     atomic_write_json(paths.manifest, manifest)
-    say(f"training {cfg.run_name}: {train_stats.records} records, {len(train)} rows, {train_stats.tokens} tokens "
+    say(
+        f"training {cfg.run_name}: {train_stats.records} records, {len(train)} rows, {train_stats.tokens} tokens "
         f"({train_stats.supervised_tokens} supervised) on {base.repo_id or base.path}"
-        + (f", resuming from {resume.name}" if resume else ""))
+        + (f", resuming from {resume.name}" if resume else "")
+    )
     model = build_model(base, cfg)
     trainable, total = model.get_nb_trainable_parameters()
     say(f"LoRA r={cfg.lora.r}: {trainable:,} trainable of {total:,} parameters ({trainable / total:.2%})")
@@ -393,9 +422,11 @@ def _run(cfg: Config, paths: RunPaths, *, dry_run: bool, fresh: bool, resume_fro
     }
     atomic_write_json(paths.manifest, manifest)
     adapter_bytes = sum(f["size"] for f in manifest["artifacts"]["adapter"]["files"].values())
-    say(f"trained {result.global_step} steps in {manifest['training']['seconds']} s; "
+    say(
+        f"trained {result.global_step} steps in {manifest['training']['seconds']} s; "
         f"loss {manifest['training']['first_logged_loss']} -> {manifest['training']['last_logged_loss']}; "
-        f"adapter: {paths.adapter_out} ({human_size(adapter_bytes)})")
+        f"adapter: {paths.adapter_out} ({human_size(adapter_bytes)})"
+    )
     del trainer, model
 
     # --- export: merge, GGUF, quantize, verify, promote

@@ -27,8 +27,9 @@ class Preempted(RunStopped):
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
         self.exit_code = 128 + signum
         where = f"{checkpoint.name} is committed" if checkpoint else "no checkpoint could be committed"
-        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; {where}.\n"
-                         f"  run the same command to resume")
+        super().__init__(
+            f"stopped by {signal.Signals(signum).name} after step {step}; {where}.\n  run the same command to resume"
+        )
 
 
 class NonFiniteLoss(RunStopped):
@@ -59,8 +60,14 @@ class LockHeld(RunStopped):
 
     def __init__(self, what: str, lock_file: Path, holder: dict):
         self.holder = holder
-        who = (f"pid {holder.get('pid')} (run '{holder.get('run_name')}' on {holder.get('host')}, "
-               f"since {holder.get('since')})") if holder.get("pid") else "another process (holder not recorded yet)"
+        who = (
+            (
+                f"pid {holder.get('pid')} (run '{holder.get('run_name')}' on {holder.get('host')}, "
+                f"since {holder.get('since')})"
+            )
+            if holder.get("pid")
+            else "another process (holder not recorded yet)"
+        )
         super().__init__(
             f"{what} is in use by {who}; lock file {lock_file}.\n"
             f"  fix: wait for it to finish, or stop it (kill {holder.get('pid', '<pid>')}); a stopped or killed "
