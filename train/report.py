@@ -84,10 +84,10 @@ def print_summary(paths, cfg, manifest: dict, say=print) -> None:
     for label, files in art.get("gguf", {}).items():
         for quant, entry in files.items():
             lines.append(f"GGUF {label:>9} {quant:>7}: {entry['path']} ({human_size(entry['size'])})")
-    if art.get("loss_plot"):
-        t = manifest.get("training", {})
+    t = manifest.get("training", {})
+    if art.get("loss_plot") and t.get("first_logged_loss") is not None:
         lines.append(
-            f"loss:         {t.get('first_logged_loss')} -> {t.get('last_logged_loss')} "
+            f"loss:         {t['first_logged_loss']:.4g} -> {t['last_logged_loss']:.4g} "
             f"({t.get('global_step')} steps; curve {art['loss_plot']})"
         )
     verify_md = paths.root / "verify.md"

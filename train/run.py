@@ -424,8 +424,8 @@ def _run(cfg: Config, paths: RunPaths, *, dry_run: bool, fresh: bool, resume_fro
     adapter_bytes = sum(f["size"] for f in manifest["artifacts"]["adapter"]["files"].values())
     say(
         f"trained {result.global_step} steps in {manifest['training']['seconds']} s; "
-        f"loss {manifest['training']['first_logged_loss']} -> {manifest['training']['last_logged_loss']}; "
-        f"adapter: {paths.adapter_out} ({human_size(adapter_bytes)})"
+        + (f"loss {losses[0]:.4g} -> {losses[-1]:.4g}; " if losses else "no loss logged; ")
+        + f"adapter: {paths.adapter_out} ({human_size(adapter_bytes)})"
     )
     del trainer, model
 
