@@ -113,16 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_cache_env()
 
-    from train.stops import exit_status
+    from train.stops import cli_exit
 
-    try:
-        return {"export": cmd_export, "verify": cmd_verify, "info": cmd_info}[args.command](args)
-    except BaseException as e:
-        status = exit_status(e)
-        if status is None:
-            raise
-        print(status[1], file=sys.stderr)
-        return status[0]
+    commands = {"export": cmd_export, "verify": cmd_verify, "info": cmd_info}
+    return cli_exit(lambda: commands[args.command](args))
 
 
 if __name__ == "__main__":

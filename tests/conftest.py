@@ -19,7 +19,11 @@ TINY_REPO = "tiny-gemma/gemma-2-tiny"
 @pytest.fixture(scope="session")
 def hf_home(tmp_path_factory) -> Path:
     """A fresh HF_HOME holding only the tiny model, built through its real CLI."""
-    home = tmp_path_factory.mktemp("hf_home")
+    return build_tiny_model(tmp_path_factory.mktemp("hf_home"))
+
+
+def build_tiny_model(home: Path) -> Path:
+    """`python -m train.tiny_model --hf-home home`, as a user runs it; returns home."""
     subprocess.run(
         [sys.executable, "-m", "train.tiny_model", "--hf-home", str(home), "--data", str(DEMO_DATA)],
         cwd=ROOT,

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import DEMO_DATA, ROOT, TINY_REPO, cli_env, run_cli, small_config
+from tests.conftest import ROOT, TINY_REPO, build_tiny_model, cli_env, run_cli, small_config
 
 REPO_DIR = "models--tiny-gemma--gemma-2-tiny"
 
@@ -48,14 +48,7 @@ def test_architecture_matches_the_2b_features(hf_home: Path):
 
 
 def test_build_is_deterministic(hf_home: Path, tmp_path: Path):
-    other = tmp_path / "again"
-    subprocess.run(
-        [sys.executable, "-m", "train.tiny_model", "--hf-home", str(other), "--data", str(DEMO_DATA)],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-        env=cli_env(other),
-    )
+    other = build_tiny_model(tmp_path / "again")
     rev = lambda home: (home / "hub" / REPO_DIR / "refs" / "main").read_text()  # noqa: E731
     assert rev(other) == rev(hf_home)  # the revision is a hash of every file's bytes
 

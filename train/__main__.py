@@ -85,18 +85,16 @@ def main(argv: list[str] | None = None) -> int:
         print(commented_defaults())
         return 0
     from train.run import run
-    from train.stops import exit_status
+    from train.stops import cli_exit
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-        run(cfg, dry_run=args.dry_run, fresh=args.fresh, resume_from=args.resume_from)
-    except BaseException as e:
-        status = exit_status(e)
-        if status is None:
-            raise
-        print(status[1], file=sys.stderr)
-        return status[0]
-    return 0
+    return cli_exit(
+        lambda: run(
+            load_config(args.config, args.overrides),
+            dry_run=args.dry_run,
+            fresh=args.fresh,
+            resume_from=args.resume_from,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from train.artifacts import atomic_write_json
+from train.artifacts import atomic_write_json, sha256_file
 
 COMMIT_FILE = "COMMITTED.json"
 RECORD_FORMAT = 1
@@ -75,14 +75,6 @@ def _sync_and_hash(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
         os.fsync(f.fileno())
-    return h.hexdigest()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
     return h.hexdigest()
 
 
@@ -148,7 +140,7 @@ def verify_checkpoint(folder: Path, world_size: int = 1) -> list[str]:
             problems.append(f"{path}: missing")
         elif path.stat().st_size != entry["size"]:
             problems.append(f"{path}: {path.stat().st_size} bytes, committed as {entry['size']} (truncated?)")
-        elif _sha256(path) != entry["sha256"]:
+        elif sha256_file(path) != entry["sha256"]:
             problems.append(f"{path}: content differs from the commit record (sha256 mismatch)")
     if not problems:
         state = json.loads((folder / "trainer_state.json").read_text())

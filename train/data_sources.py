@@ -214,13 +214,7 @@ def read_csv(path: Path, label: str, problems: list[str]) -> list[Row]:
             # CSV cannot tell an empty cell from a missing value: both are absent (a "text" column left empty
             # in a prompt/completion row must not make the row look like text).
             record: dict[str, Any] = {k: v for k, v in values.items() if v != ""}
-            if isinstance(record.get("messages"), str):
-                try:
-                    record["messages"] = json.loads(record["messages"])
-                except json.JSONDecodeError as e:
-                    rows.append(Row(where, problem=("messages", f"the cell is not valid JSON: {json_error(e)}")))
-                    continue
-            rows.append(Row(where, record))
+            rows.append(_with_parsed_messages(record, where, "the cell"))
     except csv.Error as e:
         problems.append(f"{label}:{reader.line_num}: (file): CSV error: {e}")
     if not rows and not problems:
@@ -231,18 +225,22 @@ def read_csv(path: Path, label: str, problems: list[str]) -> list[Row]:
 # ----------------------------------------------------------------------------- datasets-backed formats
 
 
+def _with_parsed_messages(record: dict[str, Any], where: str, what: str) -> Row:
+    """The record as a Row, its `messages` parsed when stored as JSON text (CSV cells, common exports)."""
+    if isinstance(record.get("messages"), str):
+        try:
+            record["messages"] = json.loads(record["messages"])
+        except json.JSONDecodeError as e:
+            return Row(where, problem=("messages", f"{what} is not valid JSON: {json_error(e)}"))
+    return Row(where, record)
+
+
 def rows_of_dataset(ds, label: str) -> list[Row]:
     """Rows of a `datasets.Dataset`; `messages` stored as JSON text (a common export) is parsed."""
     rows = []
     for i, record in enumerate(ds.to_list() if len(ds) else [], start=1):
         where = f"{label}:row {i}"
-        if isinstance(record.get("messages"), str):
-            try:
-                record["messages"] = json.loads(record["messages"])
-            except json.JSONDecodeError as e:
-                rows.append(Row(where, problem=("messages", f"not valid JSON: {json_error(e)}")))
-                continue
-        rows.append(Row(where, record))
+        rows.append(_with_parsed_messages(record, where, "the value"))
     return rows
 
 

@@ -7,6 +7,8 @@ the same command again continues from it (docs/operations.md).
 from __future__ import annotations
 
 import signal
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 EXIT_NONFINITE = 5
@@ -73,6 +75,20 @@ class LockHeld(RunStopped):
             f"  fix: wait for it to finish, or stop it (kill {holder.get('pid', '<pid>')}); a stopped or killed "
             f"holder releases the lock at once, nothing needs deleting"
         )
+
+
+def cli_exit(call: Callable[[], object]) -> int:
+    """Run a CLI command and return its exit status: the command's own int (0 if it returns none), or
+    the status of an error a user can act on, whose message goes to stderr. Other errors raise."""
+    try:
+        result = call()
+    except BaseException as e:
+        status = exit_status(e)
+        if status is None:
+            raise
+        print(status[1], file=sys.stderr)
+        return status[0]
+    return result if isinstance(result, int) else 0
 
 
 def exit_status(e: BaseException) -> tuple[int, str] | None:
