@@ -52,7 +52,8 @@ def _publish_mode(path: Path, directory: bool = False) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """Make a folder's entries (new or renamed files) durable."""
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -74,7 +75,7 @@ def _staged_file(dst: Path) -> Iterator[Path]:
             os.fsync(f.fileno())
         _publish_mode(tmp)
         os.replace(tmp, dst)
-        _fsync_dir(dst.parent)
+        fsync_dir(dst.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

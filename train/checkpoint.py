@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from train.artifacts import atomic_write_json, sha256_file
+from train.artifacts import atomic_write_json, fsync_dir, sha256_file
 
 COMMIT_FILE = "COMMITTED.json"
 RECORD_FORMAT = 1
@@ -60,14 +60,6 @@ def checkpoint_dirs(checkpoints: Path) -> list[Path]:
     return [p for step, p in sorted((s, p) for s, p in found if s is not None)]
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _sync_and_hash(path: Path) -> str:
     """sha256 of a file, after forcing its data to disk (fsync works on a read-only descriptor on Linux)."""
     h = hashlib.sha256()
@@ -95,7 +87,7 @@ def commit_checkpoint(
         if p.is_file() and p.name != COMMIT_FILE and not p.name.endswith(".tmp")
     }
     for sub in {folder, *(p for p in folder.rglob("*") if p.is_dir())}:
-        _fsync_dir(sub)
+        fsync_dir(sub)
     record = {
         "format": RECORD_FORMAT,
         "step": step,
@@ -105,7 +97,7 @@ def commit_checkpoint(
         "files": files,
     }
     atomic_write_json(folder / COMMIT_FILE, record)  # tmp + fsync + rename + fsync(folder)
-    _fsync_dir(folder.parent)  # the checkpoint-N entry itself
+    fsync_dir(folder.parent)  # the checkpoint-N entry itself
     return record
 
 
