@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 LLAMA_CPP_DIR ?= $(VENV)/llama.cpp
-# Portable llama.cpp build (GEMMA_NOTES: the default -march=native build breaks on other CPUs);
+# Portable llama.cpp build (llama.cpp's GGML_NATIVE defaults to -march=native: the binary breaks on other CPUs);
 # tests/examples are not needed and cost compile minutes.
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
 STAMP := $(VENV)/.setup-done
@@ -35,8 +35,8 @@ demo: tiny-model  ## train + export + verify on the tiny model (configs/demo.yam
 test: setup  ## run the test suite (CPU; GPU tests skip)
 	$(PY) -m pytest
 
-lint: setup  ## ruff check + format check
-	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+lint: setup  ## ruff (style, complexity, imports at the top) + format check + mypy on core/ convert/ train/
+	$(PY) -m ruff check . && $(PY) -m ruff format --check . && $(PY) -m mypy
 
 bench: setup  ## CPU benchmarks (bench/bench_*.py), each against a baseline in the same run
 	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

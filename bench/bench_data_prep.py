@@ -65,7 +65,7 @@ def make_records(n: int, seed: int = 0) -> list[dict]:
 
 
 def tiny_model_path():
-    from train.hub import ModelNotFoundError, resolve_model
+    from core.hub import ModelNotFoundError, resolve_model
     from train.tiny_model import TINY_REPO_ID
 
     try:
@@ -76,7 +76,7 @@ def tiny_model_path():
 
 
 def run_ours(tok, path: Path, num_proc: int, max_length: int):
-    from train.config import DataSection
+    from core.config import DataSection
     from train.data import load_datasets
 
     t0 = time.perf_counter()
@@ -122,7 +122,7 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # TRL's map calls would print bars
-    from train.hub import configure_cache_env
+    from core.hub import configure_cache_env
 
     configure_cache_env(ROOT / "models" / ".cache")
     from transformers import AutoTokenizer

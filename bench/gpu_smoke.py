@@ -4,7 +4,8 @@ the production config's settings; prints tokens/s and peak GPU memory. Needs no 
     python bench/gpu_smoke.py [--steps 30] [--config configs/gemma2b_lora.yaml]
     python bench/gpu_smoke.py --tiny --steps 3     # a CPU self-check of the script itself
 
-The shapes are google/gemma-2-2b's (GEMMA_NOTES.md); the weights are random, so the loss is
+The shapes are google/gemma-2-2b's (its config.json: 26 layers, hidden 2304, 8 heads, 4 KV heads,
+head_dim 256); the weights are random, so the loss is
 meaningless but the memory and speed of a step are those of the real model.
 """
 
@@ -40,7 +41,7 @@ def main() -> int:
     from peft import LoraConfig, get_peft_model
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
-    from train.config import load_config
+    from core.config import load_config
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/gemma2b_lora.yaml")

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import llama_cpp
+
+from convert.llamacpp import native_output_to
+
 
 def answer(gguf_path: Path, prompt: str, max_tokens: int = 64) -> str:
     """Greedy reply to one user turn. The chat template and the stop token come from the GGUF itself,
     so a file that lost either answers visibly wrong here."""
-    import llama_cpp
-
-    from convert.llamacpp import native_output_to
-
     with native_output_to(None):
         llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=512, verbose=False, seed=0)
     try:
@@ -20,7 +20,7 @@ def answer(gguf_path: Path, prompt: str, max_tokens: int = 64) -> str:
         )
     finally:
         llm.close()
-    choice = out["choices"][0]
+    choice = out["choices"][0]  # type: ignore[index]  # not streamed: one response
     text = choice["message"]["content"] or ""
     # A reply cut by max_tokens means <end_of_turn> never ended generation: show it.
     return text if choice["finish_reason"] == "stop" else text + " [... no <end_of_turn>]"

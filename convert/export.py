@@ -6,15 +6,16 @@ stays in the run folder (outputs/<run>/export/) for inspection and the command e
 
 from __future__ import annotations
 
-import errno
-import os
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from convert.llamacpp import add_metadata, convert_hf_to_gguf, quantize, version_info
 from convert.verify import FileReport, VerificationFailed, to_json, to_table, verify_files
-from train.artifacts import atomic_copy_file, atomic_write_json, atomic_write_text, sha256_file
-from train.locking import promotion_lock
+from core.files import atomic_write_json, atomic_write_text, move_into_place, sha256_file
+from core.locks import promotion_lock
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -30,23 +31,6 @@ def gguf_filename(name: str, quant: str, default_quant: str) -> str:
     return f"{name}.gguf" if quant == default_quant else f"{name}.{quant}.gguf"
 
 
-def _move(src: Path, dst: Path) -> None:
-    """Move a finished file into place atomically, across file systems (Docker volumes) too."""
-    try:
-        os.replace(src, dst)  # same file system: one atomic rename
-    except OSError as e:
-        if e.errno != errno.EXDEV:
-            raise
-        atomic_copy_file(src, dst)  # another file system: temporary name beside dst, fsync, rename
-        src.unlink()
-        return
-    fd = os.open(dst.parent, os.O_RDONLY)  # make the rename durable before the manifest names the file
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def export_gguf(
     model_dir: Path,
     name: str,
@@ -55,23 +39,22 @@ def export_gguf(
     work_dir: Path,
     provenance: dict[str, str],
     texts: list[str],
-    say=print,
 ) -> ExportResult:
     """Convert one HF folder to every configured GGUF type, verify all, promote only if all pass."""
     work_dir.mkdir(parents=True, exist_ok=True)
-    log = work_dir / "convert.log"
+    log_path = work_dir / "convert.log"
     f32 = work_dir / f"{name}.f32.gguf"
-    say(f"  converting {model_dir} -> {f32.name} (llama.cpp convert_hf_to_gguf.py; log: {log})")
-    convert_hf_to_gguf(model_dir, f32, "f32", log, model_name=name)
+    log.info(f"  converting {model_dir} -> {f32.name} (llama.cpp convert_hf_to_gguf.py; log: {log_path})")
+    convert_hf_to_gguf(model_dir, f32, "f32", log_path, model_name=name)
     add_metadata(f32, provenance)
     files = {"f32": f32}
     for quant in export_cfg.quants:
         if quant != "f32":
             files[quant] = work_dir / f"{name}.{quant}.gguf"
-            say(f"  quantizing -> {files[quant].name}")
-            quantize(f32, files[quant], quant, export_cfg.token_embedding_type, log)
-    say(f"  verifying {len(files)} file(s) against {model_dir}")
-    reports = verify_files(model_dir, list(files.items()), verify_cfg, texts, log)
+            log.info(f"  quantizing -> {files[quant].name}")
+            quantize(f32, files[quant], quant, export_cfg.token_embedding_type, log_path)
+    log.info(f"  verifying {len(files)} file(s) against {model_dir}")
+    reports = verify_files(model_dir, list(files.items()), verify_cfg, texts, log_path)
     result = ExportResult(name, model_dir, reports=reports)
     if not all(r.passed for r in reports):
         raise VerificationFailed(reports)
@@ -82,7 +65,7 @@ def export_gguf(
     with promotion_lock(gguf_dir / name, provenance.get("finetune.run_name", "?")):
         for quant in export_cfg.quants:
             dst = gguf_dir / gguf_filename(name, quant, export_cfg.default_quant)
-            _move(files[quant], dst)
+            move_into_place(files[quant], dst)
             result.files[quant] = dst
             for r in reports:  # report where the verified file now lives
                 if r.path == str(files[quant]):

@@ -15,45 +15,12 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-from tqdm import tqdm
+import gguf
+import llama_cpp
+from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
 
-# llama.cpp file types by our quant names (llama.h `enum llama_ftype`; the binding exports the same
-# names as LLAMA_FTYPE_*), and the ggml tensor types usable for token_embedding_type (ggml.h).
-FTYPE_NAMES = {
-    "f32": "LLAMA_FTYPE_ALL_F32",
-    "f16": "LLAMA_FTYPE_MOSTLY_F16",
-    "bf16": "LLAMA_FTYPE_MOSTLY_BF16",
-    "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
-    "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K",
-    "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
-    "q5_k_s": "LLAMA_FTYPE_MOSTLY_Q5_K_S",
-    "q5_0": "LLAMA_FTYPE_MOSTLY_Q5_0",
-    "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
-    "q4_k_s": "LLAMA_FTYPE_MOSTLY_Q4_K_S",
-    "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
-}
-GGML_TYPE_NAMES = {
-    "f32": "GGML_TYPE_F32",
-    "f16": "GGML_TYPE_F16",
-    "bf16": "GGML_TYPE_BF16",
-    "q8_0": "GGML_TYPE_Q8_0",
-    "q6_k": "GGML_TYPE_Q6_K",
-    "q5_0": "GGML_TYPE_Q5_0",
-    "q4_0": "GGML_TYPE_Q4_0",
-}
-FLOAT_TYPES = ("f32", "f16", "bf16")
-
-
-class LlamaCppError(RuntimeError):
-    """The llama.cpp tooling is missing, mismatched, or a conversion step failed."""
-
-
-def _binding():
-    try:
-        import llama_cpp
-    except ImportError as e:  # pragma: no cover - install problem
-        raise LlamaCppError(f"llama-cpp-python is not importable ({e}); run `make setup`") from None
-    return llama_cpp
+from core.errors import LlamaCppError
+from core.quants import QUANTS
 
 
 def tree() -> Path:
@@ -109,12 +76,8 @@ def convert_hf_to_gguf(
     # Without NO_LOCAL_GGUF the converter imports the gguf-py next to it, the one it was written for.
     env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"} | {"HF_HUB_OFFLINE": "1"}
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    log = open(log_path, "a") if log_path else subprocess.DEVNULL  # noqa: SIM115
-    try:
+    with open(log_path or os.devnull, "a") as log:
         proc = subprocess.run(cmd, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT)
-    finally:
-        if log_path:
-            log.close()
     if proc.returncode != 0:
         tmp.unlink(missing_ok=True)
         where = f"; its output is in {log_path}" if log_path else ""
@@ -146,12 +109,11 @@ def quantize(
     src: Path, dst: Path, quant: str, token_embedding_type: str | None = None, log_path: Path | None = None
 ) -> None:
     """llama.cpp's quantizer (llama_model_quantize, as llama-quantize uses) from an f32 GGUF."""
-    llama_cpp = _binding()
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, FTYPE_NAMES[quant])
+    params.ftype = int(QUANTS[quant].file_type)
     params.nthread = os.cpu_count() or 1
-    if token_embedding_type and quant not in FLOAT_TYPES:
-        params.token_embedding_type = getattr(llama_cpp, GGML_TYPE_NAMES[token_embedding_type])
+    if token_embedding_type and not QUANTS[quant].is_float:
+        params.token_embedding_type = int(QUANTS[token_embedding_type].tensor_type)
     tmp = dst.with_name(f".{dst.name}.tmp")
     with native_output_to(log_path):
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
@@ -162,37 +124,21 @@ def quantize(
 
 
 def add_metadata(path: Path, extra: dict[str, str]) -> None:
-    """Add string key/values to a GGUF (rewritten beside it, then renamed over it).
+    """Add string key/values to a GGUF (rewritten beside it by gguf-py's own copier, then renamed over it).
 
     Quantizing copies every key of its input, so keys added to the f32 file reach every quant.
     """
-    import gguf
-
     reader = gguf.GGUFReader(str(path))
-    arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
     tmp = path.with_name(f".{path.name}.meta.tmp")
-    writer = gguf.GGUFWriter(str(tmp), arch=arch, endianess=reader.endianess)
+    writer = gguf.GGUFWriter(
+        str(tmp), arch=reader.fields[gguf.Keys.General.ARCHITECTURE].contents(), endianess=reader.endianess
+    )
+    alignment = reader.get_field(gguf.Keys.General.ALIGNMENT)
+    if alignment is not None:  # tensor data offsets follow the source file's alignment
+        writer.data_alignment = alignment.contents()
+    new = {k: MetadataDetails(gguf.GGUFValueType.STRING, v) for k, v in extra.items()}
     try:
-        for field in reader.fields.values():
-            # GGUF.* are virtual header fields; the writer writes the architecture itself.
-            if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF.") or field.name in extra:
-                continue
-            vtype = field.types[0]
-            sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-            writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
-        for key, value in extra.items():
-            writer.add_string(key, value)
-        total = sum(t.n_bytes for t in reader.tensors)
-        for t in reader.tensors:
-            writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        with tqdm(total=total, unit="B", unit_scale=True, desc=f"metadata {path.name}", leave=False) as bar:
-            for t in reader.tensors:
-                writer.write_tensor_data(t.data, tensor_endianess=reader.endianess)
-                bar.update(t.n_bytes)
-        writer.close()
+        copy_with_new_metadata(reader, writer, new, remove_metadata=[])
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -202,8 +148,6 @@ def add_metadata(path: Path, extra: dict[str, str]) -> None:
 
 def read_metadata(path: Path) -> dict[str, object]:
     """Scalar and string metadata of a GGUF (arrays such as the vocab are summarised by length)."""
-    import gguf
-
     reader = gguf.GGUFReader(str(path))
     out: dict[str, object] = {}
     for field in reader.fields.values():

@@ -3,25 +3,15 @@
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 from pathlib import Path
 
-from train.artifacts import atomic_replace_dir
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-
-def save_tokenizer(tokenizer, folder: Path, sentencepiece_model: Path) -> None:
-    """Save a tokenizer so that both transformers and llama.cpp's converter read it correctly.
-
-    transformers 5 drops tokenizer.model and the keys llama.cpp needs on save (GEMMA_NOTES.md), so
-    both are put back here: every folder we write carries the SentencePiece file and the special tokens.
-    """
-    from train.tiny_model import fix_tokenizer_config
-
-    tokenizer.save_pretrained(str(folder))
-    shutil.copyfile(sentencepiece_model, folder / "tokenizer.model")
-    special = {i: t.content for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-    fix_tokenizer_config(folder, special)
+from core.files import atomic_replace_dir
+from core.tokenizer import save_tokenizer
 
 
 def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
@@ -30,10 +20,6 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
     The merge runs in float32 (exact sums) and the result is saved in the base checkpoint's dtype
     (bfloat16 for google/gemma-2-2b), so the merged folder has the base's size and layout.
     """
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     base_config = json.loads((base_dir / "config.json").read_text())
     base_dtype = base_config.get("dtype") or base_config.get("torch_dtype") or "float32"
     base = AutoModelForCausalLM.from_pretrained(

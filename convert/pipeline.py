@@ -6,8 +6,11 @@ Used by `python -m train` after training and by `python -m convert export` on a 
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 from pathlib import Path
+
+from transformers import AutoTokenizer
 
 from convert.export import (
     ExportResult,
@@ -18,17 +21,17 @@ from convert.export import (
     write_reports,
 )
 from convert.llamacpp import version_info
-from convert.merge import merge_adapter, save_tokenizer
+from convert.merge import merge_adapter
 from convert.verify import VerificationFailed
-from train.artifacts import atomic_write_json, hash_tree, sha256_file
-from train.locking import promotion_lock
+from core.config import Config
+from core.files import atomic_write_json, hash_tree, sha256_file
+from core.hub import ResolvedModel
+from core.locks import promotion_lock
+from core.records.heldout import heldout_texts
+from core.runfolder import Manifest, RunFolder
+from core.tokenizer import save_tokenizer
 
-
-def heldout_texts(tokenizer, cfg) -> list[str]:
-    """Rendered text of up to verify.max_heldout_records records of verify.heldout_files (DataError if any is bad)."""
-    from train.data import heldout_texts as rendered_texts
-
-    return rendered_texts(tokenizer, cfg.verify.heldout_files, cfg.data, cfg.verify.max_heldout_records)
+log = logging.getLogger(__name__)
 
 
 def prepare_base_folder(base_dir: Path, adapter_dir: Path, dest: Path) -> Path:
@@ -38,8 +41,6 @@ def prepare_base_folder(base_dir: Path, adapter_dir: Path, dest: Path) -> Path:
     base GGUF comparable with the fine-tuned one (same template, same stop token). Weight files are
     symlinked, not copied.
     """
-    from transformers import AutoTokenizer
-
     dest.mkdir(parents=True, exist_ok=True)
     for p in base_dir.iterdir():
         if p.name.startswith("tokenizer") or p.name in ("special_tokens_map.json", "chat_template.jinja"):
@@ -73,24 +74,23 @@ def _base_export_is_current(cfg, base, sidecar: Path) -> dict | None:
     return record
 
 
-def export_run(cfg, paths, base, manifest: dict, say=print) -> dict:
+def export_run(cfg: Config, paths: RunFolder, base: ResolvedModel, manifest: Manifest) -> Manifest:
     """Merge + export + verify for a trained run; updates and returns the manifest.
 
     Raises VerificationFailed (after writing verify.json/md and the manifest) if any gate fails.
     """
-    from transformers import AutoTokenizer
-
-    say(f"merging adapter into {base.repo_id or base.path}")
+    log.info(f"merging adapter into {base.repo_id or base.path}")
     with promotion_lock(paths.merged_out, cfg.run_name):  # replaced as a whole (atomic_replace_dir)
         merge_adapter(base.path, paths.adapter_out, paths.merged_out)
-    manifest["artifacts"]["merged"] = {"path": str(paths.merged_out), "files": hash_tree(paths.merged_out)}
-    texts = heldout_texts(AutoTokenizer.from_pretrained(str(paths.merged_out)), cfg)
-    export_dir = paths.root / "export"
+    manifest.artifacts["merged"] = {"path": str(paths.merged_out), "files": hash_tree(paths.merged_out)}
+    tokenizer = AutoTokenizer.from_pretrained(str(paths.merged_out))
+    texts = heldout_texts(tokenizer, cfg.verify.heldout_files, cfg.data.system_message, cfg.verify.max_heldout_records)
+    export_dir = paths.export_dir
     llama = version_info()
-    manifest["llama_cpp"] = llama
+    manifest.llama_cpp = llama
     results: list[ExportResult] = []
     try:
-        say(f"exporting fine-tuned model as {cfg.export.name} ({', '.join(cfg.export.quants)})")
+        log.info(f"exporting fine-tuned model as {cfg.export.name} ({', '.join(cfg.export.quants)})")
         adapter_sha = sha256_file(paths.adapter_out / "adapter_model.safetensors")
         results.append(
             export_gguf(
@@ -101,18 +101,17 @@ def export_run(cfg, paths, base, manifest: dict, say=print) -> dict:
                 export_dir / cfg.export.name,
                 provenance_metadata(cfg, base, {"finetune.adapter_sha256": adapter_sha}),
                 texts,
-                say,
             )
         )
-        manifest["artifacts"]["gguf"] = {"finetuned": file_entries(results[0])}
+        manifest.artifacts["gguf"] = {"finetuned": file_entries(results[0])}
         if cfg.export.export_base:
             sidecar = Path(cfg.export.gguf_dir) / f"{cfg.export.base_name}.export.json"
             current = _base_export_is_current(cfg, base, sidecar)
             if current:
-                say(f"base GGUF {cfg.export.base_name} is current for revision {base.revision}; not re-exported")
-                manifest["artifacts"]["gguf"]["base"] = current["files"]
+                log.info(f"base GGUF {cfg.export.base_name} is current for revision {base.revision}; not re-exported")
+                manifest.artifacts["gguf"]["base"] = current["files"]
             else:
-                say(f"exporting base model as {cfg.export.base_name}")
+                log.info(f"exporting base model as {cfg.export.base_name}")
                 with tempfile.TemporaryDirectory(dir=export_dir) as tmp:
                     folder = prepare_base_folder(base.path, paths.adapter_out, Path(tmp) / "base")
                     base_result = export_gguf(
@@ -123,11 +122,10 @@ def export_run(cfg, paths, base, manifest: dict, say=print) -> dict:
                         export_dir / cfg.export.base_name,
                         provenance_metadata(cfg, base, {}),
                         texts,
-                        say,
                     )
                 results.append(base_result)
                 entries = file_entries(base_result)
-                manifest["artifacts"]["gguf"]["base"] = entries
+                manifest.artifacts["gguf"]["base"] = entries
                 with promotion_lock(Path(cfg.export.gguf_dir) / cfg.export.base_name, cfg.run_name):
                     atomic_write_json(
                         sidecar,
@@ -142,17 +140,17 @@ def export_run(cfg, paths, base, manifest: dict, say=print) -> dict:
                     )
     except VerificationFailed as e:
         write_reports(paths.root, [r for x in results for r in x.reports] + e.reports, failed=True)
-        manifest["status"] = "export_failed"
-        manifest["verification"] = {"passed": False, "report": str(paths.root / "verify.md")}
-        atomic_write_json(paths.manifest, manifest)
+        manifest.status = "export_failed"
+        manifest.verification = {"passed": False, "report": str(paths.verify_md)}
+        paths.write_manifest(manifest)
         raise
     write_reports(paths.root, results)
-    manifest["verification"] = {
+    manifest.verification = {
         "passed": True,
-        "report": str(paths.root / "verify.md"),
+        "report": str(paths.verify_md),
         "files": {Path(r.path).name: r.measures for x in results for r in x.reports},
     }
-    manifest["default_gguf"] = str(
+    manifest.default_gguf = str(
         Path(cfg.export.gguf_dir) / gguf_filename(cfg.export.name, cfg.export.default_quant, cfg.export.default_quant)
     )
     return manifest

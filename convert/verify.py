@@ -18,9 +18,15 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import llama_cpp
 import numpy as np
+import torch
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from convert.llamacpp import FLOAT_TYPES
+from convert.llamacpp import native_output_to, read_metadata
+from core.errors import EXIT_VERIFICATION, PipelineError
+from core.quants import FLOAT_TYPES
 
 # Strings that break careless tokenizer conversions: byte fallback, whitespace runs, emoji with
 # joiners, right-to-left and CJK text, digits, and the chat markers (must be single special tokens).
@@ -82,11 +88,18 @@ class FileReport:
         return [g.describe() for g in self.gates if not g.passed]
 
 
-class VerificationFailed(RuntimeError):
+class VerificationFailed(PipelineError):
+    """A GGUF failed a gate: nothing was promoted; the report is in the run folder."""
+
+    exit_code = EXIT_VERIFICATION
+
     def __init__(self, reports: list[FileReport]):
         self.reports = reports
         lines = [f"{Path(r.path).name} [{r.quant}]: failed " + "; ".join(r.failures()) for r in reports if not r.passed]
         super().__init__("verification failed, nothing was promoted:\n  " + "\n  ".join(lines))
+
+    def cli_message(self) -> str:
+        return f"error: {self}\n  the report is in the run folder (verify.md)"
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -112,9 +125,6 @@ class Reference:
     """The HF model and tokenizer the GGUF must match, with its logits computed once per text."""
 
     def __init__(self, model_dir: Path, prompts: list[str], texts: list[str], max_tokens_per_text: int = 256):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="eager")
         model.eval()
@@ -139,10 +149,6 @@ class Reference:
 
 def verify_file(ref: Reference, gguf_path: Path, quant: str, verify_cfg, log_path: Path | None = None) -> FileReport:
     """Measure one GGUF against the reference and apply the configured gates."""
-    import llama_cpp
-
-    from convert.llamacpp import native_output_to, read_metadata
-
     report = FileReport(str(gguf_path), quant)
     n_ctx = max(len(ids) for _, ids, _ in ref.sequences) + 8
     with native_output_to(log_path):
@@ -214,8 +220,6 @@ def verify_files(
     model_dir: Path, files: list[tuple[str, Path]], verify_cfg, texts: list[str], log_path: Path | None = None
 ) -> list[FileReport]:
     """Verify several GGUFs ((quant name, path) pairs) of one HF model; the reference is computed once."""
-    from tqdm import tqdm
-
     ref = Reference(model_dir, list(verify_cfg.prompts), texts, verify_cfg.max_tokens_per_text)
     reports = []
     for quant, path in tqdm(files, desc="verify", unit="file"):

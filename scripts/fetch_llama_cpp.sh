@@ -3,7 +3,8 @@
 # its own gguf-py into the current Python environment.
 #
 # Why: the converter (convert_hf_to_gguf.py + conversion/) must run with the gguf-py of the same
-# llama.cpp commit; PyPI's gguf of the same version number fails with it (../shared/GEMMA_NOTES.md).
+# llama.cpp commit; PyPI's gguf 0.19.0 carries the same version number but lacks MODEL_ARCH constants this
+# converter uses (AttributeError at import; seen with llama-cpp-python 0.3.36).
 # The llama-cpp-python sdist vendors exactly the llama.cpp tree its binding (and quantizer) is built
 # from, so one pin gives converter, gguf-py, quantizer and runtime from one commit.
 #

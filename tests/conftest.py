@@ -14,12 +14,25 @@ ROOT = Path(__file__).resolve().parent.parent
 DEMO_DATA = ROOT / "data" / "demo" / "chat.jsonl"
 DEMO_HELDOUT = ROOT / "data" / "demo" / "heldout.jsonl"
 TINY_REPO = "tiny-gemma/gemma-2-tiny"
+GEMMA_TEMPLATE = ROOT / "core" / "templates" / "gemma.jinja"
 
 
 @pytest.fixture(scope="session")
 def hf_home(tmp_path_factory) -> Path:
     """A fresh HF_HOME holding only the tiny model, built through its real CLI."""
     return build_tiny_model(tmp_path_factory.mktemp("hf_home"))
+
+
+@pytest.fixture(scope="module")
+def tok(hf_home: Path):
+    """The tiny model's tokenizer with the chat template we ship, loaded from the HF cache like a run does."""
+    from transformers import AutoTokenizer
+
+    from core.hub import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(str(resolve_model(TINY_REPO, hf_home=hf_home).path))
+    tokenizer.chat_template = GEMMA_TEMPLATE.read_text(encoding="utf-8")
+    return tokenizer
 
 
 def build_tiny_model(home: Path) -> Path:

@@ -6,7 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from train.hub import configure_cache_env
+from core.config import commented_defaults, load_config
+from core.errors import cli_exit
+from core.hub import configure_cache_env
+from core.log import setup_cli_logging
 
 EPILOG = """\
 examples:
@@ -78,14 +81,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    configure_cache_env()  # before transformers/huggingface_hub are imported
-    from train.config import commented_defaults, load_config
-
     if args.print_defaults:
         print(commented_defaults())
         return 0
-    from train.run import run
-    from train.stops import cli_exit
+    setup_cli_logging()
+    configure_cache_env()
+    # Imported only now: transformers and huggingface_hub read the cache variables once, at import time
+    # (and `--help` stays instant).
+    from train.run import run  # noqa: PLC0415
 
     return cli_exit(
         lambda: run(

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import signal
@@ -16,11 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from matplotlib.figure import Figure
 from transformers import TrainerCallback
 
-from train.artifacts import atomic_write_text
+from core.errors import NonFiniteLoss, Preempted
+from core.files import atomic_write_text
 from train.checkpoint import apply_retention, commit_checkpoint, newest_committed
-from train.stops import NonFiniteLoss, Preempted
+
+log = logging.getLogger(__name__)
 
 
 class MetricsJsonl(TrainerCallback):
@@ -73,17 +77,13 @@ def trim_metrics(path: Path, step: int) -> int:
 
 def plot_losses(metrics_path: Path, out_path: Path) -> Path | None:
     """loss.png: training loss (and eval loss when present) against the optimizer step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = read_metrics(metrics_path)
     train = [(r["step"], float(r["loss"])) for r in rows if "loss" in r]
     evals = [(r["step"], float(r["eval_loss"])) for r in rows if "eval_loss" in r]
     if not train:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    fig = Figure(figsize=(7, 4), dpi=100)  # no pyplot: no global state, no GUI backend to pick
+    ax = fig.subplots()
     ax.plot(*zip(*train, strict=True), label="train loss")
     if evals:
         ax.plot(*zip(*evals, strict=True), "o-", label="eval loss")
@@ -95,7 +95,6 @@ def plot_losses(metrics_path: Path, out_path: Path) -> Path | None:
     fig.tight_layout()
     tmp = out_path.with_name(f".{out_path.name}.tmp")  # a reader never sees half a picture
     fig.savefig(tmp, format=out_path.suffix.lstrip(".") or "png")
-    plt.close(fig)
     os.replace(tmp, out_path)
     return out_path
 
@@ -112,8 +111,8 @@ class CommitCheckpoints(TrainerCallback):
     counts folders whether committed or not and could delete the only one a resume can use.
     """
 
-    def __init__(self, identity: dict[str, Any], keep_last: int | None, say=print):
-        self.identity, self.keep_last, self.say = identity, keep_last, say
+    def __init__(self, identity: dict[str, Any], keep_last: int | None):
+        self.identity, self.keep_last = identity, keep_last
         self.eval_loss: dict[int, float | None] = {}
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
@@ -128,7 +127,7 @@ class CommitCheckpoints(TrainerCallback):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         extra = {"eval_loss": self.eval_loss[state.global_step]} if state.global_step in self.eval_loss else {}
         commit_checkpoint(folder, self.identity, args.world_size, extra)
-        apply_retention(folder.parent, self.keep_last, self.say)
+        apply_retention(folder.parent, self.keep_last)
 
 
 class NonFiniteGuard(TrainerCallback):

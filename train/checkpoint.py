@@ -15,15 +15,16 @@ removed (remove_partial), since it is known to be incomplete and keeping it woul
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
+import logging
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from train.artifacts import atomic_write_json, fsync_dir, sha256_file
+from core.files import atomic_write_json, fsync_dir, sha256_file
+
+log = logging.getLogger(__name__)
 
 COMMIT_FILE = "COMMITTED.json"
 RECORD_FORMAT = 1
@@ -60,16 +61,6 @@ def checkpoint_dirs(checkpoints: Path) -> list[Path]:
     return [p for step, p in sorted((s, p) for s, p in found if s is not None)]
 
 
-def _sync_and_hash(path: Path) -> str:
-    """sha256 of a file, after forcing its data to disk (fsync works on a read-only descriptor on Linux)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-        os.fsync(f.fileno())
-    return h.hexdigest()
-
-
 def commit_checkpoint(
     folder: Path, identity: dict[str, Any], world_size: int = 1, extra: dict[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -82,7 +73,7 @@ def commit_checkpoint(
             f"missing after the Trainer's save (save_only_model must stay off)"
         )
     files = {
-        str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sync_and_hash(p)}
+        str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": sha256_file(p, fsync=True)}
         for p in sorted(folder.rglob("*"))
         if p.is_file() and p.name != COMMIT_FILE and not p.name.endswith(".tmp")
     }
@@ -110,6 +101,28 @@ def read_record(folder: Path) -> dict[str, Any] | None:
     return record if isinstance(record, dict) and isinstance(record.get("files"), dict) else None
 
 
+def _missing_from_record(folder: Path, files: dict[str, Any], world_size: int) -> list[str]:
+    problems = []
+    for name in (*REQUIRED_FILES, *rng_files(world_size)):
+        if name not in files:
+            what = "RNG state" if name.startswith("rng_state") else "required file"
+            problems.append(f"{folder / name}: {what} not in the commit record: the run could not resume exactly")
+    return problems
+
+
+def _differing_files(folder: Path, files: dict[str, Any]) -> list[str]:
+    problems = []
+    for name, entry in files.items():
+        path = folder / name
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+        elif path.stat().st_size != entry["size"]:
+            problems.append(f"{path}: {path.stat().st_size} bytes, committed as {entry['size']} (truncated?)")
+        elif sha256_file(path) != entry["sha256"]:
+            problems.append(f"{path}: content differs from the commit record (sha256 mismatch)")
+    return problems
+
+
 def verify_checkpoint(folder: Path, world_size: int = 1) -> list[str]:
     """Problems that make folder unusable for resuming; empty when every committed file matches."""
     if not (folder / COMMIT_FILE).is_file():
@@ -120,20 +133,7 @@ def verify_checkpoint(folder: Path, world_size: int = 1) -> list[str]:
     record = read_record(folder)
     if record is None:
         return [f"{folder / COMMIT_FILE}: unreadable commit record"]
-    problems = []
-    files = record["files"]
-    for name in (*REQUIRED_FILES, *rng_files(world_size)):
-        if name not in files:
-            what = "RNG state" if name.startswith("rng_state") else "required file"
-            problems.append(f"{folder / name}: {what} not in the commit record: the run could not resume exactly")
-    for name, entry in files.items():
-        path = folder / name
-        if not path.is_file():
-            problems.append(f"{path}: missing")
-        elif path.stat().st_size != entry["size"]:
-            problems.append(f"{path}: {path.stat().st_size} bytes, committed as {entry['size']} (truncated?)")
-        elif sha256_file(path) != entry["sha256"]:
-            problems.append(f"{path}: content differs from the commit record (sha256 mismatch)")
+    problems = _missing_from_record(folder, record["files"], world_size) + _differing_files(folder, record["files"])
     if not problems:
         state = json.loads((folder / "trainer_state.json").read_text())
         if not (state.get("global_step") == record.get("step") == step_of(folder)):
@@ -159,7 +159,7 @@ def identity_mismatches(recorded: dict[str, Any], current: dict[str, Any]) -> li
     ]
 
 
-def reject(folder: Path, why: str, say=print) -> Path:
+def reject(folder: Path, why: str) -> Path:
     """Move a checkpoint that may not be resumed from to <run>/rejected/, out of every resume's way."""
     dest_dir = folder.parent.parent / "rejected"
     dest_dir.mkdir(parents=True, exist_ok=True)
@@ -168,17 +168,17 @@ def reject(folder: Path, why: str, say=print) -> Path:
     while dest.exists():
         dest, n = dest_dir / f"{folder.name}.{n}", n + 1
     folder.rename(dest)
-    say(f"warning: skipping {folder.name}: {why}; moved to {dest}")
+    log.warning(f"warning: skipping {folder.name}: {why}; moved to {dest}")
     return dest
 
 
-def choose_resume(checkpoints: Path, world_size: int = 1, say=print) -> Path | None:
+def choose_resume(checkpoints: Path, world_size: int = 1) -> Path | None:
     """The newest checkpoint whose commit record verifies; newer ones that do not are rejected."""
     for folder in reversed(checkpoint_dirs(checkpoints)):
         problems = verify_checkpoint(folder, world_size)
         if not problems:
             return folder
-        reject(folder, "; ".join(problems), say)
+        reject(folder, "; ".join(problems))
     return None
 
 
@@ -196,7 +196,7 @@ def check_explicit(folder: Path, world_size: int = 1) -> None:
         )
 
 
-def apply_retention(checkpoints: Path, keep_last: int | None, say=print) -> list[Path]:
+def apply_retention(checkpoints: Path, keep_last: int | None) -> list[Path]:
     """Delete committed checkpoints beyond the newest keep_last, keeping the best by eval loss too.
 
     The newest commit is always kept (keep_last >= 1): it is the one a resume needs. Uncommitted
@@ -204,8 +204,8 @@ def apply_retention(checkpoints: Path, keep_last: int | None, say=print) -> list
     """
     if keep_last is None:
         return []
-    committed = [(c, read_record(c)) for c in checkpoint_dirs(checkpoints)]
-    committed = [(c, r) for c, r in committed if r is not None]
+    records = [(c, read_record(c)) for c in checkpoint_dirs(checkpoints)]
+    committed = [(c, r) for c, r in records if r is not None]
     keep = {c for c, _ in committed[-keep_last:]}
     evaluated = [(r["eval_loss"], step_of(c), c) for c, r in committed if r.get("eval_loss") is not None]
     if evaluated:
@@ -219,7 +219,7 @@ def apply_retention(checkpoints: Path, keep_last: int | None, say=print) -> list
             shutil.rmtree(folder)
             removed.append(folder)
     if removed:
-        say(f"retention: removed {', '.join(p.name for p in removed)} (training.save_total_limit={keep_last})")
+        log.info(f"retention: removed {', '.join(p.name for p in removed)} (training.save_total_limit={keep_last})")
     return removed
 
 

@@ -14,35 +14,20 @@ run's checkpoints) are not subtracted. `paths.check_free_space: false` skips the
 from __future__ import annotations
 
 import errno
-import json
 import math
 import shutil
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from train.artifacts import human_size
-from train.stops import DiskSpaceError
+from safetensors import safe_open
+
+from core.config import Config
+from core.errors import DiskSpaceError
+from core.files import human_size
+from core.quants import QUANTS
+from core.runfolder import RunFolder
 
 MARGIN = 1.10
-
-# Bits per weight of each GGUF type: ggml block layouts (ggml-common.h: block_q8_0 is 34 bytes per 32
-# weights, block_q4_K 144 per 256, block_q6_K 210 per 256, ...). The *_m/_s k-quant mixes keep some
-# tensors at a higher type (llama.cpp's llama_tensor_get_type); their figures are llama.cpp's
-# measured averages, rounded up.
-BITS_PER_WEIGHT = {
-    "f32": 32.0,
-    "f16": 16.0,
-    "bf16": 16.0,
-    "q8_0": 8.5,
-    "q6_k": 6.5625,
-    "q5_k_m": 5.75,
-    "q5_k_s": 5.5,
-    "q5_0": 5.5,
-    "q4_k_m": 4.9,
-    "q4_k_s": 4.6,
-    "q4_0": 4.5,
-}
 
 # A failure during a save is blamed on a full disk when fewer bytes than this remain free: torch.save
 # reports ENOSPC only as "unexpected pos ..." from its zip writer, without an errno.
@@ -64,27 +49,24 @@ class TensorCounts:
 
 
 def tensor_counts(model_dir: Path) -> TensorCounts:
-    """Parameter counts from the safetensors headers (8-byte length, then JSON), without loading weights."""
+    """Parameter counts from the safetensors headers, without loading any weight."""
     params = embedding = size = 0
     for f in sorted(model_dir.glob("*.safetensors")):
         size += f.stat().st_size
-        with open(f, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            numel = math.prod(info["shape"])
-            params += numel
-            if "embed_tokens" in name:
-                embedding += numel
+        with safe_open(f, framework="numpy") as st:
+            for name in st.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                numel = math.prod(st.get_slice(name).get_shape())
+                params += numel
+                if "embed_tokens" in name:
+                    embedding += numel
     return TensorCounts(params, embedding, size)
 
 
 def gguf_bytes(counts: TensorCounts, quant: str, token_embedding_type: str | None) -> int:
-    bits = counts.params * BITS_PER_WEIGHT[quant]
-    if token_embedding_type and quant not in ("f32", "f16", "bf16"):
-        bits += counts.embedding_params * max(0.0, BITS_PER_WEIGHT[token_embedding_type] - BITS_PER_WEIGHT[quant])
+    bits = counts.params * QUANTS[quant].bits_per_weight
+    if token_embedding_type and not QUANTS[quant].is_float:
+        extra = QUANTS[token_embedding_type].bits_per_weight - QUANTS[quant].bits_per_weight
+        bits += counts.embedding_params * max(0.0, extra)
     return int(bits / 8)
 
 
@@ -201,7 +183,7 @@ def is_disk_full(exc: BaseException, folder: Path) -> bool:
         return False
 
 
-def preflight(cfg, paths, base_dir: Path, model, n_examples: int, evaluating: bool) -> str | None:
+def preflight(cfg: Config, paths: RunFolder, base_dir: Path, model, n_examples: int, evaluating: bool) -> str | None:
     """The run's disk check (None when paths.check_free_space is off); raises DiskSpaceError."""
     if not cfg.paths.check_free_space:
         return None

@@ -16,14 +16,21 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
-from train.artifacts import sha256_file
-from train.hub import default_hf_home, hub_cache_dir, repo_folder_name
+import sentencepiece as spm
+import torch
+from transformers import AutoTokenizer, Gemma2Config, Gemma2ForCausalLM
+
+from core.files import sha256_file
+from core.hub import default_hf_home, hub_cache_dir, repo_folder_name
+from core.tokenizer import fix_tokenizer_config
 
 TINY_REPO_ID = "tiny-gemma/gemma-2-tiny"
 
@@ -36,8 +43,9 @@ TURN_MARKER_IDS = {m: 4 + i for i, m in enumerate(TURN_MARKERS)}
 
 # Shapes: every width a multiple of 256 so llama.cpp's k-quants (256-wide blocks) apply to every
 # matrix, as they do on the 2B (hidden 2304 = 9 x 256). query_pre_attn_scalar must equal head_dim:
-# llama.cpp scales attention by 1/sqrt(head_dim) for this architecture (GEMMA_NOTES.md).
-TINY_CONFIG = dict(
+# llama.cpp scales attention by 1/sqrt(head_dim) for this architecture (llama.cpp's
+# llm_build_gemma2: kq_scale = 1/sqrt(n_embd_head_k); transformers uses query_pre_attn_scalar**-0.5).
+TINY_CONFIG: dict[str, Any] = dict(
     hidden_size=256,
     intermediate_size=512,
     num_hidden_layers=4,
@@ -84,10 +92,6 @@ def _tokenizer_corpus(data_file: Path | None) -> list[str]:
 
 def train_tokenizer(out_dir: Path, data_file: Path | None, vocab_size: int = 768) -> Path:
     """Train a Gemma-style SentencePiece BPE model into out_dir/tokenizer.model."""
-    import io
-
-    import sentencepiece as spm
-
     # model_writer instead of model_prefix: the prefix (a temp path) would be stored in the model's
     # trainer spec and make every build's bytes differ.
     model = io.BytesIO()
@@ -122,8 +126,6 @@ def train_tokenizer(out_dir: Path, data_file: Path | None, vocab_size: int = 768
 
 def write_tokenizer_files(folder: Path) -> None:
     """Create tokenizer.json/tokenizer_config.json from folder/tokenizer.model the way Gemma ships them."""
-    from transformers import AutoTokenizer
-
     special = [SPECIAL_PIECES[k] for k in ("pad", "eos", "bos", "unk")] + TURN_MARKERS
     config = {
         "tokenizer_class": "GemmaTokenizer",
@@ -138,41 +140,13 @@ def write_tokenizer_files(folder: Path) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     tok = AutoTokenizer.from_pretrained(str(folder))
     tok.save_pretrained(str(folder))
-    fix_tokenizer_config(folder, {tok.convert_tokens_to_ids(t): t for t in special})
-
-
-def fix_tokenizer_config(folder: Path, special_tokens: dict[int, str]) -> None:
-    """Restore the keys transformers 5's save_pretrained drops but llama.cpp's converter reads.
-
-    Without `add_bos_token` the GGUF does not add <bos>; without `added_tokens_decoder` marking the
-    turn markers special, llama.cpp tokenizes "<start_of_turn>" as plain text (GEMMA_NOTES.md).
-    """
-    path = folder / "tokenizer_config.json"
-    config = json.loads(path.read_text())
-    config["add_bos_token"] = True
-    config["add_eos_token"] = False
-    config["added_tokens_decoder"] = {
-        str(i): {
-            "content": t,
-            "lstrip": False,
-            "normalized": False,
-            "rstrip": False,
-            "single_word": False,
-            "special": True,
-        }
-        for i, t in sorted(special_tokens.items())
-    }
-    config.pop("vocab_file", None)  # an absolute temp path is meaningless once copied
-    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    fix_tokenizer_config(folder, {tok.get_vocab()[t]: t for t in special})
 
 
 def build_weights(folder: Path, vocab_size: int, seed: int) -> None:
-    import torch
-    from transformers import Gemma2Config, Gemma2ForCausalLM
-
     config = Gemma2Config(vocab_size=vocab_size, **TINY_CONFIG)
     torch.manual_seed(seed)
-    model = Gemma2ForCausalLM(config).to(torch.float32)
+    model = Gemma2ForCausalLM(config).float()
     model.generation_config.eos_token_id = [1, TURN_MARKER_IDS["<end_of_turn>"]]
     model.save_pretrained(str(folder), safe_serialization=True)
 
@@ -221,8 +195,6 @@ def build(
         staging = Path(tmp)
         train_tokenizer(staging, data_file)
         write_tokenizer_files(staging)
-        import sentencepiece as spm
-
         vocab_size = spm.SentencePieceProcessor(model_file=str(staging / "tokenizer.model")).vocab_size()
         build_weights(staging, vocab_size, seed)
         snapshot = store_in_hub_cache(staging, hub_dir, repo_id)

@@ -1,0 +1,59 @@
+"""The closing summary of a run: where each artifact is, the verification table, the demo prompt answered."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from convert.chat import answer
+from core.config import Config
+from core.files import human_size
+from core.runfolder import Manifest, RunFolder
+
+log = logging.getLogger(__name__)
+
+
+def _answers(cfg: Config, manifest: Manifest) -> list[str]:
+    """The demo prompt answered by the base and the fine-tuned GGUF through llama.cpp."""
+    prompt = cfg.verify.demo_prompt
+    gguf = manifest.artifacts.get("gguf", {})
+    default = cfg.export.default_quant
+    if not prompt or "finetuned" not in gguf:
+        return []
+    lines = ["", f"--- prompt (through llama.cpp, {default}): {prompt!r}"]
+    replies = {}
+    for label in ("base", "finetuned"):
+        entry = gguf.get(label, {}).get(default)
+        if entry and Path(entry["path"]).is_file():
+            replies[label] = answer(Path(entry["path"]), prompt)
+            shown = repr(replies[label])
+            lines.append(f"    {label:>9}: {shown if len(shown) <= 100 else shown[:60] + ' ... ' + shown[-30:]}")
+    if cfg.verify.demo_expected and "finetuned" in replies:
+        same = replies["finetuned"].strip() == cfg.verify.demo_expected.strip()
+        lines.append(f"    fine-tuned answer {'matches' if same else 'DOES NOT match'} the training target")
+    return lines
+
+
+def print_summary(paths: RunFolder, cfg: Config, manifest: Manifest) -> None:
+    art = manifest.artifacts
+    lines = ["", f"=== run {cfg.run_name}: {manifest.status}", f"run folder:   {paths.root}"]
+    if "adapter" in art:
+        size = sum(f["size"] for f in art["adapter"]["files"].values())
+        lines.append(f"adapter:      {art['adapter']['path']} ({human_size(size)})")
+    if "merged" in art:
+        size = sum(f["size"] for f in art["merged"]["files"].values())
+        lines.append(f"merged model: {art['merged']['path']} ({human_size(size)})")
+    for label, files in art.get("gguf", {}).items():
+        for quant, entry in files.items():
+            lines.append(f"GGUF {label:>9} {quant:>7}: {entry['path']} ({human_size(entry['size'])})")
+    t = manifest.training or {}
+    if art.get("loss_plot") and t.get("first_logged_loss") is not None:
+        lines.append(
+            f"loss:         {t['first_logged_loss']:.4g} -> {t['last_logged_loss']:.4g} "
+            f"({t.get('global_step')} steps; curve {art['loss_plot']})"
+        )
+    verify_md = paths.verify_md
+    if verify_md.is_file():
+        lines += ["", verify_md.read_text().strip()]
+    lines += _answers(cfg, manifest)
+    log.info("\n".join(lines))

@@ -1,0 +1,151 @@
+"""Errors a user can act on, each carrying the exit status the CLIs return for it.
+
+`python -m train --help` and `python -m convert --help` list the statuses. Anything that is not a
+PipelineError (or an interrupt) is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+EXIT_INVALID = 2
+EXIT_VERIFICATION = 3
+EXIT_LLAMA_CPP = 4
+EXIT_NONFINITE = 5
+EXIT_DISK_SPACE = 6
+EXIT_LOCKED = 75  # EX_TEMPFAIL (sysexits.h): "temporary failure, the user is invited to retry"
+EXIT_SIGINT = 128 + signal.SIGINT
+
+
+class PipelineError(RuntimeError):
+    """Base of every error whose message says what went wrong and how to fix it."""
+
+    exit_code = 1
+
+    def cli_message(self) -> str:
+        return f"error: {self}"
+
+
+class InvalidInput(PipelineError):
+    """Config, data, model or paths are not usable as given: nothing was trained or promoted."""
+
+    exit_code = EXIT_INVALID
+
+
+class ConfigError(InvalidInput, ValueError):
+    """A config file or override is invalid; the message lists every problem."""
+
+
+class ModelNotFoundError(InvalidInput):
+    """The configured base model is not in the local cache and may not be downloaded."""
+
+
+class RunError(InvalidInput):
+    """The run cannot proceed as configured; the message says why and what to do."""
+
+
+class DataError(InvalidInput, ValueError):
+    """Invalid training data; `problems` holds one `file:line: field: reason` line each."""
+
+    def __init__(self, problems: list[str], hint: str = ""):
+        self.problems = problems
+        shown = problems[:50]
+        more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
+        tail = f"\n  {hint}" if hint else ""
+        super().__init__(f"{len(problems)} data problem(s):\n  " + "\n  ".join(shown) + more + tail)
+
+
+class LlamaCppError(PipelineError):
+    """The llama.cpp tooling is missing, mismatched, or a conversion step failed."""
+
+    exit_code = EXIT_LLAMA_CPP
+
+
+class RunStopped(PipelineError):
+    """The run stopped on purpose; the last committed checkpoint is intact and a rerun resumes from it."""
+
+
+class Preempted(RunStopped):
+    """SIGTERM/SIGINT arrived: the step finished and a checkpoint was committed. Exit 128 + signal."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path | None):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        self.exit_code = 128 + signum
+        where = f"{checkpoint.name} is committed" if checkpoint else "no checkpoint could be committed"
+        super().__init__(
+            f"stopped by {signal.Signals(signum).name} after step {step}; {where}.\n  run the same command to resume"
+        )
+
+    def cli_message(self) -> str:  # not an error: the run stopped as asked and can resume
+        return str(self)
+
+
+class NonFiniteLoss(RunStopped):
+    """A step's loss or gradient norm was NaN/inf; its update was not applied."""
+
+    exit_code = EXIT_NONFINITE
+
+    def __init__(self, step: int, details: dict):
+        self.step, self.details = step, details
+        super().__init__(
+            f"non-finite training signal at step {step}: loss {details['loss']}, gradient norm "
+            f"{details['grad_norm']}. The optimizer step was NOT applied; no checkpoint was written for it.\n"
+            f"  fix: lower training.learning_rate, check the data around this step, or use bf16 instead of "
+            f"fp16; then run the same command to resume from the last committed checkpoint, or --fresh"
+        )
+
+
+class DiskSpaceError(RunStopped):
+    """Too little free space for what the run will write, or the disk filled up during a save."""
+
+    exit_code = EXIT_DISK_SPACE
+
+
+class LockHeld(RunStopped):
+    """Another process holds the run folder or the promotion target."""
+
+    exit_code = EXIT_LOCKED
+
+    def __init__(self, what: str, lock_file: Path, holder: dict):
+        self.holder = holder
+        who = (
+            (
+                f"pid {holder.get('pid')} (run '{holder.get('run_name')}' on {holder.get('host')}, "
+                f"since {holder.get('since')})"
+            )
+            if holder.get("pid")
+            else "another process (holder not recorded yet)"
+        )
+        super().__init__(
+            f"{what} is in use by {who}; lock file {lock_file}.\n"
+            f"  fix: wait for it to finish, or stop it (kill {holder.get('pid', '<pid>')}); a stopped or killed "
+            f"holder releases the lock at once, nothing needs deleting"
+        )
+
+
+def exit_status(e: BaseException) -> tuple[int, str] | None:
+    """(exit status, message) for an error the user can act on, or None for a bug (let it raise)."""
+    if isinstance(e, PipelineError):
+        return e.exit_code, e.cli_message()
+    if isinstance(e, KeyboardInterrupt):  # Ctrl-C outside the training loop (inside, StopOnSignal handles it)
+        return EXIT_SIGINT, "interrupted"
+    return None
+
+
+def cli_exit(call: Callable[[], object]) -> int:
+    """Run a CLI command and return its exit status: the command's own int (0 if it returns none), or
+    the status of an error a user can act on, whose message is logged. Other errors raise."""
+    try:
+        result = call()
+    except BaseException as e:
+        status = exit_status(e)
+        if status is None:
+            raise
+        log.error(status[1])
+        return status[0]
+    return result if isinstance(result, int) else 0

@@ -1,0 +1,128 @@
+"""Writing artifacts so that a reader never sees half a file; hashing and sizing them."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+def sha256_file(path: Path, fsync: bool = False) -> str:
+    """sha256 of a file; with fsync, its data is forced to disk first (fsync works on a read-only descriptor
+    on Linux), so a record of the hash never outlives the bytes it describes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+        if fsync:
+            os.fsync(f.fileno())
+    return h.hexdigest()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish_mode(path: Path, directory: bool = False) -> None:
+    """mkstemp/mkdtemp create private (0600/0700) entries; give finished artifacts the usual mode."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a folder's entries (new or renamed files) durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _staged_file(dst: Path) -> Iterator[Path]:
+    """Yield a temporary path beside dst; when the block succeeds, fsync it, give it the usual mode and
+    rename it over dst (then fsync the folder): readers see the old file or the new one, never half."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        _publish_mode(tmp)
+        os.replace(tmp, dst)
+        fsync_dir(dst.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    with _staged_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def atomic_copy_file(src: Path, dst: Path) -> None:
+    with _staged_file(dst) as tmp:
+        shutil.copyfile(src, tmp)
+
+
+def atomic_replace_dir(src: Path, dst: Path) -> None:
+    """Copy folder src to dst as a whole: staged beside dst, then swapped in by rename."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}."))
+    try:
+        shutil.copytree(src, stage, dirs_exist_ok=True)
+        _publish_mode(stage, directory=True)
+        old = dst.with_name(f".{dst.name}.old")
+        if dst.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            dst.rename(old)
+        stage.rename(dst)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
+def move_into_place(src: Path, dst: Path) -> None:
+    """Move a finished file into place atomically, across file systems (Docker volumes) too."""
+    try:
+        os.replace(src, dst)  # same file system: one atomic rename
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+        atomic_copy_file(src, dst)  # another file system: temporary name beside dst, fsync, rename
+        src.unlink()
+        return
+    fsync_dir(dst.parent)  # make the rename durable before the manifest names the file
+
+
+def hash_tree(folder: Path) -> dict[str, dict[str, Any]]:
+    """{relative path: {size, sha256}} for every file under folder."""
+    return {
+        str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": sha256_file(p)}
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"

@@ -1,0 +1,85 @@
+"""Where models live: the Hugging Face cache under models/.cache, and resolving a model in it offline.
+
+The cache layout is huggingface_hub's own (`$HF_HOME/hub/models--ORG--NAME/snapshots/<rev>/`), so a
+model downloaded with `hf download` on a connected machine, or copied in a volume, is found as is.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from core.errors import ModelNotFoundError
+
+# models/.cache holds every cache the stack keeps (see models/README.md); HF_HOME is one of them.
+MODELS_CACHE = Path("models/.cache")
+CACHE_ENV = {
+    "HF_HOME": "huggingface",
+    "HF_DATASETS_CACHE": "datasets",
+    "TORCH_HOME": "torch",
+}
+
+
+def configure_cache_env(cache_root: Path = MODELS_CACHE) -> None:
+    """Point the HF/torch caches into models/.cache unless the environment already chose (Docker does).
+
+    Must run before huggingface_hub is imported: it reads these variables once, at import time.
+    """
+    for var, sub in CACHE_ENV.items():
+        os.environ.setdefault(var, str((cache_root / sub).resolve()))
+
+
+def default_hf_home() -> Path:
+    return Path(os.environ.get("HF_HOME") or MODELS_CACHE / "huggingface")
+
+
+def hub_cache_dir(hf_home: Path) -> Path:
+    return Path(hf_home) / "hub"
+
+
+def repo_folder_name(repo_id: str) -> str:
+    """huggingface_hub's folder name for a model repo: 'google/gemma-2-2b' -> 'models--google--gemma-2-2b'."""
+    return "models--" + repo_id.replace("/", "--")
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model located on disk: the folder to load, and what to record about where it came from."""
+
+    path: Path
+    repo_id: str | None  # None for a plain local folder
+    revision: str | None  # commit hash of the snapshot
+
+
+def resolve_model(name_or_path: str, revision: str = "main", hf_home: Path | None = None) -> ResolvedModel:
+    """Find a model folder offline: a local directory, or a repo id in the HF hub cache.
+
+    Raises ModelNotFoundError naming the path searched and the command that fills the cache.
+    """
+    local = Path(name_or_path)
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ModelNotFoundError(f"{local} is a folder but has no config.json: not a Hugging Face model folder")
+        return ResolvedModel(local.resolve(), None, None)
+
+    hub = hub_cache_dir(hf_home or default_hf_home())
+    repo_dir = hub / repo_folder_name(name_or_path)
+    commit: str | None
+    if re.fullmatch(r"[0-9a-f]{40}", revision):
+        commit = revision
+    else:
+        ref = repo_dir / "refs" / revision
+        commit = ref.read_text().strip() if ref.is_file() else None
+    snapshot = repo_dir / "snapshots" / commit if commit else None
+    if snapshot is None or not (snapshot / "config.json").exists():
+        raise ModelNotFoundError(
+            f"model '{name_or_path}' (revision {revision}) is not in the Hugging Face cache.\n"
+            f"  searched: {repo_dir.resolve()}\n"
+            f"  fix: on a machine with network access (and the model's licence accepted), run\n"
+            f"       HF_HOME={hub.parent.resolve()} hf download {name_or_path} --revision {revision}\n"
+            f"     then copy {hub.parent} here (or into the training_models_cache volume).\n"
+            f"  For the offline demo model, run: python -m train.tiny_model"
+        )
+    return ResolvedModel(snapshot, name_or_path, commit)

@@ -1,0 +1,491 @@
+"""One record -> validated, rendered token ids and labels (what the loss sees).
+
+How each format becomes tokens (docs/data.md shows each with an example):
+- messages: rendered with the tokenizer's chat template (core/templates/gemma.jinja by default). With
+  `assistant_only_loss` the loss covers each assistant turn's content and its `<end_of_turn>\\n`, so the model
+  learns to stop; never the `<start_of_turn>model\\n` header, user text, tool results or the system text.
+  Assistant tool calls become the assistant's text, `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`,
+  the form the model writes them in; tool results render as a user-side turn (see the template).
+- prompt_completion: prompt text, then completion text + <eos>; with `completion_only_loss` the loss covers
+  the completion and <eos> only.
+- text: the text + <eos>, all of it supervised (completion-style pretraining text).
+Every example starts with exactly one <bos>, never supervised, whatever the template and tokenizer add.
+
+The rendered text is tokenized in pieces cut at the supervised spans: the prompt side is tokenized exactly as
+an application tokenizes it at inference (ending in the `<start_of_turn>model\\n` header), so no token
+straddles the boundary between what the model is given and what it must produce.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jinja2
+from transformers.utils.chat_template_utils import _compile_jinja_template
+
+from core.records.sources import json_error, json_type
+
+IGNORE_INDEX = -100  # labels the loss skips (torch CrossEntropyLoss ignore_index)
+TEMPLATES = Path(__file__).resolve().parent.parent / "templates"  # core/templates: the chat templates we ship
+FORMATS = ("messages", "prompt_completion", "text")
+ROLES = ("system", "user", "assistant", "tool")
+
+TextCheck = Callable[[str, str], None]  # (text, field) -> None; raises RecordProblem when the text is unusable
+
+
+class RecordProblem(Exception):
+    """One record is invalid; `field` and `reason` become `file:line: field: reason`."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"{field}: {reason}")
+        self.field, self.reason = field, reason
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    max_seq_length: int
+    system_message: str = "merge"  # merge | keep | error (config.DataSection.system_message)
+    assistant_only_loss: bool = True
+    completion_only_loss: bool = True
+
+
+@dataclass
+class Rendered:
+    input_ids: list[int]
+    labels: list[int]
+    length: int  # tokens before truncation
+    truncated: bool
+
+
+# ----------------------------------------------------------------------------- record checks
+
+
+def not_a_string(field: str, value: Any) -> RecordProblem:
+    return RecordProblem(field, "missing" if value is None else f"must be a string, got {json_type(value)}")
+
+
+def record_format(record: dict[str, Any], declared: str) -> str:
+    """The record's format: the declared one (whose fields must be there), or detected from its keys."""
+    present = {k for k in ("messages", "prompt", "completion", "text") if record.get(k) is not None}
+    if declared != "auto":
+        needed = {"messages": ("messages",), "prompt_completion": ("prompt", "completion"), "text": ("text",)}
+        missing = [k for k in needed[declared] if k not in present]
+        if missing:
+            raise RecordProblem(
+                missing[0], f"missing (the source declares format: {declared}; the record has keys {sorted(record)})"
+            )
+        return declared
+    if "messages" in present:
+        return "messages"
+    if "prompt" in present or "completion" in present:
+        return "prompt_completion"
+    if "text" in present:
+        return "text"
+    raise RecordProblem("(record)", f"no 'messages', 'prompt'/'completion' or 'text' field (keys: {sorted(record)})")
+
+
+def message_text(content: Any, field: str) -> str | None:
+    """A message's content as text: a string, or OpenAI-style parts [{"type": "text", "text": ...}]."""
+    if content is None or isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part, dict) else json_type(part)
+                raise RecordProblem(
+                    f"{field}[{j}]", f"only text parts are supported ({{'type': 'text', 'text': ...}}), got {kind!r}"
+                )
+            texts.append(part["text"])
+        return "".join(texts)
+    raise RecordProblem(field, f"must be a string, got {json_type(content)}")
+
+
+def call_arguments(args: Any, field: str) -> dict[str, Any]:
+    """A tool call's arguments as an object; the OpenAI wire format carries them as JSON text."""
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except json.JSONDecodeError as e:
+            raise RecordProblem(field, f"not valid JSON: {json_error(e)}") from None
+    if not isinstance(args, dict):
+        raise RecordProblem(field, f"must be an object (or JSON text of one), got {json_type(args)}")
+    return args
+
+
+def tool_call_text(call: Any, where: str) -> str:
+    """One OpenAI-style tool call as the text the model writes (the module docstring shows the form)."""
+    if not isinstance(call, dict):
+        raise RecordProblem(where, f"must be an object, got {json_type(call)}")
+    fn = call.get("function", call)  # OpenAI nests name/arguments under "function"; flat is accepted too
+    if "function" in call:
+        where += ".function"
+        if not isinstance(fn, dict):
+            raise RecordProblem(where, f"must be an object, got {json_type(fn)}")
+    name = fn.get("name")
+    if not isinstance(name, str):
+        raise not_a_string(f"{where}.name", name)
+    if not name.strip():
+        raise RecordProblem(f"{where}.name", "is empty")
+    args = call_arguments(fn.get("arguments", {}), f"{where}.arguments")
+    return "<tool_call>" + json.dumps({"name": name, "arguments": args}, ensure_ascii=False) + "</tool_call>"
+
+
+def tool_calls_text(calls: Any, field: str) -> tuple[str, set[str]]:
+    """OpenAI-style tool calls as the text the model writes, and the calls' ids."""
+    if not isinstance(calls, list):
+        raise RecordProblem(field, f"must be an array, got {json_type(calls)}")
+    texts = [tool_call_text(call, f"{field}[{j}]") for j, call in enumerate(calls)]
+    if not texts:
+        raise RecordProblem(field, "is empty")
+    ids = {call["id"] for call in calls if isinstance(call.get("id"), str)}
+    return "\n".join(texts), ids
+
+
+class Turn(NamedTuple):
+    """One message, valid on its own: what the template gets, whether the loss covers it, its tool calls' ids."""
+
+    message: dict[str, str]  # {"role": ..., "content": ...}
+    trained: bool
+    call_ids: set[str]  # ids of an assistant message's tool calls (empty otherwise)
+
+
+def message_content(m: dict[str, Any], role: str, field: str, check_text: TextCheck) -> tuple[str, set[str]]:
+    """The text a message gives the template (its content, then its tool calls), and the tool calls' ids."""
+    content = message_text(m.get("content"), f"{field}.content")
+    if content is not None:
+        check_text(content, f"{field}.content")
+    ids: set[str] = set()
+    if m.get("tool_calls") not in (None, []):  # Parquet/Arrow fill a missing key with null
+        if role != "assistant":
+            raise RecordProblem(f"{field}.tool_calls", f"only assistant messages carry tool calls, not '{role}'")
+        calls, ids = tool_calls_text(m["tool_calls"], f"{field}.tool_calls")
+        check_text(calls, f"{field}.tool_calls")
+        text = (content or "").strip()
+        content = text + "\n" + calls if text else calls
+    if content is None:
+        raise RecordProblem(f"{field}.content", "missing" + (" (and no tool_calls)" if role == "assistant" else ""))
+    return content, ids
+
+
+def checked_message(m: Any, field: str, check_text: TextCheck) -> Turn:
+    """One message on its own: role, content, tool calls, weight (its place in the conversation is checked later)."""
+    if not isinstance(m, dict):
+        raise RecordProblem(field, f"must be an object with 'role' and 'content', got {json_type(m)}")
+    role = m.get("role")
+    if not isinstance(role, str):
+        raise not_a_string(f"{field}.role", role)
+    if role not in ROLES:
+        raise RecordProblem(f"{field}.role", f"'{role}' is not one of {', '.join(ROLES)}")
+    content, ids = message_content(m, role, field, check_text)
+    if role == "assistant" and not content.strip():
+        raise RecordProblem(f"{field}.content", "assistant message is empty")
+    weight = m.get("weight")
+    if weight is not None and (role != "assistant" or weight not in (0, 1) or isinstance(weight, bool)):
+        raise RecordProblem(f"{field}.weight", "only assistant messages take a weight, and it must be 0 or 1")
+    return Turn({"role": role, "content": content}, role == "assistant" and weight != 0, ids)
+
+
+def check_tool_call_id(call_id: Any, field: str, earlier: list[Turn]) -> None:
+    """A tool result's tool_call_id names a call of the latest assistant message, when that message's calls
+    have ids (a tool result without tool_call_id, or answering calls without ids, is taken as it is)."""
+    if not isinstance(call_id, str):
+        return
+    asked = next((k for k in range(len(earlier) - 1, -1, -1) if earlier[k].message["role"] == "assistant"), None)
+    if asked is not None and earlier[asked].call_ids and call_id not in earlier[asked].call_ids:
+        raise RecordProblem(
+            f"{field}.tool_call_id",
+            f"'{call_id}' matches no tool call of the assistant message at index {asked} "
+            f"(ids: {', '.join(sorted(earlier[asked].call_ids))})",
+        )
+
+
+def opens_with_system(turns: list[Turn], system_message: str) -> bool:
+    """Whether the first message is a system message, which data.system_message=error rejects."""
+    if turns[0].message["role"] != "system":
+        return False
+    if system_message == "error":
+        raise RecordProblem(
+            "messages[0].role",
+            "system messages are rejected (data.system_message=error); remove it, or set data.system_message=merge",
+        )
+    return True
+
+
+def turn_order_problem(role: str, i: int, prev_role: str | None, prev_i: int) -> str | None:
+    """Why message `i` (of `role`) cannot follow message `prev_i` (of `prev_role`; None: it opens the
+    conversation), or None when it can."""
+    if role == "system":
+        return "'system' is only allowed as the first message"
+    if prev_role is None and role != "user":
+        return f"the conversation must start with a user message (after an optional system message), got '{role}'"
+    if prev_role == role and role in ("user", "assistant"):
+        return f"two consecutive {role} messages at index {prev_i} and {i}"
+    if role == "tool" and prev_role not in ("assistant", "tool"):
+        return (
+            f"a tool result must follow the assistant message that called the tool (or another tool result), "
+            f"not '{prev_role}' at index {prev_i}"
+        )
+    if role == "user" and prev_role == "tool":
+        return f"a user message cannot follow the tool result at index {prev_i}: the assistant answers tool results"
+    return None
+
+
+def check_turn_order(turns: list[Turn], start: int) -> None:
+    """The messages from `start` (after an optional system message) alternate user and assistant, tool results
+    following the assistant message that called the tool, and end with an assistant message."""
+    if start == len(turns):
+        raise RecordProblem("messages", "has only a system message")
+    prev_role, prev_i = None, -1
+    for i in range(start, len(turns)):
+        role = turns[i].message["role"]
+        problem = turn_order_problem(role, i, prev_role, prev_i)
+        if problem:
+            raise RecordProblem(f"messages[{i}].role", problem)
+        prev_role, prev_i = role, i
+    if prev_role != "assistant":
+        raise RecordProblem(
+            f"messages[{prev_i}].role",
+            f"the last message must be from the assistant (nothing to learn otherwise), got '{prev_role}'",
+        )
+
+
+def merge_system(msgs: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The conversation with its system message merged into the first user message.
+
+    Gemma has no system role. Merged the way the template (and llama.cpp's built-in Gemma formatter) merges
+    one at inference: "<system>\\n\\n<first user message>"."""
+    system, first = msgs[0]["content"].strip(), msgs[1]
+    if not system:
+        return msgs[1:]
+    return [{"role": "user", "content": system + "\n\n" + first["content"].strip()}, *msgs[2:]]
+
+
+def normalize_messages(
+    messages: Any, system_message: str, check_text: TextCheck = lambda text, field: None
+) -> tuple[list[dict[str, str]], list[bool]]:
+    """Validate an OpenAI-style conversation; return {role, content} messages for the template and, per
+    message, whether the loss covers it. Raises RecordProblem naming the message index and the rule.
+    `check_text(text, field)` vets every text that reaches the template."""
+    if not isinstance(messages, list):
+        raise RecordProblem("messages", f"must be an array of messages, got {json_type(messages)}")
+    if not messages:
+        raise RecordProblem("messages", "is empty")
+    turns: list[Turn] = []
+    for i, m in enumerate(messages):
+        turn = checked_message(m, f"messages[{i}]", check_text)
+        if turn.message["role"] == "tool":
+            check_tool_call_id(m.get("tool_call_id"), f"messages[{i}]", turns)
+        turns.append(turn)
+    start = 1 if opens_with_system(turns, system_message) else 0
+    check_turn_order(turns, start)
+    msgs, trained = [t.message for t in turns], [t.trained for t in turns]
+    if start and system_message == "merge":
+        return merge_system(msgs), trained[1:]
+    return msgs, trained
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+def with_single_bos(ids: list[int], labels: list[int], bos: int) -> tuple[list[int], list[int]]:
+    """Exactly one <bos>, first, never supervised.
+
+    Gemma's official chat template opens with `{{ bos_token }}` (as core/templates/gemma.jinja does) and its
+    tokenizer adds <bos> too (transformers' GemmaTokenizer, add_bos_token=True): two <bos> where the model was
+    trained on one, with no error anywhere. transformers' chat templating guide (docs/source/en/chat_templating.md)
+    warns that special tokens added to a rendered template are "incorrect or duplicated, which will hurt model
+    performance"; llama.cpp warns at inference that "the final prompt starts with 2 BOS tokens"
+    (src/llama-vocab.cpp)."""
+    k = 0
+    while k < len(ids) and ids[k] == bos:
+        k += 1
+    return [bos] + ids[k:], [IGNORE_INDEX] + labels[k:]
+
+
+def compile_template(text: str):
+    """The chat template, compiled to render exactly what tokenizer.apply_chat_template renders.
+
+    A model's own template is untrusted code: it runs in transformers' sandboxed environment, as
+    apply_chat_template runs it. This repository's templates (core/templates) are trusted and run in a plain
+    jinja environment configured like transformers' (trim_blocks, lstrip_blocks, loopcontrols,
+    raise_exception, its tojson): the same text at half the cost, the sandbox's per-attribute checks being
+    most of the data stage's time. tests/unit/test_data_render.py compares both with apply_chat_template.
+    """
+    if text not in {p.read_text(encoding="utf-8") for p in TEMPLATES.glob("*.jinja")}:
+        return _compile_jinja_template(text)
+
+    def raise_exception(message):
+        raise jinja2.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(text)
+
+
+class Renderer:
+    """Renders records with one tokenizer and chat template; picklable (for `datasets.map(num_proc=...)`)."""
+
+    def __init__(self, tokenizer, opts: RenderOptions):
+        if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no <bos> or <eos> token")
+        self.tokenizer = tokenizer
+        self.opts = opts
+        self.bos, self.eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+        self.template_kwargs = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
+        special = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+        special |= set(tokenizer.all_special_tokens)
+        # Longest first, so '<start_of_turn>' is reported rather than a shorter token inside it.
+        self.control = re.compile("|".join(re.escape(t) for t in sorted(special, key=len, reverse=True)))
+        self._template = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_template": None}  # a compiled jinja template does not pickle
+
+    def template(self):
+        if self._template is None:
+            if not self.tokenizer.chat_template:
+                raise ValueError("the tokenizer has no chat template (model.chat_template)")
+            self._template = compile_template(self.tokenizer.chat_template)
+        return self._template
+
+    def chat_text(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+        try:
+            return self.template().render(
+                messages=messages, add_generation_prompt=add_generation_prompt, **self.template_kwargs
+            )
+        except jinja2.TemplateError as e:
+            raise RecordProblem("messages", f"the chat template rejected the conversation: {e}") from None
+
+    def check_text(self, text: str, field: str) -> None:
+        hit = self.control.search(text)
+        if hit:
+            raise RecordProblem(
+                field,
+                f"contains the control token '{hit.group()}' as text (the tokenizer would read "
+                f"it as a marker, not text); remove or escape it",
+            )
+
+    def plan(self, record: dict[str, Any], declared: str) -> tuple[list[str], list[bool], bool]:
+        """Text pieces, whether the loss covers each, and whether <eos> follows."""
+        fmt = record_format(record, declared)
+        if fmt == "messages":
+            msgs, trained = normalize_messages(record["messages"], self.opts.system_message, self.check_text)
+            return self.plan_chat(msgs, trained)
+        if fmt == "prompt_completion":
+            prompt, completion = record.get("prompt"), record.get("completion")
+            if not isinstance(prompt, str):
+                raise not_a_string("prompt", prompt)
+            if not isinstance(completion, str):
+                raise not_a_string("completion", completion)
+            if not completion.strip():
+                raise RecordProblem("completion", "is empty")
+            self.check_text(prompt, "prompt")
+            self.check_text(completion, "completion")
+            return [prompt, completion], [not self.opts.completion_only_loss, True], True
+        text = record["text"]
+        if not isinstance(text, str):
+            raise RecordProblem("text", f"must be a string, got {json_type(text)}")
+        if not text.strip():
+            raise RecordProblem("text", "is empty")
+        self.check_text(text, "text")
+        return [text], [True], True
+
+    def plan_chat(self, msgs: list[dict[str, str]], trained: list[bool]) -> tuple[list[str], list[bool], bool]:
+        text = self.chat_text(msgs)
+        if not self.opts.assistant_only_loss:
+            return [text], [True], False
+        # Assistant turn i is the text between the rendering of msgs[:i] with the generation prompt (which ends
+        # in the model header) and the rendering of msgs[:i+1]; this holds for any prefix-stable template.
+        spans = []
+        for i, m in enumerate(msgs):
+            if m["role"] != "assistant" or not trained[i]:
+                continue
+            before = self.chat_text(msgs[:i], add_generation_prompt=True)
+            upto = text if i == len(msgs) - 1 else self.chat_text(msgs[: i + 1])
+            if not (text.startswith(upto) and upto.startswith(before)):
+                raise RecordProblem(
+                    "messages",
+                    "the chat template does not render the start of this conversation "
+                    "as the start of the whole, so assistant turns cannot be located "
+                    "(check model.chat_template)",
+                )
+            spans.append((len(before), len(upto)))
+        pieces, flags, pos = [], [], 0
+        for s, e in spans:
+            pieces += [text[pos:s], text[s:e]]
+            flags += [False, True]
+            pos = e
+        pieces.append(text[pos:])
+        flags.append(False)
+        return pieces, flags, False
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        # The Rust tokenizer directly: same ids as tokenizer(texts, add_special_tokens=False), without the
+        # Python wrapper's per-call overhead (most of the time for short records).
+        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+        return [e.ids for e in encode(texts, add_special_tokens=False)]
+
+    def render_many(self, records: list[dict[str, Any]], formats: list[str]) -> list[Rendered | RecordProblem]:
+        """Render a batch: plans per record, one tokenizer call for every piece of the batch."""
+        plans: list[Any] = []
+        pieces: list[str] = []
+        for record, fmt in zip(records, formats, strict=True):
+            try:
+                p, flags, eos = self.plan(record, fmt)
+            except RecordProblem as problem:
+                plans.append(problem)
+                continue
+            plans.append((len(pieces), flags, eos))
+            pieces += p
+        encoded = self.encode(pieces) if pieces else []
+        out: list[Rendered | RecordProblem] = []
+        for plan in plans:
+            if isinstance(plan, RecordProblem):
+                out.append(plan)
+                continue
+            first, flags, eos = plan
+            ids: list[int] = []
+            labels: list[int] = []
+            for k, supervised in enumerate(flags):
+                tok = encoded[first + k]
+                ids += tok
+                labels += tok if supervised else [IGNORE_INDEX] * len(tok)
+            if eos:
+                ids.append(self.eos)
+                labels.append(self.eos)
+            out.append(self.finish(ids, labels))
+        return out
+
+    def finish(self, ids: list[int], labels: list[int]) -> Rendered | RecordProblem:
+        ids, labels = with_single_bos(ids, labels, self.bos)
+        if self.bos in ids[1:]:
+            return RecordProblem(
+                "(record)",
+                f"<bos> (id {self.bos}) inside the example: the chat template emits it "
+                f"more than once (check model.chat_template)",
+            )
+        supervised = [k for k, label in enumerate(labels) if label != IGNORE_INDEX]
+        if not supervised:
+            return RecordProblem("(record)", "no supervised token (every assistant message has weight 0)")
+        limit = self.opts.max_seq_length
+        if supervised[0] >= limit:
+            return RecordProblem(
+                "(record)",
+                f"no supervised token left after truncation to max_seq_length={limit} "
+                f"(the example has {len(ids)} tokens, the first supervised one is token "
+                f"{supervised[0] + 1}); shorten the prompt or raise data.max_seq_length",
+            )
+        return Rendered(ids[:limit], labels[:limit], len(ids), len(ids) > limit)

@@ -1,0 +1,397 @@
+"""Reading data sources into records, each with the place it came from.
+
+A source (config `data.train_files` / `data.eval_files` entry) is one of:
+- a file: .jsonl, .json (an array of records, or JSON Lines), .parquet, .csv;
+- a folder of such files; which files form the `split` follows `datasets`' own conventions
+  (`datasets.data_files.get_data_patterns`: train-*.jsonl, data/test.parquet, ...; files without a split
+  name are "train");
+- a folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`;
+- a Hugging Face dataset id (org/name) already in the local cache: a snapshot downloaded with
+  `hf download --repo-type dataset` (read as a folder), or a dataset `datasets.load_dataset` prepared
+  before (read from the datasets cache). Nothing is downloaded.
+
+Text formats (JSONL, JSON, CSV) are parsed here, line-aware, rather than by `datasets`' loaders: those
+report one pyarrow error for a whole file instead of `file:line`, and unify the schema of every record
+(a tool call's `arguments` object gains `null` for every key any other record used). Parquet, Arrow and
+hub datasets are read through `datasets`. Every record carries `where` (`file:line`, or `file:row N` for
+row-based formats) for error messages.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import huggingface_hub.constants as hf_constants
+from datasets.data_files import DataFilesDict, get_data_patterns
+
+from core.files import sha256_file
+
+TEXT_SUFFIXES = (".jsonl", ".json", ".csv")
+JSON_TYPES: dict[type, str] = {str: "string", list: "array", dict: "object"}  # besides null, boolean, number
+DATA_SUFFIXES = (*TEXT_SUFFIXES, ".parquet")
+
+
+@dataclass
+class Row:
+    """One record, or the reason it could not be read."""
+
+    where: str  # file:line (text formats) or file:row N (Parquet, Arrow, hub datasets)
+    record: dict[str, Any] | None = None
+    problem: tuple[str, str] | None = None  # (field, reason) when the record is unreadable
+
+
+@dataclass
+class SourceRows:
+    label: str  # the source as the user wrote it
+    rows: list[Row] = field(default_factory=list)
+    files: dict[str, str] = field(default_factory=dict)  # every file read -> sha256
+    revision: str | None = None  # hub snapshot commit, when the source is a hub dataset
+
+
+def json_type(value: Any) -> str:
+    """JSON's name for a Python value's type, for messages about records."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    return JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def json_error(e: json.JSONDecodeError) -> str:
+    """json's message with its column; "Unterminated string starting at" reads on into the column."""
+    return f"{e.msg.removesuffix(' at')} at column {e.colno}"
+
+
+def _has_undecodable(text: str) -> int:
+    """Index of the first byte that was not UTF-8 (decoded with surrogateescape), or -1."""
+    for i, ch in enumerate(text):
+        if "\udc80" <= ch <= "\udcff":
+            return i
+    return -1
+
+
+# ----------------------------------------------------------------------------- text formats
+
+
+def read_jsonl(path: Path, label: str, problems: list[str]) -> list[Row]:
+    """JSON Lines: one object per line; blank lines are skipped (they are not records)."""
+    raw = path.read_bytes()
+    if not raw.strip():
+        problems.append(f"{label}: file is empty")
+        return []
+    lines = raw.split(b"\n")
+    rows = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{label}:{n}"
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            rows.append(
+                Row(
+                    where,
+                    problem=(
+                        "(line)",
+                        f"not UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1}); re-encode the file as UTF-8",
+                    ),
+                )
+            )
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as e:
+            # The last line without its newline: the typical end of a file whose writer was interrupted.
+            cut = " (the line looks cut off: an interrupted write?)" if n == len(lines) else ""
+            rows.append(Row(where, problem=("(line)", f"invalid JSON: {json_error(e)}{cut}")))
+            continue
+        if not isinstance(record, dict):
+            rows.append(Row(where, problem=("(line)", f"expected a JSON object, got {json_type(record)}")))
+            continue
+        rows.append(Row(where, record))
+    return rows
+
+
+def read_json(path: Path, label: str, problems: list[str]) -> list[Row]:
+    """A JSON array of records (line numbers are where each record starts), or JSON Lines in a .json file."""
+    text = path.read_bytes().decode("utf-8", errors="surrogateescape")
+    start = len(text) - len(text.lstrip())
+    if start == len(text):
+        problems.append(f"{label}: file is empty")
+        return []
+    if text[start] == "{":  # JSON Lines named .json (datasets accepts these too)
+        return read_jsonl(path, label, problems)
+    if text[start] != "[":
+        problems.append(
+            f"{label}: expected a JSON array of records (or one object per line), found {text[start]!r} at the start"
+        )
+        return []
+    return read_json_array(text, start + 1, label, problems)
+
+
+@dataclass
+class LineCounter:
+    """Line numbers of positions in a text, counting only the newlines since the last position asked about
+    (positions only move forward): one pass over the file however many records it holds."""
+
+    text: str
+    line: int = 1
+    counted: int = 0  # newlines before this position are in `line`
+
+    def at(self, pos: int) -> int:
+        self.line += self.text.count("\n", self.counted, pos)
+        self.counted = pos
+        return self.line
+
+
+def _skip_whitespace(text: str, pos: int) -> int:
+    """The position of the first character at or after `pos` that is not JSON whitespace."""
+    while pos < len(text) and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
+
+
+def json_array_row(text: str, record: Any, where: str) -> Row:
+    """One decoded element of the array (`text` is its source) as a Row."""
+    if _has_undecodable(text) >= 0:
+        return Row(
+            where, problem=("(record)", "not UTF-8 (an invalid byte in this record); re-encode the file as UTF-8")
+        )
+    if not isinstance(record, dict):
+        return Row(where, problem=("(record)", f"expected a JSON object, got {json_type(record)}"))
+    return Row(where, record)
+
+
+def read_json_array(text: str, pos: int, label: str, problems: list[str]) -> list[Row]:
+    """The elements of the JSON array whose '[' is just before `pos`, one by one, so each keeps its line."""
+    decoder = json.JSONDecoder()
+    lines = LineCounter(text)
+    rows: list[Row] = []
+    pos = _skip_whitespace(text, pos)
+    if text[pos : pos + 1] == "]":
+        problems.append(f"{label}: the JSON array is empty")
+        return []
+    while True:
+        where = f"{label}:{lines.at(pos)}"
+        try:
+            record, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            # A broken array cannot be resynchronised: everything after is unreadable, so the file is rejected.
+            problems.append(
+                f"{label}:{e.lineno}: (file): invalid JSON: {json_error(e)}; "
+                f"the rest of the array cannot be read (JSON Lines can skip one bad line, arrays cannot)"
+            )
+            return rows
+        rows.append(json_array_row(text[pos:end], record, where))
+        pos = _skip_whitespace(text, end)
+        after = text[pos : pos + 1]  # "" at the end of the text
+        if after == ",":
+            pos = _skip_whitespace(text, pos + 1)
+            continue
+        if after != "]":
+            problems.append(
+                f"{label}:{lines.at(pos)}: (file): invalid JSON: expected ',' or ']' after the record at "
+                f"{where}; the rest of the array cannot be read"
+            )
+        return rows
+
+
+def read_csv(path: Path, label: str, problems: list[str]) -> list[Row]:
+    """CSV with a header row; a `messages` column holds the conversation as JSON text."""
+    text = path.read_bytes().decode("utf-8", errors="surrogateescape")
+    if not text.strip():
+        problems.append(f"{label}: file is empty")
+        return []
+    reader = csv.DictReader(io.StringIO(text, newline=""), restkey="\0extra")
+    rows = []
+    try:
+        header = reader.fieldnames or []
+        last = reader.line_num
+        for values in reader:
+            where = f"{label}:{last + 1}"
+            last = reader.line_num
+            extra = values.pop("\0extra", None)
+            if extra is not None:
+                rows.append(
+                    Row(
+                        where, problem=("(line)", f"{len(header) + len(extra)} fields but the header has {len(header)}")
+                    )
+                )
+                continue
+            if any(v is not None and _has_undecodable(v) >= 0 for v in values.values()):
+                rows.append(Row(where, problem=("(line)", "not UTF-8; re-encode the file as UTF-8")))
+                continue
+            # CSV cannot tell an empty cell from a missing value: both are absent (a "text" column left empty
+            # in a prompt/completion row must not make the row look like text).
+            record: dict[str, Any] = {k: v for k, v in values.items() if v != ""}
+            rows.append(_with_parsed_messages(record, where, "the cell"))
+    except csv.Error as e:
+        problems.append(f"{label}:{reader.line_num}: (file): CSV error: {e}")
+    if not rows and not problems:
+        problems.append(f"{label}: no records (only a header row)")
+    return rows
+
+
+# ----------------------------------------------------------------------------- datasets-backed formats
+
+
+def _with_parsed_messages(record: dict[str, Any], where: str, what: str) -> Row:
+    """The record as a Row, its `messages` parsed when stored as JSON text (CSV cells, common exports)."""
+    if isinstance(record.get("messages"), str):
+        try:
+            record["messages"] = json.loads(record["messages"])
+        except json.JSONDecodeError as e:
+            return Row(where, problem=("messages", f"{what} is not valid JSON: {json_error(e)}"))
+    return Row(where, record)
+
+
+def rows_of_dataset(ds, label: str) -> list[Row]:
+    """Rows of a `datasets.Dataset`; `messages` stored as JSON text (a common export) is parsed."""
+    rows = []
+    for i, record in enumerate(ds.to_list() if len(ds) else [], start=1):
+        where = f"{label}:row {i}"
+        rows.append(_with_parsed_messages(record, where, "the value"))
+    return rows
+
+
+def read_parquet(path: Path, label: str, problems: list[str]) -> list[Row]:
+    try:
+        ds = datasets.Dataset.from_parquet(str(path))
+    except Exception as e:  # pyarrow raises several types for a damaged file
+        problems.append(f"{label}: cannot read as Parquet: {type(e).__name__}: {str(e).splitlines()[0]}")
+        return []
+    if len(ds) == 0:
+        problems.append(f"{label}: file is empty (0 rows)")
+    return rows_of_dataset(ds, label)
+
+
+READERS = {".jsonl": read_jsonl, ".json": read_json, ".csv": read_csv, ".parquet": read_parquet}
+
+
+def read_file(path: Path, label: str, problems: list[str]) -> list[Row]:
+    reader = READERS.get(path.suffix.lower())
+    if reader is None:
+        problems.append(
+            f"{label}: unsupported file type '{path.suffix}' "
+            f"(supported: {', '.join(DATA_SUFFIXES)}, a folder, or a dataset id)"
+        )
+        return []
+    try:
+        return reader(path, label, problems)
+    except OSError as e:
+        problems.append(f"{label}: cannot read: {e.strerror}")
+        return []
+
+
+def split_files(folder: Path, split: str, label: str, problems: list[str]) -> list[Path]:
+    """The data files of `split` in a folder, by `datasets`' naming conventions."""
+    try:
+        patterns = get_data_patterns(str(folder))
+        found = DataFilesDict.from_patterns(patterns, base_path=str(folder))
+    except Exception:  # EmptyDatasetError / FileNotFoundError: no data file at all
+        found = {}
+    by_split = {
+        s: sorted(Path(f) for f in files if Path(f).suffix.lower() in DATA_SUFFIXES) for s, files in found.items()
+    }
+    by_split = {s: files for s, files in by_split.items() if files}
+    if not by_split:
+        problems.append(f"{label}: no data files ({', '.join(DATA_SUFFIXES)}) in this folder")
+        return []
+    if split not in by_split:
+        problems.append(
+            f"{label}: no files for split '{split}' (found splits: {', '.join(sorted(by_split))}); "
+            f"set the source's split"
+        )
+        return []
+    return by_split[split]
+
+
+def read_folder(folder: Path, label: str, split: str, out: SourceRows, problems: list[str]) -> None:
+    if (folder / "dataset_info.json").is_file() or (folder / "dataset_dict.json").is_file():
+        read_saved_dataset(folder, label, split, out, problems)
+        return
+    for path in split_files(folder, split, label, problems):
+        file_label = str(Path(label) / path.relative_to(folder))
+        out.rows += read_file(path, file_label, problems)
+        out.files[file_label] = sha256_file(path)
+
+
+def read_saved_dataset(folder: Path, label: str, split: str, out: SourceRows, problems: list[str]) -> None:
+    try:
+        ds = datasets.load_from_disk(str(folder))
+    except Exception as e:
+        problems.append(f"{label}: cannot load with datasets.load_from_disk: {type(e).__name__}: {e}")
+        return
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            problems.append(
+                f"{label}: no split '{split}' in this DatasetDict (splits: {', '.join(ds)}); set the source's split"
+            )
+            return
+        ds, label = ds[split], f"{label}[{split}]"
+    out.rows += rows_of_dataset(ds, label)
+    for f in ds.cache_files:
+        out.files[f["filename"]] = sha256_file(Path(f["filename"]))
+    if len(ds) == 0:
+        problems.append(f"{label}: the dataset has 0 rows")
+
+
+def hub_snapshot(repo_id: str, revision: str) -> tuple[Path, str] | None:
+    """A dataset snapshot in the HF hub cache (`hf download --repo-type dataset`), as huggingface_hub lays it out."""
+    # The module's attribute, not a name imported from it: the cache huggingface_hub uses now (tests repoint it).
+    repo = Path(hf_constants.HF_HUB_CACHE) / ("datasets--" + repo_id.replace("/", "--"))
+    ref = repo / "refs" / revision
+    commit = ref.read_text().strip() if ref.is_file() else revision
+    folder = repo / "snapshots" / commit
+    return (folder, commit) if folder.is_dir() else None
+
+
+def read_hub(repo_id: str, name: str | None, split: str, revision: str, out: SourceRows, problems: list[str]) -> None:
+    snapshot = hub_snapshot(repo_id, revision)
+    if snapshot is not None and name is None:
+        folder, out.revision = snapshot
+        read_folder(folder, repo_id, split, out, problems)
+        return
+    try:  # a dataset load_dataset prepared before: HF_HUB_OFFLINE makes this read the datasets cache only
+        ds = datasets.load_dataset(repo_id, name, split=split)
+    except Exception as e:
+        problems.append(
+            f"{repo_id}: not a local file or folder, and not a dataset in the local cache "
+            f"({hf_constants.HF_HUB_CACHE} or {datasets.config.HF_DATASETS_CACHE}): "
+            f"{type(e).__name__}: {str(e).splitlines()[0]}. "
+            f"On a connected machine: hf download --repo-type dataset {repo_id} (then copy the cache), "
+            f"or fix the path (relative paths start at {Path.cwd()})"
+        )
+        return
+    label = f"{repo_id}[{split}]" if name is None else f"{repo_id}/{name}[{split}]"
+    out.rows += rows_of_dataset(ds, label)
+    for f in ds.cache_files:
+        out.files[f["filename"]] = sha256_file(Path(f["filename"]))
+
+
+def read_source(
+    path: str, split: str = "train", name: str | None = None, revision: str = "main", problems: list[str] | None = None
+) -> SourceRows:
+    """Every record of one source, in order. Problems that make the source unusable go to `problems`."""
+    problems = [] if problems is None else problems
+    out = SourceRows(label=path)
+    p = Path(os.path.expanduser(path))
+    if p.is_file():
+        out.rows = read_file(p, path, problems)
+        out.files[path] = sha256_file(p)
+    elif p.is_dir():
+        read_folder(p, path, split, out, problems)
+    elif path.count("/") == 1 and not path.startswith((".", "/")) and not p.suffix:
+        read_hub(path, name, split, revision, out, problems)
+    else:
+        problems.append(f"{path}: file not found (relative paths start at {Path.cwd()})")
+    return out

@@ -1,0 +1,131 @@
+"""The run folder, outputs/<run_name>/, and its contract: manifest.json.
+
+Both CLIs address a run the same way (the config's run_name and paths) and read and write its state
+only through `RunFolder` and `Manifest`. The manifest's status says what the folder vouches for:
+
+    training -> (interrupted | failed)            training stopped; a rerun resumes from the last commit
+    training -> exporting -> complete             the adapter is final; export verified and promoted
+    training -> exporting -> export_failed        the adapter is final; an export may be retried
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from core.config import Config
+from core.errors import RunError
+from core.files import atomic_write_json
+from core.locks import hold_lock
+
+Status = Literal["training", "interrupted", "failed", "exporting", "export_failed", "complete"]
+
+
+class Manifest(BaseModel):
+    """manifest.json: what the run was trained on, what it wrote (with hashes), and where it stands.
+
+    Only the fields a run has reached are written (a field set to None is written as null)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    status: Status
+    run_name: str
+    base_model: dict[str, Any] | None = None  # repo_id, revision, path
+    data: dict[str, Any] | None = None  # sources with sha256, counts, fingerprint (train/data)
+    packages: dict[str, str | None] | None = None
+    git_commit: str | None = None
+    stopped: dict[str, Any] | None = None  # where and why training stopped early
+    training: dict[str, Any] | None = None  # steps, losses, seconds, resumed_from, checkpoints
+    artifacts: dict[str, Any] = {}  # adapter, merged, gguf: {path, files: {name: {size, sha256}}}
+    llama_cpp: dict[str, str] | None = None
+    verification: dict[str, Any] | None = None
+    default_gguf: str | None = None
+    seconds_total: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_unset=True)
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    root: Path  # outputs/<run>
+    adapter_out: Path  # models/finetuned/adapters/<run>
+    merged_out: Path  # models/finetuned/final_models/<run>
+    run_name: str
+
+    @classmethod
+    def of(cls, cfg: Config) -> RunFolder:
+        models = Path(cfg.paths.models_dir)
+        return cls(
+            Path(cfg.paths.output_dir) / cfg.run_name,
+            models / "finetuned" / "adapters" / cfg.run_name,
+            models / "finetuned" / "final_models" / cfg.run_name,
+            cfg.run_name,
+        )
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.json"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def adapter(self) -> Path:
+        return self.root / "adapter"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def export_dir(self) -> Path:
+        return self.root / "export"
+
+    @property
+    def verify_md(self) -> Path:
+        return self.root / "verify.md"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.root / ".lock"
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the run folder's lock (exit 75 for a second process; kept when --fresh empties the folder)."""
+        with hold_lock(self.lock_file, f"run folder {self.root}", self.run_name):
+            yield
+
+    def read_manifest(self) -> Manifest | None:
+        """The run's manifest, or None when the run has not written one yet."""
+        if not self.manifest.is_file():
+            return None
+        try:
+            return Manifest.model_validate(json.loads(self.manifest.read_text()))
+        except (OSError, ValueError, ValidationError) as e:
+            first = str(e).splitlines()[0]
+            raise RunError(
+                f"{self.manifest} is unreadable ({first}).\n"
+                f"  fix: pass --fresh to start the run over, or restore the file"
+            ) from None
+
+    def read_manifest_or_none(self) -> Manifest | None:
+        """The manifest, or None when there is none or it is unreadable (a run that never got far)."""
+        try:
+            return self.read_manifest()
+        except RunError:
+            return None
+
+    def write_manifest(self, manifest: Manifest) -> None:
+        atomic_write_json(self.manifest, manifest.to_json())

@@ -1,0 +1,261 @@
+"""Loading: read every source, render and validate its records, stop on invalid ones (or skip them within
+data.max_invalid_fraction), split and weight them, and measure and pack the result."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import datasets
+
+from core.errors import DataError
+from core.records.heldout import heldout_texts
+from core.records.render import RecordProblem, Rendered, Renderer, RenderOptions
+from core.records.sources import SourceRows, read_source
+from train.data.describe import SKIPPED_FILE
+from train.data.pack import pack
+from train.data.split import ValidRecord, split_and_weight
+from train.data.stats import DataStats, Example, SourceStats, finish_stats
+
+if TYPE_CHECKING:
+    from core.config import Config, DataSection, DataSource
+
+
+log = logging.getLogger(__name__)
+
+PARALLEL_FROM = 20_000  # records; below this one process renders faster than starting workers
+
+
+# ----------------------------------------------------------------------------- rendering through datasets
+
+
+RENDERED_COLUMNS = ("input_ids", "labels", "length", "truncated", "field", "reason")
+
+
+def _render_batch(batch: dict[str, list], renderer: Renderer) -> dict[str, list]:
+    records = [json.loads(r) for r in batch["record"]]
+    out: dict[str, list] = {column: [] for column in RENDERED_COLUMNS}
+    for result in renderer.render_many(records, batch["format"]):
+        values: tuple[Any, ...]
+        if isinstance(result, Rendered):
+            values = (result.input_ids, result.labels, result.length, result.truncated, "", "")
+        else:  # the same columns either way: a Dataset has one schema
+            values = ([], [], 0, False, result.field, result.reason)
+        for column, value in zip(RENDERED_COLUMNS, values, strict=True):
+            out[column].append(value)
+    return out
+
+
+def render_records(
+    renderer: Renderer, records: list[str], formats: list[str], num_proc: int | None
+) -> list[Rendered | RecordProblem]:
+    """Render JSON-encoded records with `datasets.map` (batched; in parallel for large inputs)."""
+    if not records:
+        return []
+    if num_proc is None:
+        num_proc = 1 if len(records) < PARALLEL_FROM else max(1, min(8, os.cpu_count() or 1))
+    if num_proc > 1:
+        # Workers are forked: a Rust thread pool used before the fork would be disabled in them, with a warning.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    bars = datasets.is_progress_bar_enabled()
+    if len(records) < PARALLEL_FROM:  # a bar for a second of work is noise
+        datasets.disable_progress_bars()
+    try:
+        ds = datasets.Dataset.from_dict({"record": records, "format": formats})
+        # Our own cache key, so that datasets does not hash the tokenizer (slow) to make one.
+        key = hashlib.sha256(repr((renderer.opts, renderer.tokenizer.chat_template, formats)).encode())
+        for r in records:
+            key.update(r.encode("utf-8", "surrogatepass"))
+        out = ds.map(
+            _render_batch,
+            batched=True,
+            batch_size=500,
+            num_proc=num_proc if num_proc > 1 else None,
+            fn_kwargs={"renderer": renderer},
+            remove_columns=["record", "format"],
+            new_fingerprint=key.hexdigest()[:32],
+            desc="rendering and tokenizing records",
+        )
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
+    cols = out.to_dict()
+    return [
+        Rendered(ids, labels, n, cut) if not f else RecordProblem(f, r)
+        for ids, labels, n, cut, f, r in zip(
+            cols["input_ids"],
+            cols["labels"],
+            cols["length"],
+            cols["truncated"],
+            cols["field"],
+            cols["reason"],
+            strict=True,
+        )
+    ]
+
+
+# ----------------------------------------------------------------------------- the whole data stage
+
+
+class PreparedData(NamedTuple):
+    """What the data stage hands to training: rows (examples, or packed rows) and their statistics."""
+
+    train: list[Example]
+    train_stats: DataStats
+    evals: list[Example]
+    eval_stats: DataStats | None  # None when no eval data is configured
+
+
+class SourceRead(NamedTuple):
+    """One configured source and the rows read from it."""
+
+    role: str  # train | eval
+    source: DataSource
+    read: SourceRows
+
+
+class CheckedRecords(NamedTuple):
+    """Every row read, sorted into valid records and invalid ones."""
+
+    valid: list[ValidRecord]
+    invalid: list[str]  # "file:line: field: reason" of each invalid record, in order
+    total: int  # records read, valid or not
+
+
+def read_sources(data: DataSection, problems: list[str]) -> list[SourceRead]:
+    """Every train source, then every eval source, each cut to its max_samples; file-level problems (a missing
+    file, an unreadable array) go to `problems`."""
+    sources = []
+    for role, entries in (("train", data.train_files), ("eval", data.eval_files)):
+        for src in entries:
+            read = read_source(src.path, src.split, src.name, src.revision, problems)
+            if src.max_samples is not None:
+                read.rows = read.rows[: src.max_samples]
+            sources.append(SourceRead(role, src, read))
+    return sources
+
+
+def render_sources(
+    renderer: Renderer, sources: list[SourceRead], num_proc: int | None
+) -> Iterator[Rendered | RecordProblem]:
+    """The rendering of every readable record of `sources`, in order (unreadable rows have none)."""
+    records: list[str] = []
+    formats: list[str] = []
+    for _, src, read in sources:
+        for row in read.rows:
+            if row.record is not None:
+                records.append(json.dumps(row.record, ensure_ascii=False, default=str))
+                formats.append(src.format)
+    return iter(render_records(renderer, records, formats, num_proc))
+
+
+def check_records(
+    sources: list[SourceRead], rendered: Iterator[Rendered | RecordProblem], stats: dict[str, DataStats]
+) -> CheckedRecords:
+    """Each row with its rendering: a valid record, or an invalid one (unreadable, or rejected by the renderer)
+    counted and listed in its source's and role's `stats`."""
+    valid: list[ValidRecord] = []
+    invalid: list[str] = []
+    total = 0
+    for role, src, read in sources:
+        s = SourceStats(read.label, role, records=len(read.rows), files=read.files, revision=read.revision)
+        stats[role].sources.append(s)
+        total += len(read.rows)
+        for row in read.rows:
+            if row.record is None:
+                assert row.problem is not None, row  # core.records.sources: a row without a record says why
+                problem = RecordProblem(*row.problem)
+            else:
+                result = next(rendered)
+                if isinstance(result, Rendered):
+                    valid.append(ValidRecord(role, src, s, row.record, result, row.where))
+                    continue
+                problem = result
+            s.invalid += 1
+            stats[role].skipped.append({"where": row.where, "field": problem.field, "reason": problem.reason})
+            invalid.append(f"{row.where}: {problem.field}: {problem.reason}")
+    return CheckedRecords(valid, invalid, total)
+
+
+def stop_on_problems(problems: list[str], checked: CheckedRecords, max_invalid_fraction: float) -> None:
+    """Raise DataError, listing every problem, on any file-level problem or on more invalid records than
+    data.max_invalid_fraction allows (the ones allowed are skipped, and listed in the run folder)."""
+    invalid, total = checked.invalid, checked.total
+    if not problems and len(invalid) <= max_invalid_fraction * total:
+        return
+    if max_invalid_fraction and invalid:
+        hint = (
+            f"{len(invalid)} of {total} records are invalid ({len(invalid) / total:.1%}), more "
+            f"than data.max_invalid_fraction={max_invalid_fraction}; nothing was trained"
+        )
+    elif invalid:
+        hint = (
+            "nothing was trained. Fix the records, or set data.max_invalid_fraction (e.g. 0.01) to skip "
+            "invalid records; each skipped one is listed in the run folder"
+        )
+    else:
+        hint = "nothing was trained"
+    raise DataError(problems + invalid, hint)
+
+
+def rows_of(examples: list[Example], st: DataStats, data: DataSection) -> list[Example]:
+    """The rows the Trainer gets for one role (the examples, or packed rows with data.packing); fills `st`."""
+    finish_stats(st, examples)
+    rows = pack(examples, data.max_seq_length) if data.packing else examples
+    st.rows = len(rows)
+    return rows
+
+
+def load_datasets(tokenizer, data: DataSection) -> PreparedData:
+    """Read, validate and render every source of `data` (config.DataSection).
+
+    Rows are examples, or packed rows with data.packing. Raises DataError listing every problem (file and
+    record level) when the data is unusable.
+    """
+    opts = RenderOptions(
+        max_seq_length=data.max_seq_length,
+        system_message=data.system_message,
+        assistant_only_loss=data.assistant_only_loss,
+        completion_only_loss=data.completion_only_loss,
+    )
+    renderer = Renderer(tokenizer, opts)
+    problems: list[str] = []  # file level: always fatal
+    sources = read_sources(data, problems)
+    rendered = render_sources(renderer, sources, data.dataset_num_proc)
+    stats = {"train": DataStats("train"), "eval": DataStats("eval")}
+    checked = check_records(sources, rendered, stats)
+    stop_on_problems(problems, checked, data.max_invalid_fraction)
+
+    examples = split_and_weight(checked.valid, data, stats)
+    if not examples["train"]:
+        raise DataError(
+            [f"no training examples left (sources: {', '.join(s.label for s in stats['train'].sources)})"],
+            "every record was invalid, held out for eval, or weighted away",
+        )
+    rows = {role: rows_of(examples[role], stats[role], data) for role in ("train", "eval")}
+    has_eval = bool(data.eval_files or data.eval_fraction)
+    if has_eval and not examples["eval"]:
+        raise DataError(
+            ["no eval examples: data.eval_fraction held out no record, or the eval files have none"],
+            "raise data.eval_fraction, or add eval records",
+        )
+    return PreparedData(rows["train"], stats["train"], rows["eval"], stats["eval"] if has_eval else None)
+
+
+def load_data(tokenizer, cfg: Config, run_root: Path) -> PreparedData:
+    """Training and eval rows; raises DataError before anything is written (held-out data included)."""
+    data = load_datasets(tokenizer, cfg.data)
+    if cfg.export.enabled and cfg.verify.heldout_files:  # fail now, not after training, on bad held-out data
+        heldout_texts(tokenizer, cfg.verify.heldout_files, cfg.data.system_message, cfg.verify.max_heldout_records)
+    skipped = len(data.train_stats.skipped) + (len(data.eval_stats.skipped) if data.eval_stats else 0)
+    if skipped:
+        log.warning(
+            f"warning: skipping {skipped} invalid record(s) (data.max_invalid_fraction="
+            f"{cfg.data.max_invalid_fraction}); each is listed in {run_root}/{SKIPPED_FILE}"
+        )
+    return data

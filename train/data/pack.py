@@ -1,0 +1,95 @@
+"""Packing examples into rows, and turning rows into model batches, without cross-example attention.
+
+A packed row holds whole examples back to back. Every example starts with the one <bos> it has (core.records.render
+guarantees exactly one, first, and rejects text that would tokenize to a <bos>), so a row's example boundaries
+are its <bos> positions: the collator needs nothing but the token ids.
+
+Isolation comes from transformers itself (masking_utils, 5.x): given `position_ids` that restart at 0 for each
+example and no 2-D attention mask, `find_packed_sequence_indices` splits the row into sequences and both the
+causal and the sliding-window masks (Gemma 2 alternates them) are built per sequence, for eager attention
+too. It only does so without a KV cache (`_preprocess_mask_arguments`), and Gemma 2's `use_cache` defaults to
+the config's True, which would create one: packed batches pass `use_cache=False`, as TRL's SFTTrainer
+does in compute_loss. tests/unit/test_data_packing.py checks that a packed batch's loss equals the unpacked one's.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+import torch
+
+from core.records.render import IGNORE_INDEX
+from train.data.stats import Example
+
+
+def pack_bins(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Best-fit decreasing: indices of `lengths` grouped into bins of at most `capacity` tokens.
+
+    Longest first, each into the fullest bin that still has room (ties: the earliest bin), so the result is
+    deterministic. Examples are never split.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: list[list[int]] = []
+    free: list[int] = []  # distinct remaining capacities, sorted
+    by_free: dict[int, list[int]] = {}  # remaining capacity -> bins with it (earliest first)
+    for i in order:
+        n = lengths[i]
+        if n > capacity:
+            raise ValueError(f"example of {n} tokens is longer than the packing capacity {capacity}")
+        k = bisect.bisect_left(free, n)
+        if k < len(free):
+            room = free[k]
+            b = by_free[room].pop(0)
+            if not by_free[room]:
+                del by_free[room]
+                free.pop(k)
+        else:
+            room, b = capacity, len(bins)
+            bins.append([])
+        bins[b].append(i)
+        left = room - n
+        if left not in by_free:
+            bisect.insort(free, left)
+            by_free[left] = []
+        bisect.insort(by_free[left], b)
+    return bins
+
+
+def pack(examples: list[Example], capacity: int) -> list[Example]:
+    """Whole examples concatenated into rows of at most `capacity` tokens (pack_bins)."""
+    rows = []
+    for members in pack_bins([len(e.input_ids) for e in examples], capacity):
+        ids: list[int] = []
+        labels: list[int] = []
+        for i in members:
+            ids += examples[i].input_ids
+            labels += examples[i].labels
+        rows.append(Example(ids, labels, examples[members[0]].where, len(ids)))
+    return rows
+
+
+def collate(batch: list[dict], pad_id: int) -> dict:
+    """Rows -> a model batch, padded on the right (Gemma: right padding for training; pad id 0 is not eos).
+
+    Rows of one example each: input_ids, labels, attention_mask (the usual padded batch). If any row holds
+    several examples: input_ids, labels, position_ids restarting at every <bos> (the padding tail counts as one
+    more sequence, seen by nothing real), no attention_mask, and use_cache=False (see the module docstring).
+    """
+    bos = batch[0]["input_ids"][0]
+    if any(not b["input_ids"] or b["input_ids"][0] != bos for b in batch):
+        raise ValueError("collate: every row must start with the same <bos> token")
+    width = max(len(b["input_ids"]) for b in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    lengths = torch.tensor([len(b["input_ids"]) for b in batch])
+    for i, b in enumerate(batch):
+        ids[i, : lengths[i]] = torch.tensor(b["input_ids"])
+        labels[i, : lengths[i]] = torch.tensor(b["labels"])
+    columns = torch.arange(width).expand(len(batch), width)
+    real = columns < lengths[:, None]
+    starts = (ids == bos) & real
+    if int(starts.sum()) == len(batch):
+        return {"input_ids": ids, "labels": labels, "attention_mask": real.long()}
+    starts |= columns == lengths[:, None]  # the padding tail, if any, is a sequence of its own
+    last_start = torch.cummax(torch.where(starts, columns, torch.zeros_like(columns)), dim=1).values
+    return {"input_ids": ids, "labels": labels, "position_ids": columns - last_start, "use_cache": False}

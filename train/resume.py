@@ -1,0 +1,97 @@
+"""Starting or continuing a run folder: --fresh, the config and identity checks, and the checkpoint to resume from."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from core.config import Config, load_config, to_yaml
+from core.errors import RunError
+from core.files import atomic_write_text
+from core.runfolder import RunFolder
+from train.callbacks import trim_metrics
+from train.checkpoint import (
+    CheckpointError,
+    check_explicit,
+    checkpoint_dirs,
+    choose_resume,
+    identity_mismatches,
+    read_record,
+    reject,
+    step_of,
+    unsafe_config_changes,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _fix(folder: RunFolder, cfg: Config) -> str:
+    return (
+        f"  fix: pass --fresh to discard {folder.root} and start over, or keep it and use another "
+        f"run_name (e.g. run_name={cfg.run_name}-2)"
+    )
+
+
+def _empty(folder: RunFolder) -> None:
+    """Everything but the lock this process holds."""
+    for p in folder.root.iterdir() if folder.root.exists() else []:
+        if p != folder.lock_file:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def _explicit_checkpoint(folder: RunFolder, resume_from: Path, world_size: int) -> Path:
+    resume_from = resume_from.resolve()
+    if resume_from.parent != folder.checkpoints.resolve():
+        raise RunError(
+            f"--resume-from {resume_from}: not a checkpoint of this run (expected {folder.checkpoints}/checkpoint-N)"
+        )
+    try:
+        check_explicit(resume_from, world_size)
+    except CheckpointError as e:
+        raise RunError(str(e)) from None
+    return resume_from
+
+
+def prepare_run_folder(
+    folder: RunFolder, cfg: Config, fresh: bool, identity: dict, resume_from: Path | None = None
+) -> Path | None:
+    """Create or reuse the run folder; return the verified checkpoint to resume from, if any.
+
+    Resuming is refused when the config (train.checkpoint.unsafe_config_changes) or the identity of
+    what is trained (base model and revision, data fingerprint, LoRA shape) differs from the run's.
+    """
+    if fresh:
+        _empty(folder)
+    if folder.config.is_file():
+        changed = unsafe_config_changes(load_config(folder.config), cfg)
+        if changed:
+            raise RunError(
+                f"{folder.root} holds an unfinished run started with a different config; resuming it "
+                f"with these changes is unsafe:\n    " + "\n    ".join(changed) + "\n" + _fix(folder, cfg)
+            )
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    resume: Path | None
+    if resume_from is not None:
+        resume = _explicit_checkpoint(folder, resume_from, world_size)
+    else:
+        resume = choose_resume(folder.checkpoints, world_size) if folder.checkpoints.is_dir() else None
+    if resume is not None:
+        record = read_record(resume) or {}  # a chosen checkpoint has verified, so its record is readable
+        mismatches = identity_mismatches(record.get("identity", {}), identity)
+        if mismatches:
+            raise RunError(
+                f"{resume} cannot be resumed by this run: what it was trained on has changed:\n    "
+                + "\n    ".join(mismatches)
+                + "\n"
+                + _fix(folder, cfg)
+            )
+    resumed_step = (step_of(resume) or 0) if resume else 0
+    if resume_from is not None and resume is not None:  # the abandoned branch must not be picked up later
+        for later in [c for c in checkpoint_dirs(folder.checkpoints) if (step_of(c) or 0) > resumed_step]:
+            reject(later, f"newer than the requested --resume-from {resume.name}")
+    trim_metrics(folder.metrics, resumed_step)
+    folder.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder.config, to_yaml(cfg))
+    return resume

@@ -1,0 +1,46 @@
+"""What a run records when training ends early, so the folder stays resumable and says why it stopped."""
+
+from __future__ import annotations
+
+import contextlib
+
+from core.errors import DiskSpaceError, NonFiniteLoss, Preempted, RunStopped
+from core.files import human_size
+from core.runfolder import Manifest, RunFolder
+from train.checkpoint import newest_committed, remove_partial
+from train.diskspace import free_bytes, is_disk_full
+
+
+def training_stopped(e: BaseException, folder: RunFolder, manifest: Manifest, step: int) -> BaseException:
+    """Leave the run folder resumable after training ended early; return the exception to raise.
+
+    The checkpoint being written when it failed is removed (uncommitted, so incomplete), the manifest
+    records where and why training stopped, and a full disk becomes DiskSpaceError (exit 6).
+    """
+    disk_full = isinstance(e, Exception) and not isinstance(e, RunStopped) and is_disk_full(e, folder.checkpoints)
+    partial = remove_partial(folder.checkpoints, step)
+    last = newest_committed(folder.checkpoints)
+    manifest.status = "interrupted" if isinstance(e, (Preempted, KeyboardInterrupt)) else "failed"
+    manifest.stopped = {
+        "after_step": step,
+        "reason": "disk full" if disk_full else type(e).__name__,
+        "error": str(e).splitlines()[0] if str(e) else "",
+        "last_committed_checkpoint": last.name if last else None,
+        "removed_partial_checkpoint": partial.name if partial else None,
+        **({"non_finite": e.details} if isinstance(e, NonFiniteLoss) else {}),
+    }
+    with contextlib.suppress(OSError):  # the disk may still be full; the checkpoints are what matter
+        folder.write_manifest(manifest)
+    if not disk_full:
+        return e
+    return DiskSpaceError(
+        f"the disk filled up during training after step {step}: {e}\n  "
+        + (f"removed the partial {partial}; " if partial else "")
+        + (
+            f"the last committed checkpoint, {last.name}, is intact and the next run resumes from it.\n"
+            if last
+            else "no checkpoint had been committed yet.\n"
+        )
+        + f"  fix: free space at {folder.root} ({human_size(free_bytes(folder.root))} free now), then run the "
+        f"same command"
+    )
