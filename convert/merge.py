@@ -1,37 +1,130 @@
-"""Merge a LoRA adapter into its base model and save a complete, convertible HF folder."""
+"""Merge a LoRA adapter into its base model and save a complete, convertible HF folder.
+
+The merge streams: one base tensor at a time is read from the base's safetensors files, its LoRA delta is
+added in float32, and the result is written in the base's dtype straight into the output file. Memory is
+one tensor, not the model (PEFT's merge_and_unload holds the whole model, in float32 for an exact sum:
+~10 GB for Gemma 2 2B). The arithmetic is PEFT's (peft/tuners/lora/layer.py, Linear.get_delta_weight and
+merge): W + (B @ A) * scaling, with scaling = lora_alpha / r (lora_alpha / sqrt(r) with use_rslora), summed
+in float32 and rounded once to the base dtype; tests/unit/test_merge.py checks the bytes equal PEFT's.
+"""
 
 from __future__ import annotations
 
 import json
+import math
+import shutil
 import tempfile
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import torch
-from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from safetensors import safe_open
+from safetensors.torch import load_file
+from transformers import AutoTokenizer
 
+from core.errors import RunError
 from core.files import atomic_replace_dir
 from core.tokenizer import save_tokenizer
+
+# safetensors' dtype names (the format's spec, safetensors/src/tensor.rs `Dtype`) for what checkpoints hold.
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+PEFT_PREFIX = "base_model.model."  # PEFT's key prefix in adapter_model.safetensors
+# Adapter features that change the arithmetic above; a merge must refuse them rather than merge wrongly.
+UNSUPPORTED = {
+    "use_dora": "DoRA",
+    "modules_to_save": "modules_to_save",
+    "rank_pattern": "rank_pattern",
+    "alpha_pattern": "alpha_pattern",
+    "fan_in_fan_out": "fan_in_fan_out",
+    "lora_bias": "lora_bias",
+}
+
+
+def lora_deltas(adapter_dir: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float]:
+    """{base weight name: (A, B)} of the adapter, and its scaling."""
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    used = [name for key, name in UNSUPPORTED.items() if config.get(key)]
+    if used:
+        raise RunError(f"{adapter_dir}: the streaming merge does not support {', '.join(used)} in the adapter")
+    r, alpha = config["r"], config["lora_alpha"]
+    scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    weights = load_file(str(adapter_dir / "adapter_model.safetensors"))  # small: r x hidden per module
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for key, a in weights.items():
+        if ".lora_A." not in key:
+            continue
+        target = key.removeprefix(PEFT_PREFIX).replace(".lora_A.weight", ".weight")
+        pairs[target] = (a, weights[key.replace(".lora_A.", ".lora_B.")])
+    return pairs, scaling
+
+
+def merged_tensor(base: torch.Tensor, lora: tuple[torch.Tensor, torch.Tensor] | None, scaling: float) -> torch.Tensor:
+    if lora is None:
+        return base
+    a, b = lora
+    delta = (b.float() @ a.float()) * scaling
+    return (base.float() + delta).to(base.dtype)
+
+
+def _header(shapes: dict[str, tuple[torch.dtype, list[int]]], metadata: dict[str, str] | None) -> bytes:
+    entries: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, (dtype, shape) in shapes.items():
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        entries[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(entries, separators=(",", ":")).encode()
+    return text + b" " * (-len(text) % 8)  # the data starts 8-byte aligned (the format pads the header)
+
+
+def _write_tensor(out: BinaryIO, tensor: torch.Tensor) -> None:
+    out.write(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+
+
+def merge_file(src: Path, dst: Path, deltas: dict[str, tuple[torch.Tensor, torch.Tensor]], scaling: float) -> int:
+    """Write dst: src's tensors in src's order and dtypes, each with its LoRA delta merged; returns merges done."""
+    merged = 0
+    with safe_open(src, framework="pt") as st, open(dst, "wb") as out:
+        names = list(st.keys())
+        shapes = {}
+        for name in names:
+            view = st.get_slice(name)
+            dtype = getattr(torch, {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}[view.get_dtype()])
+            shapes[name] = (dtype, list(view.get_shape()))
+        header = _header(shapes, st.metadata())
+        out.write(len(header).to_bytes(8, "little"))
+        out.write(header)
+        for name in names:
+            lora = deltas.get(name)
+            merged += lora is not None
+            _write_tensor(out, merged_tensor(st.get_tensor(name), lora, scaling))
+    return merged
 
 
 def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
     """Fold adapter_dir's LoRA weights into base_dir's model and write out_dir (replaced as a whole).
 
-    The merge runs in float32 (exact sums) and the result is saved in the base checkpoint's dtype
-    (bfloat16 for google/gemma-2-2b), so the merged folder has the base's size and layout.
+    Every file of the base is kept (config, generation config, shard index); weight files get the merge,
+    tokenizer files come from the adapter folder (the chat template the run trained with).
     """
-    base_config = json.loads((base_dir / "config.json").read_text())
-    base_dtype = base_config.get("dtype") or base_config.get("torch_dtype") or "float32"
-    base = AutoModelForCausalLM.from_pretrained(
-        str(base_dir), dtype=torch.float32, attn_implementation="eager", use_safetensors=True
-    )
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    merged = merged.to(getattr(torch, base_dtype))
-    tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))  # carries the chat template trained with
+    deltas, scaling = lora_deltas(adapter_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
         stage = Path(tmp) / "merged"
-        merged.save_pretrained(str(stage), safe_serialization=True)
-        save_tokenizer(tokenizer, stage, adapter_dir / "tokenizer.model")
+        stage.mkdir()
+        merged = 0
+        for path in sorted(base_dir.iterdir()):
+            if path.name.startswith("tokenizer") or path.name in ("special_tokens_map.json", "chat_template.jinja"):
+                continue
+            if path.suffix == ".safetensors":
+                merged += merge_file(path, stage / path.name, deltas, scaling)
+            elif path.is_file():
+                shutil.copyfile(path, stage / path.name)
+        if merged != len(deltas):
+            raise RunError(
+                f"{adapter_dir}: {len(deltas) - merged} of {len(deltas)} LoRA modules name no weight of {base_dir}: "
+                f"the adapter was not trained on this base model"
+            )
+        save_tokenizer(AutoTokenizer.from_pretrained(str(adapter_dir)), stage, adapter_dir / "tokenizer.model")
         atomic_replace_dir(stage, out_dir)
     return out_dir

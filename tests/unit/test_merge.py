@@ -1,0 +1,81 @@
+"""The streaming merge against PEFT's own merge_and_unload, byte for byte, in float32 and bfloat16."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from convert.merge import merge_adapter
+from core.errors import RunError
+from core.hub import resolve_model
+from core.tokenizer import save_tokenizer
+from tests.conftest import TINY_REPO
+
+
+def make_base_and_adapter(hf_home: Path, tok, tmp_path: Path, dtype: torch.dtype, rslora: bool) -> tuple[Path, Path]:
+    src = resolve_model(TINY_REPO, hf_home=hf_home).path
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=dtype)
+    model.save_pretrained(str(base_dir))
+    save_tokenizer(tok, base_dir, src / "tokenizer.model")
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, lora_alpha=8, use_rslora=rslora, target_modules=["q_proj", "v_proj", "down_proj"])
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32), lora)
+    with torch.no_grad():  # PEFT starts B at zero: give every module a real delta
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    peft.save_pretrained(str(adapter_dir))
+    save_tokenizer(tok, adapter_dir, src / "tokenizer.model")
+    return base_dir, adapter_dir
+
+
+def peft_merged(base_dir: Path, adapter_dir: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """What convert.merge did before: the whole model in fp32, merge_and_unload, cast to the base dtype."""
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload().to(dtype)
+    return {k: v for k, v in merged.state_dict().items() if k != "lm_head.weight"}  # tied: not in the files
+
+
+@pytest.mark.parametrize(("dtype", "rslora"), [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)])
+def test_streaming_merge_equals_peft_bit_for_bit(hf_home, tok, tmp_path, dtype, rslora):
+    base_dir, adapter_dir = make_base_and_adapter(hf_home, tok, tmp_path, dtype, rslora)
+    out = merge_adapter(base_dir, adapter_dir, tmp_path / "merged")
+    ours = load_file(str(out / "model.safetensors"))
+    reference = peft_merged(base_dir, adapter_dir, dtype)
+    assert sorted(ours) == sorted(reference)
+    changed = 0
+    for name, tensor in reference.items():
+        assert ours[name].dtype == dtype
+        assert torch.equal(ours[name].view(torch.uint8), tensor.contiguous().view(torch.uint8)), name
+        changed += not torch.equal(ours[name], load_file(str(base_dir / "model.safetensors"))[name])
+    assert changed == 4 * 3  # every targeted module of every layer, and nothing else
+    assert (out / "tokenizer.model").is_file() and json.loads((out / "config.json").read_text())["num_hidden_layers"]
+    merged_model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)  # loads as a model
+    assert merged_model.config.num_hidden_layers == 4
+
+
+def test_an_adapter_of_another_model_is_refused(hf_home, tok, tmp_path):
+    base_dir, adapter_dir = make_base_and_adapter(hf_home, tok, tmp_path, torch.float32, False)
+    weights = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    renamed = {k.replace("layers.0.", "layers.9."): v for k, v in weights.items()}
+    from safetensors.torch import save_file
+
+    save_file(renamed, str(adapter_dir / "adapter_model.safetensors"))
+    with pytest.raises(RunError, match="LoRA modules name no weight"):
+        merge_adapter(base_dir, adapter_dir, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+
+
+def test_dora_is_refused(hf_home, tok, tmp_path):
+    base_dir, adapter_dir = make_base_and_adapter(hf_home, tok, tmp_path, torch.float32, False)
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    (adapter_dir / "adapter_config.json").write_text(json.dumps(config | {"use_dora": True}))
+    with pytest.raises(RunError, match="does not support DoRA"):
+        merge_adapter(base_dir, adapter_dir, tmp_path / "merged")
