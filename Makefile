@@ -12,7 +12,7 @@ STAMP := $(VENV)/.setup-done
 # Not exported: the code finds the tree at <venv>/llama.cpp by itself (LLAMA_CPP_DIR overrides, e.g. in Docker).
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup demo test lint bench gpu-smoke tiny-model clean help
+.PHONY: setup demo test lint bench gpu-smoke docker-smoke tiny-model clean help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -43,6 +43,9 @@ bench: setup  ## CPU benchmarks (bench/bench_*.py), each against a baseline in t
 
 gpu-smoke: setup  ## Gemma-2-2B-shaped LoRA steps on a CUDA GPU: tokens/s and peak memory
 	$(PY) bench/gpu_smoke.py
+
+docker-smoke:  ## build Dockerfile.cuda with podman (CPU base) and run the compose profiles for real (~15 min cold)
+	bash scripts/docker_smoke.sh
 
 clean:  ## remove run outputs and built models (keeps .venv)
 	rm -rf outputs/*/ models/gguf/*.gguf models/finetuned/*/*/ models/.cache/*/
