@@ -42,6 +42,7 @@ def main() -> int:
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     from core.config import load_config
+    from train.device import placement
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/gemma2b_lora.yaml")
@@ -66,11 +67,14 @@ def main() -> int:
             query_pre_attn_scalar=64,
         )
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    attn = placement(
+        cfg.model_copy(update={"model": cfg.model.model_copy(update={"device": "auto"})})
+    ).attn_implementation
     torch.manual_seed(0)
     with torch.device(device):
-        model = Gemma2ForCausalLM(Gemma2Config(**shape, attn_implementation=cfg.model.attn_implementation)).to(dtype)
-    if cfg.training.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = Gemma2ForCausalLM(Gemma2Config(**shape, attn_implementation=attn)).to(dtype)
+    if cfg.training.activation_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **cfg.lora.model_dump()))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.training.learning_rate)
     batch = cfg.training.per_device_train_batch_size
@@ -95,7 +99,7 @@ def main() -> int:
     name = torch.cuda.get_device_name() if cuda else "cpu (tiny self-check)"
     print(
         f"device {name}; batch {batch} x {seq} tokens, LoRA r={cfg.lora.r}, "
-        f"gradient_checkpointing={cfg.training.gradient_checkpointing}, attn={cfg.model.attn_implementation}"
+        f"activation_checkpointing={cfg.training.activation_checkpointing}, attn={attn}"
     )
     print(f"tokens/s {tok_s:,.0f}; step {sum(steady) / len(steady):.3f} s; peak GPU memory {peak:.1f} GiB")
     return 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from convert.inputs import cmd_info, verify_inputs
+from core.config import load_config
 from core.errors import cli_exit
 from core.hub import configure_cache_env
 from core.log import setup_cli_logging
@@ -41,11 +43,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_cli_logging()
     configure_cache_env()
-    # Imported only now: transformers and huggingface_hub read the cache variables once, at import time
-    # (and `--help` stays instant).
-    from convert.commands import COMMANDS  # noqa: PLC0415
+    return cli_exit(lambda: _command(args))
 
-    return cli_exit(lambda: COMMANDS[args.command](args))
+
+def _command(args: argparse.Namespace) -> int:
+    """Every input is checked (convert.inputs: paths, GGUF files, config) before the verbs import transformers:
+    a mistake is reported at once, and `info` never needs them."""
+    if args.command == "info":
+        return cmd_info(args)
+    if args.command == "verify":
+        inputs = verify_inputs(args)
+    else:
+        cfg = load_config(args.config, args.overrides)
+    # Imported only now: transformers and huggingface_hub read the cache variables once, at import time.
+    from convert.commands import cmd_export, cmd_verify  # noqa: PLC0415
+
+    return cmd_verify(inputs) if args.command == "verify" else cmd_export(cfg)
 
 
 if __name__ == "__main__":

@@ -19,8 +19,12 @@ import gguf
 import llama_cpp
 from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
 
-from core.errors import LlamaCppError
+from core.errors import InvalidInput, LlamaCppError, raise_if_interrupted
+from core.paths import require_file
 from core.quants import QUANTS
+
+# The project root, so that `python -m convert.llamacpp` (the quantizer's child process) imports this tree.
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 def tree() -> Path:
@@ -76,19 +80,40 @@ def convert_hf_to_gguf(
     # Without NO_LOCAL_GGUF the converter imports the gguf-py next to it, the one it was written for.
     env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"} | {"HF_HUB_OFFLINE": "1"}
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        rc = run_child(cmd, log_path, cwd=folder, env=env)
+        if rc != 0:
+            where = f"; its output is in {log_path}" if log_path else ""
+            raise LlamaCppError(f"convert_hf_to_gguf.py failed on {model_dir.name} (exit {rc}){where}")
+        os.replace(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed or interrupted conversion leaves no partial file
+
+
+def run_child(cmd: list[str], log_path: Path | None, cwd: Path | None = None, env: dict[str, str] | None = None) -> int:
+    """Run a llama.cpp tool as a child process, its output appended to log_path; return its exit status.
+
+    Long native calls cannot be interrupted from Python (a signal handler runs only between bytecodes, and an
+    exception raised in a ctypes callback is discarded), so they run in a child that the parent can stop: on
+    SIGINT/SIGTERM (Interrupted) or any other error while waiting, the child is killed and reaped before the
+    exception goes on. The child has its own session, so a terminal's Ctrl-C reaches the parent only."""
     with open(log_path or os.devnull, "a") as log:
-        proc = subprocess.run(cmd, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        tmp.unlink(missing_ok=True)
-        where = f"; its output is in {log_path}" if log_path else ""
-        raise LlamaCppError(f"convert_hf_to_gguf.py failed on {model_dir} (exit {proc.returncode}){where}")
-    os.replace(tmp, out_path)
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            return proc.wait()
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
 
 
 @contextlib.contextmanager
 def native_output_to(log_path: Path | None):
     """Send what C code prints on stdout/stderr (llama.cpp's load and quantize logs, which ignore
-    verbose=False in places) to a log file, or discard it when log_path is None."""
+    verbose=False in places) to a log file, or discard it when log_path is None.
+
+    On leaving, a SIGINT/SIGTERM that arrived during the native call is raised: llama.cpp's log callback runs
+    Python code, where the signal's exception was raised and then discarded by ctypes."""
     log_path = log_path or Path(os.devnull)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -103,24 +128,35 @@ def native_output_to(log_path: Path | None):
             os.dup2(saved[1], 2)
             for fd in saved:
                 os.close(fd)
+    raise_if_interrupted()
 
 
-def quantize(
-    src: Path, dst: Path, quant: str, token_embedding_type: str | None = None, log_path: Path | None = None
-) -> None:
-    """llama.cpp's quantizer (llama_model_quantize, as llama-quantize uses) from an f32 GGUF."""
+def quantize_in_process(src: Path, dst: Path, quant: str, token_embedding_type: str | None = None) -> int:
+    """llama.cpp's quantizer (llama_model_quantize, as llama-quantize uses) from an f32 GGUF; its return code."""
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = int(QUANTS[quant].file_type)
     params.nthread = os.cpu_count() or 1
     if token_embedding_type and not QUANTS[quant].is_float:
         params.token_embedding_type = int(QUANTS[token_embedding_type].tensor_type)
+    return int(llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)))
+
+
+def quantize(
+    src: Path, dst: Path, quant: str, token_embedding_type: str | None = None, log_path: Path | None = None
+) -> None:
+    """Quantize in a child process (`python -m convert.llamacpp quantize ...`), so that SIGINT/SIGTERM stop it:
+    llama_model_quantize is one native call of minutes for the 2B model (docs/operations.md)."""
     tmp = dst.with_name(f".{dst.name}.tmp")
-    with native_output_to(log_path):
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
-    if rc != 0:
-        tmp.unlink(missing_ok=True)
-        raise LlamaCppError(f"llama_model_quantize {src.name} -> {quant} failed (code {rc})")
-    os.replace(tmp, dst)
+    cmd = [sys.executable, "-m", "convert.llamacpp", "quantize", str(src), str(tmp), quant, token_embedding_type or ""]
+    path = os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    try:
+        rc = run_child(cmd, log_path, env=os.environ | {"PYTHONPATH": path})
+        if rc != 0:
+            where = f"; see {log_path}" if log_path else ""
+            raise LlamaCppError(f"llama_model_quantize {src.name} -> {quant} failed (code {rc}){where}")
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed or interrupted quantization leaves no partial file
 
 
 def add_metadata(path: Path, extra: dict[str, str]) -> None:
@@ -138,7 +174,8 @@ def add_metadata(path: Path, extra: dict[str, str]) -> None:
         writer.data_alignment = alignment.contents()
     new = {k: MetadataDetails(gguf.GGUFValueType.STRING, v) for k, v in extra.items()}
     try:
-        copy_with_new_metadata(reader, writer, new, remove_metadata=[])
+        with native_output_to(None):  # gguf-py draws a progress bar that would stay in the console
+            copy_with_new_metadata(reader, writer, new, remove_metadata=[])
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -146,9 +183,24 @@ def add_metadata(path: Path, extra: dict[str, str]) -> None:
     os.replace(tmp, path)
 
 
+def open_gguf(path: Path) -> gguf.GGUFReader:
+    """A GGUF file's reader; InvalidInput (exit 2) naming the file when it is missing, not a file, or not a
+    complete GGUF (a text file named .gguf, an empty or truncated file)."""
+    full = require_file(path, "GGUF file", "give the path of a .gguf file (python -m convert info FILE.gguf)")
+    try:
+        return gguf.GGUFReader(str(full))
+    except (ValueError, OSError, IndexError, KeyError) as e:  # gguf-py reports a bad file as numpy/mmap errors
+        with open(full, "rb") as f:
+            magic = f.read(4)
+        what = "truncated or damaged (its header is a GGUF's)" if magic == b"GGUF" else "not a GGUF file (wrong magic)"
+        raise InvalidInput(
+            f"{path}: {what}: {str(e).splitlines()[0]}.\n  fix: export it again (python -m convert export --config ...)"
+        ) from None
+
+
 def read_metadata(path: Path) -> dict[str, object]:
     """Scalar and string metadata of a GGUF (arrays such as the vocab are summarised by length)."""
-    reader = gguf.GGUFReader(str(path))
+    reader = open_gguf(path)
     out: dict[str, object] = {}
     for field in reader.fields.values():
         if field.name.startswith("GGUF."):
@@ -159,3 +211,16 @@ def read_metadata(path: Path) -> dict[str, object]:
             out[field.name] = field.contents()
     out["tensor_count"] = len(reader.tensors)
     return out
+
+
+def main(argv: list[str]) -> int:
+    """`python -m convert.llamacpp quantize SRC DST QUANT [TOKEN_EMBEDDING_TYPE]`: the quantizer's child process."""
+    if len(argv) != 5 or argv[0] != "quantize":
+        print("usage: python -m convert.llamacpp quantize SRC DST QUANT [TOKEN_EMBEDDING_TYPE]", file=sys.stderr)
+        return 2
+    _, src, dst, quant, token_embedding_type = argv
+    return quantize_in_process(Path(src), Path(dst), quant, token_embedding_type or None)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
+import shutil
 from pathlib import Path
 
 from transformers import AutoTokenizer
@@ -17,6 +17,7 @@ from convert.export import (
     export_gguf,
     file_entries,
     gguf_filename,
+    promote_ggufs,
     provenance_metadata,
     write_reports,
 )
@@ -24,7 +25,8 @@ from convert.llamacpp import version_info
 from convert.merge import merge_adapter
 from convert.verify import VerificationFailed
 from core.config import Config
-from core.files import atomic_write_json, hash_tree, sha256_file
+from core.errors import RunError
+from core.files import atomic_replace_dir, atomic_write_json, hash_tree, move_dir_into_place, sha256_file
 from core.hub import ResolvedModel
 from core.locks import promotion_lock
 from core.records.heldout import heldout_texts
@@ -74,77 +76,137 @@ def _base_export_is_current(cfg, base, sidecar: Path) -> dict | None:
     return record
 
 
-def export_run(cfg: Config, paths: RunFolder, base: ResolvedModel, manifest: Manifest) -> Manifest:
-    """Merge + export + verify for a trained run; updates and returns the manifest.
+def vouched_adapter(paths: RunFolder) -> Manifest:
+    """The run's manifest, if it vouches for the adapter in the run folder: training finished (status exporting,
+    export_failed or complete) and every adapter file has the sha256 recorded when training ended.
 
-    Raises VerificationFailed (after writing verify.json/md and the manifest) if any gate fails.
+    Only then may the adapter be exported and promoted: models/finetuned/adapters/<run> may hold an older run's
+    adapter (a --fresh run interrupted mid-training), and the run folder is the only witness of what was trained."""
+    manifest = paths.read_manifest()
+    status = manifest.status if manifest else "no manifest"
+    if manifest is None or manifest.status not in ("exporting", "export_failed", "complete"):
+        raise RunError(
+            f"{paths.root} has no finished training to export (status: {status}).\n"
+            f"  fix: run the training to its end first (python -m train --config ...); it exports by itself"
+        )
+    recorded = (manifest.artifacts.get("adapter") or {}).get("files")
+    actual = hash_tree(paths.adapter) if paths.adapter.is_dir() else {}
+    if not recorded or recorded != actual:
+        changed = sorted(n for n in set(recorded or {}) | set(actual) if (recorded or {}).get(n) != actual.get(n))
+        raise RunError(
+            f"{paths.adapter} is not the adapter {paths.manifest} records (differs: {', '.join(changed) or 'all'}); "
+            f"refusing to export an adapter the run cannot vouch for.\n"
+            f"  fix: run the training again (python -m train --config ...; add --fresh to start over)"
+        )
+    return manifest
+
+
+def promote_adapter(paths: RunFolder) -> None:
+    """The run folder's adapter to models/finetuned/adapters/<run>, swapped in whole."""
+    with promotion_lock(paths.adapter_out, paths.run_name):
+        atomic_replace_dir(paths.adapter, paths.adapter_out)
+
+
+def _export_base(cfg: Config, paths: RunFolder, base: ResolvedModel, texts: list[str]) -> ExportResult | None:
+    """The base model's GGUFs, unless the recorded base export is current (then None)."""
+    folder = paths.export_dir / "base_model"  # a fixed name: the console shows no temporary folders
+    shutil.rmtree(folder, ignore_errors=True)
+    log.info(f"exporting base model as {cfg.export.base_name}")
+    try:
+        prepare_base_folder(base.path, paths.adapter, folder)
+        return export_gguf(
+            folder,
+            cfg.export.base_name,
+            cfg.export,
+            cfg.verify,
+            paths.export_dir / cfg.export.base_name,
+            provenance_metadata(cfg, base, {}),
+            texts,
+        )
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _promote(cfg: Config, paths: RunFolder, staged_merged: Path, results: list[ExportResult], sidecar: dict | None):
+    """models/ changes here and only here, after every gate passed: adapter, merged model, fine-tuned GGUFs, base
+    GGUFs. Stopped before the first rename, models/ is as it was; stopped later, each target is whole (old or new)
+    and the manifest still says `exporting`, so the same command exports and promotes again."""
+    promote_adapter(paths)
+    with promotion_lock(paths.merged_out, cfg.run_name):
+        move_dir_into_place(staged_merged, paths.merged_out)
+    for result in results:
+        promote_ggufs(result, cfg.export, cfg.run_name)
+    if sidecar is not None:
+        sidecar["files"] = file_entries(results[-1])
+        target = Path(cfg.export.gguf_dir) / cfg.export.base_name
+        with promotion_lock(target, cfg.run_name):
+            atomic_write_json(target.with_name(f"{cfg.export.base_name}.export.json"), sidecar)
+
+
+def export_run(cfg: Config, paths: RunFolder, base: ResolvedModel, manifest: Manifest) -> Manifest:
+    """Merge + export + verify a trained run in its run folder, then promote; updates and returns the manifest.
+
+    Raises VerificationFailed (after writing verify.json/md and the manifest) if any gate fails: nothing is promoted.
     """
-    log.info(f"merging adapter into {base.repo_id or base.path}")
-    with promotion_lock(paths.merged_out, cfg.run_name):  # replaced as a whole (atomic_replace_dir)
-        merge_adapter(base.path, paths.adapter_out, paths.merged_out)
-    manifest.artifacts["merged"] = {"path": str(paths.merged_out), "files": hash_tree(paths.merged_out)}
-    tokenizer = AutoTokenizer.from_pretrained(str(paths.merged_out))
-    texts = heldout_texts(tokenizer, cfg.verify.heldout_files, cfg.data.system_message, cfg.verify.max_heldout_records)
-    export_dir = paths.export_dir
+    staged_merged = paths.export_dir / "merged"
     llama = version_info()
     manifest.llama_cpp = llama
     results: list[ExportResult] = []
     try:
+        log.info(f"merging adapter into {base.repo_id or base.path}")
+        merge_adapter(base.path, paths.adapter, staged_merged)
+        tokenizer = AutoTokenizer.from_pretrained(str(staged_merged))
+        texts = heldout_texts(
+            tokenizer, cfg.verify.heldout_files, cfg.data.system_message, cfg.verify.max_heldout_records
+        )
         log.info(f"exporting fine-tuned model as {cfg.export.name} ({', '.join(cfg.export.quants)})")
-        adapter_sha = sha256_file(paths.adapter_out / "adapter_model.safetensors")
+        adapter_sha = sha256_file(paths.adapter / "adapter_model.safetensors")
         results.append(
             export_gguf(
-                paths.merged_out,
+                staged_merged,
                 cfg.export.name,
                 cfg.export,
                 cfg.verify,
-                export_dir / cfg.export.name,
+                paths.export_dir / cfg.export.name,
                 provenance_metadata(cfg, base, {"finetune.adapter_sha256": adapter_sha}),
                 texts,
             )
         )
-        manifest.artifacts["gguf"] = {"finetuned": file_entries(results[0])}
-        if cfg.export.export_base:
-            sidecar = Path(cfg.export.gguf_dir) / f"{cfg.export.base_name}.export.json"
-            current = _base_export_is_current(cfg, base, sidecar)
-            if current:
-                log.info(f"base GGUF {cfg.export.base_name} is current for revision {base.revision}; not re-exported")
-                manifest.artifacts["gguf"]["base"] = current["files"]
-            else:
-                log.info(f"exporting base model as {cfg.export.base_name}")
-                with tempfile.TemporaryDirectory(dir=export_dir) as tmp:
-                    folder = prepare_base_folder(base.path, paths.adapter_out, Path(tmp) / "base")
-                    base_result = export_gguf(
-                        folder,
-                        cfg.export.base_name,
-                        cfg.export,
-                        cfg.verify,
-                        export_dir / cfg.export.base_name,
-                        provenance_metadata(cfg, base, {}),
-                        texts,
-                    )
+        sidecar_path = Path(cfg.export.gguf_dir) / f"{cfg.export.base_name}.export.json"
+        current = _base_export_is_current(cfg, base, sidecar_path) if cfg.export.export_base else None
+        sidecar = None
+        if cfg.export.export_base and current is None:
+            base_result = _export_base(cfg, paths, base, texts)
+            if base_result is not None:
                 results.append(base_result)
-                entries = file_entries(base_result)
-                manifest.artifacts["gguf"]["base"] = entries
-                with promotion_lock(Path(cfg.export.gguf_dir) / cfg.export.base_name, cfg.run_name):
-                    atomic_write_json(
-                        sidecar,
-                        {
-                            "base_revision": base.revision,
-                            "llama_cpp": llama,
-                            "quants": list(cfg.export.quants),
-                            "default_quant": cfg.export.default_quant,
-                            "token_embedding_type": cfg.export.token_embedding_type,
-                            "files": entries,
-                        },
-                    )
+                sidecar = {
+                    "base_revision": base.revision,
+                    "llama_cpp": llama,
+                    "quants": list(cfg.export.quants),
+                    "default_quant": cfg.export.default_quant,
+                    "token_embedding_type": cfg.export.token_embedding_type,
+                }
+        elif current:
+            log.info(f"base GGUF {cfg.export.base_name} is current for revision {base.revision}; not re-exported")
     except VerificationFailed as e:
-        write_reports(paths.root, [r for x in results for r in x.reports] + e.reports, failed=True)
+        write_reports(paths.root, [r for x in results for r in x.reports] + e.reports, True, staged_merged, cfg.verify)
         manifest.status = "export_failed"
         manifest.verification = {"passed": False, "report": str(paths.verify_md)}
         paths.write_manifest(manifest)
         raise
-    write_reports(paths.root, results)
+    except BaseException:
+        shutil.rmtree(staged_merged, ignore_errors=True)  # interrupted or failed: no 5 GB of work files left
+        raise
+    merged_files = hash_tree(staged_merged)
+    _promote(cfg, paths, staged_merged, results, sidecar)
+    manifest.artifacts["adapter"] = {"path": str(paths.adapter_out), "files": hash_tree(paths.adapter)}
+    manifest.artifacts["merged"] = {"path": str(paths.merged_out), "files": merged_files}
+    manifest.artifacts["gguf"] = {"finetuned": file_entries(results[0])}
+    if len(results) > 1:
+        manifest.artifacts["gguf"]["base"] = file_entries(results[1])
+    elif current is not None:
+        manifest.artifacts["gguf"]["base"] = current["files"]
+    write_reports(paths.root, results, reference=paths.merged_out.absolute(), verify_cfg=cfg.verify)
     manifest.verification = {
         "passed": True,
         "report": str(paths.verify_md),

@@ -34,7 +34,7 @@ def _answers(cfg: Config, manifest: Manifest) -> list[str]:
     return lines
 
 
-def print_summary(paths: RunFolder, cfg: Config, manifest: Manifest) -> None:
+def print_summary(paths: RunFolder, cfg: Config, manifest: Manifest, answers: bool = True) -> None:
     art = manifest.artifacts
     lines = ["", f"=== run {cfg.run_name}: {manifest.status}", f"run folder:   {paths.root}"]
     if "adapter" in art:
@@ -55,5 +55,8 @@ def print_summary(paths: RunFolder, cfg: Config, manifest: Manifest) -> None:
     verify_md = paths.verify_md
     if verify_md.is_file():
         lines += ["", verify_md.read_text().strip()]
-    lines += _answers(cfg, manifest)
+    if answers:
+        lines += _answers(cfg, manifest)
+    elif cfg.verify.demo_prompt:
+        lines += ["", "(no demo answers: the promoted GGUFs are no longer this run's files; see the warnings above)"]
     log.info("\n".join(lines))

@@ -8,6 +8,7 @@ TrainingArguments), so upstream documentation applies unchanged. Every field car
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -16,11 +17,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
 
 from core.errors import ConfigError
+from core.paths import user_path, what_is
 from core.quants import FLOAT_TYPES, QUANTS, QuantType
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+    # strict: a YAML `true` is not the integer 1 (training.max_steps=true), `1` is not a boolean, 7 is not a
+    # string. YAML gives every type natively (with _Loader's floats such as 1e-4), so lax coercion only hides mistakes.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True, strict=True)
 
 
 class ModelSection(Section):
@@ -30,13 +34,32 @@ class ModelSection(Section):
     """Branch, tag or 40-hex commit of the repo in the cache; the resolved commit goes into the manifest."""
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     """Weights/compute dtype for training. auto = bfloat16 on CUDA, float32 on CPU. Gemma 2 overflows in fp16."""
-    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = "eager"
-    """transformers attention kernel. Gemma 2 needs softcapping, which SDPA skips: keep eager (or FA >= 2.6)."""
+    attn_implementation: Literal["auto", "eager", "flex_attention", "flash_attention_2", "sdpa"] = "auto"
+    """transformers attention kernel; each must apply Gemma 2's attention softcap (50). auto = flex_attention on
+    CUDA (softcap in the kernel, no T x T score tensors), eager on CPU. flash_attention_2 needs the flash-attn
+    package (>= 2.6) and isolates packed examples only at batch size 1. sdpa is refused: it skips the softcap and
+    transformers 5.24 refuses it for Gemma 2 (`_supports_sdpa = False`)."""
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    """Where to train. auto = CUDA when usable, else CPU; cuda = stop (exit 2, naming the driver and the CUDA
+    version torch was built for) when CUDA is unusable, instead of silently training on the CPU."""
+    load_in_4bit: bool = False
+    """QLoRA: load the frozen base in 4 bits with bitsandbytes (nf4, double quantization, compute in model.dtype).
+    Export still merges the adapter into the full-precision base read from its safetensors."""
     chat_template: str | None = "gemma"
     """Chat template to train with and ship: a built-in name (core/templates/NAME.jinja), a .jinja path, or
     null to keep the tokenizer's own. google/gemma-2-2b (base) ships none, so the default installs Gemma's."""
     trust_remote_code: bool = False
     """Allow code from the model repo to run. Off: Gemma 2 is native to transformers."""
+
+    @field_validator("attn_implementation")
+    @classmethod
+    def _softcapping_attention(cls, value: str) -> str:
+        if value == "sdpa":
+            raise ValueError(
+                "model.attn_implementation: sdpa cannot train Gemma 2: it skips the attention logit softcap, and "
+                "transformers 5.24 refuses it for Gemma 2 (_supports_sdpa = False); use auto, flex_attention or eager"
+            )
+        return value
 
 
 class DataSource(Section):
@@ -123,7 +146,7 @@ class LoraSection(Section):
     lora_alpha: int = Field(32, ge=1)
     """LoRA scaling numerator (scale = lora_alpha / r)."""
     lora_dropout: float = Field(0.05, ge=0, lt=1)
-    """Dropout on the LoRA input."""
+    """Dropout on the LoRA input. 0 is the fast path: PEFT puts an identity there (no mask, no input copy)."""
     target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
@@ -172,14 +195,49 @@ class TrainingSection(Section):
     """Evaluate on data.eval_files every N steps (defaults to logging_steps when eval files are set)."""
     seed: int = 42
     """Seed for model init of LoRA weights, data order and dropout."""
-    gradient_checkpointing: bool = False
-    """Trade compute for activation memory."""
+    activation_checkpointing: bool | Literal["offload"] = False
+    """Recompute each decoder layer's activations in the backward instead of keeping them (~1/3 more compute,
+    a fraction of the activation memory). offload: also keep the layer inputs in pinned host memory, for the
+    longest sequences. transformers 5.24's name; the old `gradient_checkpointing` key is read as this one."""
+    torch_compile: bool = False
+    """torch.compile the model (TrainingArguments.torch_compile): the first steps compile (minutes), later ones
+    are faster. Off by default until bench/gpu_train.py shows the gain on your card."""
+    ddp_find_unused_parameters: bool | None = None
+    """Multi-GPU (DDP): search for parameters without gradient every step. null lets transformers decide (off with
+    activation checkpointing); LoRA on all linear layers uses every parameter, so false is right and fastest."""
+    fused_lm_head: bool | Literal["auto"] = "auto"
+    """Cross-entropy fused with lm_head and Gemma's final softcap (TRL's add_fused_lm_head, train/loss.py): the
+    [batch, seq, 256k] logits are never materialized (27 of 34 GiB at 4 x 2048) and on CUDA only supervised
+    positions go through lm_head. Same loss and gradients as the model's own (tests/unit/test_fused_loss.py).
+    auto = on with CUDA, off on CPU. Not a TrainingArguments field: the pipeline applies it to the model."""
     dataloader_num_workers: int = Field(0, ge=0)
     """Worker processes for the data loader."""
     report_to: list[str] = Field(default_factory=lambda: ["tensorboard"])
     """Trainer loggers; TensorBoard logs go to <run>/runs. metrics.jsonl is always written."""
     full_determinism: bool = False
     """transformers' full determinism (deterministic algorithms, no TF32): bit-exact reruns on CPU."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, data: Any) -> Any:
+        """transformers 5.24 renamed gradient_checkpointing (its FutureWarning); configs may keep the old key."""
+        if isinstance(data, dict) and "gradient_checkpointing" in data:
+            if "activation_checkpointing" in data:
+                raise ValueError(
+                    "training.gradient_checkpointing and training.activation_checkpointing are both set: "
+                    "keep activation_checkpointing (the new name)"
+                )
+            data = {("activation_checkpointing" if k == "gradient_checkpointing" else k): v for k, v in data.items()}
+        return data
+
+    @field_validator("max_steps")
+    @classmethod
+    def _steps_or_epochs(cls, value: int) -> int:
+        if value == 0 or value < -1:
+            raise ValueError(
+                f"training.max_steps: {value} is neither a step count (>= 1) nor -1 (use num_train_epochs)"
+            )
+        return value
 
 
 class ExportSection(Section):
@@ -202,6 +260,16 @@ class ExportSection(Section):
     """Also export the untouched base model (with the same quants), as <base_name>.gguf, for comparison."""
     base_name: str = "gemma_2b_base"
     """File stem of the base-model GGUF."""
+
+    @field_validator("quants")
+    @classmethod
+    def _each_quant_once(cls, value: list[str]) -> list[str]:
+        twice = sorted({q for q in value if value.count(q) > 1})
+        if twice:
+            raise ValueError(f"export.quants: {', '.join(twice)} listed more than once; name each type once")
+        if not value:
+            raise ValueError("export.quants: is empty; name at least the default_quant")
+        return value
 
 
 class VerifySection(Section):
@@ -241,6 +309,64 @@ class VerifySection(Section):
             return value
         return cls.model_fields[info.field_name].get_default(call_default_factory=True) | value
 
+    @field_validator("max_nmse", "min_top1", "max_kld")
+    @classmethod
+    def _gates_in_range(cls, value: dict[str, float], info) -> dict[str, float]:
+        """A gate of 0 or below passes nothing (or, for min_top1, everything): a typo, not a policy."""
+        problems = [
+            f"verify.{info.field_name}.{q}: unknown type (known: {', '.join(QUANTS)})" for q in value if q not in QUANTS
+        ]
+        for q, gate in value.items():
+            if info.field_name == "min_top1" and not 0 < gate <= 1:
+                problems.append(f"verify.min_top1.{q}: {gate} is not a fraction in (0, 1]")
+            elif info.field_name != "min_top1" and not gate > 0:
+                problems.append(f"verify.{info.field_name}.{q}: {gate} must be above 0 (a gate nothing can pass)")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return value
+
+    @field_validator("prompts")
+    @classmethod
+    def _some_prompts(cls, value: list[str]) -> list[str]:
+        if not value or not all(p.strip() for p in value):
+            raise ValueError("verify.prompts: needs at least one non-empty prompt (the NMSE and top-1 gates use them)")
+        return value
+
+
+class NightlySection(Section):
+    """`python -m train.nightly`: the fixed eval set, the gates a candidate must pass to replace the champion,
+    and what is kept (docs/nightly.md). Not part of what is trained: changing it never triggers retraining."""
+
+    run_prefix: str = Field("nightly", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,60}$")
+    """Candidates are named <run_prefix>-YYYY-MM-DD-<first 8 hex of the fingerprint>."""
+    eval_files: list[str] = Field(default_factory=list)
+    """Held-out records (any data format) both candidate and champion are scored on; empty: verify.heldout_files.
+    Keep them out of data.train_files, and fixed: a changed eval set rescores the champion."""
+    max_eval_records: int = Field(64, ge=1)
+    """Score the first N eval records (the HF model runs on the CPU in float32, as in verification)."""
+    task_checks: str | None = None
+    """Optional JSONL file of {"prompt": ..., "expected": ...}: the GGUF's greedy reply (llama.cpp, the file's
+    own chat template) must equal `expected` after stripping whitespace. Scored as task_accuracy."""
+    max_new_tokens: int = Field(64, ge=1)
+    """Longest reply generated for a task check."""
+    max_loss_regression: float = Field(0.02, ge=0)
+    """Gate against the champion: the candidate's hf_loss and gguf_loss may exceed the champion's by at most
+    this fraction (0.02: 2% higher)."""
+    max_accuracy_drop: float = Field(0.0, ge=0, le=1)
+    """Gate against the champion: task_accuracy may be lower than the champion's by at most this much."""
+    max_hf_loss: float | None = Field(None, gt=0)
+    """Absolute gate: highest acceptable mean loss (nats per supervised token) of the merged HF model."""
+    max_gguf_loss: float | None = Field(None, gt=0)
+    """Absolute gate: highest acceptable mean loss of the GGUF that ships (export.default_quant, llama.cpp)."""
+    max_quant_gap: float | None = Field(None, ge=0)
+    """Absolute gate: highest acceptable gguf_loss - hf_loss, what the shipped quant costs on the eval set."""
+    min_task_accuracy: float | None = Field(None, ge=0, le=1)
+    """Absolute gate: lowest acceptable share of task checks answered exactly (needs task_checks)."""
+    keep_champions: int = Field(2, ge=1)
+    """Previous champions kept besides the live one (their files are what `rollback` makes live again)."""
+    keep_candidates: int = Field(3, ge=0)
+    """Most recent other nightly runs (rejected or failed) kept for inspection; older ones are deleted."""
+
 
 class PathsSection(Section):
     output_dir: str = "outputs"
@@ -262,6 +388,7 @@ class Config(Section):
     export: ExportSection = Field(default_factory=ExportSection)
     verify: VerifySection = Field(default_factory=VerifySection)
     paths: PathsSection = Field(default_factory=PathsSection)
+    nightly: NightlySection = Field(default_factory=NightlySection)
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> Config:
@@ -284,9 +411,24 @@ class Config(Section):
             )
         if self.export.name == self.export.base_name:
             problems.append("export.name and export.base_name are equal: the base export would overwrite yours")
+        problems += _attention_problems(self)
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+
+def _attention_problems(cfg: Config) -> list[str]:
+    """flash_attention_2 isolates packed examples only through position_ids varlen, which transformers 5.24
+    detects at batch size 1 (masking_utils): with more rows per batch, packed examples would attend to each other."""
+    t = cfg.training
+    batches = (t.per_device_train_batch_size, t.per_device_eval_batch_size)
+    if cfg.model.attn_implementation == "flash_attention_2" and cfg.data.packing and max(batches) > 1:
+        return [
+            "model.attn_implementation: flash_attention_2 cannot keep packed examples apart with more than one row "
+            f"per batch (per_device_train_batch_size {batches[0]}, per_device_eval_batch_size {batches[1]}): set both "
+            "to 1 (raise max_seq_length instead), or use flex_attention, or data.packing=false"
+        ]
+    return []
 
 
 def _field_names(model: type[BaseModel], path: list[str]) -> list[str]:
@@ -323,29 +465,91 @@ def _format_errors(err: ValidationError, source: str) -> str:
     return "\n".join([f"invalid config {source}: {len(lines)} problem(s)"] + lines)
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with two YAML 1.2 rules a config needs (PyYAML implements YAML 1.1): a duplicate key
+    is an error (1.1 loaders keep the last one silently), and 1e-4 is a float (1.1 needs a dot: 1.0e-4)."""
+
+
+def _mapping_without_duplicates(loader: _Loader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: dict[Any, yaml.Node] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                "while reading a mapping", node.start_mark, f"duplicate key {key!r}", key_node.start_mark
+            )
+        seen[key] = key_node
+    return loader.construct_mapping(node)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),  # YAML 1.2 core schema: 1e-4, 5E3
+    list("-+0123456789"),
+)
+
+
+def _yaml_place(path: Path, e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    return f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's problem in one line ('duplicate key ...', "expected ',' or ']'"), without its source excerpt."""
+    problem = getattr(e, "problem", None)
+    context = getattr(e, "context", None)
+    return f"{problem} ({context})" if problem and context else problem or str(e).splitlines()[0]
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text as data, by the rules of _Loader (duplicate keys refused, 1e-4 a float)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (_Loader is a SafeLoader)
+
+
 def apply_override(raw: dict[str, Any], override: str) -> None:
     """Apply one `dotted.key=value` override; the value is parsed as YAML (so 1e-4, true, [a, b] work)."""
-    if "=" not in override:
-        raise ConfigError(f"override '{override}' is not of the form dotted.key=value (e.g. training.max_steps=10)")
-    key, value = override.split("=", 1)
-    node = raw
+    key, eq, value = override.partition("=")
     parts = key.strip().split(".")
+    if not eq or not all(parts):
+        raise ConfigError(f"override '{override}' is not of the form dotted.key=value (e.g. training.max_steps=10)")
+    node = raw
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override '{override}': '{part}' is not a section")
-    node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    try:
+        node[parts[-1]] = parse_yaml(value) if value.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(
+            f"override '{override}': the value is not valid YAML ({_yaml_problem(e)}).\n"
+            f"  fix: close brackets and quotes, e.g. {key}='[a.jsonl, b.jsonl]' (quote the whole override in the shell)"
+        ) from None
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    found = what_is(user_path(path))
+    if found == "missing":
+        raise ConfigError(f"config file not found: {path} (relative to {Path.cwd()}; shipped configs are in configs/)")
+    if found != "a file":
+        raise ConfigError(f"--config {path}: is {found}, not a YAML config file (shipped configs are in configs/)")
+    try:
+        raw = parse_yaml(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); is this the config file?") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{_yaml_place(path, e)}: not valid YAML: {_yaml_problem(e)}") from None
+    if raw is None:
+        raise ConfigError(
+            f"{path}: holds no settings (only comments or blank); start from `python -m train --print-defaults`"
+        )
+    return raw
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     """Read a YAML config, apply overrides, validate. Raises ConfigError listing every problem."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path} (shipped configs are in configs/)")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    raw = _read_config_file(path)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
     for o in overrides:

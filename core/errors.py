@@ -1,14 +1,19 @@
 """Errors a user can act on, each carrying the exit status the CLIs return for it.
 
 `python -m train --help` and `python -m convert --help` list the statuses. Anything that is not a
-PipelineError (or an interrupt) is a bug and keeps its traceback.
+PipelineError (or an interrupt) is a bug and keeps its traceback. `cli_exit` is the one place where the CLIs
+turn exceptions (and SIGINT/SIGTERM, and a closed stdout) into exit statuses.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import signal
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -20,6 +25,7 @@ EXIT_NONFINITE = 5
 EXIT_DISK_SPACE = 6
 EXIT_LOCKED = 75  # EX_TEMPFAIL (sysexits.h): "temporary failure, the user is invited to retry"
 EXIT_SIGINT = 128 + signal.SIGINT
+EXIT_SIGTERM = 128 + signal.SIGTERM
 
 
 class PipelineError(RuntimeError):
@@ -47,6 +53,10 @@ class ModelNotFoundError(InvalidInput):
 
 class RunError(InvalidInput):
     """The run cannot proceed as configured; the message says why and what to do."""
+
+
+class PathError(InvalidInput):
+    """A path the user gave is missing, or not the kind of thing expected there (core/paths.py)."""
 
 
 class DataError(InvalidInput, ValueError):
@@ -128,20 +138,92 @@ class LockHeld(RunStopped):
         )
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM outside the training loop (inside it, train.callbacks.StopOnSignal finishes the step).
+
+    A KeyboardInterrupt, not an Exception: `except Exception` never swallows it, while every `finally` and
+    `except BaseException` on the way out runs, so work files are removed and nothing is half-promoted."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        self.exit_code = 128 + signum
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+
+
+# Signals seen by the CLI's handler. ctypes discards an exception raised in a Python callback of native code
+# (llama.cpp's log callback), so a signal that arrives then would be lost: raise_if_interrupted() re-raises it.
+_signals_received: list[int] = []
+
+
+def _raise_interrupted(signum: int, frame: object) -> None:
+    _signals_received.append(signum)
+    raise Interrupted(signum)
+
+
+def raise_if_interrupted() -> None:
+    """Raise Interrupted if a signal arrived while native code ran (its exception may have been discarded)."""
+    if _signals_received:
+        raise Interrupted(_signals_received[-1])
+
+
+@contextmanager
+def signals_as_exceptions() -> Iterator[None]:
+    """SIGINT and SIGTERM raise Interrupted (exit 130/143) in the main thread for the duration of the block."""
+    try:
+        previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread: signals stay with whoever handles them
+        previous = {}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _os_error_status(e: OSError) -> tuple[int, str] | None:
+    """A file system refusing a path the user gave (permissions, read-only, a file where a folder belongs)."""
+    where = e.filename
+    if where is None or e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR):
+        return None
+    return EXIT_INVALID, (
+        f"error: cannot use {where}: {e.strerror}.\n"
+        f"  fix: check the path and its permissions (the config's paths section, or the file named on the command line)"
+    )
+
+
 def exit_status(e: BaseException) -> tuple[int, str] | None:
     """(exit status, message) for an error the user can act on, or None for a bug (let it raise)."""
     if isinstance(e, PipelineError):
         return e.exit_code, e.cli_message()
-    if isinstance(e, KeyboardInterrupt):  # Ctrl-C outside the training loop (inside, StopOnSignal handles it)
+    if isinstance(e, Interrupted):
+        return e.exit_code, f"{e}; nothing was promoted by the unfinished stage. Run the same command to continue"
+    if isinstance(e, KeyboardInterrupt):  # SIGINT before the handler was installed
         return EXIT_SIGINT, "interrupted"
+    if isinstance(e, OSError):
+        return _os_error_status(e)
     return None
+
+
+def stdout_gone() -> None:
+    """The reader of stdout went away (`... | head`): send the rest to /dev/null, as `python -m json.tool` style
+    tools end quietly; without this, the flush at exit prints a BrokenPipeError (Python docs, "Note on SIGPIPE")."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def cli_exit(call: Callable[[], object]) -> int:
     """Run a CLI command and return its exit status: the command's own int (0 if it returns none), or
-    the status of an error a user can act on, whose message is logged. Other errors raise."""
+    the status of an error a user can act on, whose message is logged. Other errors raise.
+
+    SIGINT/SIGTERM become Interrupted while the command runs, so they end in 130/143 like any other error."""
     try:
-        result = call()
+        with signals_as_exceptions():
+            result = call()
+            sys.stdout.flush()
+    except BrokenPipeError:
+        stdout_gone()
+        return 0
     except BaseException as e:
         status = exit_status(e)
         if status is None:

@@ -80,26 +80,66 @@ def atomic_copy_file(src: Path, dst: Path) -> None:
         shutil.copyfile(src, tmp)
 
 
-def atomic_replace_dir(src: Path, dst: Path) -> None:
-    """Copy folder src to dst as a whole: staged beside dst, then swapped in by rename."""
+def publish_tree(folder: Path) -> None:
+    """Every file and folder under `folder` (itself included) gets the mode the umask gives new files: what
+    libraries wrote through mkstemp (safetensors, 0600) must be readable by whoever loads a promoted artifact."""
+    for p in [folder, *folder.rglob("*")]:
+        if not p.is_symlink():
+            _publish_mode(p, directory=p.is_dir())
+
+
+def _swap_in(stage: Path, dst: Path) -> None:
+    """Rename the finished folder `stage` (beside dst) to dst. An interruption between the two renames leaves
+    dst absent and the previous version at .<name>.old beside it, never a mix of both."""
+    old = dst.with_name(f".{dst.name}.old")
+    if dst.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        dst.rename(old)
+    stage.rename(dst)
+    fsync_dir(dst.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def atomic_replace_dir(src: Path, dst: Path, ignore: tuple[str, ...] = ()) -> None:
+    """Copy folder src to dst as a whole (without files matching `ignore`): staged beside dst, then swapped in."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}."))
     try:
-        shutil.copytree(src, stage, dirs_exist_ok=True)
-        _publish_mode(stage, directory=True)
-        old = dst.with_name(f".{dst.name}.old")
-        if dst.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            dst.rename(old)
-        stage.rename(dst)
-        shutil.rmtree(old, ignore_errors=True)
+        shutil.copytree(src, stage, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*ignore) if ignore else None)
+        publish_tree(stage)
+        _swap_in(stage, dst)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
 
 
+def move_dir_into_place(src: Path, dst: Path) -> None:
+    """Move a finished folder to dst as a whole: one rename on the same file system, else a staged copy."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    publish_tree(src)
+    stage = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}."))
+    try:
+        stage.rmdir()
+        src.rename(stage)  # beside dst first, so the swap below is two renames in one folder
+    except OSError as e:
+        # Another volume: EXDEV. st_dev cannot tell beforehand: two Docker volumes (bind mounts) of one
+        # file system share it, and the kernel still refuses a rename across mount points.
+        if e.errno != errno.EXDEV:
+            raise
+        atomic_replace_dir(src, dst)  # copied beside dst, then swapped in
+        shutil.rmtree(src)
+        return
+    try:
+        _swap_in(stage, dst)
+    except BaseException:
+        if stage.exists() and not src.exists():
+            stage.rename(src)
+        raise
+
+
 def move_into_place(src: Path, dst: Path) -> None:
     """Move a finished file into place atomically, across file systems (Docker volumes) too."""
+    _publish_mode(src)  # whoever wrote it (a tool through mkstemp) may have made it private
     try:
         os.replace(src, dst)  # same file system: one atomic rename
     except OSError as e:

@@ -77,5 +77,8 @@ PROMOTION_WAIT_S = 120.0
 
 
 def promotion_lock(target: Path, run_name: str, wait_s: float = PROMOTION_WAIT_S):
-    """The lock of one promotion target (a folder, or a GGUF file stem): <parent>/.<name>.lock."""
-    return hold_lock(target.parent / f".{target.name}.lock", f"promotion target {target}", run_name, wait_s)
+    """The lock of one promotion target (a folder, or a GGUF file stem): <parent>/.locks/<name>.lock.
+
+    In a hidden folder of the target's own folder, not beside the artifacts: what ships (models/gguf, a volume
+    the application mounts) holds only what a consumer loads, and containers sharing the volume share the lock."""
+    return hold_lock(target.parent / ".locks" / f"{target.name}.lock", f"promotion target {target}", run_name, wait_s)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import sys
 
+from core.errors import stdout_gone
+
 PACKAGES = ("core", "train", "convert")
 
 
@@ -17,10 +19,21 @@ class _BelowError(logging.Filter):
         return record.levelno < logging.ERROR
 
 
+class _ToStdout(logging.StreamHandler):
+    """stdout, until its reader goes away (`python -m train ... | head`): then the run goes on, quietly, instead of
+    logging's "--- Logging error ---" traceback on every line. What the run does never depends on its console."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if isinstance(sys.exc_info()[1], BrokenPipeError):
+            stdout_gone()
+            return
+        super().handleError(record)
+
+
 def setup_cli_logging(level: int = logging.INFO) -> None:
     """Route our loggers to stdout (below ERROR) and stderr (ERROR and above), message only."""
     fmt = logging.Formatter("%(message)s")
-    out = logging.StreamHandler(sys.stdout)
+    out = _ToStdout(sys.stdout)
     out.addFilter(_BelowError())
     err = logging.StreamHandler(sys.stderr)
     err.setLevel(logging.ERROR)
@@ -30,3 +43,7 @@ def setup_cli_logging(level: int = logging.INFO) -> None:
         logger = logging.getLogger(name)
         logger.handlers[:] = [out, err]
         logger.setLevel(level)
+    # PEFT imports bitsandbytes whenever it is installed; on CPUs with AVX512-BF16 its CPU backend warns, at
+    # import, that it cannot download an optional kernel from the Hub (bitsandbytes/backends/cpu/ops.py). Offline
+    # that is always so and changes nothing: its own fallback runs. Errors still show.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)

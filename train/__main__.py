@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -39,6 +40,17 @@ exit codes:
 """
 
 
+_UNITS = {"gib": 1 << 30, "g": 1 << 30, "gb": 10**9, "mib": 1 << 20, "mb": 10**6, "": 1 << 30}
+
+
+def memory_size(text: str) -> int:
+    """--gpu-memory: '24GiB', '16GB', '80' (GiB) -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 24GiB, 16GB or 80 (GiB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m train",
@@ -67,6 +79,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "newest good one; it must verify against its commit record; newer checkpoints are moved to rejected/",
     )
     parser.add_argument(
+        "--gpu-memory",
+        metavar="SIZE",
+        type=memory_size,
+        help="with --dry-run: plan for a GPU of this memory (24GiB, 16GB, 80 = GiB) instead of the detected one: "
+        "the estimated peak of one training step, and the knob to turn first if it does not fit",
+    )
+    parser.add_argument(
         "--print-defaults",
         action="store_true",
         help="print every config key with its default and documentation, then exit",
@@ -81,23 +100,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.print_defaults:
-        print(commented_defaults())
-        return 0
+    if args.print_defaults:  # through cli_exit too: `--print-defaults | head` must end quietly
+        return cli_exit(lambda: print(commented_defaults()))
     setup_cli_logging()
     configure_cache_env()
+    return cli_exit(lambda: _train(args))
+
+
+def _train(args: argparse.Namespace) -> object:
+    cfg = load_config(args.config, args.overrides)  # a config mistake is reported before seconds of imports
     # Imported only now: transformers and huggingface_hub read the cache variables once, at import time
     # (and `--help` stays instant).
     from train.run import run  # noqa: PLC0415
 
-    return cli_exit(
-        lambda: run(
-            load_config(args.config, args.overrides),
-            dry_run=args.dry_run,
-            fresh=args.fresh,
-            resume_from=args.resume_from,
-        )
-    )
+    return run(cfg, dry_run=args.dry_run, fresh=args.fresh, resume_from=args.resume_from, gpu_memory=args.gpu_memory)
 
 
 if __name__ == "__main__":

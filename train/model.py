@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import os
+import warnings
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, set_seed
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    set_seed,
+)
 
 from core.config import Config
 from core.errors import RunError
 from core.hub import ResolvedModel
 from core.records.render import TEMPLATES
+from train.device import Placement
+from train.loss import enable_fused_lm_head, fused_lm_head_enabled
 
 
 def chat_template_text(spec: str) -> str:
@@ -38,22 +49,54 @@ def load_tokenizer(base: ResolvedModel, cfg: Config) -> PreTrainedTokenizerBase:
     return tok
 
 
+def uses_cuda(cfg: Config) -> bool:
+    """Whether the run trains on CUDA (model.device auto or cuda, and a usable device; train.device checks cuda)."""
+    return cfg.model.device != "cpu" and torch.cuda.is_available()
+
+
 def compute_dtype(cfg: Config) -> torch.dtype:
     if cfg.model.dtype == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        return torch.bfloat16 if uses_cuda(cfg) else torch.float32
     return getattr(torch, cfg.model.dtype)
 
 
-def build_model(base: ResolvedModel, cfg: Config) -> PeftModel:
+def quantization(cfg: Config) -> BitsAndBytesConfig | None:
+    """model.load_in_4bit: QLoRA's recipe (Dettmers et al. 2023): nf4 weights, double quantization of the scales,
+    matmuls in the compute dtype. bitsandbytes 0.50.2 runs it on CPU too
+    (tests/cli/test_gpu_path.py trains with it)."""
+    if not cfg.model.load_in_4bit:
+        return None
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype(cfg),
+    )
+
+
+def build_model(base: ResolvedModel, cfg: Config, where: Placement) -> PeftModel:
     # get_peft_model draws LoRA's A matrices from torch's RNG, and the Trainer seeds only in its
     # __init__, later: without this every process starts from a different adapter.
     set_seed(cfg.training.seed)
+    quant = quantization(cfg)
     model = AutoModelForCausalLM.from_pretrained(
         str(base.path),
         dtype=compute_dtype(cfg),
-        attn_implementation=cfg.model.attn_implementation,
+        attn_implementation=where.attn_implementation,
         trust_remote_code=cfg.model.trust_remote_code,
         use_safetensors=True,  # never unpickle weights (a .bin-only model fails here, by design)
+        quantization_config=quant,
+        # bitsandbytes quantizes while loading onto the device it is placed on; each rank on its own GPU
+        device_map={"": int(os.environ.get("LOCAL_RANK", "0")) if where.cuda else "cpu"} if quant else None,
     )
+    if fused_lm_head_enabled(cfg, where.cuda):
+        enable_fused_lm_head(model)  # before PEFT wraps it (TRL's requirement)
+    return with_lora(model, cfg)
+
+
+def with_lora(model: PreTrainedModel, cfg: Config) -> PeftModel:
     lora = LoraConfig(task_type="CAUSAL_LM", **cfg.lora.model_dump())
-    return get_peft_model(model, lora)
+    with warnings.catch_warnings():
+        # PEFT 0.21.2 reads model.is_gradient_checkpointing, which transformers 5.24 deprecates with a FutureWarning
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, lora)

@@ -42,7 +42,8 @@ def record_training(
         "checkpoints": [p.name for p in checkpoint_dirs(folder.checkpoints)],
     }
     manifest.artifacts = {
-        "adapter": {"path": str(folder.adapter_out), "files": hash_tree(folder.adapter_out)},
+        # hashed in the run folder, where the export takes it from (convert.pipeline.vouched_adapter checks it)
+        "adapter": {"path": str(folder.adapter_out), "files": hash_tree(folder.adapter)},
         "metrics": str(folder.metrics),
         "loss_plot": str(plot) if plot else None,
     }

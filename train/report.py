@@ -7,7 +7,8 @@ from pathlib import Path
 
 from convert.export import gguf_filename
 from convert.summary import print_summary
-from core.config import Config, to_yaml
+from core.config import Config, load_config, to_yaml
+from core.errors import RunError
 from core.files import human_size, sha256_file
 from core.hub import ResolvedModel
 from core.runfolder import Manifest, RunFolder
@@ -56,19 +57,60 @@ def trained_line(manifest: Manifest, adapter_out: Path) -> str:
     )
 
 
+# What a complete run was made with; paths may move and nightly settings never change what was trained.
+COMPARED_SECTIONS = ("model", "data", "lora", "training", "export", "verify")
+
+
+def _flat(cfg: Config) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for section in COMPARED_SECTIONS:
+        for key, value in getattr(cfg, section).model_dump(mode="json").items():
+            if isinstance(value, dict):
+                out |= {f"{section}.{key}.{k}": v for k, v in value.items()}
+            else:
+                out[f"{section}.{key}"] = value
+    return out
+
+
+def check_complete_run_config(paths: RunFolder, cfg: Config) -> None:
+    """A complete run is only reported, so a key changed since it ran would be ignored: refuse instead."""
+    if not paths.config.is_file():
+        return
+    old, new = _flat(load_config(paths.config)), _flat(cfg)
+    changed = [
+        f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)
+    ]
+    if not changed:
+        return
+    export_only = all(c.startswith(("export.", "verify.")) for c in changed)
+    hint = (
+        "python -m convert export --config ... exports the trained adapter again with them"
+        if export_only
+        else f"pass --fresh to retrain with them, or keep this run and use another run_name (run_name={cfg.run_name}-2)"
+    )
+    raise RunError(
+        f"run {cfg.run_name} is complete ({paths.manifest}) and was made with a different config; these changes "
+        f"would be ignored:\n    " + "\n    ".join(changed) + f"\n  fix: {hint}"
+    )
+
+
 def finished_summary(paths: RunFolder, cfg: Config, manifest: Manifest) -> Manifest:
-    """A rerun of a complete run: check its promoted files are still the ones it made, then report."""
+    """A rerun of a complete run: check its config and promoted files are still the ones it made, then report."""
+    check_complete_run_config(paths, cfg)
     log.info(
         f"run {cfg.run_name} is already complete ({paths.manifest}); not training again. "
         f"Pass --fresh to retrain from scratch, or choose another run_name."
     )
+    replaced = False
     for label, files in manifest.artifacts.get("gguf", {}).items():
         for quant, entry in files.items():
             p = Path(entry["path"])
             if not p.is_file() or sha256_file(p) != entry["sha256"]:
+                replaced = True
                 log.warning(
                     f"warning: {p} ({label} {quant}) is no longer the file this run exported "
                     f"(missing or replaced, e.g. by another run); `python -m convert export` re-exports it"
                 )
-    print_summary(paths, cfg, manifest)
+    # The demo answers come from the promoted files: once replaced, they would be another run's answers.
+    print_summary(paths, cfg, manifest, answers=not replaced)
     return manifest

@@ -18,6 +18,7 @@ from train.checkpoint import (
     checkpoint_dirs,
     choose_resume,
     identity_mismatches,
+    newest_committed,
     read_record,
     reject,
     step_of,
@@ -63,8 +64,13 @@ def prepare_run_folder(
     what is trained (base model and revision, data fingerprint, LoRA shape) differs from the run's.
     """
     if fresh:
+        # The manifest goes first: from here until training ends, nothing in this folder vouches for an adapter,
+        # so `python -m convert export` refuses the one an earlier run promoted (convert.pipeline.vouched_adapter).
+        folder.manifest.unlink(missing_ok=True)
         _empty(folder)
-    if folder.config.is_file():
+    # A run that never committed a checkpoint has nothing a changed config could corrupt (it failed before its
+    # first save, e.g. on a setting the dry run now catches): it starts over with the corrected config.
+    if folder.config.is_file() and newest_committed(folder.checkpoints) is not None:
         changed = unsafe_config_changes(load_config(folder.config), cfg)
         if changed:
             raise RunError(

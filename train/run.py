@@ -12,30 +12,40 @@ import os
 import time
 from pathlib import Path
 
-from convert.pipeline import export_run
+from convert.pipeline import export_run, promote_adapter
 from convert.summary import print_summary
 from core.config import Config
 from core.hub import resolve_model
 from core.runfolder import Manifest, RunFolder
 from train.data import load_data, show_example
+from train.device import placement
 from train.diskspace import preflight
+from train.memory import memory_plan
 from train.model import build_model, load_tokenizer
 from train.record import record_training, start_manifest
-from train.report import describe_plan, finished_summary, trained_line
+from train.report import check_complete_run_config, describe_plan, finished_summary, trained_line
 from train.resume import prepare_run_folder
 from train.trainer import build_trainer, fit, save_adapter
+from train.validate import validate_training_setup
 
 log = logging.getLogger(__name__)
 
 
-def run(cfg: Config, *, dry_run: bool = False, fresh: bool = False, resume_from: Path | None = None) -> Manifest | None:
+def run(
+    cfg: Config,
+    *,
+    dry_run: bool = False,
+    fresh: bool = False,
+    resume_from: Path | None = None,
+    gpu_memory: int | None = None,
+) -> Manifest | None:
     """Train (or resume), export and verify; return the manifest (None for a dry run, which writes nothing).
 
     The run folder's lock is held throughout: a second process on the same run gets LockHeld (exit 75).
     """
     folder = RunFolder.of(cfg)
     if dry_run:
-        dry_run_plan(cfg, folder)
+        dry_run_plan(cfg, folder, fresh, gpu_memory)
         return None
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 holds the lock for all
         return _run(cfg, folder, fresh, resume_from)
@@ -43,11 +53,18 @@ def run(cfg: Config, *, dry_run: bool = False, fresh: bool = False, resume_from:
         return _run(cfg, folder, fresh, resume_from)
 
 
-def dry_run_plan(cfg: Config, folder: RunFolder) -> None:
+def dry_run_plan(cfg: Config, folder: RunFolder, fresh: bool = False, gpu_memory: int | None = None) -> None:
+    previous = None if fresh else folder.read_manifest_or_none()
+    if previous is not None and previous.status == "complete":  # the real command would only report it
+        check_complete_run_config(folder, cfg)
+        log.info(f"run {cfg.run_name} is complete: the command would report it and write nothing (--fresh retrains)")
+        return
     base = resolve_model(cfg.model.name_or_path, cfg.model.revision)
     tokenizer = load_tokenizer(base, cfg)
     data = load_data(tokenizer, cfg, folder.root)
+    validate_training_setup(cfg, folder, base, bool(data.evals), tokenizer)
     log.info(describe_plan(cfg, folder, base, data, show_example(tokenizer, data.train_stats.sample or data.train[0])))
+    log.info("\n".join(memory_plan(base.path, cfg, placement(cfg, for_card=gpu_memory is not None), gpu_memory)))
 
 
 def _run(cfg: Config, folder: RunFolder, fresh: bool, resume_from: Path | None) -> Manifest:
@@ -55,10 +72,12 @@ def _run(cfg: Config, folder: RunFolder, fresh: bool, resume_from: Path | None) 
     if previous is not None and previous.status == "complete":
         return finished_summary(folder, cfg, previous)
     t0 = time.time()
+    where = placement(cfg)  # model.device=cuda without a usable GPU stops here (exit 2), before anything loads
     # --- resolve: model, tokenizer, data (everything that can fail fast fails here)
     base = resolve_model(cfg.model.name_or_path, cfg.model.revision)
     tokenizer = load_tokenizer(base, cfg)
     data = load_data(tokenizer, cfg, folder.root)
+    validate_training_setup(cfg, folder, base, bool(data.evals), tokenizer)
     # --- resume: what a checkpoint was trained on; resuming with any of it changed is refused
     identity = {
         "base_model": base.repo_id or str(base.path),
@@ -74,7 +93,7 @@ def _run(cfg: Config, folder: RunFolder, fresh: bool, resume_from: Path | None) 
         f"{base.repo_id or base.path}" + (f", resuming from {resume.name}" if resume else "")
     )
     # --- model and preflight
-    model = build_model(base, cfg)
+    model = build_model(base, cfg, where)
     trainable, total = model.get_nb_trainable_parameters()
     log.info(f"LoRA r={cfg.lora.r}: {trainable:,} trainable of {total:,} parameters ({trainable / total:.2%})")
     disk = preflight(cfg, folder, base.path, model, len(data.train), bool(data.evals))
@@ -85,13 +104,15 @@ def _run(cfg: Config, folder: RunFolder, fresh: bool, resume_from: Path | None) 
     result = fit(trainer, resume, folder, manifest)
     save_adapter(trainer, tokenizer, base.path, folder)
     record_training(manifest, folder, result.global_step, result.training_loss, resume, time.time() - t0)
-    log.info(trained_line(manifest, folder.adapter_out))
+    log.info(trained_line(manifest, folder.adapter))
     del trainer, model
-    # --- export: merge, GGUF, quantize, verify, promote
+    # --- export: merge, GGUF, quantize, verify, promote (adapter included)
+    manifest.status = "exporting"  # from here on the run folder vouches for its adapter (vouched_adapter)
+    folder.write_manifest(manifest)
     if cfg.export.enabled:
-        manifest.status = "exporting"
-        folder.write_manifest(manifest)
         manifest = export_run(cfg, folder, base, manifest)
+    else:
+        promote_adapter(folder)
     # --- finish
     manifest.status = "complete"
     manifest.seconds_total = round(time.time() - t0, 1)

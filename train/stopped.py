@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import signal
 
-from core.errors import DiskSpaceError, NonFiniteLoss, Preempted, RunStopped
+from core.errors import DiskSpaceError, Interrupted, NonFiniteLoss, Preempted, RunStopped
 from core.files import human_size
 from core.runfolder import Manifest, RunFolder
 from train.checkpoint import newest_committed, remove_partial
 from train.diskspace import free_bytes, is_disk_full
+
+
+def _reason(e: BaseException) -> str:
+    """Why training stopped, as the manifest says it: the signal's name for a stop that a signal asked for."""
+    if isinstance(e, (Preempted, Interrupted)):
+        return signal.Signals(e.signum).name
+    return "SIGINT" if isinstance(e, KeyboardInterrupt) else type(e).__name__
 
 
 def training_stopped(e: BaseException, folder: RunFolder, manifest: Manifest, step: int) -> BaseException:
@@ -23,7 +31,7 @@ def training_stopped(e: BaseException, folder: RunFolder, manifest: Manifest, st
     manifest.status = "interrupted" if isinstance(e, (Preempted, KeyboardInterrupt)) else "failed"
     manifest.stopped = {
         "after_step": step,
-        "reason": "disk full" if disk_full else type(e).__name__,
+        "reason": "disk full" if disk_full else _reason(e),
         "error": str(e).splitlines()[0] if str(e) else "",
         "last_committed_checkpoint": last.name if last else None,
         "removed_partial_checkpoint": partial.name if partial else None,

@@ -17,13 +17,12 @@ from transformers.trainer_utils import TrainOutput
 
 from core.config import Config
 from core.files import atomic_replace_dir
-from core.locks import promotion_lock
 from core.runfolder import Manifest, RunFolder
 from core.tokenizer import save_tokenizer
 from train.callbacks import CommitCheckpoints, MetricsJsonl, NonFiniteGuard, StopOnSignal
 from train.checkpoint import holds_last_step, step_of
 from train.data import Example, collate
-from train.model import compute_dtype
+from train.model import compute_dtype, uses_cuda
 from train.stopped import training_stopped
 
 log = logging.getLogger(__name__)
@@ -43,6 +42,29 @@ def _dataset(examples: list[Example]) -> Dataset:
     return Dataset.from_dict({"input_ids": [e.input_ids for e in examples], "labels": [e.labels for e in examples]})
 
 
+def training_arguments(cfg: Config, folder: RunFolder, evaluating: bool) -> TrainingArguments:
+    """The TrainingArguments of a run; building them validates optim, lr_scheduler_type and report_to (the dry
+    run builds them too, so a name transformers does not know fails before anything is written)."""
+    t = cfg.training
+    return TrainingArguments(
+        output_dir=str(folder.checkpoints),
+        **t.model_dump(exclude={"eval_steps", "save_total_limit", "fused_lm_head", "activation_checkpointing"}),
+        save_total_limit=None,  # retention is CommitCheckpoints' job: it only counts committed checkpoints
+        eval_strategy="steps" if evaluating else "no",
+        eval_steps=(t.eval_steps or t.logging_steps) if evaluating else None,
+        bf16=compute_dtype(cfg) == torch.bfloat16,
+        use_cpu=not uses_cuda(cfg),
+        data_seed=t.seed,
+        remove_unused_columns=False,  # our dataset is already input_ids/labels
+        logging_nan_inf_filter=False,  # a NaN must show in the logs, never be hidden
+        # transformers 5.24's names (gradient_checkpointing* still work, with a FutureWarning on every run)
+        activation_checkpointing=bool(t.activation_checkpointing),
+        activation_checkpointing_kwargs={"use_reentrant": False, "offload": t.activation_checkpointing == "offload"}
+        if t.activation_checkpointing
+        else None,
+    )
+
+
 def build_trainer(
     model: PeftModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -53,20 +75,7 @@ def build_trainer(
     identity: dict,
 ) -> Trainer:
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(folder.root / "runs")
-    t = cfg.training
-    args = TrainingArguments(
-        output_dir=str(folder.checkpoints),
-        **t.model_dump(exclude={"eval_steps", "save_total_limit"}),
-        save_total_limit=None,  # retention is CommitCheckpoints' job: it only counts committed checkpoints
-        eval_strategy="steps" if evals else "no",
-        eval_steps=(t.eval_steps or t.logging_steps) if evals else None,
-        bf16=compute_dtype(cfg) == torch.bfloat16,
-        use_cpu=not torch.cuda.is_available(),
-        data_seed=t.seed,
-        remove_unused_columns=False,  # our dataset is already input_ids/labels
-        logging_nan_inf_filter=False,  # a NaN must show in the logs, never be hidden
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
-    )
+    args = training_arguments(cfg, folder, bool(evals))
     return Trainer(
         model=model,
         args=args,
@@ -94,12 +103,14 @@ def fit(trainer: Trainer, resume: Path | None, folder: RunFolder, manifest: Mani
 
 
 def save_adapter(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, base_dir: Path, folder: RunFolder) -> None:
-    """The adapter to <run>/adapter, then promoted to models/finetuned/adapters/<run>; each swapped in whole."""
+    """The final adapter (and tokenizer) to <run>/adapter, swapped in whole. Promotion to models/ is the export's
+    last step (convert.pipeline), or run()'s when export is off: the run folder's copy is what the manifest vouches
+    for."""
     staged = folder.root / ".adapter.partial"
     shutil.rmtree(staged, ignore_errors=True)
     trainer.save_model(str(staged))
+    # The Trainer's pickled TrainingArguments: no consumer of an adapter needs it (every checkpoint keeps one).
+    (staged / "training_args.bin").unlink(missing_ok=True)
     save_tokenizer(tokenizer, staged, base_dir / "tokenizer.model")
     atomic_replace_dir(staged, folder.adapter)
     shutil.rmtree(staged)
-    with promotion_lock(folder.adapter_out, folder.run_name):
-        atomic_replace_dir(folder.adapter, folder.adapter_out)

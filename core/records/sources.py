@@ -32,6 +32,7 @@ import huggingface_hub.constants as hf_constants
 from datasets.data_files import DataFilesDict, get_data_patterns
 
 from core.files import sha256_file
+from core.paths import user_path, what_is
 
 TEXT_SUFFIXES = (".jsonl", ".json", ".csv")
 JSON_TYPES: dict[type, str] = {str: "string", list: "array", dict: "object"}  # besides null, boolean, number
@@ -320,7 +321,8 @@ def read_folder(folder: Path, label: str, split: str, out: SourceRows, problems:
         read_saved_dataset(folder, label, split, out, problems)
         return
     for path in split_files(folder, split, label, problems):
-        file_label = str(Path(label) / path.relative_to(folder))
+        # datasets lists the files as absolute paths under the absolute folder it was given (links kept)
+        file_label = str(Path(label) / os.path.relpath(path, folder))
         out.rows += read_file(path, file_label, problems)
         out.files[file_label] = sha256_file(path)
 
@@ -384,14 +386,25 @@ def read_source(
     """Every record of one source, in order. Problems that make the source unusable go to `problems`."""
     problems = [] if problems is None else problems
     out = SourceRows(label=path)
-    p = Path(os.path.expanduser(path))
-    if p.is_file():
+    p = user_path(path)  # relative paths start at the working directory, once, here
+    found = what_is(p)
+    if found in ("a file", "an empty file"):  # an empty file is reported by its reader, with its format
         out.rows = read_file(p, path, problems)
         out.files[path] = sha256_file(p)
-    elif p.is_dir():
+    elif found == "a folder":
         read_folder(p, path, split, out, problems)
-    elif path.count("/") == 1 and not path.startswith((".", "/")) and not p.suffix:
+    elif (
+        found == "missing"
+        and path.count("/") == 1
+        and not path.startswith((".", "/", "~"))
+        and not path.endswith("/")  # data/my_folder/ is a folder that is missing, not a dataset id
+        and not p.suffix
+    ):
         read_hub(path, name, split, revision, out, problems)
-    else:
+    elif found == "missing":
         problems.append(f"{path}: file not found (relative paths start at {Path.cwd()})")
+    else:
+        problems.append(
+            f"{path}: is {found}, not a data file or folder; point the source at a .jsonl/.json/.csv/.parquet file"
+        )
     return out

@@ -25,7 +25,8 @@ def test_production_config_is_gemma_2b_bf16_offline_ready():
     cfg = load_config(Path("configs/gemma2b_lora.yaml"))
     assert cfg.model.name_or_path == "google/gemma-2-2b"
     assert cfg.model.dtype == "bfloat16"
-    assert cfg.model.attn_implementation == "eager"
+    assert cfg.model.attn_implementation == "auto"  # flex_attention on CUDA (train/device.py)
+    assert cfg.model.device == "cuda" and cfg.training.activation_checkpointing is True
     assert cfg.export.name == "gemma_2b_finetuned" and cfg.export.base_name == "gemma_2b_base"
     assert {"f16", "q8_0", "q4_k_m"} <= set(cfg.export.quants)
 

@@ -1,0 +1,86 @@
+"""Paths a user gives (config, data, --model, --resume-from, GGUF files), checked once and early.
+
+Relative paths start at the working directory, with or without a trailing slash, through symlinks. A path
+that is missing, or not what belongs there (a folder where a file is expected, a device, an empty file),
+is a PathError (exit 2) that names the path, what it is, and what to do.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from core.errors import PathError
+
+
+def what_is(path: Path) -> str:
+    """What is at `path`, as a message says it: missing, a folder, an empty file, a device, a file."""
+    try:
+        st = path.stat()  # follows symlinks: a link is what it points to
+    except FileNotFoundError:
+        return "a broken symlink" if path.is_symlink() else "missing"
+    except NotADirectoryError:
+        return "missing (a parent of it is a file)"
+    except PermissionError:
+        return "not readable (permission denied)"
+    if stat.S_ISDIR(st.st_mode):
+        return "a folder"
+    if not stat.S_ISREG(st.st_mode):
+        return (
+            "a device or other special file"
+            if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+            else ("not a regular file (a pipe or socket)")
+        )
+    if not os.access(path, os.R_OK):
+        return "not readable (permission denied)"
+    return "an empty file" if st.st_size == 0 else "a file"
+
+
+def _where(path: Path) -> str:
+    return str(path) if path.is_absolute() else f"{path} (relative to {Path.cwd()})"
+
+
+def user_path(path: str | os.PathLike) -> Path:
+    """A user's path as an absolute path: ~ expanded, relative to the working directory, symlinks kept."""
+    return Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
+
+
+def require_file(path: str | os.PathLike, what: str, fix: str = "", allow_empty: bool = False) -> Path:
+    """`path` as an absolute path, if it is a readable regular file (non-empty unless allow_empty)."""
+    given = Path(os.fspath(path))
+    full = user_path(given)
+    found = what_is(full)
+    if found == "a file" or (allow_empty and found == "an empty file"):
+        return full
+    hint = f"\n  fix: {fix}" if fix else ""
+    expected = "a file with content" if found == "an empty file" else "a file"
+    raise PathError(f"{what} {_where(given)}: is {found}, not {expected}{hint}")
+
+
+def require_dir(path: str | os.PathLike, what: str, fix: str = "") -> Path:
+    """`path` as an absolute path, if it is a folder."""
+    given = Path(os.fspath(path))
+    full = user_path(given)
+    found = what_is(full)
+    if found == "a folder":
+        return full
+    hint = f"\n  fix: {fix}" if fix else ""
+    raise PathError(f"{what} {_where(given)}: is {found}, not a folder{hint}")
+
+
+def creatable_dir(path: str | os.PathLike, what: str) -> Path:
+    """`path` as an absolute path, if it is a folder or can become one (its nearest existing parent is a folder)."""
+    given = Path(os.fspath(path))
+    full = user_path(given)
+    probe = full
+    while not probe.exists() and not probe.is_symlink() and probe != probe.parent:
+        probe = probe.parent
+    found = what_is(probe)
+    if found != "a folder":
+        blocker = "" if probe == full else f" ({probe} is {found})"
+        raise PathError(
+            f"{what} {_where(given)}: cannot be a folder{blocker}; it is {what_is(full)}.\n"
+            f"  fix: point it at a folder, or move the file out of the way"
+        )
+    return full
