@@ -1,7 +1,8 @@
-"""Static checks of the Docker packaging: Dockerfile.cuda, docker-compose.training.yml, .dockerignore.
+"""Checks of the Docker packaging: Dockerfile.cuda, docker-compose.training.yml, .dockerignore.
 
-No Docker engine is needed: hadolint lints the Dockerfile, and Docker Compose's `config` (client-side only)
-parses, interpolates and normalizes the compose file the way `docker compose up` will.
+The default run needs no container engine: hadolint lints the Dockerfile, and Docker Compose's `config`
+(client-side only) parses, interpolates and normalizes the compose file the way `docker compose up` will.
+The `docker` test builds the image and runs the profiles for real with podman (scripts/docker_smoke.sh).
 """
 
 import json
@@ -14,10 +15,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile.cuda"
 COMPOSE = ROOT / "docker-compose.training.yml"
+SMOKE = ROOT / "scripts" / "docker_smoke.sh"
+SMOKE_OVERRIDE = ROOT / "scripts" / "docker" / "smoke.override.yml"
 # CUDA release of PyPI's Linux x86_64 torch wheel, read off its metadata (Requires-Dist cuda-toolkit==13.0.3,
 # nvidia-*-cu13). A torch bump in constraints.txt must come with a matching base image.
 TORCH_CUDA = {"2.13.0": "13.0"}
@@ -104,11 +108,11 @@ def test_base_image_is_the_cuda_release_of_pinned_torch():
     base = env_of(all_stages[0])["BASE_IMAGE"]
     assert re.fullmatch(rf"nvidia/cuda:{re.escape(TORCH_CUDA[torch])}\.\d+-runtime-ubuntu\d+\.\d+", base)
     froms = [args for stage in all_stages[1:] for kw, args in stage if kw == "FROM"]
-    assert froms == ["${BASE_IMAGE} AS builder", "${BASE_IMAGE} AS runtime"]
+    assert froms == ["${BASE_IMAGE} AS pins", "${BASE_IMAGE} AS builder", "${BASE_IMAGE} AS runtime"]
 
 
 def test_dockerfile_runtime_contract():
-    builder, runtime = stages()[1:]
+    pins, builder, runtime = stages()[1:]
     entrypoint = [json.loads(args) for kw, args in runtime if kw == "ENTRYPOINT"]
     assert entrypoint == [["/usr/bin/tini", "--"]], "exec form, under an init that forwards SIGTERM"
     cmd = json.loads([args for kw, args in runtime if kw == "CMD"][-1])
@@ -122,6 +126,9 @@ def test_dockerfile_runtime_contract():
     # The llama.cpp build flags are the Makefile's, and the wheel is built once and never rebuilt.
     make_flags = re.search(r"^LLAMA_CMAKE_ARGS \?= (.+)$", (ROOT / "Makefile").read_text(), re.M).group(1)
     assert env_of(builder)["CMAKE_ARGS"] == make_flags.strip()
+    # The compile keys on the llama-cpp-python pin alone: other pins must not invalidate its cache.
+    assert ("COPY", "--from=pins /llama-cpp-python.txt ./") in builder
+    assert ("RUN", "grep '^llama-cpp-python==' /constraints.txt > /llama-cpp-python.txt") in pins
     runs = " ".join(args for kw, args in runtime if kw == "RUN")
     assert "--only-binary llama-cpp-python" in runs and "-c constraints.txt" in runs
     assert "scripts/fetch_llama_cpp.sh /opt/llama.cpp /opt/venv/bin/python" in runs
@@ -130,7 +137,7 @@ def test_dockerfile_runtime_contract():
 def test_copied_files_exist_and_are_in_the_build_context():
     copies = [shlex.split(args) for stage in stages() for kw, args in stage if kw == "COPY"]
     sources = [src.rstrip("/") for words in copies if not words[0].startswith("--") for src in words[:-1]]
-    assert "constraints.txt" in sources and "train" in sources
+    assert {"constraints.txt", "core", "train", "convert", "configs"} <= set(sources)
     for src in sources:
         assert (ROOT / src).exists(), f"COPY {src}: missing from the repository"
         assert not dockerignored(src), f"COPY {src}: excluded by .dockerignore"
@@ -143,7 +150,7 @@ def compose_config(**env: str) -> dict:
     exe = tool("docker-compose")
     cmd = [exe] if exe else ["docker", "compose"]
     base_env = {k: v for k, v in os.environ.items() if k not in HOST_ENV} | env
-    profiles = ["--profile", "training", "--profile", "training-dev", "--profile", "download"]
+    profiles = [arg for p in ("training", "training-dev", "nightly", "download") for arg in ("--profile", p)]
     # --env-file /dev/null: a developer's .env must not change what the tests see.
     args = [*cmd, "--env-file", os.devnull, "-f", str(COMPOSE), *profiles, "config", "--format", "json"]
     run = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=base_env)
@@ -184,7 +191,7 @@ def test_training_profile_only_writes_outputs(compose):
 def test_dev_profile_mounts_the_source(compose):
     svc = compose["services"]["training-dev"]
     binds = mounts(svc, "bind")
-    for package in ("train", "convert", "configs"):
+    for package in ("core", "train", "convert", "configs"):
         assert binds[f"/app/{package}"]["source"] == str(ROOT / package)
     assert not mounts(svc, "volume")["/app/models/.cache"].get("read_only"), "tiny_model writes the cache"
 
@@ -223,9 +230,49 @@ def test_config_and_data_are_selected_by_env():
     assert (ROOT / "configs" / "demo.yaml").is_file()
 
 
-def test_docs_nightly_cron_runs_the_training_service(compose):
+def test_nightly_profile_is_the_production_service_running_the_nightly_job(compose):
+    nightly, training = compose["services"]["nightly"], compose["services"]["training"]
+    assert nightly["command"] == ["python", "-m", "train.nightly", "run", "--config", "/app/job.yaml"]
+    assert (ROOT / "train" / "nightly" / "__main__.py").is_file()
+    same = ("volumes", "read_only", "tmpfs", "environment", "user", "deploy", "stop_grace_period", "image")
+    assert {k: nightly.get(k) for k in same} == {k: training.get(k) for k in same}
     docs = (ROOT / "docs" / "docker.md").read_text()
     cron = re.findall(r"^[\d*]+ [\d*]+ .+$", docs, re.M)
     assert cron, "docs/docker.md: no crontab line"
-    command = " ".join(compose["services"]["training"]["command"])
-    assert f"run --rm training {command} run_name=nightly-$(date +\\%F)" in cron[0]
+    assert "--profile nightly run --rm nightly" in cron[0]
+
+
+def test_cpu_variant_never_installs_cuda_torch():
+    """On a base without CUDA the CPU torch goes in first, without dependencies; the CUDA base is untouched."""
+    runtime = stages()[3]
+    deps = next(args for kw, args in runtime if kw == "RUN" and "--only-binary llama-cpp-python" in args)
+    branch = re.search(r'if \[ -z "\$\{CUDA_VERSION:-\}" \]; then (.+?) fi && pip install', deps)
+    assert branch, "the CPU branch must be keyed on the base image's CUDA_VERSION, before the main install"
+    installs = re.findall(r"pip install ([^;]+);", branch.group(1))
+    assert len(installs) == 2 and all("--no-deps" in i and '"torch==${torch_version}+cpu"' in i for i in installs)
+    assert "--no-index --find-links /torch-wheels" in installs[0]
+    assert "--index-url" in installs[1]
+
+
+def test_smoke_override_changes_only_image_and_gpu():
+    """The smoke test runs the compose file's own settings: its override may only swap the image and drop
+    the GPU reservation, so a mount, user or read-only setting cannot differ between smoke and production."""
+    loader = type("Loader", (yaml.SafeLoader,), {})
+    loader.add_constructor("!reset", lambda loader, node: "!reset")
+    override = yaml.load(SMOKE_OVERRIDE.read_text(), Loader=loader)
+    assert set(override) == {"services"}
+    for name, service in override["services"].items():
+        assert name in ("training", "training-dev"), name
+        assert set(service) == {"image", "deploy"} and service["deploy"] == "!reset", name
+        assert service["image"].startswith("localhost/"), "never a name that could be pushed or pulled"
+
+
+@pytest.mark.docker
+@pytest.mark.timeout(3600)
+def test_docker_smoke():
+    """`make docker-smoke`: build the image with podman and run the compose profiles (scripts/docker_smoke.sh)."""
+    if not shutil.which("podman"):
+        pytest.skip("podman not installed (apt-get install podman runc debootstrap)")
+    run = subprocess.run(["bash", str(SMOKE)], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    assert "PASSED" in run.stdout
