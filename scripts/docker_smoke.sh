@@ -238,8 +238,8 @@ until [ "$(last_logged_step "$OUT_DIR/smoke-resumed")" -ge "$SIGTERM_AT_STEP" ];
     [ "$(now)" -lt "$deadline" ] || fail "no step $SIGTERM_AT_STEP logged within 15 min"
     sleep 1
 done
-timed "stop (SIGTERM through tini) at step $(last_logged_step "$OUT_DIR/smoke-resumed")" \
-    env TRAIN_CONFIG="$resumed_config" compose --profile training stop training || fail "stop"
+TRAIN_CONFIG=$resumed_config timed "stop (SIGTERM through tini) at step $(last_logged_step "$OUT_DIR/smoke-resumed")" \
+    compose --profile training stop training || fail "stop"
 stop_seconds=$LAST_SECONDS
 training=$(container_of training)
 code=$(podman inspect --format '{{.State.ExitCode}}' "$training")
