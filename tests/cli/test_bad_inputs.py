@@ -514,7 +514,8 @@ def test_promoted_files_are_readable_by_others_and_only_what_a_consumer_needs(tr
         "gemma_2b_finetuned.gguf",
     ]
     report = json.loads((trained / "outputs" / "t" / "verify.json").read_text())
-    for entry in report["files"]:  # every path a report names exists, or is a bare name with a note
-        assert Path(entry["path"]).is_file() or (os.sep not in entry["path"] and entry["notes"]), entry
+    for entry in report["files"]:  # every path a report names exists (relative ones from the run's working
+        # directory, `trained`), or is a bare name with a note
+        assert (trained / entry["path"]).is_file() or (os.sep not in entry["path"] and entry["notes"]), entry
     md = (trained / "outputs" / "t" / "verify.md").read_text()
     assert f"Reference: {trained / MERGED} " in md and "q8_0: mean KLD <= 0.001" in md
