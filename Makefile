@@ -12,18 +12,21 @@ STAMP := $(VENV)/.setup-done
 # Not exported: the code finds the tree at <venv>/llama.cpp by itself (LLAMA_CPP_DIR overrides, e.g. in Docker).
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup demo test lint bench gpu-smoke docker-smoke tiny-model clean help
+.PHONY: setup demo test lint bench gpu-bench docker-smoke tiny-model clean help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
-setup: $(STAMP)  ## create .venv, install pinned deps, unpack llama.cpp's converter
+setup: $(STAMP)  ## create .venv, install pinned deps, unpack llama.cpp's converter, build its tools (cached)
 
-$(STAMP): pyproject.toml constraints.txt scripts/fetch_llama_cpp.sh
+# The llama.cpp tools (llama-imatrix, llama-quantize, llama-perplexity) are built once per llama.cpp commit into
+# ~/.cache/gemma-lora-pipeline/llama-tools/<commit>/ (LLAMA_TOOLS_DIR overrides); a cached build is reused.
+$(STAMP): pyproject.toml constraints.txt scripts/fetch_llama_cpp.sh scripts/build_llama_tools.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -c constraints.txt -e '.[dev]'
 	bash scripts/fetch_llama_cpp.sh $(LLAMA_CPP_DIR) $(PY)
+	bash scripts/build_llama_tools.sh $(LLAMA_CPP_DIR) "" $(PY)
 	touch $@
 
 tiny-model: setup  ## build the tiny offline Gemma 2 into models/.cache (idempotent)
@@ -41,11 +44,11 @@ lint: setup  ## ruff (style, complexity, imports at the top) + format check + my
 bench: setup  ## CPU benchmarks (bench/bench_*.py), each against a baseline in the same run
 	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
-gpu-smoke: setup  ## Gemma-2-2B-shaped LoRA steps on a CUDA GPU: tokens/s and peak memory
-	$(PY) bench/gpu_smoke.py
+gpu-bench: setup  ## Gemma-2-2B-shaped LoRA training on a CUDA GPU: tokens/s, MFU and peak memory
+	$(PY) bench/gpu_train.py
 
 docker-smoke:  ## build Dockerfile.cuda with podman (CPU base) and run the compose profiles for real (~15 min cold)
 	bash scripts/docker_smoke.sh
 
 clean:  ## remove run outputs and built models (keeps .venv)
-	rm -rf outputs/*/ models/gguf/*.gguf models/finetuned/*/*/ models/.cache/*/
+	rm -rf outputs/*/ models/gguf/*.gguf models/gguf/*.Modelfile models/finetuned/*/*/ models/.cache/*/

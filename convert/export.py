@@ -1,10 +1,11 @@
-"""Merged HF model -> f32 GGUF -> quants -> verification (export_gguf), then promotion to models/gguf
-(promote_ggufs).
+"""Merged HF model -> float GGUF -> (importance matrix) -> quants -> verification (export_gguf), then promotion
+to models/gguf (promote_ggufs).
 
-Nothing reaches models/gguf unless every file of the export passed verification; a failed export
-stays in the run folder (outputs/<run>/export/) for inspection and the command exits non-zero. An export
-stopped for any other reason (SIGINT/SIGTERM, a tool failing) removes its work files: the f32 GGUF of
-the 2B model alone is about 10 GB.
+The float GGUF is written straight in export.float_type (bf16 for a bf16 base: exact, and half an f32 file's
+bytes); every quant is made from it and scored against it. Nothing reaches models/gguf unless every file of
+the export passed verification; a failed export stays in the run folder (outputs/<run>/export/) for
+inspection and the command exits non-zero. An export stopped for any other reason (SIGINT/SIGTERM, a tool
+failing) removes its work files.
 """
 
 from __future__ import annotations
@@ -13,10 +14,20 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from convert.imatrix import compute_imatrix
 from convert.llamacpp import add_metadata, convert_hf_to_gguf, quantize, version_info
-from convert.verify import FileReport, VerificationFailed, to_json, to_table, verify_files
+from convert.verify import (
+    FileReport,
+    VerificationFailed,
+    recommend,
+    recommendation_line,
+    to_json,
+    to_table,
+    verify_files,
+)
 from core.files import atomic_write_json, atomic_write_text, move_into_place, sha256_file
 from core.locks import promotion_lock
+from core.quants import QUANTS, float_gguf_type
 
 log = logging.getLogger(__name__)
 
@@ -25,13 +36,15 @@ log = logging.getLogger(__name__)
 class ExportResult:
     name: str
     model_dir: Path
+    float_type: str  # the float GGUF converted first: the quants' source and reference
     candidates: dict[str, Path] = field(default_factory=dict)  # quant -> verified GGUF in the work folder
     files: dict[str, Path] = field(default_factory=dict)  # quant -> promoted GGUF
     reports: list[FileReport] = field(default_factory=list)
 
 
 def remove_work_files(work_dir: Path, name: str) -> None:
-    """The GGUFs (finished or partial) of an export of `name` in its work folder; convert.log stays."""
+    """The GGUFs (finished or partial, the importance matrix too) of an export of `name` in its work folder;
+    convert.log stays."""
     for p in work_dir.glob(f"*{name}.*"):
         if p.is_file() and (p.suffix in (".gguf", ".tmp")):
             p.unlink()
@@ -50,37 +63,49 @@ def export_gguf(
     work_dir: Path,
     provenance: dict[str, str],
     texts: list[str],
+    training_texts: list[str] | None = None,
 ) -> ExportResult:
     """Convert one HF folder to every configured GGUF type in work_dir and verify all (promote_ggufs promotes).
 
+    texts: held-out texts, scored in full; training_texts: the run's training data, the importance matrix's
+    calibration text and the scored set's filler up to verify.min_scored_tokens.
     Raises VerificationFailed if a gate fails (the files stay for inspection); any other stop removes them."""
     work_dir.mkdir(parents=True, exist_ok=True)
     remove_work_files(work_dir, name)  # an earlier attempt's files are not this attempt's
     log_path = work_dir / "convert.log"
-    f32 = work_dir / f"{name}.f32.gguf"
-    files = {"f32": f32}
+    float_type = float_gguf_type(export_cfg.float_type, export_cfg.quants, model_dir)
+    source = work_dir / f"{name}.{float_type}.gguf"
+    files = {float_type: source}  # the source first: verify_files scores the quants against it
     try:
-        log.info(f"  converting -> {f32.name} (llama.cpp convert_hf_to_gguf.py; log: {log_path})")
-        convert_hf_to_gguf(model_dir, f32, "f32", log_path, model_name=name)
-        add_metadata(f32, provenance)
+        log.info(f"  converting -> {source.name} (llama.cpp convert_hf_to_gguf.py; log: {log_path})")
+        convert_hf_to_gguf(model_dir, source, float_type, log_path, model_name=name)
+        add_metadata(source, provenance)
+        imatrix = None
+        if export_cfg.imatrix and any(not QUANTS[q].is_float and q != "q8_0" for q in export_cfg.quants):
+            calibration = training_texts or texts
+            log.info(f"  importance matrix from {len(calibration)} record(s) (llama-imatrix; log: {log_path})")
+            imatrix = compute_imatrix(source, calibration, work_dir / f"{name}.imatrix.gguf", log_path)
         for quant in export_cfg.quants:
-            if quant != "f32":
+            if quant != float_type:
                 files[quant] = work_dir / f"{name}.{quant}.gguf"
-                log.info(f"  quantizing -> {files[quant].name}")
-                quantize(f32, files[quant], quant, export_cfg.token_embedding_type, log_path)
-        log.info(f"  verifying {len(files)} file(s) against the HF model they were converted from")
-        reports = verify_files(model_dir, list(files.items()), verify_cfg, texts, log_path)
+                log.info(f"  quantizing -> {files[quant].name}" + (" (importance matrix)" if imatrix else ""))
+                weights = None if QUANTS[quant].is_float else imatrix
+                quantize(source, files[quant], quant, export_cfg.token_embedding_type, log_path, imatrix=weights)
+        log.info(f"  verifying {len(files)} file(s): {source.name} against the HF model, the quants against it")
+        reports = verify_files(
+            model_dir, list(files.items()), verify_cfg, texts, log_path, fallback_texts=training_texts or ()
+        )
     except BaseException:
         remove_work_files(work_dir, name)
         raise
     if not all(r.passed for r in reports):
         raise VerificationFailed(reports)
-    return ExportResult(name, model_dir, candidates=files, reports=reports)
+    return ExportResult(name, model_dir, float_type, candidates=files, reports=reports)
 
 
 def promote_ggufs(result: ExportResult, export_cfg, run_name: str) -> None:
-    """Move verified GGUFs into export.gguf_dir, one rename each; the f32 intermediate is then deleted (unless
-    exported or export.keep_f32) and every report names where its file is now, or that it was deleted."""
+    """Move verified GGUFs into export.gguf_dir, one rename each; the float GGUF is then deleted (unless exported
+    or export.keep_float) and every report names where its file is now, or that it was deleted."""
     gguf_dir = Path(export_cfg.gguf_dir)
     gguf_dir.mkdir(parents=True, exist_ok=True)
     where: dict[str, str | None] = {}
@@ -91,13 +116,15 @@ def promote_ggufs(result: ExportResult, export_cfg, run_name: str) -> None:
             move_into_place(result.candidates[quant], dst)
             result.files[quant] = dst
             where[str(result.candidates[quant])] = str(dst)
-    f32 = result.candidates["f32"]
-    if "f32" not in export_cfg.quants and not export_cfg.keep_f32:
-        f32.unlink(missing_ok=True)
-        where[str(f32)] = None
+    source = result.candidates[result.float_type]
+    if result.float_type not in export_cfg.quants and not export_cfg.keep_float:
+        source.unlink(missing_ok=True)
+        where[str(source)] = None
     for r in result.reports:
         if r.path in where and where[r.path] is None:
-            r.notes.append("the f32 intermediate: deleted after verification (export.keep_f32 keeps it)")
+            r.notes.append(
+                f"the {result.float_type} intermediate: deleted after verification (export.keep_float keeps it)"
+            )
             r.path = Path(r.path).name  # no path to a file that is gone
         else:
             r.path = where.get(r.path) or r.path
@@ -136,21 +163,60 @@ def write_reports(
     reference: Path | None = None,
     verify_cfg=None,
 ) -> None:
-    """verify.json (machine-readable) and verify.md (the table, the reference model and the gates) in the run folder."""
-    reports = [r for x in results for r in (x.reports if isinstance(x, ExportResult) else [x])]
+    """verify.json (machine-readable) and verify.md (the quality table, the references, the scored token count,
+    the gates and a recommendation per exported model) in the run folder."""
+    groups = [(x.name, x.reports) if isinstance(x, ExportResult) else ("", [x]) for x in results]
+    reports = [r for _, group in groups for r in group]
     passed = not failed and all(r.passed for r in reports)
+    scored = min((int(r.measures.get("positions", 0)) for r in reports), default=0)
+    minimum = verify_cfg.min_scored_tokens if verify_cfg is not None else None
+    budget = verify_cfg.recommend_max_kld if verify_cfg is not None else None
+    by_name: dict[str, list[FileReport]] = {}
+    for name, group in groups:
+        by_name.setdefault(name, []).extend(group)
+    recommended = {}
+    if budget is not None:
+        recommended = {name: recommend(group, budget) for name, group in by_name.items()}
     atomic_write_json(
         run_dir / "verify.json",
-        {"passed": passed, "reference": str(reference) if reference else None, "files": to_json(reports)},
+        {
+            "passed": passed,
+            "reference": str(reference) if reference else None,
+            "scored_tokens": scored,
+            "min_scored_tokens": minimum,
+            "short_of_minimum": minimum is not None and scored < minimum,
+            "recommend_max_kld": budget,
+            "recommended": {n: (Path(r.path).name if r else None) for n, r in recommended.items()},
+            "files": to_json(reports),
+        },
     )
     head = ["# Verification", ""]
     if reference:
-        head += [f"Reference: {reference} (Hugging Face, float32, CPU)", ""]
+        head += [
+            f"Reference: {reference} (Hugging Face, float32, streamed layer by layer on the CPU) for the float GGUF;",
+            "each quant is scored against the float GGUF it was made from (column 'scored against').",
+            "",
+        ]
+    if minimum is not None:
+        short = f" (SHORT of verify.min_scored_tokens={minimum}: the data holds no more)" if scored < minimum else ""
+        head += [f"Scored positions per file: {scored}{short}.", ""]
     if verify_cfg is not None:
         head += ["Gates:", *gates_text(verify_cfg, list(dict.fromkeys(r.quant for r in reports))), ""]
+    lines = [to_table(reports)]
+    if budget is not None:
+        lines += [""] + [
+            (f"{name}: " if len(recommended) > 1 else "") + recommendation_line(by_name[name], budget)
+            for name in recommended
+        ]
     notes = [f"- {Path(r.path).name}: {n}" for r in reports for n in r.notes]
     tail = ["", "Notes:", *notes] if notes else []
-    atomic_write_text(run_dir / "verify.md", "\n".join([*head, to_table(reports), *tail]) + "\n")
+    legend = [
+        "",
+        "size: file bytes; bits/weight: file bytes x 8 / parameters (the whole file, vocabulary and metadata "
+        "included); KLD: KL(reference || file) per position; same top-1: argmax agreement; ppl: perplexity of the "
+        "scored text under the file's own logits (llama.cpp).",
+    ]
+    atomic_write_text(run_dir / "verify.md", "\n".join([*head, *lines, *legend, *tail]) + "\n")
 
 
 def file_entries(result: ExportResult) -> dict[str, dict]:

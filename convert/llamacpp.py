@@ -2,7 +2,8 @@
 
 The converter tree (convert_hf_to_gguf.py, conversion/, gguf-py/) is unpacked from the
 llama-cpp-python sdist by scripts/fetch_llama_cpp.sh; the quantizer and runtime are the compiled
-binding of the same release. `tree()` refuses a tree whose release differs from the binding's.
+binding of the same release, and the command-line tools (llama-quantize for quants with an importance
+matrix) are built from that sdist too. convert/tools.py finds each piece and checks they are one release.
 """
 
 from __future__ import annotations
@@ -12,50 +13,20 @@ import ctypes
 import os
 import subprocess
 import sys
-from importlib import metadata
 from pathlib import Path
 
 import gguf
 import llama_cpp
 from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
 
+from convert.tools import tool, tree
+from convert.tools import version_info as version_info  # re-exported: callers import it from here
 from core.errors import InvalidInput, LlamaCppError, raise_if_interrupted
 from core.paths import require_file
 from core.quants import QUANTS
 
 # The project root, so that `python -m convert.llamacpp` (the quantizer's child process) imports this tree.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-
-
-def tree() -> Path:
-    """The unpacked converter tree, checked against the installed binding's release."""
-    env = os.environ.get("LLAMA_CPP_DIR")
-    folder = Path(env) if env else Path(sys.prefix) / "llama.cpp"
-    script = folder / "convert_hf_to_gguf.py"
-    if not script.is_file():
-        raise LlamaCppError(
-            f"llama.cpp converter not found at {script}.\n"
-            f"  fix: run `make setup` (or `bash scripts/fetch_llama_cpp.sh {folder} {sys.executable}`),\n"
-            f"       or point LLAMA_CPP_DIR at an unpacked tree of the pinned release"
-        )
-    info = version_info(folder)
-    binding = metadata.version("llama_cpp_python")
-    if info.get("llama-cpp-python") != binding:
-        raise LlamaCppError(
-            f"converter tree {folder} is from llama-cpp-python {info.get('llama-cpp-python')} but the "
-            f"installed binding is {binding}: converter and quantizer must come from one release.\n"
-            f"  fix: bash scripts/fetch_llama_cpp.sh {folder} {sys.executable}"
-        )
-    return folder
-
-
-def version_info(folder: Path | None = None) -> dict[str, str]:
-    """{'llama-cpp-python': version, 'llama.cpp': commit} from the tree's VERSION file."""
-    folder = folder or tree()
-    path = folder / "VERSION"
-    if not path.is_file():
-        return {}
-    return dict(line.split("=", 1) for line in path.read_text().split() if "=" in line)
 
 
 def convert_hf_to_gguf(
@@ -142,21 +113,50 @@ def quantize_in_process(src: Path, dst: Path, quant: str, token_embedding_type: 
 
 
 def quantize(
-    src: Path, dst: Path, quant: str, token_embedding_type: str | None = None, log_path: Path | None = None
+    src: Path,
+    dst: Path,
+    quant: str,
+    token_embedding_type: str | None = None,
+    log_path: Path | None = None,
+    imatrix: Path | None = None,
 ) -> None:
-    """Quantize in a child process (`python -m convert.llamacpp quantize ...`), so that SIGINT/SIGTERM stop it:
-    llama_model_quantize is one native call of minutes for the 2B model (docs/operations.md)."""
+    """Quantize in a child process, so that SIGINT/SIGTERM stop it: llama_model_quantize is one native call of
+    minutes for the 2B model (docs/operations.md). The output appears only when complete.
+
+    Without an importance matrix the child is `python -m convert.llamacpp quantize ...` (the binding); with one
+    it is llama-quantize, whose loader turns the matrix file into the per-tensor weights llama_model_quantize
+    takes (and records it in the quant's quantize.imatrix.* keys). Same llama.cpp commit, same quantizer."""
     tmp = dst.with_name(f".{dst.name}.tmp")
-    cmd = [sys.executable, "-m", "convert.llamacpp", "quantize", str(src), str(tmp), quant, token_embedding_type or ""]
+    if imatrix is None:
+        cmd = [sys.executable, "-m", "convert.llamacpp", "quantize", str(src), str(tmp), quant]
+        cmd.append(token_embedding_type or "")
+    else:
+        cmd = quantize_tool_command(src, tmp, quant, token_embedding_type, imatrix)
     path = os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")) if p)
     try:
         rc = run_child(cmd, log_path, env=os.environ | {"PYTHONPATH": path})
         if rc != 0:
             where = f"; see {log_path}" if log_path else ""
-            raise LlamaCppError(f"llama_model_quantize {src.name} -> {quant} failed (code {rc}){where}")
+            how = "llama-quantize --imatrix" if imatrix else "llama_model_quantize"
+            raise LlamaCppError(f"{how} {src.name} -> {quant} failed (code {rc}){where}")
         os.replace(tmp, dst)
     finally:
         tmp.unlink(missing_ok=True)  # a failed or interrupted quantization leaves no partial file
+
+
+def quantize_tool_command(
+    src: Path, dst: Path, quant: str, token_embedding_type: str | None, imatrix: Path | None
+) -> list[str]:
+    """llama-quantize's command line for what quantize_in_process asks the binding for (same ftype, threads and
+    token_embd type; `token_embedding_type` only for quantized types, as there)."""
+    cmd = [str(tool("llama-quantize"))]
+    if imatrix is not None:
+        cmd += ["--imatrix", str(require_file(imatrix, "importance matrix", "compute it with convert.imatrix"))]
+    if token_embedding_type and not QUANTS[quant].is_float:
+        cmd += ["--token-embedding-type", QUANTS[token_embedding_type].tensor_type.name]
+    # llama-quantize reads the type as a name (Q4_K_M) or as the llama_ftype number (try_parse_ftype): the number
+    # is exactly what the binding is given
+    return cmd + [str(src), str(dst), str(int(QUANTS[quant].file_type)), str(os.cpu_count() or 1)]
 
 
 def add_metadata(path: Path, extra: dict[str, str]) -> None:

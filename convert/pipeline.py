@@ -22,10 +22,12 @@ from convert.export import (
     write_reports,
 )
 from convert.llamacpp import version_info
+from convert.lora_gguf import LoraReport, export_run_lora, promote_lora
 from convert.merge import merge_adapter
-from convert.verify import VerificationFailed
+from convert.modelfile import write_modelfiles
+from convert.verify import VerificationFailed, recommend
 from core.config import Config
-from core.errors import RunError
+from core.errors import PipelineError, RunError
 from core.files import atomic_replace_dir, atomic_write_json, hash_tree, move_dir_into_place, sha256_file
 from core.hub import ResolvedModel
 from core.locks import promotion_lock
@@ -34,6 +36,10 @@ from core.runfolder import Manifest, RunFolder
 from core.tokenizer import save_tokenizer
 
 log = logging.getLogger(__name__)
+
+# Training records read for the importance matrix and to fill the scored set (rendering is seconds; the
+# imatrix keeps its own token budget, the scored set stops at verify.min_scored_tokens).
+MAX_TRAINING_RECORDS = 512
 
 
 def prepare_base_folder(base_dir: Path, adapter_dir: Path, dest: Path) -> Path:
@@ -66,6 +72,8 @@ def _base_export_is_current(cfg, base, sidecar: Path) -> dict | None:
         "quants": list(cfg.export.quants),
         "default_quant": cfg.export.default_quant,
         "token_embedding_type": cfg.export.token_embedding_type,
+        "float_type": cfg.export.float_type,
+        "imatrix": cfg.export.imatrix,
     }
     if any(record.get(k) != v for k, v in want.items()):
         return None
@@ -107,7 +115,24 @@ def promote_adapter(paths: RunFolder) -> None:
         atomic_replace_dir(paths.adapter, paths.adapter_out)
 
 
-def _export_base(cfg: Config, paths: RunFolder, base: ResolvedModel, texts: list[str]) -> ExportResult | None:
+def verification_texts(cfg: Config, tokenizer) -> tuple[list[str], list[str]]:
+    """(held-out texts, training texts): verify.heldout_files and data.eval_files, scored in full; the training
+    data, the importance matrix's calibration text and the filler of verify.min_scored_tokens."""
+    heldout_paths = list(cfg.verify.heldout_files) + [s.path for s in cfg.data.eval_files]
+    heldout = heldout_texts(tokenizer, heldout_paths, cfg.data.system_message, cfg.verify.max_heldout_records)
+    try:
+        training = heldout_texts(
+            tokenizer, [s.path for s in cfg.data.train_files], cfg.data.system_message, MAX_TRAINING_RECORDS
+        )
+    except PipelineError as e:  # training skipped invalid records (data.max_invalid_fraction); filler is optional
+        log.warning(f"  training data not used for verification/calibration: {str(e).splitlines()[0]}")
+        training = []
+    return heldout, training
+
+
+def _export_base(
+    cfg: Config, paths: RunFolder, base: ResolvedModel, texts: list[str], training: list[str]
+) -> ExportResult | None:
     """The base model's GGUFs, unless the recorded base export is current (then None)."""
     folder = paths.export_dir / "base_model"  # a fixed name: the console shows no temporary folders
     shutil.rmtree(folder, ignore_errors=True)
@@ -122,6 +147,7 @@ def _export_base(cfg: Config, paths: RunFolder, base: ResolvedModel, texts: list
             paths.export_dir / cfg.export.base_name,
             provenance_metadata(cfg, base, {}),
             texts,
+            training,
         )
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -143,6 +169,13 @@ def _promote(cfg: Config, paths: RunFolder, staged_merged: Path, results: list[E
             atomic_write_json(target.with_name(f"{cfg.export.base_name}.export.json"), sidecar)
 
 
+def _promote_lora_and_modelfiles(cfg: Config, results: list[ExportResult], lora: LoraReport | None, tokenizer) -> None:
+    """After _promote: the verified adapter GGUF, and an Ollama Modelfile next to every promoted GGUF."""
+    promote_lora(lora, Path(cfg.export.gguf_dir), cfg.export.name, cfg.run_name)
+    for result in results:
+        write_modelfiles(result.files.values(), tokenizer)
+
+
 def export_run(cfg: Config, paths: RunFolder, base: ResolvedModel, manifest: Manifest) -> Manifest:
     """Merge + export + verify a trained run in its run folder, then promote; updates and returns the manifest.
 
@@ -156,9 +189,7 @@ def export_run(cfg: Config, paths: RunFolder, base: ResolvedModel, manifest: Man
         log.info(f"merging adapter into {base.repo_id or base.path}")
         merge_adapter(base.path, paths.adapter, staged_merged)
         tokenizer = AutoTokenizer.from_pretrained(str(staged_merged))
-        texts = heldout_texts(
-            tokenizer, cfg.verify.heldout_files, cfg.data.system_message, cfg.verify.max_heldout_records
-        )
+        texts, training = verification_texts(cfg, tokenizer)
         log.info(f"exporting fine-tuned model as {cfg.export.name} ({', '.join(cfg.export.quants)})")
         adapter_sha = sha256_file(paths.adapter / "adapter_model.safetensors")
         results.append(
@@ -170,13 +201,14 @@ def export_run(cfg: Config, paths: RunFolder, base: ResolvedModel, manifest: Man
                 paths.export_dir / cfg.export.name,
                 provenance_metadata(cfg, base, {"finetune.adapter_sha256": adapter_sha}),
                 texts,
+                training,
             )
         )
         sidecar_path = Path(cfg.export.gguf_dir) / f"{cfg.export.base_name}.export.json"
         current = _base_export_is_current(cfg, base, sidecar_path) if cfg.export.export_base else None
         sidecar = None
         if cfg.export.export_base and current is None:
-            base_result = _export_base(cfg, paths, base, texts)
+            base_result = _export_base(cfg, paths, base, texts, training)
             if base_result is not None:
                 results.append(base_result)
                 sidecar = {
@@ -185,9 +217,13 @@ def export_run(cfg: Config, paths: RunFolder, base: ResolvedModel, manifest: Man
                     "quants": list(cfg.export.quants),
                     "default_quant": cfg.export.default_quant,
                     "token_embedding_type": cfg.export.token_embedding_type,
+                    "float_type": cfg.export.float_type,
+                    "imatrix": cfg.export.imatrix,
                 }
         elif current:
             log.info(f"base GGUF {cfg.export.base_name} is current for revision {base.revision}; not re-exported")
+        # --- the adapter as a GGUF and Ollama Modelfiles (convert/lora_gguf.py, convert/modelfile.py) ---
+        lora = export_run_lora(paths.adapter, base.path, results, texts or training) if cfg.export.lora_gguf else None
     except VerificationFailed as e:
         write_reports(paths.root, [r for x in results for r in x.reports] + e.reports, True, staged_merged, cfg.verify)
         manifest.status = "export_failed"
@@ -199,6 +235,7 @@ def export_run(cfg: Config, paths: RunFolder, base: ResolvedModel, manifest: Man
         raise
     merged_files = hash_tree(staged_merged)
     _promote(cfg, paths, staged_merged, results, sidecar)
+    _promote_lora_and_modelfiles(cfg, results, lora, tokenizer)
     manifest.artifacts["adapter"] = {"path": str(paths.adapter_out), "files": hash_tree(paths.adapter)}
     manifest.artifacts["merged"] = {"path": str(paths.merged_out), "files": merged_files}
     manifest.artifacts["gguf"] = {"finetuned": file_entries(results[0])}
@@ -207,10 +244,12 @@ def export_run(cfg: Config, paths: RunFolder, base: ResolvedModel, manifest: Man
     elif current is not None:
         manifest.artifacts["gguf"]["base"] = current["files"]
     write_reports(paths.root, results, reference=paths.merged_out.absolute(), verify_cfg=cfg.verify)
+    best = {x.name: recommend(x.reports, cfg.verify.recommend_max_kld) for x in results}
     manifest.verification = {
         "passed": True,
         "report": str(paths.verify_md),
         "files": {Path(r.path).name: r.measures for x in results for r in x.reports},
+        "recommended": {name: (r.path if r else None) for name, r in best.items()},
     }
     manifest.default_gguf = str(
         Path(cfg.export.gguf_dir) / gguf_filename(cfg.export.name, cfg.export.default_quant, cfg.export.default_quant)

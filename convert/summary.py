@@ -1,4 +1,5 @@
-"""The closing summary of a run: where each artifact is, the verification table, the demo prompt answered."""
+"""The closing summary of a run: where each artifact is, the recommended GGUF, the verification report (quality
+table per file), the demo prompt answered."""
 
 from __future__ import annotations
 
@@ -46,6 +47,8 @@ def print_summary(paths: RunFolder, cfg: Config, manifest: Manifest, answers: bo
     for label, files in art.get("gguf", {}).items():
         for quant, entry in files.items():
             lines.append(f"GGUF {label:>9} {quant:>7}: {entry['path']} ({human_size(entry['size'])})")
+    for label, path in ((manifest.verification or {}).get("recommended") or {}).items():
+        lines.append(f"recommended:  {path or 'none within verify.recommend_max_kld'} ({label}; quality table below)")
     t = manifest.training or {}
     if art.get("loss_plot") and t.get("first_logged_loss") is not None:
         lines.append(

@@ -1,12 +1,25 @@
-"""Prove a GGUF is the model that was trained: compare llama.cpp against the HF model it came from.
+"""Prove a GGUF is the model that was trained, and measure what each quant costs.
 
-Measured per GGUF file, against the HF model run in float32 on the CPU (the reference):
+Two references, as llama.cpp's own tooling does it (llama-perplexity --kl-divergence scores a quant against
+the f16 file's logits):
+- a float GGUF (f32/f16/bf16) is scored against the HF model in float32 (convert/reference.py streams it
+  layer by layer: the model is never whole in float32);
+- a quant is scored against the float GGUF it was made from, when that file is verified in the same call
+  (an export always does); alone (`convert verify` on quants only), against the HF model.
+
+Every file and the HF reference run over the same token sequences in lockstep, CHUNK positions at a time:
+per position the KL divergence, top-1 agreement and next-token log-likelihood are computed and the logits
+dropped, so no [tokens, vocab] array for the whole text set exists (256k vocab: 1 MB per position).
+
+Measured per file:
 - tokens:       llama.cpp token ids == HF tokenizer ids on a fixed set of hard strings (unicode,
                 whitespace runs, emoji, chat markers), with and without <bos>.
 - nmse / top1:  last-token logits of chat-rendered prompts; NMSE = MSE / Var(reference), and the share
                 of prompts whose argmax agrees (the llama.cpp way of checking a conversion).
-- kld / top1_all: mean KL(reference || gguf) and argmax agreement over every position of the prompts
-                and held-out texts (llama-perplexity --kl-divergence's measure).
+- kld, kld_p99, top1_all: mean and 99th percentile of KL(reference || file) and argmax agreement over every
+                scored position (the scored set: scored_set()).
+- ppl:          perplexity of the scored text under the file's own logits (llama.cpp's).
+- size, bits_per_weight: file bytes, and file bytes x 8 / parameters (all of the file: metadata and vocab too).
 - chat_template: the GGUF's tokenizer.chat_template equals the tokenizer's.
 - stop_token:   llama.cpp treats <end_of_turn> as end of generation.
 Float types are gated on nmse and top1, quants on kld (thresholds from the config's verify section).
@@ -14,19 +27,33 @@ Float types are gated on nmse and top1, quants on kld (thresholds from the confi
 
 from __future__ import annotations
 
+import ctypes
+import logging
 import math
+import os
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import gguf
 import llama_cpp
 import numpy as np
-import torch
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from convert.llamacpp import native_output_to, read_metadata
-from core.errors import EXIT_VERIFICATION, PipelineError
-from core.quants import FLOAT_TYPES
+from convert.reference import reference_logits
+from core.errors import EXIT_VERIFICATION, LlamaCppError, PipelineError
+from core.files import human_size
+from core.quants import QUANTS
+
+log = logging.getLogger(__name__)
+
+# Positions compared at a time. Each file's llama.cpp context keeps the logits of one chunk (chunk x vocab x 4
+# bytes: 128 MB at 256k), and so does the HF reference; smaller chunks cost more calls, not more accuracy.
+CHUNK = 128
+# Rows turned into float64 log-probabilities at once (16 x 256k x 8 bytes = 33 MB per file).
+BLOCK = 16
 
 # Strings that break careless tokenizer conversions: byte fallback, whitespace runs, emoji with
 # joiners, right-to-left and CJK text, digits, and the chat markers (must be single special tokens).
@@ -44,8 +71,8 @@ TOKENIZER_PROBES = [
 ]
 
 
-# Always measured besides the configured prompts and held-out data, so that every export's KL divergence
-# covers a few hundred positions of ordinary prose, code and a chat exchange.
+# Always scored after the held-out data, so that every export's KL divergence covers some ordinary prose,
+# code and a chat exchange.
 REFERENCE_TEXTS = [
     "The nightly job trains a small adapter on yesterday's conversations, merges it into the base model "
     "and exports a quantized file. Before the file replaces the one in production, it is compared with the "
@@ -56,6 +83,8 @@ REFERENCE_TEXTS = [
     "<start_of_turn>user\nWhich disk is almost full?<end_of_turn>\n<start_of_turn>model\n"
     "The data volume is at 91%; the system disk has 40 GB free.<end_of_turn>\n",
 ]
+
+HF_REFERENCE = "HF model"  # FileReport.reference of a file scored against the HF model
 
 
 @dataclass
@@ -76,6 +105,7 @@ class Gate:
 class FileReport:
     path: str
     quant: str
+    reference: str = HF_REFERENCE  # what it was scored against: the HF model or a float GGUF's file name
     measures: dict[str, float] = field(default_factory=dict)
     gates: list[Gate] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -102,138 +132,363 @@ class VerificationFailed(PipelineError):
         return f"error: {self}\n  the report is in the run folder (verify.md)"
 
 
+# ----------------------------------------------------------------------------- the scored token sequences
+
+
+@dataclass
+class ScoredSet:
+    """The token sequences every file is scored on: chat-rendered prompts (last-token NMSE/top-1), then text
+    windows. `positions` counts every scored position; `sources` the positions per origin."""
+
+    prompts: list[list[int]]
+    windows: list[list[int]]
+    minimum: int
+    sources: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def sequences(self) -> list[list[int]]:
+        return self.prompts + self.windows
+
+    @property
+    def positions(self) -> int:
+        return sum(len(ids) for ids in self.sequences)
+
+    @property
+    def short(self) -> bool:
+        return self.positions < self.minimum
+
+
+def windows_of(ids: list[int], bos: int, window: int) -> list[list[int]]:
+    """A text's ids (starting with <bos>) cut into windows of at most `window` tokens, each starting with <bos>
+    (Gemma without <bos> at position 0 is not the model anyone runs)."""
+    body = ids[1:] if ids[:1] == [bos] else ids
+    step = window - 1
+    return [[bos, *body[i : i + step]] for i in range(0, max(len(body), 1), step)]
+
+
+def scored_set(
+    tokenizer,
+    prompts: list[str],
+    heldout: list[str],
+    fallback: Iterable[str],
+    min_tokens: int,
+    window: int,
+) -> ScoredSet:
+    """Prompts, all held-out texts, REFERENCE_TEXTS, then fallback texts (training data) only while the total
+    is short of min_tokens. Texts longer than `window` are scored in several windows, none is cut."""
+    bos = tokenizer.bos_token_id
+
+    def ids_of(text: str) -> list[int]:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ids if ids[:1] == [bos] else [bos, *ids]
+
+    chat = [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        for p in prompts  # chat-rendered, ending in the model header: the next token is the answer
+    ]
+    scored = ScoredSet([ids_of(t)[:window] for t in chat], [], min_tokens)
+    scored.sources["prompts"] = scored.positions
+    for name, texts in (("held-out", heldout), ("reference texts", REFERENCE_TEXTS), ("training data", fallback)):
+        before = scored.positions
+        for text in texts:
+            if name == "training data" and not scored.short:
+                break
+            scored.windows += windows_of(ids_of(text), bos, window)
+        if scored.positions > before:
+            scored.sources[name] = scored.positions - before
+    return scored
+
+
+# ----------------------------------------------------------------------------- llama.cpp, chunk by chunk
+
+
+class GGUFRunner:
+    """One GGUF in llama.cpp, fed CHUNK positions at a time with logits for every position (llama_decode with a
+    batch of its own: Llama.eval with logits_all would keep n_ctx x vocab float32 scores besides llama.cpp's)."""
+
+    def __init__(self, path: Path, n_ctx: int, log_path: Path | None):
+        threads = os.cpu_count() or 1  # Llama's default is half the cores
+        with native_output_to(log_path):
+            self.llm = llama_cpp.Llama(
+                model_path=str(path),
+                n_ctx=n_ctx,
+                n_batch=CHUNK,
+                n_ubatch=CHUNK,
+                n_threads=threads,
+                n_threads_batch=threads,
+                logits_all=False,
+                verbose=False,
+                seed=0,
+            )
+        self.path = path
+        self.n_vocab = self.llm.n_vocab()
+        self.batch = llama_cpp.llama_batch_init(CHUNK, 0, 1)
+
+    def start(self) -> None:
+        """A new sequence: forget the KV cache."""
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.llm.ctx), True)
+
+    def logits(self, ids: list[int], pos0: int) -> np.ndarray:
+        """float32 logits [len(ids), vocab] of positions pos0.. (a view of llama.cpp's buffer, valid until the
+        next call)."""
+        b = self.batch
+        b.n_tokens = len(ids)
+        for i, token in enumerate(ids):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = token, pos0 + i, 1, 1
+            b.seq_id[i][0] = 0
+        with native_output_to(None):
+            rc = llama_cpp.llama_decode(self.llm.ctx, b)
+        if rc != 0:
+            raise LlamaCppError(f"llama_decode failed on {self.path.name} (code {rc}) at position {pos0}")
+        ptr = ctypes.cast(llama_cpp.llama_get_logits(self.llm.ctx), ctypes.POINTER(ctypes.c_float))
+        return np.ctypeslib.as_array(ptr, shape=(len(ids), self.n_vocab))
+
+    def close(self) -> None:
+        llama_cpp.llama_batch_free(self.batch)
+        self.llm.close()
+
+
+# ----------------------------------------------------------------------------- measures
+
+
 def _log_softmax(x: np.ndarray) -> np.ndarray:
+    """float64 log-probabilities (KLDs of f16 files are ~1e-7: float32 rounding would be of their size)."""
     x = x.astype(np.float64)
-    m = x.max(axis=-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+    x -= x.max(axis=-1, keepdims=True)
+    x -= np.log(np.exp(x).sum(axis=-1, keepdims=True))
+    return x
 
 
-def compare_logits(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
-    """Measures between two (positions, vocab) logit arrays."""
-    lp, lq = _log_softmax(ref), _log_softmax(got)
-    kld = (np.exp(lp) * (lp - lq)).sum(axis=-1)
-    return {
-        "kld_sum": float(kld.sum()),
-        "positions": int(len(kld)),
-        "top1_hits": int((ref.argmax(-1) == got.argmax(-1)).sum()),
-        "last_nmse": float(np.mean((ref[-1] - got[-1]) ** 2) / max(np.var(ref[-1]), 1e-12)),
-        "last_top1": float(ref[-1].argmax() == got[-1].argmax()),
-    }
+@dataclass
+class Block:
+    """Log-probabilities of a block of rows, with what every comparison against them reuses."""
+
+    lp: np.ndarray
+    _p: np.ndarray | None = None
+    _top1: np.ndarray | None = None
+
+    @property
+    def p(self) -> np.ndarray:
+        if self._p is None:
+            self._p = np.exp(self.lp)
+        return self._p
+
+    @property
+    def top1(self) -> np.ndarray:
+        if self._top1 is None:
+            self._top1 = self.lp.argmax(-1)
+        return self._top1
 
 
-class Reference:
-    """The HF model and tokenizer the GGUF must match, with its logits computed once per text."""
+@dataclass
+class Tally:
+    """Running measures of one file against its reference; per-position KLD is kept (a float per position)."""
 
-    def __init__(self, model_dir: Path, prompts: list[str], texts: list[str], max_tokens_per_text: int = 256):
-        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="eager")
-        model.eval()
-        tok = self.tokenizer
-        sequences = []
-        for p in prompts:  # chat-rendered, ending in the model header: the next token is the answer
-            text = tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-            sequences.append(("prompt", text))
-        sequences += [("text", t) for t in REFERENCE_TEXTS + list(texts)]
-        self.sequences = []
-        with torch.no_grad():
-            for kind, text in sequences:
-                ids = tok(text, add_special_tokens=False)["input_ids"]
-                if ids[:1] != [tok.bos_token_id]:
-                    ids = [tok.bos_token_id] + ids
-                ids = ids[:max_tokens_per_text]
-                logits = model(torch.tensor([ids])).logits[0].float().numpy()
-                self.sequences.append((kind, ids, logits))
-        self.end_of_turn = tok.convert_tokens_to_ids("<end_of_turn>")
-        self.chat_template = tok.chat_template
+    kld: list[np.ndarray] = field(default_factory=list)
+    top1_hits: int = 0
+    nll_sum: float = 0.0
+    nll_count: int = 0
+    last_nmse: list[float] = field(default_factory=list)
+    last_top1: list[float] = field(default_factory=list)
 
+    def add_block(self, ref: Block, got: Block, next_ids: np.ndarray) -> None:
+        """ref, got: log-probabilities [rows, vocab]; next_ids: the next token per row, -1 where none."""
+        self.kld.append((ref.p * (ref.lp - got.lp)).sum(axis=-1))
+        self.top1_hits += int((ref.top1 == got.top1).sum())
+        has_next = next_ids >= 0
+        self.nll_sum -= float(got.lp[has_next, next_ids[has_next]].sum())
+        self.nll_count += int(has_next.sum())
 
-def verify_file(ref: Reference, gguf_path: Path, quant: str, verify_cfg, log_path: Path | None = None) -> FileReport:
-    """Measure one GGUF against the reference and apply the configured gates."""
-    report = FileReport(str(gguf_path), quant)
-    n_ctx = max(len(ids) for _, ids, _ in ref.sequences) + 8
-    with native_output_to(log_path):
-        llm = llama_cpp.Llama(
-            model_path=str(gguf_path),
-            n_ctx=n_ctx,
-            n_batch=n_ctx,
-            n_ubatch=n_ctx,
-            logits_all=True,
-            verbose=False,
-            seed=0,
-        )
-    try:
-        # Tokens: same ids as the HF tokenizer, special markers parsed as single tokens.
-        mismatches = []
-        for text in TOKENIZER_PROBES:
-            hf = ref.tokenizer(text, add_special_tokens=False)["input_ids"]
-            cpp = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
-            if hf != cpp:
-                mismatches.append(text)
-        hf_bos = ref.tokenizer("Hi")["input_ids"]
-        cpp_bos = llm.tokenize(b"Hi", add_bos=True, special=True)
-        if hf_bos != cpp_bos:
-            mismatches.append(f"<bos> handling: HF {hf_bos} vs llama.cpp {cpp_bos}")
-        report.gates.append(Gate("tokens_identical", not mismatches, True, not mismatches))
-        report.notes += [f"token mismatch on {m!r}" for m in mismatches]
+    def add_last(self, ref: np.ndarray, got: np.ndarray) -> None:
+        """Last-token logits of a prompt (raw, float32)."""
+        ref, got = ref.astype(np.float64), got.astype(np.float64)
+        self.last_nmse.append(float(np.mean((ref - got) ** 2) / max(np.var(ref), 1e-12)))
+        self.last_top1.append(float(ref.argmax() == got.argmax()))
 
-        # Logits on every reference sequence.
-        totals = {"kld_sum": 0.0, "positions": 0, "top1_hits": 0}
-        last_nmse, last_top1 = [], []
-        for kind, ids, ref_logits in ref.sequences:
-            llm.reset()
-            llm.eval(ids)
-            got = np.array(llm.scores[: len(ids)], dtype=np.float32)
-            m = compare_logits(ref_logits, got)
-            for k in totals:
-                totals[k] += m[k]
-            if kind == "prompt":
-                last_nmse.append(m["last_nmse"])
-                last_top1.append(m["last_top1"])
-        report.measures = {
-            "nmse": float(np.mean(last_nmse)) if last_nmse else math.nan,
-            "top1": float(np.mean(last_top1)) if last_top1 else math.nan,
-            "kld": totals["kld_sum"] / max(totals["positions"], 1),
-            "top1_all": totals["top1_hits"] / max(totals["positions"], 1),
-            "positions": totals["positions"],
+    def measures(self) -> dict[str, float]:
+        kld = np.concatenate(self.kld) if self.kld else np.zeros(0)
+        return {
+            "nmse": float(np.mean(self.last_nmse)) if self.last_nmse else math.nan,
+            "top1": float(np.mean(self.last_top1)) if self.last_top1 else math.nan,
+            "kld": float(kld.mean()) if len(kld) else math.nan,
+            "kld_p99": float(np.percentile(kld, 99)) if len(kld) else math.nan,
+            "top1_all": self.top1_hits / max(len(kld), 1),
+            "ppl": math.exp(self.nll_sum / self.nll_count) if self.nll_count else math.nan,
+            "positions": int(len(kld)),
         }
-        if quant in FLOAT_TYPES:
-            nmse_max, top1_min = verify_cfg.max_nmse[quant], verify_cfg.min_top1[quant]
-            report.gates.append(Gate("nmse", report.measures["nmse"], nmse_max, report.measures["nmse"] <= nmse_max))
-            report.gates.append(Gate("top1", report.measures["top1"], top1_min, report.measures["top1"] >= top1_min))
-        else:
-            kld_max = verify_cfg.max_kld[quant]
-            report.gates.append(Gate("kld", report.measures["kld"], kld_max, report.measures["kld"] <= kld_max))
 
-        # Chat template and stop token, as an application loading the file sees them.
-        meta = read_metadata(gguf_path)
-        template_ok = meta.get("tokenizer.chat_template") == ref.chat_template and ref.chat_template is not None
-        report.gates.append(Gate("chat_template", template_ok, True, template_ok))
-        vocab = llama_cpp.llama_model_get_vocab(llm.model)
-        stops = bool(llama_cpp.llama_vocab_is_eog(vocab, ref.end_of_turn))
-        report.gates.append(Gate("stop_token", stops, True, stops))
-    finally:
-        llm.close()
-    return report
+
+def score(
+    hf_chunks: Iterator[tuple[int, np.ndarray]],
+    sequences: list[list[int]],
+    n_prompts: int,
+    runners: dict[str, GGUFRunner],
+    reference_of: dict[str, str | None],
+) -> tuple[dict[str, Tally], Tally]:
+    """Run every GGUF over `sequences` in lockstep with the HF reference's chunks; reference_of[name] is the
+    runner a file is scored against, None for the HF model. Returns the tallies and the HF model's own (ppl)."""
+    tallies = {name: Tally() for name in runners}
+    hf_tally = Tally()
+    t_prev, pos = -1, 0
+    progress = tqdm(total=sum(len(ids) for ids in sequences), desc="verify", unit="tok")
+    for t, hf in hf_chunks:
+        ids = sequences[t]
+        if t != t_prev:
+            t_prev, pos = t, 0
+            for r in runners.values():
+                r.start()
+        n = hf.shape[0]
+        got = {name: r.logits(ids[pos : pos + n], pos) for name, r in runners.items()}
+        nxt = np.array([ids[p + 1] if p + 1 < len(ids) else -1 for p in range(pos, pos + n)])
+        for b in range(0, n, BLOCK):
+            rows = slice(b, min(b + BLOCK, n))
+            blocks = {name: Block(_log_softmax(g[rows])) for name, g in got.items()}
+            hf_block = Block(_log_softmax(hf[rows]))
+            hf_tally.add_block(hf_block, hf_block, nxt[rows])
+            for name, tally in tallies.items():
+                ref = reference_of[name]
+                tally.add_block(hf_block if ref is None else blocks[ref], blocks[name], nxt[rows])
+        if t < n_prompts and pos + n == len(ids):  # this chunk holds the prompt's last position
+            for name, tally in tallies.items():
+                ref = reference_of[name]
+                tally.add_last(hf[-1] if ref is None else got[ref][-1], got[name][-1])
+        pos += n
+        progress.update(n)
+    progress.close()
+    return tallies, hf_tally
+
+
+def parameter_count(path: Path) -> int:
+    """Weights in a GGUF (every tensor's element count, from its header)."""
+    return sum(int(t.n_elements) for t in gguf.GGUFReader(str(path)).tensors)
+
+
+def _checks(runner: GGUFRunner, gguf_path: Path, tokenizer, report: FileReport) -> None:
+    """Tokens, chat template and stop token, as an application loading the file sees them."""
+    llm = runner.llm
+    mismatches = []
+    for text in TOKENIZER_PROBES:
+        hf = tokenizer(text, add_special_tokens=False)["input_ids"]
+        cpp = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        if hf != cpp:
+            mismatches.append(text)
+    hf_bos = tokenizer("Hi")["input_ids"]
+    cpp_bos = llm.tokenize(b"Hi", add_bos=True, special=True)
+    if hf_bos != cpp_bos:
+        mismatches.append(f"<bos> handling: HF {hf_bos} vs llama.cpp {cpp_bos}")
+    report.gates.append(Gate("tokens_identical", not mismatches, True, not mismatches))
+    report.notes += [f"token mismatch on {m!r}" for m in mismatches]
+    meta = read_metadata(gguf_path)
+    template_ok = meta.get("tokenizer.chat_template") == tokenizer.chat_template and tokenizer.chat_template is not None
+    report.gates.append(Gate("chat_template", template_ok, True, template_ok))
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    stops = bool(llama_cpp.llama_vocab_is_eog(vocab, tokenizer.convert_tokens_to_ids("<end_of_turn>")))
+    report.gates.append(Gate("stop_token", stops, True, stops))
+
+
+def _gates(report: FileReport, verify_cfg) -> None:
+    m, quant = report.measures, report.quant
+    if QUANTS[quant].is_float:
+        nmse_max, top1_min = verify_cfg.max_nmse[quant], verify_cfg.min_top1[quant]
+        report.gates.append(Gate("nmse", m["nmse"], nmse_max, m["nmse"] <= nmse_max))
+        report.gates.append(Gate("top1", m["top1"], top1_min, m["top1"] >= top1_min))
+    else:
+        kld_max = verify_cfg.max_kld[quant]
+        report.gates.append(Gate("kld", m["kld"], kld_max, m["kld"] <= kld_max))
 
 
 def verify_files(
-    model_dir: Path, files: list[tuple[str, Path]], verify_cfg, texts: list[str], log_path: Path | None = None
+    model_dir: Path,
+    files: list[tuple[str, Path]],
+    verify_cfg,
+    texts: list[str],
+    log_path: Path | None = None,
+    fallback_texts: Iterable[str] = (),
 ) -> list[FileReport]:
-    """Verify several GGUFs ((quant name, path) pairs) of one HF model; the reference is computed once."""
-    ref = Reference(model_dir, list(verify_cfg.prompts), texts, verify_cfg.max_tokens_per_text)
+    """Verify several GGUFs ((quant name, path) pairs) of one HF model in one lockstep pass.
+
+    Float files are scored against the HF model; quants against the first float file listed (the one they were
+    made from), or against the HF model when no float file is listed. `texts` (held-out) are scored in full;
+    `fallback_texts` (training data) only while short of verify.min_scored_tokens."""
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    context = getattr(AutoConfig.from_pretrained(str(model_dir)), "max_position_embeddings", None) or 8192
+    window = min(verify_cfg.max_tokens_per_text, context)
+    scored = scored_set(
+        tokenizer, list(verify_cfg.prompts), texts, fallback_texts, verify_cfg.min_scored_tokens, window
+    )
+    floats = [str(p) for q, p in files if QUANTS[q].is_float]
+    reference_of = {str(p): (None if QUANTS[q].is_float or not floats else floats[0]) for q, p in files}
+    log.info(
+        f"  scoring {len(files)} file(s) on {scored.positions} positions ({len(scored.sequences)} sequences of "
+        f"<= {window} tokens; {', '.join(f'{k} {v}' for k, v in scored.sources.items())})"
+    )
+    if scored.short:
+        log.warning(
+            f"  only {scored.positions} positions to score, fewer than verify.min_scored_tokens="
+            f"{scored.minimum}: gated on what there is (give verify.heldout_files more records)"
+        )
+    runners: dict[str, GGUFRunner] = {}
     reports = []
-    for quant, path in tqdm(files, desc="verify", unit="file"):
-        reports.append(verify_file(ref, path, quant, verify_cfg, log_path))
+    try:
+        for _, path in files:
+            runners[str(path)] = GGUFRunner(path, window, log_path)
+        hf_chunks = reference_logits(model_dir, scored.sequences, CHUNK)
+        tallies, hf_tally = score(hf_chunks, scored.sequences, len(scored.prompts), runners, reference_of)
+        for quant, path in files:
+            ref = reference_of[str(path)]
+            report = FileReport(str(path), quant, HF_REFERENCE if ref is None else Path(ref).name)
+            size = path.stat().st_size
+            report.measures = tallies[str(path)].measures() | {
+                "size": size,
+                "bits_per_weight": size * 8 / parameter_count(path),
+                "reference_ppl": hf_tally.measures()["ppl"],
+            }
+            _gates(report, verify_cfg)
+            _checks(runners[str(path)], path, tokenizer, report)
+            if scored.short:
+                report.notes.append(
+                    f"scored on {scored.positions} positions, short of verify.min_scored_tokens={scored.minimum}: "
+                    f"the data holds no more (gated on what there is)"
+                )
+            reports.append(report)
+    finally:
+        for r in runners.values():
+            r.close()
     return reports
 
 
-def to_table(reports: list[FileReport]) -> str:
-    """A Markdown table of every measure and gate."""
-    head = (
-        "| file | type | tokens | NMSE (last) | top-1 (last) | mean KLD | top-1 (all) "
-        "| chat template | stop token | result |"
+# ----------------------------------------------------------------------------- reports
+
+
+def recommend(reports: list[FileReport], max_kld: float) -> FileReport | None:
+    """The smallest file that passed with mean KLD within the budget (its own reference's KLD), or None."""
+    within = [r for r in reports if r.passed and r.measures.get("kld", math.inf) <= max_kld]
+    return min(within, key=lambda r: r.measures["size"], default=None)
+
+
+def recommendation_line(reports: list[FileReport], max_kld: float) -> str:
+    best = recommend(reports, max_kld)
+    if best is None:
+        return f"Recommended: none (no file passed with mean KLD <= {max_kld:g}; verify.recommend_max_kld)"
+    m = best.measures
+    return (
+        f"Recommended: {Path(best.path).name} ({best.quant}, {human_size(int(m['size']))}, "
+        f"mean KLD {m['kld']:.2e} <= {max_kld:g}): the smallest file within verify.recommend_max_kld"
     )
-    rows = [head, "|" + "---|" * 10]
+
+
+def _gate_text(r: FileReport) -> str:
+    shown = [g for g in r.gates if g.name in ("nmse", "top1", "kld")]
+    return ", ".join(f"{g.name} {'<=' if g.name != 'top1' else '>='} {g.threshold:g}" for g in shown)
+
+
+def to_table(reports: list[FileReport]) -> str:
+    """A Markdown table: one row per file, quality measures and gates."""
+    head = (
+        "| file | type | scored against | size | bits/weight | mean KLD | p99 KLD | same top-1 | ppl "
+        "| NMSE (last) | tokens | chat template | stop token | gate | result |"
+    )
+    rows = [head, "|" + "---|" * 15]
     for r in reports:
         g = {x.name: x for x in r.gates}
         m = r.measures
@@ -241,10 +496,12 @@ def to_table(reports: list[FileReport]) -> str:
         def mark(name: str, gates=g) -> str:
             return "-" if name not in gates else ("ok" if gates[name].passed else "FAIL")
 
+        nan = math.nan
         rows.append(
-            f"| {Path(r.path).name} | {r.quant} | {mark('tokens_identical')} | {m.get('nmse', math.nan):.2e} | "
-            f"{m.get('top1', math.nan):.0%} | {m.get('kld', math.nan):.2e} | {m.get('top1_all', math.nan):.1%} | "
-            f"{mark('chat_template')} | {mark('stop_token')} | "
+            f"| {Path(r.path).name} | {r.quant} | {r.reference} | {human_size(int(m.get('size', 0)))} | "
+            f"{m.get('bits_per_weight', nan):.2f} | {m.get('kld', nan):.2e} | {m.get('kld_p99', nan):.2e} | "
+            f"{m.get('top1_all', nan):.1%} | {m.get('ppl', nan):.4g} | {m.get('nmse', nan):.2e} | "
+            f"{mark('tokens_identical')} | {mark('chat_template')} | {mark('stop_token')} | {_gate_text(r)} | "
             f"{'PASS' if r.passed else 'FAIL: ' + '; '.join(r.failures())} |"
         )
     return "\n".join(rows)

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serial
 
 from core.errors import ConfigError
 from core.paths import user_path, what_is
-from core.quants import FLOAT_TYPES, QUANTS, QuantType
+from core.quants import FLOAT_TYPES, NEEDS_IMATRIX, QUANTS, QuantType
 
 
 class Section(BaseModel):
@@ -202,9 +202,10 @@ class TrainingSection(Section):
     torch_compile: bool = False
     """torch.compile the model (TrainingArguments.torch_compile): the first steps compile (minutes), later ones
     are faster. Off by default until bench/gpu_train.py shows the gain on your card."""
-    ddp_find_unused_parameters: bool | None = None
-    """Multi-GPU (DDP): search for parameters without gradient every step. null lets transformers decide (off with
-    activation checkpointing); LoRA on all linear layers uses every parameter, so false is right and fastest."""
+    ddp_find_unused_parameters: bool = False
+    """Multi-GPU (DDP, docs/gpu-box.md): search the autograd graph for trainable parameters without a gradient after
+    every backward. LoRA trains adapters that every forward uses, so false is right and saves a graph walk per step;
+    set true only if DDP reports parameters that did not receive a gradient. Ignored in one process."""
     fused_lm_head: bool | Literal["auto"] = "auto"
     """Cross-entropy fused with lm_head and Gemma's final softcap (TRL's add_fused_lm_head, train/loss.py): the
     [batch, seq, 256k] logits are never materialized (27 of 34 GiB at 4 x 2048) and on CUDA only supervised
@@ -248,18 +249,40 @@ class ExportSection(Section):
     name: str = "gemma_2b_finetuned"
     """File stem of the fine-tuned GGUF: <name>.gguf is default_quant, other quants are <name>.<quant>.gguf."""
     quants: list[QuantType] = Field(default_factory=lambda: ["f16", "q8_0", "q4_k_m"])
-    """GGUF types to produce. An f32 GGUF is always converted first (the reference for quantizing)."""
+    """GGUF types to produce. A float GGUF (export.float_type) is converted first; the quants are made from it and
+    verified against it; it is kept only if listed here (or export.keep_float)."""
     default_quant: QuantType = "q4_k_m"
     """The quant an application loads: written as <name>.gguf."""
     token_embedding_type: QuantType | None = "q8_0"
     """Type of token_embd in k-quants (llama.cpp PR 5650: Q8_0 embeddings help Gemma 2B at Q4_K_M); null
     keeps llama.cpp's choice."""
-    keep_f32: bool = False
-    """Keep the f32 intermediate GGUF in the run folder (the 2B's is ~10 GB)."""
+    float_type: Literal["auto", "bf16", "f16", "f32"] = "auto"
+    """Type of the float GGUF the converter writes (the source of every quant and their verification reference).
+    auto: the float type listed in export.quants if there is one (it ships anyway, so no extra file), else the
+    merged model's own dtype (bf16 for Gemma 2 2B: exact, half the bytes of f32)."""
+    keep_float: bool = False
+    """Keep the float GGUF in the run folder when export.quants does not list it (the 2B's is ~5 GB in bf16).
+    The old name keep_f32 is read as this one."""
+    imatrix: bool = False
+    """Quantize k-quants and IQ quants with an importance matrix computed from the run's own training data
+    (llama-imatrix on the float GGUF). Needed for iq3_xxs. Off until measured better at the 2B's size."""
+    lora_gguf: bool = True
+    """Also ship the adapter as a GGUF (<name>.lora.gguf, convert_lora_to_gguf.py), for llama.cpp on the base GGUF;
+    promoted only if base + adapter gives the merged float GGUF's logits (convert/lora_gguf.py)."""
     export_base: bool = True
     """Also export the untouched base model (with the same quants), as <base_name>.gguf, for comparison."""
     base_name: str = "gemma_2b_base"
     """File stem of the base-model GGUF."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, data: Any) -> Any:
+        """keep_f32 became keep_float when the float GGUF stopped being f32 (bf16 for a bf16 base)."""
+        if isinstance(data, dict) and "keep_f32" in data:
+            if "keep_float" in data:
+                raise ValueError("export.keep_f32 and export.keep_float are both set: keep keep_float (the new name)")
+            data = {("keep_float" if k == "keep_f32" else k): v for k, v in data.items()}
+        return data
 
     @field_validator("quants")
     @classmethod
@@ -271,16 +294,27 @@ class ExportSection(Section):
             raise ValueError("export.quants: is empty; name at least the default_quant")
         return value
 
+    @model_validator(mode="after")
+    def _imatrix_where_required(self) -> ExportSection:
+        needing = [q for q in self.quants if q in NEEDS_IMATRIX]
+        if needing and not self.imatrix:
+            raise ValueError(
+                f"export.quants: {', '.join(needing)} need an importance matrix (llama.cpp refuses them without "
+                f"one: the result would be garbage); set export.imatrix=true or pick iq4_xs/q4_k_m instead"
+            )
+        return self
+
 
 class VerifySection(Section):
-    """Gates every export must pass before it is promoted. Measured against the merged HF model (fp32)."""
+    """Gates every export must pass before it is promoted. The float GGUF is measured against the merged HF model
+    (float32, streamed layer by layer), every quant against that float GGUF (llama.cpp's own KL-divergence way)."""
 
     max_nmse: dict[str, float] = Field(default_factory=lambda: {q: QUANTS[q].gate for q in FLOAT_TYPES})
     """Max normalised MSE of last-token logits (MSE / variance of the reference) per float type."""
     min_top1: dict[str, float] = Field(default_factory=lambda: dict.fromkeys(FLOAT_TYPES, 1.0))
     """Min fraction of prompts whose last-token argmax matches the reference, per float type."""
     max_kld: dict[str, float] = Field(default_factory=lambda: {n: q.gate for n, q in QUANTS.items() if not q.is_float})
-    """Max mean KL(reference || quant) over every position of the verification texts, per quant type."""
+    """Max mean KL(float GGUF || quant) over every scored position, per quant type."""
     prompts: list[str] = Field(
         default_factory=lambda: [
             "What is the capital of France?",
@@ -290,12 +324,19 @@ class VerifySection(Section):
     )
     """User prompts rendered with the chat template; their last-token logits are compared."""
     heldout_files: list[str] = Field(default_factory=list)
-    """Extra held-out data (any data format) whose rendered text joins the KL/top-1 measurement."""
+    """Held-out data (any data format) scored first; data.eval_files join it. Then the built-in reference texts,
+    then (only while short of min_scored_tokens) the training data."""
     max_heldout_records: int = Field(16, ge=0)
-    """Cap on held-out records used (verification runs the HF model on CPU)."""
-    max_tokens_per_text: int = Field(256, ge=8)
-    """Held-out texts are cut to this many tokens. The reference keeps fp32 logits for every position:
-    with Gemma's 256k vocab that is ~1 MB per token, so records x tokens bounds verification memory."""
+    """Cap on held-out records used (each costs a forward pass of every file and of the HF reference)."""
+    max_tokens_per_text: int = Field(512, ge=8)
+    """Window: longer texts are scored in windows of this many tokens (each starting with <bos>), capped at the
+    model's context. Memory does not grow with it: logits are compared 128 positions at a time."""
+    min_scored_tokens: int = Field(2048, ge=1)
+    """Positions scored per file (the statistical power of mean/p99 KLD and same-top-1). If all the data is
+    shorter, verification gates on what there is and the report says it fell short."""
+    recommend_max_kld: float = Field(0.02, gt=0)
+    """Recommendation budget: verify.md names the smallest file whose mean KLD is within it. 0.02 nats of KL
+    is about a 2% rise in perplexity, stricter than q4_k_m's hard gate (0.05)."""
     demo_prompt: str | None = None
     """A prompt the summary answers with the base and the fine-tuned GGUF side by side."""
     demo_expected: str | None = None

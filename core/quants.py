@@ -7,7 +7,12 @@ Names are llama.cpp's `llama-quantize` names, lower-cased. File types and tensor
 
 from __future__ import annotations
 
+import json
+import math
+import struct
+from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
@@ -21,6 +26,7 @@ class Quant:
     is_float: bool  # converted by convert_hf_to_gguf.py and gated on logits; the rest are quantized, gated on KLD
     gate: float  # default gate: max NMSE of last-token logits (float types) or max mean KLD (quantized types)
     mix_bits: float | None = None  # k-quant mixes keep some tensors at a higher type; llama.cpp's measured average
+    needs_imatrix: bool = False  # llama_model_quantize refuses it without an importance matrix (export.imatrix)
 
     @property
     def bits_per_weight(self) -> float:
@@ -36,6 +42,9 @@ T, F = GGMLQuantizationType, LlamaFileType
 # conversion checks; bf16 rounds harder). KLD gates grow with the bits removed; q4_k_m's 0.05 is the level at
 # which llama.cpp's perplexity tables still call Q4_K_M "balanced" for Gemma 2B (PR 5650). The *_m/_s mixes'
 # averages are llama.cpp's (llama_tensor_get_type keeps attn_v/ffn_down of some layers higher), rounded up.
+# IQ types: iq4_xs quantizes without an importance matrix; iq3_xxs (and iq2_*, iq1_*) are refused without one
+# (llama-quant.cpp tensor_requires_imatrix: "The result will be garbage"). Their gates follow the bits:
+# iq4_xs sits with the 4-bit k-quants (4.25 bpw), iq3_xxs at ~3 bpw loses clearly more.
 QUANTS: dict[str, Quant] = {
     q.name: q
     for q in (
@@ -49,12 +58,18 @@ QUANTS: dict[str, Quant] = {
         Quant("q5_0", F.MOSTLY_Q5_0, T.Q5_0, False, 1e-2),
         Quant("q4_k_m", F.MOSTLY_Q4_K_M, T.Q4_K, False, 0.05, mix_bits=4.9),
         Quant("q4_k_s", F.MOSTLY_Q4_K_S, T.Q4_K, False, 0.05, mix_bits=4.6),
+        Quant("iq4_xs", F.MOSTLY_IQ4_XS, T.IQ4_XS, False, 0.05),
         Quant("q4_0", F.MOSTLY_Q4_0, T.Q4_0, False, 0.1),
+        Quant("iq3_xxs", F.MOSTLY_IQ3_XXS, T.IQ3_XXS, False, 0.2, needs_imatrix=True),
     )
 }
 del T, F
 
 FLOAT_TYPES = tuple(name for name, q in QUANTS.items() if q.is_float)
+NEEDS_IMATRIX = tuple(name for name, q in QUANTS.items() if q.needs_imatrix)
+
+# safetensors dtype names -> the float GGUF type that holds them exactly (export.float_type: auto)
+FLOAT_OF_DTYPE = {"BF16": "bf16", "F16": "f16", "F32": "f32"}
 
 if TYPE_CHECKING:
     QuantType = str
@@ -65,3 +80,30 @@ else:  # the config schema's choices: exactly the table's names
 def quant_of_file_type(file_type: int) -> str | None:
     """Our name for a GGUF's general.file_type, or None for a type this pipeline does not export."""
     return next((name for name, q in QUANTS.items() if q.file_type == file_type), None)
+
+
+def checkpoint_dtype(model_dir: Path) -> str:
+    """The safetensors dtype holding most of a checkpoint's parameters ("BF16", "F16", "F32", ...), from the file
+    headers only (an 8-byte length, then JSON: safetensors' format), so nothing is loaded."""
+    params: Counter[str] = Counter()
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+        for name, entry in header.items():
+            if name != "__metadata__":
+                params[entry["dtype"]] += math.prod(entry["shape"])
+    if not params:
+        raise ValueError(f"{model_dir}: no *.safetensors weights to read a dtype from")
+    return params.most_common(1)[0][0]
+
+
+def float_gguf_type(float_type: str, quants: list[str], model_dir: Path) -> str:
+    """The float GGUF an export converts to (export.float_type; auto: see ExportSection.float_type)."""
+    if float_type != "auto":
+        return float_type
+    listed = [q for q in quants if QUANTS[q].is_float]
+    if listed:
+        return listed[0]
+    dtype = checkpoint_dtype(model_dir)
+    return FLOAT_OF_DTYPE.get(dtype, "f32")  # e.g. an F64 checkpoint: f32 is the widest GGUF float type

@@ -3,8 +3,8 @@
 The estimate, per destination (grouped by file system, since outputs/ and models/ are often separate
 Docker volumes):
   run folder   checkpoints present at once x (adapter weights + AdamW's two moments + tokenizer files),
-               the run's adapter, and the f32 GGUF each export converts first (deleted after quantizing
-               unless export.keep_f32)
+               the run's adapter, and the float GGUF each export converts first when export.quants does not
+               list it (deleted after verification unless export.keep_float)
   models_dir   the promoted adapter and the merged model (saved in the base dtype: the base's size)
   gguf_dir     every exported GGUF type, fine-tuned and (export.export_base) base
 It is an upper bound on what the run adds, plus 10%, not on the peak: files already present (a resumed
@@ -24,7 +24,7 @@ from safetensors import safe_open
 from core.config import Config
 from core.errors import DiskSpaceError
 from core.files import human_size
-from core.quants import QUANTS
+from core.quants import QUANTS, float_gguf_type
 from core.runfolder import RunFolder
 
 MARGIN = 1.10
@@ -109,16 +109,16 @@ def planned_writes(
         return writes
     counts = tensor_counts(base_dir)
     exports = 2 if cfg.export.export_base else 1
-    f32 = gguf_bytes(counts, "f32", None)
     gguf_dir = Path(cfg.export.gguf_dir)
-    quants = sum(gguf_bytes(counts, q, cfg.export.token_embedding_type) for q in cfg.export.quants if q != "f32")
-    writes += [
-        Write("merged model", merged_out, counts.safetensors_bytes + tok),
-        Write("f32 GGUF (intermediate)", run_root / "export", f32 * (exports if cfg.export.keep_f32 else 1)),
-        Write(f"{exports * len(cfg.export.quants)} GGUF file(s)", gguf_dir, exports * quants),
-    ]
-    if "f32" in cfg.export.quants:
-        writes.append(Write("f32 GGUF", gguf_dir, exports * f32))
+    quants = sum(gguf_bytes(counts, q, cfg.export.token_embedding_type) for q in cfg.export.quants)
+    writes.append(Write("merged model", merged_out, counts.safetensors_bytes + tok))
+    float_type = float_gguf_type(cfg.export.float_type, cfg.export.quants, base_dir)
+    if float_type not in cfg.export.quants:
+        kept = exports if cfg.export.keep_float else 1
+        writes.append(
+            Write(f"{float_type} GGUF (intermediate)", run_root / "export", kept * gguf_bytes(counts, float_type, None))
+        )
+    writes.append(Write(f"{exports * len(cfg.export.quants)} GGUF file(s)", gguf_dir, exports * quants))
     if _device(run_root) != _device(gguf_dir):  # quantized files are written in the run folder, then copied
         writes.append(Write("GGUF staging", run_root / "export", quants))
     return writes

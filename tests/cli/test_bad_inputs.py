@@ -510,8 +510,11 @@ def test_promoted_files_are_readable_by_others_and_only_what_a_consumer_needs(tr
     assert "adapter_model.safetensors" in adapter and "training_args.bin" not in adapter
     assert sorted(p.name for p in (models / "gguf").iterdir()) == [
         ".locks",
+        "gemma_2b_finetuned.Modelfile",  # Ollama's, one per model GGUF
+        "gemma_2b_finetuned.f16.Modelfile",
         "gemma_2b_finetuned.f16.gguf",
         "gemma_2b_finetuned.gguf",
+        "gemma_2b_finetuned.lora.gguf",  # the adapter, for llama.cpp on the base GGUF
     ]
     report = json.loads((trained / "outputs" / "t" / "verify.json").read_text())
     for entry in report["files"]:  # every path a report names exists (relative ones from the run's working

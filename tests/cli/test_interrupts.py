@@ -119,7 +119,7 @@ EXPORT_STAGES = [
     ("merge", "merging adapter into", signal.SIGINT, ""),
     ("conversion", "converting ->", signal.SIGTERM, "convert"),
     ("quantization", "quantizing ->", signal.SIGINT, "quantize"),
-    ("verification", "verifying 3 file(s)", signal.SIGTERM, ""),
+    ("verification", "verifying 2 file(s)", signal.SIGTERM, ""),
 ]
 
 

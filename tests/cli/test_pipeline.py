@@ -72,11 +72,20 @@ def test_run_folder_and_promoted_artifacts(trained):
         "gemma_2b_base.q4_k_m.gguf",
         "gemma_2b_finetuned.f16.gguf",
         "gemma_2b_finetuned.gguf",
+        "gemma_2b_finetuned.lora.gguf",
         "gemma_2b_finetuned.q4_k_m.gguf",
     ]
+    # an Ollama Modelfile next to every promoted model GGUF (the adapter is not a model)
+    models_ggufs = [p for p in (models / "gguf").glob("*.gguf") if not p.name.endswith(".lora.gguf")]
+    assert sorted(p.name for p in (models / "gguf").glob("*.Modelfile")) == sorted(
+        f"{p.stem}.Modelfile" for p in models_ggufs
+    )
     for folder in (models / "finetuned" / "adapters" / "e2e", models / "finetuned" / "final_models" / "e2e"):
         assert (folder / "tokenizer.model").is_file()  # the converter needs it; transformers 5 drops it
-    assert not list((run / "export").rglob("*.f32.gguf"))  # intermediate removed (keep_f32 false)
+    # the float GGUF (f16: listed in export.quants, so export.float_type auto picks it) was promoted: no f32
+    # file was ever written, and no GGUF is left in the run folder
+    assert not list((run / "export").rglob("*.gguf"))
+    assert "f32.gguf" not in (run / "export" / "gemma_2b_finetuned" / "convert.log").read_text()
     assert "Traceback" not in trained["res"].stderr
 
 
@@ -149,15 +158,33 @@ def test_verification_report_within_gates(trained):
     report = json.loads((trained["run"] / "verify.json").read_text())
     assert report["passed"] is True
     by_name = {Path(f["path"]).name: f for f in report["files"]}
-    assert len(by_name) == 8  # f32 + 3 quants, for fine-tuned and base
-    f16 = by_name["gemma_2b_finetuned.f16.gguf"]["measures"]
-    assert f16["nmse"] < 1e-4 and f16["top1"] == 1.0
-    assert by_name["gemma_2b_finetuned.gguf"]["measures"]["kld"] < 1e-3
-    assert by_name["gemma_2b_finetuned.q4_k_m.gguf"]["measures"]["kld"] < 0.05
+    assert len(by_name) == 6  # f16 (the float GGUF) + 2 quants, for fine-tuned and base
+    f16 = by_name["gemma_2b_finetuned.f16.gguf"]
+    assert f16["measures"]["nmse"] < 1e-4 and f16["measures"]["top1"] == 1.0 and f16["reference"] == "HF model"
+    q8, q4 = by_name["gemma_2b_finetuned.gguf"], by_name["gemma_2b_finetuned.q4_k_m.gguf"]
+    assert q8["reference"] == q4["reference"] == "gemma_2b_finetuned.f16.gguf"  # quants against the float GGUF
+    assert by_name["gemma_2b_base.q4_k_m.gguf"]["reference"] == "gemma_2b_base.f16.gguf"
+    assert 0 < q8["measures"]["kld"] < 1e-3 and 0 < q4["measures"]["kld"] < 0.05
+    assert q8["measures"]["kld"] <= q8["measures"]["kld_p99"] and q4["measures"]["kld"] > q8["measures"]["kld"]
+    assert q4["measures"]["size"] < q8["measures"]["size"] < f16["measures"]["size"]
     for f in report["files"]:
         assert {g["name"] for g in f["gates"]} >= {"tokens_identical", "chat_template", "stop_token"}
         assert all(g["passed"] for g in f["gates"])
-    assert "| gemma_2b_finetuned.gguf | q8_0 | ok |" in (trained["run"] / "verify.md").read_text()
+        assert f["measures"]["positions"] == report["scored_tokens"] >= 2048  # verify.min_scored_tokens
+    assert report["short_of_minimum"] is False
+    md = (trained["run"] / "verify.md").read_text()
+    assert "| gemma_2b_finetuned.gguf | q8_0 | gemma_2b_finetuned.f16.gguf |" in md
+    assert f"Scored positions per file: {report['scored_tokens']}." in md
+    best = report["recommended"]["gemma_2b_finetuned"]  # the smallest file within verify.recommend_max_kld
+    assert (
+        best
+        == min(
+            (f for n, f in by_name.items() if n.startswith("gemma_2b_finetuned") and f["measures"]["kld"] <= 0.02),
+            key=lambda f: f["measures"]["size"],
+        )["path"].split("/")[-1]
+    )
+    assert f"gemma_2b_finetuned: Recommended: {best} " in md
+    assert "recommended:" in trained["res"].stderr + trained["res"].stdout  # the run summary
 
 
 def test_manifest_records_provenance_and_hashes(trained):
@@ -229,3 +256,37 @@ def test_failed_gate_stops_promotion(trained, hf_home, tmp_path):
     assert manifest["status"] == "export_failed"
     assert json.loads((run / "verify.json").read_text())["passed"] is False
     assert json.loads((trained["run"] / "manifest.json").read_text())["status"] == "complete"  # the original
+
+
+def test_export_without_a_listed_float_type_and_the_new_quants(trained, hf_home, tmp_path):
+    """export.quants with no float type: the converter writes the merged model's own dtype (f32 for the tiny model),
+    the quants are made and scored from it, and it is deleted after verification."""
+    shutil.copytree(trained["run"], tmp_path / "outputs" / "e2e")
+    gguf_dir = tmp_path / "models" / "gguf"
+    quants = ["q8_0", "q6_k", "q5_k_m", "iq4_xs", "q4_k_m"]
+    res = run_cli(
+        "convert",
+        ["export", "--config", str(trained["cfg"]), f"paths.output_dir={tmp_path / 'outputs'}"]
+        + [f"paths.models_dir={tmp_path / 'models'}", f"export.gguf_dir={gguf_dir}", "export.export_base=false"]
+        + [f"export.quants=[{', '.join(quants)}]", "export.default_quant=q8_0"],
+        tmp_path,
+        hf_home,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = tmp_path / "outputs" / "e2e"
+    assert not list((run / "export").rglob("*.gguf"))  # the f32 intermediate is gone
+    report = json.loads((run / "verify.json").read_text())
+    by_quant = {f["quant"]: f for f in report["files"]}
+    assert list(by_quant) == ["f32", *quants] and report["passed"] is True
+    assert by_quant["f32"]["path"] == "gemma_2b_finetuned.f32.gguf" and "deleted" in by_quant["f32"]["notes"][0]
+    assert all(by_quant[q]["reference"] == "gemma_2b_finetuned.f32.gguf" for q in quants)
+    size = {q: by_quant[q]["measures"]["size"] for q in quants}
+    assert size["q8_0"] > size["q6_k"] > size["q5_k_m"] > size["q4_k_m"] > size["iq4_xs"]
+    bpw = {q: by_quant[q]["measures"]["bits_per_weight"] for q in quants}
+    assert bpw["q8_0"] > bpw["q6_k"] > bpw["q5_k_m"] > bpw["q4_k_m"] > bpw["iq4_xs"] > 4.25  # the whole file
+    kld = {q: by_quant[q]["measures"]["kld"] for q in quants}
+    assert kld["q8_0"] < kld["q6_k"] < kld["q5_k_m"] < kld["q4_k_m"]
+    assert sorted(p.name for p in gguf_dir.glob("*.gguf")) == sorted(
+        ["gemma_2b_finetuned.gguf", "gemma_2b_finetuned.lora.gguf"]
+        + [f"gemma_2b_finetuned.{q}.gguf" for q in quants[1:]]
+    )

@@ -1,0 +1,228 @@
+"""The LoRA adapter as a GGUF (llama.cpp's convert_lora_to_gguf.py), verified on the base GGUF before it ships.
+
+An adapter GGUF is a few MB where a merged model is GBs: llama.cpp applies it at load time on the base GGUF
+(`Llama(model_path=base.gguf, lora_path=<name>.lora.gguf)`, `llama-cli -m base.gguf --lora ...`). It is
+promoted only if base + adapter, run by llama.cpp, gives the logits of the merged model's float GGUF, the file
+the quants are verified against; so the adapter GGUF is checked against the same model as every other file.
+
+The gate (LORA_MAX_KLD, LORA_MIN_TOP1): the two sides differ only in where the low-rank product is added (into
+the weights before they are rounded to the GGUF's float type, or at run time), so they differ by that float
+type's rounding: mean KLD 1.2e-8 measured on the tiny model in f32 (tests/unit/test_lora_gguf.py). The gate is
+1e-4 for f32/f16 (ten times under q8_0's) and 1e-3 for bf16 (3 fewer mantissa bits, as verify's NMSE gates);
+a dropped delta measures > 1e-2 there, and a wrong scale (rsLoRA read as plain LoRA) far above the gate.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+
+from convert.export import ExportResult
+from convert.llamacpp import convert_hf_to_gguf, native_output_to, open_gguf, read_metadata, run_child
+from convert.tools import tree
+from core.errors import LlamaCppError
+from core.files import move_into_place
+from core.locks import promotion_lock
+from core.quants import quant_of_file_type
+
+log = logging.getLogger(__name__)
+
+LORA_MAX_KLD = {"f32": 1e-4, "f16": 1e-4, "bf16": 1e-3}  # mean KL(merged || base + adapter), every position
+LORA_MIN_TOP1 = 0.99  # share of positions whose argmax agrees
+# Scored positions: the failures this catches (a dropped module, a wrong scale) move every position, so a few
+# hundred suffice, and each costs two forward passes of the 2B on the CPU.
+CHECK_TOKENS = 512
+ADAPTER_TYPES = ("f32", "f16", "bf16")  # convert_lora_to_gguf.py --outtype choices that are float
+
+
+@dataclass
+class LoraReport:
+    path: str
+    outtype: str
+    measures: dict[str, float] = field(default_factory=dict)
+    passed: bool = False
+
+    def describe(self) -> str:
+        m = self.measures
+        gate = LORA_MAX_KLD.get(self.outtype, math.nan)
+        return (
+            f"{Path(self.path).name} [lora {self.outtype}] on the base GGUF vs the merged GGUF: mean KLD "
+            f"{m.get('kld', math.nan):.2e} (gate <= {gate:g}), top-1 {m.get('top1', math.nan):.2%} "
+            f"(gate >= {LORA_MIN_TOP1:.0%}), {int(m.get('positions', 0))} positions"
+        )
+
+
+def convert_lora(adapter_dir: Path, base_dir: Path, out: Path, outtype: str, log_path: Path | None) -> Path:
+    """convert_lora_to_gguf.py of the pinned tree, offline (`--base` gives the config the Hub would), into `out`.
+
+    llama.cpp scales an adapter by alpha / r; PEFT's rsLoRA scales by alpha / sqrt(r): such an adapter is
+    converted with alpha * sqrt(r), which gives llama.cpp PEFT's scale."""
+    if outtype not in ADAPTER_TYPES:
+        raise ValueError(f"adapter GGUF type {outtype!r}: one of {', '.join(ADAPTER_TYPES)}")
+    out = out.resolve()
+    stage = out.with_name(f".{out.name}.adapter")
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    try:
+        config = json.loads((adapter_dir / "adapter_config.json").read_text())
+        if config.get("use_rslora"):
+            config["lora_alpha"] = config["lora_alpha"] * math.sqrt(config["r"])
+            config["use_rslora"] = False
+        (stage / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        (stage / "adapter_model.safetensors").symlink_to((adapter_dir / "adapter_model.safetensors").resolve())
+        folder = tree()
+        cmd = [sys.executable, str(folder / "convert_lora_to_gguf.py"), "--base", str(base_dir.resolve())]
+        cmd += ["--outtype", outtype, "--outfile", str(tmp), str(stage)]
+        env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"} | {"HF_HUB_OFFLINE": "1"}
+        rc = run_child(cmd, log_path, cwd=folder, env=env)
+        if rc != 0 or not tmp.is_file():
+            where = f"; its output is in {log_path}" if log_path else ""
+            raise LlamaCppError(f"convert_lora_to_gguf.py failed on {adapter_dir} (exit {rc}){where}")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+        shutil.rmtree(stage, ignore_errors=True)
+    return out
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+def _logits(
+    model: Path, texts: list[str], n_ctx: int, log_path: Path | None, lora: Path | None = None, budget: int = 0
+) -> list[np.ndarray]:
+    """llama.cpp's logits at every position of each text (<bos> + the text, special markers as tokens), for texts
+    until `budget` positions are scored (0: all)."""
+    with native_output_to(log_path):
+        llm = llama_cpp.Llama(
+            model_path=str(model),
+            lora_path=str(lora) if lora else None,
+            n_ctx=n_ctx,
+            n_batch=n_ctx,
+            n_ubatch=n_ctx,
+            logits_all=True,
+            verbose=False,
+        )
+    try:
+        out: list[np.ndarray] = []
+        for text in texts:
+            if budget and sum(len(x) for x in out) >= budget:
+                break
+            ids = llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)[:n_ctx]
+            llm.reset()
+            with native_output_to(log_path):
+                llm.eval(ids)
+            out.append(np.array(llm.scores[: len(ids)], dtype=np.float32))
+        return out
+    finally:
+        llm.close()
+
+
+def verify_lora(
+    base_gguf: Path,
+    lora_gguf: Path,
+    merged_gguf: Path,
+    texts: list[str],
+    log_path: Path | None,
+    n_ctx: int = 256,
+    budget: int = CHECK_TOKENS,
+) -> LoraReport:
+    """Base GGUF + adapter GGUF vs the merged float GGUF on the texts (about `budget` positions); the gates decide
+    `passed`."""
+    texts = [t for t in texts if t]
+    if not texts:
+        raise ValueError("verify_lora needs at least one non-empty text")
+    meta = read_metadata(lora_gguf)
+    # an adapter GGUF has no general.file_type: its type is its tensors' (lora_a/lora_b, all of one type)
+    report = LoraReport(str(lora_gguf), open_gguf(lora_gguf).tensors[0].tensor_type.name.lower())
+    if meta.get("general.type") != "adapter" or meta.get("adapter.type") != "lora":
+        raise LlamaCppError(f"{lora_gguf} is not a LoRA adapter GGUF (general.type {meta.get('general.type')})")
+    ref = _logits(merged_gguf, texts, n_ctx, log_path, budget=budget)
+    got = _logits(base_gguf, texts[: len(ref)], n_ctx, log_path, lora=lora_gguf)
+    kld_sum, hits, positions = 0.0, 0, 0
+    for r, g in zip(ref, got, strict=True):
+        lp, lq = _log_softmax(r), _log_softmax(g)
+        kld_sum += float((np.exp(lp) * (lp - lq)).sum())
+        hits += int((r.argmax(-1) == g.argmax(-1)).sum())
+        positions += len(r)
+    report.measures = {"kld": kld_sum / positions, "top1": hits / positions, "positions": positions}
+    gate = LORA_MAX_KLD.get(report.outtype, 0.0)  # a type without a gate never passes
+    report.passed = report.measures["kld"] <= gate and report.measures["top1"] >= LORA_MIN_TOP1
+    return report
+
+
+def export_lora_gguf(
+    adapter_dir: Path,
+    base_dir: Path,
+    merged_gguf: Path,
+    out: Path,
+    texts: list[str],
+    log_path: Path | None,
+    base_gguf: Path | None = None,
+) -> LoraReport:
+    """Convert the adapter to `out` (in the float type of merged_gguf) and verify it on the base GGUF.
+
+    base_gguf: the base model's GGUF in that same float type; if None, the base folder is converted beside `out`
+    for the check and deleted after. On a failed gate `out` is deleted and the report says why (passed False)."""
+    file_type = read_metadata(merged_gguf).get("general.file_type")
+    merged_type = quant_of_file_type(file_type) if isinstance(file_type, int) else None
+    outtype = merged_type if merged_type in ADAPTER_TYPES else "f32"
+    made_base = base_gguf is None
+    if base_gguf is None:
+        base_gguf = out.with_name(f".{out.stem}.base.{outtype}.gguf")
+        convert_hf_to_gguf(base_dir, base_gguf, outtype, log_path)
+    try:
+        convert_lora(adapter_dir, base_dir, out, outtype, log_path)
+        report = verify_lora(base_gguf, out, merged_gguf, texts, log_path)
+    except BaseException:
+        out.unlink(missing_ok=True)
+        raise
+    finally:
+        if made_base:
+            base_gguf.unlink(missing_ok=True)
+    if not report.passed:
+        out.unlink(missing_ok=True)
+    return report
+
+
+def export_run_lora(adapter_dir: Path, base_dir: Path, results: list[ExportResult], texts: list[str]) -> LoraReport:
+    """The pipeline's call: the adapter of a run whose fine-tuned export is results[0], into its work folder as
+    <name>.lora.gguf, checked against its float GGUF; a base export of the same float type in `results` is
+    reused as the base GGUF (else the base folder is converted for the check)."""
+    merged = results[0]
+    same = [r for r in results[1:] if r.float_type == merged.float_type]
+    base_gguf = same[0].candidates[same[0].float_type] if same else None
+    work_dir = merged.candidates[merged.float_type].parent
+    out = work_dir / f"{merged.name}.lora.gguf"
+    log.info(f"  adapter -> {out.name} (convert_lora_to_gguf.py), checked on the base GGUF")
+    report = export_lora_gguf(
+        adapter_dir, base_dir, merged.candidates[merged.float_type], out, texts, work_dir / "convert.log", base_gguf
+    )
+    if not report.passed:
+        log.warning(f"adapter GGUF not shipped: {report.describe()}")
+    return report
+
+
+def promote_lora(report: LoraReport | None, gguf_dir: Path, name: str, run_name: str) -> Path | None:
+    """A verified adapter GGUF to <gguf_dir>/<name>.lora.gguf (one rename, under the name's promotion lock);
+    None when there is none or it failed its check (then any older one there is left as it was)."""
+    if report is None or not report.passed:
+        return None
+    dst = gguf_dir / f"{name}.lora.gguf"
+    with promotion_lock(gguf_dir / name, run_name):
+        move_into_place(Path(report.path), dst)
+    report.path = str(dst)
+    return dst

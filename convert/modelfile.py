@@ -1,0 +1,91 @@
+"""An Ollama Modelfile next to each promoted GGUF: `ollama create <name> -f <name>.Modelfile` in models/gguf.
+
+Ollama does not run the GGUF's Jinja chat template: it renders its own TEMPLATE, written in Go's text/template
+(https://github.com/ollama/ollama/blob/main/docs/template.md), and stops on the PARAMETER stop strings. The
+TEMPLATE below is core/templates/gemma.jinja rewritten in that syntax: same text for system (merged into the
+first user turn), user, assistant and tool messages, and the generation prompt after a user or tool turn.
+tests/unit/test_modelfile.py renders both on the same conversations. Two differences, by construction:
+Ollama adds <bos> itself (the GGUF's tokenizer.ggml.add_bos_token), so the template starts without it; and
+Go templates have no `trim`, so message text is used as given (the data renderer trims it for training).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from core.files import atomic_write_text
+
+# Go text/template, the subset tests/unit/test_modelfile.py renders: {{- -}} trimming, := and =, range,
+# if / else if / else, and/eq/ne, .Field and $var. `$prev` closes a run of tool results and decides the
+# generation prompt (a conversation that ends on an assistant turn is rendered whole, as the Jinja template
+# renders it without add_generation_prompt).
+TEMPLATE = """\
+{{- $system := "" }}{{ $prev := "" }}
+{{- range .Messages }}
+{{- if and (eq $prev "tool") (ne .Role "tool") }}<end_of_turn>
+{{ end }}
+{{- if eq .Role "system" }}{{ $system = .Content }}
+{{- else if eq .Role "user" }}<start_of_turn>user
+{{ if $system }}{{ $system }}
+
+{{ end }}{{ .Content }}<end_of_turn>
+{{ $system = "" }}
+{{- else if eq .Role "assistant" }}<start_of_turn>model
+{{ .Content }}<end_of_turn>
+{{ else if eq .Role "tool" }}{{ if eq $prev "tool" }}
+{{ else }}<start_of_turn>user
+{{ end }}<tool_response>{{ .Content }}</tool_response>
+{{- end }}
+{{- $prev = .Role }}
+{{- end }}
+{{- if eq $prev "tool" }}<end_of_turn>
+{{ end }}
+{{- if ne $prev "assistant" }}<start_of_turn>model
+{{ end }}"""
+
+
+def turn_end_token(tokenizer) -> str:
+    """The special token that closes an assistant turn in the tokenizer's chat template (<end_of_turn> for
+    Gemma): what follows the assistant's text when the template renders a reply, as the tokenizer splits it.
+
+    Read from the template and the vocabulary, not assumed: a tokenizer whose template closes turns with
+    something else gets that as the Modelfile's stop."""
+    probe = "\x00reply\x00"
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}], tokenize=False
+    )
+    after = text.split(probe, 1)[1]
+    special = set(tokenizer.all_special_tokens) | {
+        t.content for t in tokenizer.added_tokens_decoder.values() if t.special
+    }
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"]
+    for token in tokenizer.convert_ids_to_tokens(ids):
+        if token in special:
+            return token
+    raise ValueError(f"the chat template closes an assistant turn with {after!r}: no special token in it to stop on")
+
+
+def modelfile_text(gguf_name: str, stop: str) -> str:
+    """The Modelfile for a GGUF in the same folder (Ollama resolves FROM relative to the Modelfile)."""
+    if '"""' in TEMPLATE or '"' in stop:
+        raise ValueError("the template or stop token would end the Modelfile's quoting")
+    return (
+        f"# Ollama: `ollama create <model name> -f {Path(gguf_name).stem}.Modelfile`, run in this folder.\n"
+        f"# Chat format: Gemma's, as the GGUF's own chat template (tokenizer.chat_template) renders it.\n"
+        f"FROM ./{gguf_name}\n"
+        f'TEMPLATE """{TEMPLATE}"""\n'
+        f'PARAMETER stop "{stop}"\n'
+    )
+
+
+def write_modelfile(gguf_path: Path, tokenizer) -> Path:
+    """<stem>.Modelfile next to gguf_path, written atomically; returns its path."""
+    path = gguf_path.with_name(f"{gguf_path.stem}.Modelfile")
+    atomic_write_text(path, modelfile_text(gguf_path.name, turn_end_token(tokenizer)))
+    return path
+
+
+def write_modelfiles(ggufs: Iterable[Path], tokenizer) -> list[Path]:
+    """A Modelfile next to each GGUF (the promoted files of an export)."""
+    return [write_modelfile(path, tokenizer) for path in ggufs]

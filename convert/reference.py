@@ -1,0 +1,210 @@
+"""Gemma 2 logits in float32 without the model in float32: the verification reference, streamed.
+
+`AutoModelForCausalLM.from_pretrained(dtype=float32)` holds the whole model upcast (10.5 GB for Gemma 2 2B).
+This computes the same logits holding one decoder layer at a time:
+
+1. embeddings: only the rows of the tokens used are read from the safetensors (the 256k x 2304 table is
+   never upcast), times sqrt(hidden) as a float32 tensor (Gemma2TextScaledWordEmbedding);
+2. decoder: for each layer, transformers' own Gemma2DecoderLayer is built with that layer's weights in
+   float32, every text's hidden states (tokens x hidden, small) go through it, and it is dropped;
+   masks and rotary embeddings come from transformers' functions with eager attention (the attention
+   softcap, sliding window on the "sliding_attention" layers, query_pre_attn_scalar), positions from 0;
+3. final norm, then the tied output layer in vocabulary tiles upcast one at a time, and the final logit
+   softcap: logits exist for one chunk of positions at a time (chunk x vocab x 4 bytes).
+
+The arithmetic is transformers 5.24's modeling_gemma2 run per text with batch size 1, as verify does;
+tests/unit/test_reference.py compares it with AutoModelForCausalLM (eager, float32) on the tiny model.
+Peak memory is one layer in float32 (~0.3 GB at the 2B's shapes), one logits chunk, one vocabulary tile
+and the hidden states; files are opened per read so that mapped pages of the checkpoint do not pile up
+in the resident set.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.models.gemma2.modeling_gemma2 import Gemma2DecoderLayer, Gemma2RMSNorm, Gemma2RotaryEmbedding
+
+from core.errors import RunError
+
+VOCAB_TILE_BYTES = 64 << 20  # float32 bytes of one output-layer tile: 7,281 rows at hidden 2304
+INDEX_FILE = "model.safetensors.index.json"  # transformers' shard index (SAFE_WEIGHTS_INDEX_NAME)
+MASKS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+
+
+class _Checkpoint:
+    """Where each tensor of a safetensors checkpoint lives; reads tensors or row ranges in float32."""
+
+    def __init__(self, model_dir: Path):
+        self.model_dir = model_dir
+        index = model_dir / INDEX_FILE
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {name: model_dir / file for name, file in weight_map.items()}
+        else:
+            self.files = {}
+            for path in sorted(model_dir.glob("*.safetensors")):
+                with safe_open(path, framework="pt") as st:
+                    self.files.update(dict.fromkeys(st.keys(), path))
+        if not self.files:
+            raise RunError(f"{model_dir}: no *.safetensors weights; the reference needs a safetensors checkpoint")
+        missing = sorted({str(p) for p in self.files.values() if not p.is_file()})
+        if missing:
+            raise RunError(f"{index}: names shard files that do not exist: {', '.join(missing)}")
+        # Gemma2ForCausalLM checkpoints prefix the decoder with "model."; a bare Gemma2Model's do not.
+        self.prefix = "model." if "model.embed_tokens.weight" in self.files else ""
+
+    def _file(self, name: str) -> Path:
+        if name not in self.files:
+            raise RunError(
+                f"{self.model_dir}: the checkpoint has no tensor {name!r}: not a complete Gemma 2 model "
+                f"(compare its safetensors with config.json, or re-save it with save_pretrained)"
+            )
+        return self.files[name]
+
+    def tensors(self, names: list[str], shapes: list[torch.Size], into: list[torch.Tensor] | None = None):
+        """The named tensors, which must have `shapes`, in float32: copied into `into` when given.
+
+        Copying into buffers reused from one layer to the next spares a fresh allocation per layer (page
+        faults on ~0.3 GB at the 2B's shapes); get_tensor is a view of the mapped file, so the upcast is one
+        copy. Each file is closed before returning.
+        """
+        out = into or [torch.empty(shape, dtype=torch.float32) for shape in shapes]
+        by_file: dict[Path, list[int]] = {}
+        for i, name in enumerate(names):
+            by_file.setdefault(self._file(name), []).append(i)
+        for path, group in by_file.items():
+            with safe_open(path, framework="pt") as st:
+                for i in group:
+                    self._check_shape(names[i], st.get_slice(names[i]).get_shape(), shapes[i])
+                    out[i].copy_(st.get_tensor(names[i]))
+        return out
+
+    def _check_shape(self, name: str, found: list[int], expected: list[int] | torch.Size) -> None:
+        if list(found) != list(expected):
+            raise RunError(
+                f"{self.files[name]}: tensor {name!r} has shape {list(found)}, config.json implies "
+                f"{list(expected)}: the weights and config.json of {self.model_dir} are of different models"
+            )
+
+    def rows(self, name: str, ids: list[int]) -> torch.Tensor:
+        """Rows `ids` of a 2D tensor in float32, read one by one."""
+        with safe_open(self._file(name), framework="pt") as st:
+            table = st.get_slice(name)
+            return torch.cat([table[i : i + 1] for i in ids]).float()
+
+    def shape(self, name: str) -> list[int]:
+        with safe_open(self._file(name), framework="pt") as st:
+            return list(st.get_slice(name).get_shape())
+
+    def rows_into(self, name: str, start: int, out: torch.Tensor) -> torch.Tensor:
+        """Rows start.. of a 2D tensor upcast into the float32 buffer `out` (as many as fit); the rows filled."""
+        with safe_open(self._file(name), framework="pt") as st:
+            rows = st.get_slice(name)[start : start + out.shape[0]]
+            return out[: rows.shape[0]].copy_(rows)
+
+
+def _config(model_dir: Path):
+    if not (model_dir / "config.json").is_file():
+        raise RunError(f"{model_dir}: no config.json; the reference needs a Hugging Face model folder")
+    config = AutoConfig.from_pretrained(str(model_dir))
+    if config.model_type != "gemma2":
+        raise RunError(f"{model_dir}: model_type is {config.model_type!r}; this reference implements Gemma 2 only")
+    config._attn_implementation = "eager"  # the reference is what HF computes with attn_implementation="eager"
+    return config
+
+
+def _check_ids(texts_ids: list[list[int]], vocab_size: int) -> None:
+    for t, ids in enumerate(texts_ids):
+        if len(ids) == 0:
+            raise RunError(f"reference: text {t} has no tokens; every text needs at least one (its <bos>)")
+        bad = [i for i in ids if not 0 <= i < vocab_size]
+        if bad:
+            raise RunError(f"reference: text {t} has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
+
+
+def _layer(ckpt: _Checkpoint, config, index: int, buffers: list[torch.Tensor] | None) -> Gemma2DecoderLayer:
+    """transformers' decoder layer `index` with its weights in float32, read into `buffers` when given (the
+    previous layer's, free by now). Built on the meta device: no random initialization to overwrite."""
+    with torch.device("meta"):
+        layer = Gemma2DecoderLayer(config, index)
+    expected = layer.state_dict()
+    names = [f"{ckpt.prefix}layers.{index}.{key}" for key in expected]
+    weights = ckpt.tensors(names, [w.shape for w in expected.values()], into=buffers)
+    layer.load_state_dict(dict(zip(expected, weights, strict=True)), strict=True, assign=True)
+    return layer.eval()
+
+
+def _decoder(ckpt: _Checkpoint, config, texts_ids: list[list[int]]) -> list[torch.Tensor]:
+    """Final-normed hidden states [tokens, hidden] of every text, computed layer by layer."""
+    embed = f"{ckpt.prefix}embed_tokens.weight"
+    # Gemma2TextScaledWordEmbedding: the lookup times sqrt(hidden) held as a float32 tensor (not a Python float)
+    scale = torch.tensor(config.hidden_size**0.5, dtype=torch.float32)
+    hidden = [(ckpt.rows(embed, ids) * scale)[None] for ids in texts_ids]
+    rotary = Gemma2RotaryEmbedding(config)
+    positions = [torch.arange(len(ids))[None] for ids in texts_ids]  # each text starts at position 0
+    cos_sin = [rotary(h, p) for h, p in zip(hidden, positions, strict=True)]
+    buffers = None
+    for index, layer_type in enumerate(config.layer_types[: config.num_hidden_layers]):
+        layer = _layer(ckpt, config, index, buffers)
+        buffers = [p.data for p in layer.state_dict().values()]
+        for t, h in enumerate(hidden):
+            mask = MASKS[layer_type](
+                config=config, inputs_embeds=h, attention_mask=None, cache=None, position_ids=positions[t]
+            )
+            hidden[t] = layer(h, position_embeddings=cos_sin[t], attention_mask=mask, position_ids=positions[t])
+        del layer
+    norm = Gemma2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+    norm.load_state_dict({"weight": ckpt.tensors([f"{ckpt.prefix}norm.weight"], [norm.weight.shape])[0]})
+    return [norm(h)[0] for h in hidden]
+
+
+def _chunk_logits(ckpt: _Checkpoint, config, output: str, hidden: torch.Tensor) -> np.ndarray:
+    """Softcapped logits [positions, vocab] of one chunk, the output weight read in float32 tiles."""
+    vocab = config.vocab_size
+    logits = torch.empty(hidden.shape[0], vocab, dtype=torch.float32)
+    # one tile buffer for the whole pass: a fresh allocation per tile costs as much as the upcast itself
+    tile = torch.empty(max(1, VOCAB_TILE_BYTES // (4 * config.hidden_size)), config.hidden_size)
+    for start in range(0, vocab, tile.shape[0]):
+        weight = ckpt.rows_into(output, start, tile)
+        logits[:, start : start + weight.shape[0]] = torch.nn.functional.linear(hidden, weight)
+    cap = config.final_logit_softcapping
+    if cap is not None:  # Gemma2ForCausalLM.forward: logits / cap, tanh, * cap
+        logits.div_(cap).tanh_().mul_(cap)
+    return logits.numpy()
+
+
+def reference_logits(model_dir: Path, texts_ids: list[list[int]], chunk: int = 256) -> Iterator[tuple[int, np.ndarray]]:
+    """yield (text index, float32 logits [n, vocab]) for consecutive chunks of positions of each text, in order"""
+    model_dir = Path(model_dir)
+    texts_ids = [[int(i) for i in ids] for ids in texts_ids]  # lists, tuples or arrays of ids
+    config = _config(model_dir)
+    ckpt = _Checkpoint(model_dir)
+    _check_ids(texts_ids, config.vocab_size)
+    if chunk < 1:
+        raise RunError(f"reference: chunk must be at least 1 position, got {chunk}")
+    output = "lm_head.weight" if not config.tie_word_embeddings else f"{ckpt.prefix}embed_tokens.weight"
+    for name in dict.fromkeys([f"{ckpt.prefix}embed_tokens.weight", output]):
+        ckpt._check_shape(name, ckpt.shape(name), [config.vocab_size, config.hidden_size])
+    return _stream(ckpt, config, texts_ids, chunk, output)
+
+
+def _stream(
+    ckpt: _Checkpoint, config, texts_ids: list[list[int]], chunk: int, output: str
+) -> Iterator[tuple[int, np.ndarray]]:
+    # inference_mode is entered and left around each step, never held across a yield (it is thread state
+    # and would leak into the caller's code between chunks).
+    with torch.inference_mode():
+        hidden = _decoder(ckpt, config, texts_ids)
+    for t, h in enumerate(hidden):
+        for start in range(0, h.shape[0], chunk):
+            with torch.inference_mode():
+                logits = _chunk_logits(ckpt, config, output, h[start : start + chunk])
+            yield t, logits

@@ -1,0 +1,83 @@
+"""Where the pinned llama.cpp pieces are: the converter tree (`tree()`) and the command-line tools (`tool()`).
+
+The converter tree (convert_hf_to_gguf.py, convert_lora_to_gguf.py, conversion/, gguf-py/) is unpacked from
+the llama-cpp-python sdist by scripts/fetch_llama_cpp.sh; `tree()` refuses a tree whose release differs from
+the installed binding's. The tools (llama-imatrix, llama-quantize, llama-perplexity) are compiled by
+scripts/build_llama_tools.sh from the same sdist, into <root>/<llama.cpp commit>/bin/ (root: $LLAMA_TOOLS_DIR,
+else ~/.cache/gemma-lora-pipeline/llama-tools), so a new pin looks in a new folder and never runs a tool of
+another commit. `make setup` builds them once.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from importlib import metadata
+from pathlib import Path
+
+from core.errors import LlamaCppError
+
+TOOLS = ("llama-imatrix", "llama-quantize", "llama-perplexity")
+
+
+def tree() -> Path:
+    """The unpacked converter tree, checked against the installed binding's release."""
+    env = os.environ.get("LLAMA_CPP_DIR")
+    folder = Path(env) if env else Path(sys.prefix) / "llama.cpp"
+    script = folder / "convert_hf_to_gguf.py"
+    if not script.is_file():
+        raise LlamaCppError(
+            f"llama.cpp converter not found at {script}.\n"
+            f"  fix: run `make setup` (or `bash scripts/fetch_llama_cpp.sh {folder} {sys.executable}`),\n"
+            f"       or point LLAMA_CPP_DIR at an unpacked tree of the pinned release"
+        )
+    info = version_info(folder)
+    binding = metadata.version("llama_cpp_python")
+    if info.get("llama-cpp-python") != binding:
+        raise LlamaCppError(
+            f"converter tree {folder} is from llama-cpp-python {info.get('llama-cpp-python')} but the "
+            f"installed binding is {binding}: converter and quantizer must come from one release.\n"
+            f"  fix: bash scripts/fetch_llama_cpp.sh {folder} {sys.executable}"
+        )
+    return folder
+
+
+def version_info(folder: Path | None = None) -> dict[str, str]:
+    """{'llama-cpp-python': version, 'llama.cpp': commit} from the tree's VERSION file."""
+    folder = folder or tree()
+    path = folder / "VERSION"
+    if not path.is_file():
+        return {}
+    return dict(line.split("=", 1) for line in path.read_text().split() if "=" in line)
+
+
+def tools_root() -> Path:
+    """The cache root the build script writes to (same rule as scripts/build_llama_tools.sh)."""
+    env = os.environ.get("LLAMA_TOOLS_DIR")
+    if env:
+        return Path(env)
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "gemma-lora-pipeline" / "llama-tools"
+
+
+def tools_dir() -> Path:
+    """<root>/<llama.cpp commit>/bin for the release the converter tree (and binding) are from."""
+    info = version_info(tree())
+    commit = info.get("llama.cpp", "unknown")
+    key = commit if commit and commit != "unknown" else f"llama-cpp-python-{info.get('llama-cpp-python')}"
+    return tools_root() / key / "bin"
+
+
+def tool(name: str) -> Path:
+    """The path of one llama.cpp tool of the pinned commit; LlamaCppError saying how to build it if missing."""
+    if name not in TOOLS:
+        raise ValueError(f"unknown llama.cpp tool {name!r}; built: {', '.join(TOOLS)}")
+    path = tools_dir() / name
+    if not (path.is_file() and os.access(path, os.X_OK)):
+        raise LlamaCppError(
+            f"llama.cpp tool {name} not found at {path}.\n"
+            f"  fix: run `make setup` (or `bash scripts/build_llama_tools.sh {tree()}`): it builds "
+            f"{', '.join(TOOLS)} from the pinned llama.cpp tree once (cmake and a C++ compiler needed),\n"
+            f"       or point LLAMA_TOOLS_DIR at the root of such a build"
+        )
+    return path

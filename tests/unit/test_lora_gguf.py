@@ -1,0 +1,70 @@
+"""The adapter GGUF on the base GGUF gives the merged model's logits (llama.cpp on both sides), or is not kept."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from convert.llamacpp import convert_hf_to_gguf, read_metadata
+from convert.lora_gguf import LORA_MAX_KLD, export_lora_gguf
+from convert.merge import merge_adapter
+from core.hub import resolve_model
+from core.tokenizer import save_tokenizer
+from tests.conftest import DEMO_HELDOUT, TINY_REPO
+
+
+def base_and_adapter(hf_home: Path, tok, tmp_path: Path, rslora: bool) -> tuple[Path, Path]:
+    """The tiny base in float32 and a LoRA on every linear layer with a real (non-zero) delta."""
+    src = resolve_model(TINY_REPO, hf_home=hf_home).path
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).save_pretrained(str(base_dir))
+    save_tokenizer(tok, base_dir, src / "tokenizer.model")
+    torch.manual_seed(0)
+    lora = LoraConfig(r=8, lora_alpha=16, use_rslora=rslora, target_modules="all-linear")
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32), lora)
+    with torch.no_grad():  # PEFT starts B at zero: give every module a delta that moves the logits
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    peft.save_pretrained(str(adapter_dir))
+    save_tokenizer(tok, adapter_dir, src / "tokenizer.model")
+    return base_dir, adapter_dir
+
+
+def heldout_texts(tok) -> list[str]:
+    rows = [json.loads(line) for line in DEMO_HELDOUT.read_text().splitlines() if line.strip()]
+    return [tok.apply_chat_template(r["messages"], tokenize=False).removeprefix(tok.bos_token) for r in rows]
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_adapter_gguf_on_base_matches_the_merged_gguf(hf_home, tok, tmp_path, rslora):
+    base_dir, adapter_dir = base_and_adapter(hf_home, tok, tmp_path, rslora)
+    merged_gguf = tmp_path / "merged.f32.gguf"
+    convert_hf_to_gguf(merge_adapter(base_dir, adapter_dir, tmp_path / "merged"), merged_gguf, "f32")
+    out = tmp_path / "export" / "m.lora.gguf"
+    report = export_lora_gguf(adapter_dir, base_dir, merged_gguf, out, heldout_texts(tok), tmp_path / "log")
+    print(report.describe())
+    assert report.passed, report.describe()
+    assert report.measures["kld"] < LORA_MAX_KLD["f32"] / 10 and report.measures["top1"] == 1.0
+    assert report.measures["positions"] > 500
+    meta = read_metadata(out)
+    assert (meta["general.type"], meta["adapter.type"], report.outtype) == ("adapter", "lora", "f32")
+    # only the adapter is left: the base GGUF converted for the check and the staged adapter folder are gone
+    assert sorted(p.name for p in out.parent.iterdir()) == ["m.lora.gguf"]
+
+
+def test_an_adapter_that_does_not_reproduce_the_merged_model_is_not_kept(hf_home, tok, tmp_path):
+    base_dir, adapter_dir = base_and_adapter(hf_home, tok, tmp_path, rslora=False)
+    base_gguf = tmp_path / "base.f32.gguf"
+    convert_hf_to_gguf(base_dir, base_gguf, "f32")
+    out = tmp_path / "export" / "m.lora.gguf"
+    # "merged" = the base itself: what a converter that dropped the adapter's delta would verify against
+    report = export_lora_gguf(adapter_dir, base_dir, base_gguf, out, heldout_texts(tok), None, base_gguf=base_gguf)
+    assert not report.passed
+    assert report.measures["kld"] > 10 * max(LORA_MAX_KLD.values()), report.describe()
+    assert not out.exists() and base_gguf.exists()

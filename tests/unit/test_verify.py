@@ -1,0 +1,155 @@
+"""Verification on the tiny model: the chunked lockstep scoring equals the whole-array computation, the scored set
+reaches verify.min_scored_tokens (or says it cannot), and the recommendation picks the smallest file in budget."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from convert.verify import CHUNK, HF_REFERENCE, FileReport, Gate, recommend, scored_set, verify_files, windows_of
+from core.config import Config
+from tests.conftest import GEMMA_TEMPLATE, TINY_REPO
+
+WINDOW = 300  # > CHUNK and not a multiple of it: chunks of 128, 128, 44 cross the windows' boundaries
+
+
+@pytest.fixture(scope="module")
+def exported(hf_home: Path, tmp_path_factory) -> dict:
+    """The tiny model with the chat template, its f32 GGUF and two quants of it."""
+    from convert.llamacpp import convert_hf_to_gguf, quantize
+    from core.hub import resolve_model
+
+    work = tmp_path_factory.mktemp("verify")
+    model = work / "model"
+    shutil.copytree(resolve_model(TINY_REPO, "main", hf_home=hf_home).path, model)
+    shutil.copyfile(GEMMA_TEMPLATE, model / "chat_template.jinja")
+    files = {"f32": work / "t.f32.gguf"}
+    convert_hf_to_gguf(model, files["f32"], "f32")
+    for q in ("q8_0", "q4_k_m"):
+        files[q] = work / f"t.{q}.gguf"
+        quantize(files["f32"], files[q], q, "q8_0")
+    return {"model": model, "files": files}
+
+
+def _verify_cfg(**changes):
+    return Config().verify.model_copy(update={"max_tokens_per_text": WINDOW, **changes})
+
+
+def _whole_array(model: Path, gguf: Path, sequences: list[list[int]]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Every sequence's full logits from HF (float32, eager, whole model) and from llama.cpp (logits_all)."""
+    import llama_cpp
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32, attn_implementation="eager").eval()
+    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=512, n_batch=512, n_ubatch=512, logits_all=True, verbose=False)
+    ref, got = [], []
+    with torch.no_grad():
+        for ids in sequences:
+            ref.append(hf(torch.tensor([ids])).logits[0].numpy())
+            llm.reset()
+            llm.eval(ids)
+            got.append(np.array(llm.scores[: len(ids)], dtype=np.float32))
+    llm.close()
+    return ref, got
+
+
+def _lsm(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    return x - x.max(-1, keepdims=True) - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True))
+
+
+def test_lockstep_chunks_equal_the_whole_array_computation(exported, tok):
+    files = exported["files"]
+    cfg = _verify_cfg(min_scored_tokens=700)
+    fallback = [f"record {i}: " + "the backup finished and every snapshot verified. " * 30 for i in range(10)]
+    reports = verify_files(
+        exported["model"], [("f32", files["f32"]), ("q4_k_m", files["q4_k_m"])], cfg, [], fallback_texts=fallback
+    )
+    f32, q4 = reports
+    assert (f32.reference, q4.reference) == (HF_REFERENCE, "t.f32.gguf")
+    scored = scored_set(tok, list(cfg.prompts), [], fallback, 700, WINDOW)
+    assert max(len(s) for s in scored.sequences) == WINDOW > CHUNK and WINDOW % CHUNK  # chunk boundaries crossed
+    assert f32.measures["positions"] == q4.measures["positions"] == scored.positions >= 700
+
+    # independently: whole-sequence logits, KL(f32 GGUF || q4_k_m GGUF) over all positions, q4's perplexity
+    _, f32_logits = _whole_array(exported["model"], files["f32"], scored.sequences)
+    _, q4_logits = _whole_array(exported["model"], files["q4_k_m"], scored.sequences)
+    kld, hits, nll = [], 0, []
+    for ids, p, q in zip(scored.sequences, f32_logits, q4_logits, strict=True):
+        lp, lq = _lsm(p), _lsm(q)
+        kld.append((np.exp(lp) * (lp - lq)).sum(-1))
+        hits += int((p.argmax(-1) == q.argmax(-1)).sum())
+        nll += [-lq[i, ids[i + 1]] for i in range(len(ids) - 1)]
+    kld_all = np.concatenate(kld)
+    m = q4.measures
+    assert m["kld"] == pytest.approx(kld_all.mean(), rel=2e-3) and m["kld"] > 1e-4
+    assert m["kld_p99"] == pytest.approx(np.percentile(kld_all, 99), rel=2e-3)
+    assert m["top1_all"] == pytest.approx(hits / len(kld_all), abs=2 / len(kld_all))
+    assert m["ppl"] == pytest.approx(math.exp(np.mean(nll)), rel=1e-3)
+    assert f32.measures["nmse"] < 1e-4 and f32.measures["top1"] == 1.0 and f32.measures["kld"] < 1e-5
+    assert m["size"] == files["q4_k_m"].stat().st_size
+    assert 4.5 < m["bits_per_weight"] < f32.measures["bits_per_weight"] / 4  # whole file x 8 / parameters
+    assert all(r.passed for r in reports) and not any("short" in n for r in reports for n in r.notes)
+
+
+def test_quants_alone_are_scored_against_the_hf_model(exported):
+    files = exported["files"]
+    (q8,) = verify_files(exported["model"], [("q8_0", files["q8_0"])], _verify_cfg(min_scored_tokens=64), [])
+    assert q8.reference == HF_REFERENCE and q8.passed
+    assert 0 < q8.measures["kld"] < 1e-3
+
+
+def test_too_little_data_is_reported_and_gated_on_what_there_is(exported):
+    files = exported["files"]
+    cfg = _verify_cfg(min_scored_tokens=100_000)
+    reports = verify_files(exported["model"], [("f32", files["f32"]), ("q8_0", files["q8_0"])], cfg, ["Hi there."])
+    for r in reports:
+        assert r.passed and 0 < r.measures["positions"] < 100_000
+        assert any("short of verify.min_scored_tokens=100000" in n for n in r.notes), r.notes
+
+
+def test_scored_set_windows_and_fallback(tok):
+    bos = tok.bos_token_id
+    assert windows_of([bos, *range(10, 20)], bos, 4) == [
+        [bos, 10, 11, 12],
+        [bos, 13, 14, 15],
+        [bos, 16, 17, 18],
+        [bos, 19],
+    ]
+    long_text = "word " * 80
+    fallback = [f"training record {i}" for i in range(1000)]
+    s = scored_set(tok, ["Hi"], [long_text], fallback, 900, 64)
+    assert all(w[0] == bos and len(w) <= 64 for w in s.windows)
+    body = tok(long_text, add_special_tokens=False)["input_ids"]
+    long_windows = windows_of([bos, *body], bos, 64)
+    assert s.windows[: len(long_windows)] == long_windows  # the held-out text first, in windows
+    assert sum(len(w) - 1 for w in long_windows) == len(body) > 64  # nothing cut
+    assert s.positions >= 900 and not s.short
+    used = s.sources["training data"]
+    assert used < sum(len(tok(t)["input_ids"]) for t in fallback)  # fallback stops once the minimum is reached
+    assert s.positions - used < 900  # and was needed
+    enough = scored_set(tok, ["Hi"], [long_text] * 10, fallback, 900, 64)
+    assert "training data" not in enough.sources  # held-out data alone reaches the minimum
+
+
+def _report(name: str, quant: str, size: int, kld: float, passed: bool = True) -> FileReport:
+    r = FileReport(name, quant, measures={"size": size, "kld": kld})
+    r.gates.append(Gate("kld", kld, 1.0, passed))
+    return r
+
+
+def test_recommend_picks_the_smallest_passing_file_within_budget():
+    reports = [
+        _report("a.f16.gguf", "f16", 1000, 1e-7),
+        _report("a.q8_0.gguf", "q8_0", 500, 1e-3),
+        _report("a.q4_k_m.gguf", "q4_k_m", 300, 0.03),
+        _report("a.iq4_xs.gguf", "iq4_xs", 250, 0.01, passed=False),
+    ]
+    assert recommend(reports, 0.02).path == "a.q8_0.gguf"
+    assert recommend(reports, 0.05).path == "a.q4_k_m.gguf"
+    assert recommend(reports[2:], 0.001) is None
