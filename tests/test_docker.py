@@ -40,7 +40,7 @@ IMAGE_ENV = {
 }
 # Must never reach the Docker daemon: weights, run outputs, the venv, git history, data, secrets.
 HEAVY = ("models/gguf/a.gguf", "outputs/run/x", ".venv/bin/python", ".git/HEAD", "data/x.jsonl", ".env")
-HOST_ENV = ("TRAIN_CONFIG", "TRAIN_DATA_DIR", "HF_HUB_OFFLINE", "HF_TOKEN", "BASE_MODEL")
+HOST_ENV = ("TRAIN_CONFIG", "TRAIN_DATA_DIR", "HF_HUB_OFFLINE", "HF_TOKEN", "BASE_MODEL", "TRAIN_GPUS")
 
 
 def tool(name: str) -> str | None:
@@ -228,6 +228,15 @@ def test_config_and_data_are_selected_by_env():
     assert mounts(svc, "bind")["/app/job.yaml"]["source"] == str(ROOT / "configs" / "demo.yaml")
     assert mounts(svc, "bind")["/app/data"]["source"] == "/srv/data"
     assert (ROOT / "configs" / "demo.yaml").is_file()
+
+
+def test_gpu_count_is_selected_by_env():
+    """TRAIN_GPUS reserves that many GPUs for each training service (multi-GPU runs under torchrun, docs/gpu-box.md)."""
+    config = compose_config(TRAIN_GPUS="4")
+    for name in ("training", "training-dev", "nightly"):
+        devices = config["services"][name]["deploy"]["resources"]["reservations"]["devices"]
+        assert devices == [{"capabilities": ["gpu"], "driver": "nvidia", "count": 4}], name
+    assert "TRAIN_GPUS" in COMPOSE.read_text().split("\nname:")[0], "the header documents the setting"
 
 
 def test_nightly_profile_is_the_production_service_running_the_nightly_job(compose):

@@ -4,6 +4,9 @@
 - CommitCheckpoints: after each Trainer save, commit the checkpoint (train/checkpoint.py), then retention.
 - NonFiniteGuard: a NaN/inf loss or gradient norm stops the run before the optimizer applies it.
 - StopOnSignal: SIGTERM/SIGINT finish the step, commit a checkpoint and stop (exit 143/130).
+
+Under several ranks (train/distributed.py) the stop and non-finite decisions are all-reduced, so every rank
+stops at the same step, and only rank 0 writes metrics.jsonl and commits checkpoints.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from transformers import TrainerCallback
 
 from core.errors import NonFiniteLoss, Preempted
 from core.files import atomic_write_text
+from train import distributed
 from train.checkpoint import apply_retention, commit_checkpoint, newest_committed
 
 log = logging.getLogger(__name__)
@@ -120,14 +124,13 @@ class CommitCheckpoints(TrainerCallback):
             self.eval_loss[state.global_step] = _finite_or_none(metrics["eval_loss"])
 
     def on_save(self, args, state, control, **kwargs):
-        if args.world_size > 1 and torch.distributed.is_initialized():
-            torch.distributed.barrier()  # every rank's RNG file is written before rank 0 hashes the folder
-        if not state.is_world_process_zero:
-            return
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        extra = {"eval_loss": self.eval_loss[state.global_step]} if state.global_step in self.eval_loss else {}
-        commit_checkpoint(folder, self.identity, args.world_size, extra)
-        apply_retention(folder.parent, self.keep_last)
+        distributed.barrier()  # every rank's RNG file is written before rank 0 hashes the folder
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            extra = {"eval_loss": self.eval_loss[state.global_step]} if state.global_step in self.eval_loss else {}
+            commit_checkpoint(folder, self.identity, args.world_size, extra)
+            apply_retention(folder.parent, self.keep_last)
+        distributed.barrier()  # no rank goes on (or stops, naming the newest commit) before the commit is in place
 
 
 class NonFiniteGuard(TrainerCallback):
@@ -137,7 +140,9 @@ class NonFiniteGuard(TrainerCallback):
     runs, then optimizer.step(). Raising here leaves the weights, the optimizer state and the last
     committed checkpoint as they were after the previous step. The gradient norm is recomputed from
     the (clipped) gradients: clipping turns a NaN/inf norm into NaN gradients, so nothing escapes.
-    The loss is read per micro-batch from the model's output by a forward hook.
+    The loss is read per micro-batch from the model's output by a forward hook. Under several ranks the verdict
+    is all-reduced: a NaN seen by one rank stops every rank before the step (each rank's loss is its own, and
+    under FSDP each rank holds only its shard of the gradients).
     """
 
     def __init__(self):
@@ -162,7 +167,7 @@ class NonFiniteGuard(TrainerCallback):
             if grads
             else torch.zeros(())
         )
-        if self.bad_loss is None and bool(torch.isfinite(norm)):
+        if not distributed.all_reduce_flag(self.bad_loss is not None or not bool(torch.isfinite(norm))):
             return
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
         updates = [int(s["step"]) for s in inner.state.values() if "step" in s]
@@ -192,13 +197,22 @@ class StopOnSignal(TrainerCallback):
     one falls due on that step). A second signal meanwhile stops the process at once: the checkpoint
     being written stays uncommitted and the resume uses the previous commit.
     Keep this callback last: it raises from on_train_end once the others have closed their files.
+
+    Under several ranks a signal may reach one rank only (or each at a different moment): what each rank received
+    is all-reduced at every step boundary, so all of them save and stop at the same step, and every rank raises
+    Preempted with the same signal (the highest number when they differ).
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self):
-        self.received: int | None = None
+    def __init__(self) -> None:
+        self.received: int | None = None  # by this process
+        self.stopping: int = 0  # by any rank, as of the last step boundary
         self._previous: dict[int, Any] = {}
+
+    def _any_rank_received(self) -> int:
+        self.stopping = distributed.all_reduce_max(self.stopping or self.received or 0)
+        return self.stopping
 
     def on_train_begin(self, args, state, control, **kwargs):
         try:
@@ -214,18 +228,18 @@ class StopOnSignal(TrainerCallback):
         self.received = signum
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.received is not None:
+        if self._any_rank_received():
             control.should_log = True  # losses since the last log line would otherwise be lost
             control.should_save = True
             control.should_training_stop = True
 
     def on_save(self, args, state, control, **kwargs):
-        if self.received is not None:  # arrived during this save: stop right after it
+        if self._any_rank_received():  # arrived during this save: stop right after it
             control.should_training_stop = True
 
     def on_train_end(self, args, state, control, **kwargs):
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous = {}
-        if self.received is not None:
-            raise Preempted(self.received, state.global_step, newest_committed(Path(args.output_dir)))
+        if self._any_rank_received():
+            raise Preempted(self.stopping, state.global_step, newest_committed(Path(args.output_dir)))

@@ -55,6 +55,29 @@ def _explicit_checkpoint(folder: RunFolder, resume_from: Path, world_size: int) 
     return resume_from
 
 
+def written_by(checkpoint: Path) -> int | None:
+    """How many processes trained a committed checkpoint: one RNG state file each (train.checkpoint.rng_files)."""
+    files = (read_record(checkpoint) or {}).get("files", {})
+    if "rng_state.pth" in files:
+        return 1
+    ranks = [n for n in files if n.startswith("rng_state_") and n.endswith(".pth")]
+    return len(ranks) or None
+
+
+def _check_world_size(folder: RunFolder, cfg: Config, checkpoint: Path | None, world_size: int) -> None:
+    """A checkpoint resumes only under as many processes as wrote it: the global batch (processes x per-device
+    batch x accumulation) and each rank's data shard and RNG state depend on it. Without this check the
+    checkpoints would fail to verify (RNG files missing) and be moved aside, and training would start over."""
+    wrote = written_by(checkpoint) if checkpoint is not None else None
+    if wrote is None or wrote == world_size:
+        return
+    launch = "python -m train" if wrote == 1 else f"torchrun --nproc-per-node {wrote} -m train"
+    raise RunError(
+        f"{checkpoint} was trained by {wrote} process(es) and this run has {world_size}: resuming would change "
+        f"the global batch.\n  fix: resume with the same launch ({launch} --config ...), or\n" + _fix(folder, cfg)
+    )
+
+
 def prepare_run_folder(
     folder: RunFolder, cfg: Config, fresh: bool, identity: dict, resume_from: Path | None = None
 ) -> Path | None:
@@ -80,8 +103,10 @@ def prepare_run_folder(
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     resume: Path | None
     if resume_from is not None:
+        _check_world_size(folder, cfg, resume_from.resolve(), world_size)
         resume = _explicit_checkpoint(folder, resume_from, world_size)
     else:
+        _check_world_size(folder, cfg, newest_committed(folder.checkpoints), world_size)
         resume = choose_resume(folder.checkpoints, world_size) if folder.checkpoints.is_dir() else None
     if resume is not None:
         record = read_record(resume) or {}  # a chosen checkpoint has verified, so its record is readable

@@ -3,22 +3,29 @@
 Everything a run writes lands in outputs/<run_name>/; finished artifacts are promoted to models/.
 A run whose manifest says "complete" is not trained again: the command reports it (docs/architecture.md,
 "Reruns"); `--fresh` discards the run folder and starts over.
+
+Under torchrun or accelerate launch (one process per GPU) every rank runs this, and rank 0 alone writes: it
+holds the lock, prepares the folder, writes the manifest, saves, promotes and exports, in the `on_main` blocks
+below, while the other ranks wait and then leave with its status (train/distributed.py).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
+from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
 
 from convert.pipeline import export_run, promote_adapter
 from convert.summary import print_summary
 from core.config import Config
-from core.hub import resolve_model
+from core.errors import NonFiniteLoss, Preempted, RunError
+from core.hub import ResolvedModel, resolve_model
 from core.runfolder import Manifest, RunFolder
-from train.data import load_data, show_example
-from train.device import placement
+from train import distributed
+from train.data import PreparedData, load_data, show_example
+from train.device import Placement, placement
 from train.diskspace import preflight
 from train.memory import memory_plan
 from train.model import build_model, load_tokenizer
@@ -41,16 +48,28 @@ def run(
 ) -> Manifest | None:
     """Train (or resume), export and verify; return the manifest (None for a dry run, which writes nothing).
 
-    The run folder's lock is held throughout: a second process on the same run gets LockHeld (exit 75).
+    The run folder's lock is held throughout (by rank 0 under a launcher): a second process on the same run gets
+    LockHeld (exit 75).
     """
     folder = RunFolder.of(cfg)
     if dry_run:
-        dry_run_plan(cfg, folder, fresh, gpu_memory)
+        if distributed.is_main():  # under a launcher one plan is enough
+            dry_run_plan(cfg, folder, fresh, gpu_memory)
         return None
-    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 holds the lock for all
-        return _run(cfg, folder, fresh, resume_from)
-    with folder.locked():
-        return _run(cfg, folder, fresh, resume_from)
+    if not distributed.world().distributed:
+        with folder.locked():
+            return _run(cfg, folder, fresh, resume_from, None)
+    where = placement(cfg)  # every rank alike: the process group's backend depends on it
+    w = distributed.init(where.cuda)
+    if w.main:
+        with ExitStack() as held:
+            distributed.on_main(lambda: held.enter_context(folder.locked()))
+            return _run(cfg, folder, fresh, resume_from, where)
+    try:
+        distributed.on_main(lambda: None)  # rank 0 takes the lock
+        return _run(cfg, folder, fresh, resume_from, where)
+    except (distributed.FollowsMain, Preempted, NonFiniteLoss) as e:  # rank 0 stops too, with the same status
+        distributed.leave_after_main(e)
 
 
 def dry_run_plan(cfg: Config, folder: RunFolder, fresh: bool = False, gpu_memory: int | None = None) -> None:
@@ -67,46 +86,80 @@ def dry_run_plan(cfg: Config, folder: RunFolder, fresh: bool = False, gpu_memory
     log.info("\n".join(memory_plan(base.path, cfg, placement(cfg, for_card=gpu_memory is not None), gpu_memory)))
 
 
-def _run(cfg: Config, folder: RunFolder, fresh: bool, resume_from: Path | None) -> Manifest:
-    previous = None if fresh or resume_from is not None else folder.read_manifest_or_none()
-    if previous is not None and previous.status == "complete":
-        return finished_summary(folder, cfg, previous)
-    t0 = time.time()
-    where = placement(cfg)  # model.device=cuda without a usable GPU stops here (exit 2), before anything loads
-    # --- resolve: model, tokenizer, data (everything that can fail fast fails here)
+def _inputs(cfg: Config, folder: RunFolder) -> tuple[ResolvedModel, object, PreparedData, dict]:
+    """Base model, tokenizer and data (everything that can fail fast fails here), and the identity of what is
+    trained: a checkpoint trained on anything else is not resumed (train/resume.py)."""
     base = resolve_model(cfg.model.name_or_path, cfg.model.revision)
     tokenizer = load_tokenizer(base, cfg)
     data = load_data(tokenizer, cfg, folder.root)
-    validate_training_setup(cfg, folder, base, bool(data.evals), tokenizer)
-    # --- resume: what a checkpoint was trained on; resuming with any of it changed is refused
     identity = {
         "base_model": base.repo_id or str(base.path),
         "base_revision": base.revision,
         "data_fingerprint": data.train_stats.fingerprint,
         "lora": cfg.lora.model_dump(mode="json"),
     }
-    resume = prepare_run_folder(folder, cfg, fresh, identity, resume_from)
-    manifest = start_manifest(cfg, folder, base, data)
-    log.info(
-        f"training {cfg.run_name}: {data.train_stats.records} records, {len(data.train)} rows, "
-        f"{data.train_stats.tokens} tokens ({data.train_stats.supervised_tokens} supervised) on "
-        f"{base.repo_id or base.path}" + (f", resuming from {resume.name}" if resume else "")
-    )
+    return base, tokenizer, data, identity
+
+
+def _run(cfg: Config, folder: RunFolder, fresh: bool, resume_from: Path | None, placed: Placement | None) -> Manifest:
+    t0 = time.time()
+    mine: list = []  # rank 0's inputs, read inside its block
+    where = [placed] if placed else []
+
+    def start() -> Manifest | tuple[Path | None, Manifest, dict]:
+        previous = None if fresh or resume_from is not None else folder.read_manifest_or_none()
+        if previous is not None and previous.status == "complete":
+            return finished_summary(folder, cfg, previous)
+        if not where:  # model.device=cuda without a usable GPU stops here (exit 2), before anything loads
+            where.append(placement(cfg))
+            distributed.check_one_process_per_gpu(where[0].cuda)
+        mine.extend(_inputs(cfg, folder))
+        base, tokenizer, data, identity = mine
+        validate_training_setup(cfg, folder, base, bool(data.evals), tokenizer)
+        # --- resume: what a checkpoint was trained on; resuming with any of it changed is refused
+        resume = prepare_run_folder(folder, cfg, fresh, identity, resume_from)
+        manifest = start_manifest(cfg, folder, base, data)
+        log.info(
+            f"training {cfg.run_name}: {data.train_stats.records} records, {len(data.train)} rows, "
+            f"{data.train_stats.tokens} tokens ({data.train_stats.supervised_tokens} supervised) on "
+            f"{base.repo_id or base.path}" + (f", resuming from {resume.name}" if resume else "")
+        )
+        return resume, manifest, identity
+
+    # --- resolve, validate, prepare the run folder: rank 0; the other ranks read the same inputs after it
+    started = distributed.on_main(start)
+    if isinstance(started, Manifest):  # complete already: reported, nothing trained
+        return started
+    resume, manifest, identity = started
+    if not mine:
+        mine.extend(_inputs(cfg, folder))
+        if mine[3] != identity:
+            raise RunError(
+                f"rank {distributed.world().rank} read other inputs than rank 0 ({mine[3]} != {identity}): every "
+                f"rank must see the same model and data files"
+            )
+    base, tokenizer, data, identity = mine
     # --- model and preflight
-    model = build_model(base, cfg, where)
+    model = build_model(base, cfg, where[0])
     trainable, total = model.get_nb_trainable_parameters()
     log.info(f"LoRA r={cfg.lora.r}: {trainable:,} trainable of {total:,} parameters ({trainable / total:.2%})")
-    disk = preflight(cfg, folder, base.path, model, len(data.train), bool(data.evals))
+    disk = distributed.on_main(partial(preflight, cfg, folder, base.path, model, len(data.train), bool(data.evals)))
     if disk:
         log.info(disk)
     # --- fit, then the adapter: run folder first, then promoted
     trainer = build_trainer(model, tokenizer, data.train, data.evals, folder, cfg, identity)
     result = fit(trainer, resume, folder, manifest)
-    save_adapter(trainer, tokenizer, base.path, folder)
+    save_adapter(trainer, tokenizer, base.path, folder)  # every rank takes part (FSDP gathers); rank 0 writes
+    del trainer, model
+    return distributed.on_main(lambda: _finish(cfg, folder, base, manifest, result, resume, t0))
+
+
+def _finish(
+    cfg: Config, folder: RunFolder, base: ResolvedModel, manifest: Manifest, result, resume: Path | None, t0: float
+) -> Manifest:
+    """Record the training, export (merge, GGUF, quantize, verify, promote, adapter included) and finish."""
     record_training(manifest, folder, result.global_step, result.training_loss, resume, time.time() - t0)
     log.info(trained_line(manifest, folder.adapter))
-    del trainer, model
-    # --- export: merge, GGUF, quantize, verify, promote (adapter included)
     manifest.status = "exporting"  # from here on the run folder vouches for its adapter (vouched_adapter)
     folder.write_manifest(manifest)
     if cfg.export.enabled:

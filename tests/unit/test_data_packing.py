@@ -46,6 +46,33 @@ def test_collate_restarts_positions_at_each_example():
     assert plain["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
 
 
+def test_collate_to_a_fixed_width_for_compiled_attention():
+    """Flex attention recompiles for every new batch shape: with a width, every batch has it, packed or not."""
+    rows = [
+        {"input_ids": [2, 10, 11, 2, 12], "labels": [-100, 10, 11, -100, 12]},
+        {"input_ids": [2, 13, 14], "labels": [-100, 13, 14]},
+    ]
+    packed = collate(rows, pad_id=0, width=8)
+    assert packed["input_ids"].shape == packed["labels"].shape == (2, 8)
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2], [0, 1, 2, 0, 1, 2, 3, 4]]
+    assert packed["labels"][:, 5:].eq(IGNORE_INDEX).all()
+    plain = collate(rows[1:], pad_id=0, width=8)
+    assert plain["attention_mask"].tolist() == [[1, 1, 1, 0, 0, 0, 0, 0]]
+    with pytest.raises(ValueError, match="does not fit the fixed width 4"):
+        collate(rows, pad_id=0, width=4)
+
+
+def test_static_width_only_for_flex_attention():
+    from types import SimpleNamespace
+
+    from train.trainer import static_width
+
+    cfg = SimpleNamespace(data=SimpleNamespace(max_seq_length=2048))
+    for attn, width in (("flex_attention", 2048), ("eager", None)):
+        model = SimpleNamespace(config=SimpleNamespace(_attn_implementation=attn))
+        assert static_width(model, cfg) == width  # type: ignore[arg-type]
+
+
 @pytest.fixture(scope="module")
 def tiny(hf_home: Path):
     import torch

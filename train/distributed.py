@@ -1,0 +1,225 @@
+"""Several processes, one run (torchrun / accelerate launch): rank 0 alone writes, every rank decides alike.
+
+One process per GPU, each running the same `python -m train`. Rank 0 (the main process) holds the run folder's
+lock, prepares the folder, writes the manifest, commits checkpoints, saves and promotes the adapter and runs the
+export; the other ranks wait for it at the points below and leave with its exit status. A stop (SIGTERM/SIGINT to
+any rank) or a non-finite loss on any rank is all-reduced at the step boundary, so every rank stops at the same
+step and the collectives of the training loop never hang on a rank that left.
+
+Our coordination goes through its own gloo process group on the CPU, with a long timeout: rank 0 may export
+for many minutes while the others wait at a barrier, far longer than the training group's (NCCL) timeout.
+Every helper is a no-op in a single process (WORLD_SIZE unset or 1), so the single-GPU path is unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, NoReturn, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from core.errors import RunError, exit_status
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Rank 0 exports (merge, GGUF conversion, quantization, verification) while the others wait: hours, not minutes.
+CONTROL_TIMEOUT = timedelta(hours=6)
+# The training group's timeout: TrainingArguments.ddp_timeout's default (a collective of the training loop waits this
+# long for a rank that does not come).
+TRAINING_TIMEOUT = timedelta(minutes=30)
+# How long a rank that follows rank 0 out waits for rank 0's process to end before it ends itself.
+LEAVE_WAIT_S = 120.0
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    local_rank: int
+    size: int
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def world() -> World:
+    """This process's place, from the launcher's environment (torchrun and accelerate launch set it)."""
+    return World(
+        rank=int(os.environ.get("RANK", "0")),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        size=int(os.environ.get("WORLD_SIZE", "1")),
+    )
+
+
+def is_main() -> bool:
+    return world().main
+
+
+_control: Any = None  # the gloo group of init(); None in one process
+_main_at: tuple[str, int] | None = None  # rank 0's host and pid
+
+
+def init(cuda: bool) -> World:
+    """Join the launcher's process group (WORLD_SIZE > 1) and create the control group; a no-op in one process.
+
+    The Trainer (accelerate) finds the group initialized and uses it: NCCL on CUDA, gloo on the CPU. Under
+    several ranks, the replicas' log lines are quietened: rank 0 speaks for the run."""
+    global _control, _main_at
+    w = world()
+    if not w.distributed:
+        return w
+    if not dist.is_initialized():
+        if cuda:
+            torch.cuda.set_device(w.local_rank)
+        dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=TRAINING_TIMEOUT)
+    if _control is None:
+        _control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+        _main_at = broadcast((socket.gethostname(), os.getpid()))
+    if not w.main:
+        for name in ("core", "train", "convert"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    return w
+
+
+def _group() -> Any:
+    """The group our collectives use, or None when this process is alone."""
+    if _control is not None:
+        return _control
+    if world().distributed and dist.is_available() and dist.is_initialized():
+        return dist.group.WORLD  # initialized by someone else (a script that built the Trainer itself)
+    return None
+
+
+def _device(group: Any) -> torch.device:
+    if group is not _control and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def barrier() -> None:
+    """Wait until every rank gets here."""
+    group = _group()
+    if group is not None:
+        dist.barrier(group=group)
+
+
+def all_reduce_max(value: int) -> int:
+    """The largest of every rank's value (its own in one process)."""
+    group = _group()
+    if group is None:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=_device(group))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return int(t.item())
+
+
+def all_reduce_flag(flag: bool) -> bool:
+    """True on every rank when it is True on any rank."""
+    return all_reduce_max(int(flag)) > 0
+
+
+def broadcast(obj: T) -> T:
+    """Rank 0's obj, on every rank."""
+    group = _group()
+    if group is None:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=group, device=_device(group))
+    return box[0]
+
+
+class FollowsMain(RunError):
+    """A rank other than 0 stops because rank 0 stopped; rank 0 logged why. Exit: rank 0's status."""
+
+    def __init__(self, code: int):
+        self.exit_code = code
+        super().__init__(f"rank {world().rank}: rank 0 stopped with exit status {code} (its output says why)")
+
+
+def exit_code_of(e: BaseException) -> int:
+    """The status `python -m train` exits with for e (1 for an unexpected error)."""
+    status = exit_status(e)
+    return status[0] if status else 1
+
+
+def on_main(fn: Callable[[], T]) -> T:
+    """fn() on rank 0 alone, while the others wait; every rank returns rank 0's result.
+
+    When fn raises on rank 0, rank 0 re-raises it and the others raise FollowsMain with its exit status."""
+    if _group() is None:
+        return fn()
+    result: Any = None
+    failure: BaseException | None = None
+    if is_main():
+        try:
+            result = fn()
+        except BaseException as e:  # every rank must learn of it, then it is re-raised as it was
+            failure = e
+    code, result = broadcast((exit_code_of(failure) if failure is not None else 0, result))
+    if failure is not None:
+        raise failure
+    if code:
+        raise FollowsMain(code)
+    return result
+
+
+def leave_after_main(e: BaseException) -> NoReturn:
+    """End a rank other than 0 that stops with rank 0 (exit status != 0): after rank 0's process has ended.
+
+    A launcher (torchrun) stops the remaining ranks with SIGTERM as soon as one rank exits with a failure. Rank 0
+    must not be that one's victim while it writes its last words, nor may this rank be killed with a status other
+    than rank 0's: so this rank ignores SIGTERM/SIGINT from here on, waits for rank 0 to end (same machine), says
+    why it stops and exits with os._exit, which no late signal handler can turn into another status. It has
+    nothing of its own to flush: rank 0 wrote everything the run keeps."""
+    code = exit_code_of(e)
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, signal.SIG_IGN)
+    if _main_at is not None and _main_at[0] == socket.gethostname():
+        deadline = time.monotonic() + LEAVE_WAIT_S
+        while time.monotonic() < deadline and _alive(_main_at[1]):
+            time.sleep(0.05)
+    status = exit_status(e)
+    message = status[1] if status else f"{type(e).__name__}: {e}"
+    print(f"rank {world().rank}: {message.splitlines()[0]}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(code)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def check_one_process_per_gpu(cuda: bool) -> None:
+    """Several visible GPUs in one process would make the Trainer wrap the model in DataParallel (one process
+    driving every GPU, slow and not what the memory plan assumes): ask for one process per GPU instead."""
+    if not cuda or world().distributed:
+        return
+    n = torch.cuda.device_count()
+    if n > 1:
+        raise RunError(
+            f"{n} GPUs are visible to a single process.\n"
+            f"  fix: launch one process per GPU: torchrun --nproc-per-node {n} -m train --config ... (or accelerate "
+            f"launch --config_file configs/accelerate/ddp.yaml -m train --config ...), or train on one GPU with "
+            f"CUDA_VISIBLE_DEVICES=0 (docs/gpu-box.md)"
+        )
