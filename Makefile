@@ -35,8 +35,9 @@ tiny-model: setup  ## build the tiny offline Gemma 2 into models/.cache (idempot
 demo: tiny-model  ## train + export + verify on the tiny model (configs/demo.yaml)
 	$(PY) -m train --config configs/demo.yaml
 
-test: setup  ## run the test suite (CPU; GPU tests skip)
-	$(PY) -m pytest
+TEST_JOBS ?= 2
+test: setup  ## run the test suite (CPU; GPU tests skip), TEST_JOBS workers (pytest-xdist; 0 = one process)
+	$(PY) -m pytest -n $(TEST_JOBS)
 
 lint: setup  ## ruff (style, complexity, imports at the top) + format check + mypy on core/ convert/ train/
 	$(PY) -m ruff check . && $(PY) -m ruff format --check . && $(PY) -m mypy

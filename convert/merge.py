@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from core.errors import RunError
+from core.errors import RunError, signals_deferred
 from core.files import atomic_replace_dir
 from core.tokenizer import save_tokenizer
 
@@ -97,7 +97,9 @@ def merge_file(src: Path, dst: Path, deltas: dict[str, tuple[torch.Tensor, torch
         for name in names:
             lora = deltas.get(name)
             merged += lora is not None
-            _write_tensor(out, merged_tensor(st.get_tensor(name), lora, scaling))
+            with signals_deferred():  # a signal inside get_tensor would surface as a ValueError
+                tensor = st.get_tensor(name)
+            _write_tensor(out, merged_tensor(tensor, lora, scaling))
     return merged
 
 

@@ -180,6 +180,31 @@ def signals_as_exceptions() -> Iterator[None]:
             signal.signal(signum, handler)
 
 
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM arriving inside the block take effect as it ends, through the handler in place before it.
+
+    For native code that calls back into Python: an exception raised by a signal handler in the middle of
+    safetensors' get_tensor comes out as an unrelated ValueError (seen: Ctrl-C during the merge gave a traceback
+    and exit 1 instead of exit 130)."""
+    got: list[int] = []
+
+    def record(signum: int, frame: object) -> None:
+        got.append(signum)
+
+    try:
+        previous = {s: signal.signal(s, record) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread
+        previous = {}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if got:
+        signal.raise_signal(got[0])
+
+
 def _os_error_status(e: OSError) -> tuple[int, str] | None:
     """A file system refusing a path the user gave (permissions, read-only, a file where a folder belongs)."""
     where = e.filename

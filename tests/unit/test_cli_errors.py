@@ -160,3 +160,22 @@ def test_export_refuses_an_adapter_the_run_folder_does_not_vouch_for(tmp_path: P
     (paths.adapter / "adapter_model.safetensors").write_bytes(b"another run's")
     with pytest.raises(RunError, match="differs: adapter_model.safetensors"):
         vouched_adapter(paths)
+
+
+def test_a_signal_inside_signals_deferred_takes_effect_as_the_block_ends():
+    import os
+
+    from core.errors import signals_as_exceptions, signals_deferred
+
+    reached = []
+    with signals_as_exceptions(), pytest.raises(Interrupted) as stopped:
+        with signals_deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            reached.append("rest of the block")  # the native call's caller finishes its step first
+        reached.append("after the block")
+    assert reached == ["rest of the block"] and stopped.value.exit_code == 143
+    with signals_as_exceptions():
+        outer = signal.getsignal(signal.SIGTERM)
+        with signals_deferred():
+            pass  # no signal: nothing raised
+        assert signal.getsignal(signal.SIGTERM) is outer  # the handler in place before is back
