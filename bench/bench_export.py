@@ -58,6 +58,10 @@ from typing import Any
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from train.tiny_model import GEMMA_2_2B_CONFIG  # noqa: E402 (the repository root is on the path from here)
+
 CACHE = Path(os.environ.get("GEMMA_LORA_BENCH_CACHE") or Path.home() / ".cache" / "gemma-lora-bench")
 REPO_ID = "bench/gemma-2-2b-random"
 PRODUCTION = ROOT / "configs" / "gemma2b_lora.yaml"
@@ -66,29 +70,7 @@ RUN_NAME = "bench-export"
 SEED = 0
 GiB = 1 << 30
 
-# google/gemma-2-2b's config.json (architecture fields; dtype bf16 here, the hub's file is float32).
-GEMMA_2_2B: dict[str, Any] = dict(
-    vocab_size=256000,
-    hidden_size=2304,
-    intermediate_size=9216,
-    num_hidden_layers=26,
-    num_attention_heads=8,
-    num_key_value_heads=4,
-    head_dim=256,
-    query_pre_attn_scalar=256,
-    hidden_activation="gelu_pytorch_tanh",
-    max_position_embeddings=8192,
-    rms_norm_eps=1e-6,
-    rope_theta=10000.0,
-    attn_logit_softcapping=50.0,
-    final_logit_softcapping=30.0,
-    sliding_window=4096,
-    tie_word_embeddings=True,
-    initializer_range=0.02,
-    pad_token_id=0,
-    eos_token_id=1,
-    bos_token_id=2,
-)
+GEMMA_2_2B: dict[str, Any] = GEMMA_2_2B_CONFIG  # saved as bf16 here (the hub's file says float32)
 SHARD_BYTES = 2 * GiB  # the hub's gemma-2-2b is sharded too (3 files)
 ROWS_PER_CHUNK = 4096  # random init is generated and written this many rows at a time
 

@@ -52,27 +52,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-GEMMA_2_2B = dict(
-    vocab_size=256000,
-    hidden_size=2304,
-    intermediate_size=9216,
-    num_hidden_layers=26,
-    num_attention_heads=8,
-    num_key_value_heads=4,
-    head_dim=256,
-    query_pre_attn_scalar=256,
-    sliding_window=4096,
-    attn_logit_softcapping=50.0,
-    final_logit_softcapping=30.0,
-    max_position_embeddings=8192,
-    hidden_activation="gelu_pytorch_tanh",
-    tie_word_embeddings=True,
-    rms_norm_eps=1e-6,
-    rope_theta=10000.0,
-    pad_token_id=0,
-    eos_token_id=1,
-    bos_token_id=2,
-)
+from train.tiny_model import GEMMA_2_2B_CONFIG  # noqa: E402 (the repository root is on the path from here)
+
+GEMMA_2_2B = GEMMA_2_2B_CONFIG
 TINY = dict(
     vocab_size=4096,  # the tiny tokenizer's ids must fit
     hidden_size=128,

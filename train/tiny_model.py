@@ -41,6 +41,31 @@ TURN_MARKERS = ["<start_of_turn>", "<end_of_turn>"]
 # Fixed by the SentencePiece trainer: user-defined symbols follow the four control pieces.
 TURN_MARKER_IDS = {m: 4 + i for i, m in enumerate(TURN_MARKERS)}
 
+# google/gemma-2-2b's config.json, architecture fields: the full-shape random models of the benches
+# (bench/gpu_train.py, bench/bench_export.py) are built from it.
+GEMMA_2_2B_CONFIG: dict[str, Any] = dict(
+    vocab_size=256000,
+    hidden_size=2304,
+    intermediate_size=9216,
+    num_hidden_layers=26,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=256,
+    query_pre_attn_scalar=256,
+    hidden_activation="gelu_pytorch_tanh",
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-6,
+    rope_theta=10000.0,
+    attn_logit_softcapping=50.0,
+    final_logit_softcapping=30.0,
+    sliding_window=4096,
+    tie_word_embeddings=True,
+    initializer_range=0.02,
+    pad_token_id=0,
+    eos_token_id=1,
+    bos_token_id=2,
+)
+
 # Shapes: every width a multiple of 256 so llama.cpp's k-quants (256-wide blocks) apply to every
 # matrix, as they do on the 2B (hidden 2304 = 9 x 256). query_pre_attn_scalar must equal head_dim:
 # llama.cpp scales attention by 1/sqrt(head_dim) for this architecture (llama.cpp's
