@@ -22,7 +22,7 @@ examples:
 what it does:
   validate config, model and data -> LoRA training (checkpoints in outputs/<run_name>/) ->
   adapter to models/finetuned/adapters/<run_name>/ -> (export.enabled) merge to
-  models/finetuned/final_models/<run_name>/ -> GGUF f32 + quants with llama.cpp -> verification
+  models/finetuned/final_models/<run_name>/ -> float GGUF (f16/bf16) + quants with llama.cpp -> verification
   against the merged model -> promotion to models/gguf/. Running the same command again on a
   complete run reports it without retraining; on an unfinished run it resumes from the newest
   committed checkpoint whose hashes verify (see docs/operations.md).
