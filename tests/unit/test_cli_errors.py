@@ -162,10 +162,14 @@ def test_export_refuses_an_adapter_the_run_folder_does_not_vouch_for(tmp_path: P
         vouched_adapter(paths)
 
 
-def test_a_signal_inside_signals_deferred_takes_effect_as_the_block_ends():
+def test_a_signal_inside_signals_deferred_takes_effect_as_the_block_ends(monkeypatch):
     import os
 
+    from core import errors
     from core.errors import signals_as_exceptions, signals_deferred
+
+    # the handler records each signal process-wide (raise_if_interrupted reads it): keep this test's to itself
+    monkeypatch.setattr(errors, "_signals_received", [])
 
     reached = []
     with signals_as_exceptions(), pytest.raises(Interrupted) as stopped:
