@@ -167,17 +167,24 @@ def raise_if_interrupted() -> None:
 
 
 @contextmanager
-def signals_as_exceptions() -> Iterator[None]:
-    """SIGINT and SIGTERM raise Interrupted (exit 130/143) in the main thread for the duration of the block."""
+def _stop_signals_handled_by(handler) -> Iterator[None]:
+    """SIGINT and SIGTERM go to `handler` for the block, then to the handlers before it again."""
     try:
-        previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     except ValueError:  # not the main thread: signals stay with whoever handles them
         previous = {}
     try:
         yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        for signum, before in previous.items():
+            signal.signal(signum, before)
+
+
+@contextmanager
+def signals_as_exceptions() -> Iterator[None]:
+    """SIGINT and SIGTERM raise Interrupted (exit 130/143) in the main thread for the duration of the block."""
+    with _stop_signals_handled_by(_raise_interrupted):
+        yield
 
 
 @contextmanager
@@ -192,15 +199,8 @@ def signals_deferred() -> Iterator[None]:
     def record(signum: int, frame: object) -> None:
         got.append(signum)
 
-    try:
-        previous = {s: signal.signal(s, record) for s in (signal.SIGINT, signal.SIGTERM)}
-    except ValueError:  # not the main thread
-        previous = {}
-    try:
+    with _stop_signals_handled_by(record):
         yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
     if got:
         signal.raise_signal(got[0])
 
