@@ -241,7 +241,11 @@ def cli_exit(call: Callable[[], object]) -> int:
     """Run a CLI command and return its exit status: the command's own int (0 if it returns none), or
     the status of an error a user can act on, whose message is logged. Other errors raise.
 
-    SIGINT/SIGTERM become Interrupted while the command runs, so they end in 130/143 like any other error."""
+    SIGINT/SIGTERM become Interrupted while the command runs, so they end in 130/143 like any other error.
+    Native code that calls back into Python (safetensors, tokenizers, llama.cpp's log callback) can turn the
+    handler's Interrupted into an unrelated error; any error that escapes after a stop signal arrived is
+    therefore the stop, not a bug."""
+    signals_before = len(_signals_received)
     try:
         with signals_as_exceptions():
             result = call()
@@ -251,6 +255,9 @@ def cli_exit(call: Callable[[], object]) -> int:
         return 0
     except BaseException as e:
         status = exit_status(e)
+        if status is None and len(_signals_received) > signals_before:
+            log.debug("error raised while stopping for a signal", exc_info=e)
+            status = exit_status(Interrupted(_signals_received[-1]))
         if status is None:
             raise
         log.error(status[1])

@@ -109,6 +109,22 @@ sys.exit(cli_exit(work))
     assert "Traceback" not in res.stderr
 
 
+def test_an_error_that_native_code_makes_of_a_signal_still_exits_as_the_signal(monkeypatch):
+    from core import errors
+
+    monkeypatch.setattr(errors, "_signals_received", [])
+
+    def native_read():  # what safetensors' get_tensors did when Ctrl-C landed inside it
+        try:
+            signal.raise_signal(signal.SIGINT)
+        except Interrupted:
+            raise ValueError("could not determine the shape of object type 'torch.storage.UntypedStorage'") from None
+
+    assert cli_exit(native_read) == 130
+    with pytest.raises(ValueError):  # without a signal the same error is a bug and keeps its traceback
+        cli_exit(lambda: (_ for _ in ()).throw(ValueError("could not determine the shape")))
+
+
 def test_promoted_folders_get_the_umask_mode(tmp_path: Path):
     src = tmp_path / "src"
     (src / "sub").mkdir(parents=True)
