@@ -2,7 +2,8 @@
 to models/gguf (promote_ggufs).
 
 The float GGUF is written straight in export.float_type (bf16 for a bf16 base: exact, and half an f32 file's
-bytes); every quant is made from it and scored against it. Nothing reaches models/gguf unless every file of
+bytes), with the run's provenance keys written by the converter itself; every quant is made from it. Every file
+is scored against the HF model (convert/verify.py). Nothing reaches models/gguf unless every file of
 the export passed verification; a failed export stays in the run folder (outputs/<run>/export/) for
 inspection and the command exits non-zero. An export stopped for any other reason (SIGINT/SIGTERM, a tool
 failing) removes its work files.
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from convert.imatrix import compute_imatrix
-from convert.llamacpp import add_metadata, convert_hf_to_gguf, quantize, version_info
+from convert.llamacpp import convert_hf_to_gguf, quantize, version_info
 from convert.verify import (
     FileReport,
     VerificationFailed,
@@ -75,11 +76,10 @@ def export_gguf(
     log_path = work_dir / "convert.log"
     float_type = float_gguf_type(export_cfg.float_type, export_cfg.quants, model_dir)
     source = work_dir / f"{name}.{float_type}.gguf"
-    files = {float_type: source}  # the source first: verify_files scores the quants against it
+    files = {float_type: source}
     try:
         log.info(f"  converting -> {source.name} (llama.cpp convert_hf_to_gguf.py; log: {log_path})")
-        convert_hf_to_gguf(model_dir, source, float_type, log_path, model_name=name)
-        add_metadata(source, provenance)
+        convert_hf_to_gguf(model_dir, source, float_type, log_path, model_name=name, metadata=provenance)
         imatrix = None
         if export_cfg.imatrix and any(not QUANTS[q].is_float and q != "q8_0" for q in export_cfg.quants):
             calibration = training_texts or texts
@@ -91,7 +91,7 @@ def export_gguf(
                 log.info(f"  quantizing -> {files[quant].name}" + (" (importance matrix)" if imatrix else ""))
                 weights = None if QUANTS[quant].is_float else imatrix
                 quantize(source, files[quant], quant, export_cfg.token_embedding_type, log_path, imatrix=weights)
-        log.info(f"  verifying {len(files)} file(s): {source.name} against the HF model, the quants against it")
+        log.info(f"  verifying {len(files)} file(s) against the HF model, one at a time")
         reports = verify_files(
             model_dir, list(files.items()), verify_cfg, texts, log_path, fallback_texts=training_texts or ()
         )
@@ -193,8 +193,8 @@ def write_reports(
     head = ["# Verification", ""]
     if reference:
         head += [
-            f"Reference: {reference} (Hugging Face, float32, streamed layer by layer on the CPU) for the float GGUF;",
-            "each quant is scored against the float GGUF it was made from (column 'scored against').",
+            f"Reference: {reference} (Hugging Face, float32, streamed layer by layer on the CPU): every file,",
+            "the float GGUF and each quant, is scored against the model that was trained.",
             "",
         ]
     if minimum is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import subprocess
 import sys
@@ -17,7 +18,6 @@ from pathlib import Path
 
 import gguf
 import llama_cpp
-from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
 
 from convert.tools import tool, tree
 from convert.tools import version_info as version_info  # re-exported: callers import it from here
@@ -30,18 +30,28 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 def convert_hf_to_gguf(
-    model_dir: Path, out_path: Path, outtype: str = "f32", log_path: Path | None = None, model_name: str | None = None
+    model_dir: Path,
+    out_path: Path,
+    outtype: str = "f32",
+    log_path: Path | None = None,
+    model_name: str | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> None:
-    """Run the pinned convert_hf_to_gguf.py on a HF folder; the output appears only when complete."""
+    """Run the pinned convert_hf_to_gguf.py on a HF folder; the output appears only when complete.
+
+    metadata: string keys written into the GGUF by the converter's own pass (convert/converter_child.py)."""
     if not (model_dir / "tokenizer.model").is_file():
         # Gemma's vocab is read from the SentencePiece file; without it the converter fails late.
         raise LlamaCppError(f"{model_dir} has no tokenizer.model: the Gemma converter needs it")
     folder = tree()
     model_dir, out_path = model_dir.resolve(), out_path.resolve()  # the converter runs in its own folder
     tmp = out_path.with_name(f".{out_path.name}.tmp")
+    converter = [sys.executable, str(folder / "convert_hf_to_gguf.py")]
+    if metadata:
+        child = Path(__file__).with_name("converter_child.py")
+        converter = [sys.executable, str(child), converter[1], json.dumps(metadata)]
     cmd = [
-        sys.executable,
-        str(folder / "convert_hf_to_gguf.py"),
+        *converter,
         str(model_dir),
         "--outfile",
         str(tmp),
@@ -157,30 +167,6 @@ def quantize_tool_command(
     # llama-quantize reads the type as a name (Q4_K_M) or as the llama_ftype number (try_parse_ftype): the number
     # is exactly what the binding is given
     return cmd + [str(src), str(dst), str(int(QUANTS[quant].file_type)), str(os.cpu_count() or 1)]
-
-
-def add_metadata(path: Path, extra: dict[str, str]) -> None:
-    """Add string key/values to a GGUF (rewritten beside it by gguf-py's own copier, then renamed over it).
-
-    Quantizing copies every key of its input, so keys added to the f32 file reach every quant.
-    """
-    reader = gguf.GGUFReader(str(path))
-    tmp = path.with_name(f".{path.name}.meta.tmp")
-    writer = gguf.GGUFWriter(
-        str(tmp), arch=reader.fields[gguf.Keys.General.ARCHITECTURE].contents(), endianess=reader.endianess
-    )
-    alignment = reader.get_field(gguf.Keys.General.ALIGNMENT)
-    if alignment is not None:  # tensor data offsets follow the source file's alignment
-        writer.data_alignment = alignment.contents()
-    new = {k: MetadataDetails(gguf.GGUFValueType.STRING, v) for k, v in extra.items()}
-    try:
-        with native_output_to(None):  # gguf-py draws a progress bar that would stay in the console
-            copy_with_new_metadata(reader, writer, new, remove_metadata=[])
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    del reader
-    os.replace(tmp, path)
 
 
 def open_gguf(path: Path) -> gguf.GGUFReader:

@@ -2,8 +2,8 @@
 
 An adapter GGUF is a few MB where a merged model is GBs: llama.cpp applies it at load time on the base GGUF
 (`Llama(model_path=base.gguf, lora_path=<name>.lora.gguf)`, `llama-cli -m base.gguf --lora ...`). It is
-promoted only if base + adapter, run by llama.cpp, gives the logits of the merged model's float GGUF, the file
-the quants are verified against; so the adapter GGUF is checked against the same model as every other file.
+promoted only if base + adapter, run by llama.cpp, gives the logits of the merged model's float GGUF, which
+verification has just proven equal to the merged HF model.
 
 The gate (LORA_MAX_KLD, LORA_MIN_TOP1): the two sides differ only in where the low-rank product is added (into
 the weights before they are rounded to the GGUF's float type, or at run time), so they differ by that float

@@ -181,30 +181,41 @@ def _chunk_logits(ckpt: _Checkpoint, config, output: str, hidden: torch.Tensor) 
     return logits.numpy()
 
 
+class Reference:
+    """The reference of one set of texts: the decoder runs once (construction), then `chunks()` yields the logits
+    as often as asked, each time from the kept final hidden states (texts x tokens x hidden floats: 19 MB for
+    2,048 tokens at the 2B's shapes) through the output layer. Verification scores one GGUF at a time against it,
+    so that only one GGUF is mapped at once; each pass costs the output layer again (~1/5 of a forward)."""
+
+    def __init__(self, model_dir: Path, texts_ids: list[list[int]]):
+        model_dir = Path(model_dir)
+        self.texts_ids = [[int(i) for i in ids] for ids in texts_ids]  # lists, tuples or arrays of ids
+        self.config = _config(model_dir)
+        self.ckpt = _Checkpoint(model_dir)
+        _check_ids(self.texts_ids, self.config.vocab_size)
+        prefix = self.ckpt.prefix
+        self.output = "lm_head.weight" if not self.config.tie_word_embeddings else f"{prefix}embed_tokens.weight"
+        for name in dict.fromkeys([f"{prefix}embed_tokens.weight", self.output]):
+            self.ckpt._check_shape(name, self.ckpt.shape(name), [self.config.vocab_size, self.config.hidden_size])
+        with torch.inference_mode():
+            self.hidden = _decoder(self.ckpt, self.config, self.texts_ids)
+
+    def chunks(self, chunk: int = 256) -> Iterator[tuple[int, np.ndarray]]:
+        """yield (text index, float32 logits [n, vocab]) for consecutive chunks of positions of each text, in order"""
+        if chunk < 1:
+            raise RunError(f"reference: chunk must be at least 1 position, got {chunk}")
+        # inference_mode is entered and left around each step, never held across a yield (it is thread state
+        # and would leak into the caller's code between chunks).
+        for t, h in enumerate(self.hidden):
+            for start in range(0, h.shape[0], chunk):
+                with torch.inference_mode():
+                    logits = _chunk_logits(self.ckpt, self.config, self.output, h[start : start + chunk])
+                yield t, logits
+
+
 def reference_logits(model_dir: Path, texts_ids: list[list[int]], chunk: int = 256) -> Iterator[tuple[int, np.ndarray]]:
-    """yield (text index, float32 logits [n, vocab]) for consecutive chunks of positions of each text, in order"""
-    model_dir = Path(model_dir)
-    texts_ids = [[int(i) for i in ids] for ids in texts_ids]  # lists, tuples or arrays of ids
-    config = _config(model_dir)
-    ckpt = _Checkpoint(model_dir)
-    _check_ids(texts_ids, config.vocab_size)
+    """yield (text index, float32 logits [n, vocab]) for consecutive chunks of positions of each text, in order
+    (one pass of Reference)."""
     if chunk < 1:
         raise RunError(f"reference: chunk must be at least 1 position, got {chunk}")
-    output = "lm_head.weight" if not config.tie_word_embeddings else f"{ckpt.prefix}embed_tokens.weight"
-    for name in dict.fromkeys([f"{ckpt.prefix}embed_tokens.weight", output]):
-        ckpt._check_shape(name, ckpt.shape(name), [config.vocab_size, config.hidden_size])
-    return _stream(ckpt, config, texts_ids, chunk, output)
-
-
-def _stream(
-    ckpt: _Checkpoint, config, texts_ids: list[list[int]], chunk: int, output: str
-) -> Iterator[tuple[int, np.ndarray]]:
-    # inference_mode is entered and left around each step, never held across a yield (it is thread state
-    # and would leak into the caller's code between chunks).
-    with torch.inference_mode():
-        hidden = _decoder(ckpt, config, texts_ids)
-    for t, h in enumerate(hidden):
-        for start in range(0, h.shape[0], chunk):
-            with torch.inference_mode():
-                logits = _chunk_logits(ckpt, config, output, h[start : start + chunk])
-            yield t, logits
+    return Reference(model_dir, texts_ids).chunks(chunk)

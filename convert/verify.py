@@ -1,15 +1,13 @@
 """Prove a GGUF is the model that was trained, and measure what each quant costs.
 
-Two references, as llama.cpp's own tooling does it (llama-perplexity --kl-divergence scores a quant against
-the f16 file's logits):
-- a float GGUF (f32/f16/bf16) is scored against the HF model in float32 (convert/reference.py streams it
-  layer by layer: the model is never whole in float32);
-- a quant is scored against the float GGUF it was made from, when that file is verified in the same call
-  (an export always does); alone (`convert verify` on quants only), against the HF model.
-
-Every file and the HF reference run over the same token sequences in lockstep, CHUNK positions at a time:
-per position the KL divergence, top-1 agreement and next-token log-likelihood are computed and the logits
-dropped, so no [tokens, vocab] array for the whole text set exists (256k vocab: 1 MB per position).
+Every file is scored against the model that was trained: the HF model in float32, which convert/reference.py
+streams layer by layer (never whole in float32). Its decoder runs once over the scored token sequences; then
+the files are run by llama.cpp one after another, each in step with the reference's logits CHUNK positions at
+a time: per position the KL divergence, top-1 agreement and next-token log-likelihood are computed and the
+logits dropped. So one GGUF is mapped at a time and no [tokens, vocab] array for the whole text set exists
+(256k vocab: 1 MB per position). The price is the reference's output layer once per file (~1/5 of a forward).
+(llama.cpp's own llama-perplexity --kl-divergence scores quants against the f16 file instead; scoring both
+against the trained model measures what a user gets, and the float file's own distance is in the table.)
 
 Measured per file:
 - tokens:       llama.cpp token ids == HF tokenizer ids on a fixed set of hard strings (unicode,
@@ -42,7 +40,7 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoTokenizer
 
 from convert.llamacpp import native_output_to, read_metadata
-from convert.reference import reference_logits
+from convert.reference import Reference
 from core.errors import EXIT_VERIFICATION, LlamaCppError, PipelineError
 from core.files import human_size
 from core.quants import QUANTS
@@ -105,7 +103,7 @@ class Gate:
 class FileReport:
     path: str
     quant: str
-    reference: str = HF_REFERENCE  # what it was scored against: the HF model or a float GGUF's file name
+    reference: str = HF_REFERENCE  # what it was scored against (verify_files: always the HF model)
     measures: dict[str, float] = field(default_factory=dict)
     gates: list[Gate] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -319,43 +317,32 @@ class Tally:
 
 
 def score(
-    hf_chunks: Iterator[tuple[int, np.ndarray]],
-    sequences: list[list[int]],
-    n_prompts: int,
-    runners: dict[str, GGUFRunner],
-    reference_of: dict[str, str | None],
-) -> tuple[dict[str, Tally], Tally]:
-    """Run every GGUF over `sequences` in lockstep with the HF reference's chunks; reference_of[name] is the
-    runner a file is scored against, None for the HF model. Returns the tallies and the HF model's own (ppl)."""
-    tallies = {name: Tally() for name in runners}
-    hf_tally = Tally()
+    hf_chunks: Iterator[tuple[int, np.ndarray]], sequences: list[list[int]], n_prompts: int, runner: GGUFRunner
+) -> tuple[Tally, Tally]:
+    """Run one GGUF over `sequences` in step with the HF reference's chunks. Returns the file's tally against the
+    reference and the reference's own (its perplexity)."""
+    tally, hf_tally = Tally(), Tally()
     t_prev, pos = -1, 0
-    progress = tqdm(total=sum(len(ids) for ids in sequences), desc="verify", unit="tok")
+    progress = tqdm(total=sum(len(ids) for ids in sequences), desc=f"verify {runner.path.name}", unit="tok")
     for t, hf in hf_chunks:
         ids = sequences[t]
         if t != t_prev:
             t_prev, pos = t, 0
-            for r in runners.values():
-                r.start()
+            runner.start()
         n = hf.shape[0]
-        got = {name: r.logits(ids[pos : pos + n], pos) for name, r in runners.items()}
+        got = runner.logits(ids[pos : pos + n], pos)
         nxt = np.array([ids[p + 1] if p + 1 < len(ids) else -1 for p in range(pos, pos + n)])
         for b in range(0, n, BLOCK):
             rows = slice(b, min(b + BLOCK, n))
-            blocks = {name: Block(_log_softmax(g[rows])) for name, g in got.items()}
             hf_block = Block(_log_softmax(hf[rows]))
             hf_tally.add_block(hf_block, hf_block, nxt[rows])
-            for name, tally in tallies.items():
-                ref = reference_of[name]
-                tally.add_block(hf_block if ref is None else blocks[ref], blocks[name], nxt[rows])
+            tally.add_block(hf_block, Block(_log_softmax(got[rows])), nxt[rows])
         if t < n_prompts and pos + n == len(ids):  # this chunk holds the prompt's last position
-            for name, tally in tallies.items():
-                ref = reference_of[name]
-                tally.add_last(hf[-1] if ref is None else got[ref][-1], got[name][-1])
+            tally.add_last(hf[-1], got[-1])
         pos += n
         progress.update(n)
     progress.close()
-    return tallies, hf_tally
+    return tally, hf_tally
 
 
 def parameter_count(path: Path) -> int:
@@ -405,19 +392,17 @@ def verify_files(
     log_path: Path | None = None,
     fallback_texts: Iterable[str] = (),
 ) -> list[FileReport]:
-    """Verify several GGUFs ((quant name, path) pairs) of one HF model in one lockstep pass.
+    """Verify several GGUFs ((quant name, path) pairs) of one HF model, every one against the HF model.
 
-    Float files are scored against the HF model; quants against the first float file listed (the one they were
-    made from), or against the HF model when no float file is listed. `texts` (held-out) are scored in full;
-    `fallback_texts` (training data) only while short of verify.min_scored_tokens."""
+    The reference's decoder runs once; the files are scored one after another (one GGUF mapped at a time).
+    `texts` (held-out) are scored in full; `fallback_texts` (training data) only while short of
+    verify.min_scored_tokens."""
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     context = getattr(AutoConfig.from_pretrained(str(model_dir)), "max_position_embeddings", None) or 8192
     window = min(verify_cfg.max_tokens_per_text, context)
     scored = scored_set(
         tokenizer, list(verify_cfg.prompts), texts, fallback_texts, verify_cfg.min_scored_tokens, window
     )
-    floats = [str(p) for q, p in files if QUANTS[q].is_float]
-    reference_of = {str(p): (None if QUANTS[q].is_float or not floats else floats[0]) for q, p in files}
     log.info(
         f"  scoring {len(files)} file(s) on {scored.positions} positions ({len(scored.sequences)} sequences of "
         f"<= {window} tokens; {', '.join(f'{k} {v}' for k, v in scored.sources.items())})"
@@ -427,33 +412,30 @@ def verify_files(
             f"  only {scored.positions} positions to score, fewer than verify.min_scored_tokens="
             f"{scored.minimum}: gated on what there is (give verify.heldout_files more records)"
         )
-    runners: dict[str, GGUFRunner] = {}
+    log.info("  reference: the HF model in float32, layer by layer")
+    reference = Reference(model_dir, scored.sequences)
     reports = []
-    try:
-        for _, path in files:
-            runners[str(path)] = GGUFRunner(path, window, log_path)
-        hf_chunks = reference_logits(model_dir, scored.sequences, CHUNK)
-        tallies, hf_tally = score(hf_chunks, scored.sequences, len(scored.prompts), runners, reference_of)
-        for quant, path in files:
-            ref = reference_of[str(path)]
-            report = FileReport(str(path), quant, HF_REFERENCE if ref is None else Path(ref).name)
+    for quant, path in files:
+        runner = GGUFRunner(path, window, log_path)
+        try:
+            tally, hf_tally = score(reference.chunks(CHUNK), scored.sequences, len(scored.prompts), runner)
+            report = FileReport(str(path), quant)
             size = path.stat().st_size
-            report.measures = tallies[str(path)].measures() | {
+            report.measures = tally.measures() | {
                 "size": size,
                 "bits_per_weight": size * 8 / parameter_count(path),
                 "reference_ppl": hf_tally.measures()["ppl"],
             }
             _gates(report, verify_cfg)
-            _checks(runners[str(path)], path, tokenizer, report)
-            if scored.short:
-                report.notes.append(
-                    f"scored on {scored.positions} positions, short of verify.min_scored_tokens={scored.minimum}: "
-                    f"the data holds no more (gated on what there is)"
-                )
-            reports.append(report)
-    finally:
-        for r in runners.values():
-            r.close()
+            _checks(runner, path, tokenizer, report)
+        finally:
+            runner.close()
+        if scored.short:
+            report.notes.append(
+                f"scored on {scored.positions} positions, short of verify.min_scored_tokens={scored.minimum}: "
+                f"the data holds no more (gated on what there is)"
+            )
+        reports.append(report)
     return reports
 
 

@@ -162,8 +162,8 @@ def test_verification_report_within_gates(trained):
     f16 = by_name["gemma_2b_finetuned.f16.gguf"]
     assert f16["measures"]["nmse"] < 1e-4 and f16["measures"]["top1"] == 1.0 and f16["reference"] == "HF model"
     q8, q4 = by_name["gemma_2b_finetuned.gguf"], by_name["gemma_2b_finetuned.q4_k_m.gguf"]
-    assert q8["reference"] == q4["reference"] == "gemma_2b_finetuned.f16.gguf"  # quants against the float GGUF
-    assert by_name["gemma_2b_base.q4_k_m.gguf"]["reference"] == "gemma_2b_base.f16.gguf"
+    assert q8["reference"] == q4["reference"] == "HF model"  # every file against the trained model
+    assert by_name["gemma_2b_base.q4_k_m.gguf"]["reference"] == "HF model"
     assert 0 < q8["measures"]["kld"] < 1e-3 and 0 < q4["measures"]["kld"] < 0.05
     assert q8["measures"]["kld"] <= q8["measures"]["kld_p99"] and q4["measures"]["kld"] > q8["measures"]["kld"]
     assert q4["measures"]["size"] < q8["measures"]["size"] < f16["measures"]["size"]
@@ -279,7 +279,7 @@ def test_export_without_a_listed_float_type_and_the_new_quants(trained, hf_home,
     by_quant = {f["quant"]: f for f in report["files"]}
     assert list(by_quant) == ["f32", *quants] and report["passed"] is True
     assert by_quant["f32"]["path"] == "gemma_2b_finetuned.f32.gguf" and "deleted" in by_quant["f32"]["notes"][0]
-    assert all(by_quant[q]["reference"] == "gemma_2b_finetuned.f32.gguf" for q in quants)
+    assert all(by_quant[q]["reference"] == "HF model" for q in quants)
     size = {q: by_quant[q]["measures"]["size"] for q in quants}
     assert size["q8_0"] > size["q6_k"] > size["q5_k_m"] > size["q4_k_m"] > size["iq4_xs"]
     bpw = {q: by_quant[q]["measures"]["bits_per_weight"] for q in quants}

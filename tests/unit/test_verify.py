@@ -1,4 +1,4 @@
-"""Verification on the tiny model: the chunked lockstep scoring equals the whole-array computation, the scored set
+"""Verification on the tiny model: the chunked file-by-file scoring equals the whole-array computation, the scored set
 reaches verify.min_scored_tokens (or says it cannot), and the recommendation picks the smallest file in budget."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from convert.verify import CHUNK, HF_REFERENCE, FileReport, Gate, recommend, sco
 from core.config import Config
 from tests.conftest import GEMMA_TEMPLATE, TINY_REPO
 
+PROVENANCE = {"finetune.run_name": "t", "finetune.adapter_sha256": ""}  # an empty value is kept too
 WINDOW = 300  # > CHUNK and not a multiple of it: chunks of 128, 128, 44 cross the windows' boundaries
 
 
@@ -28,11 +29,20 @@ def exported(hf_home: Path, tmp_path_factory) -> dict:
     shutil.copytree(resolve_model(TINY_REPO, "main", hf_home=hf_home).path, model)
     shutil.copyfile(GEMMA_TEMPLATE, model / "chat_template.jinja")
     files = {"f32": work / "t.f32.gguf"}
-    convert_hf_to_gguf(model, files["f32"], "f32")
+    convert_hf_to_gguf(model, files["f32"], "f32", metadata=PROVENANCE)
     for q in ("q8_0", "q4_k_m"):
         files[q] = work / f"t.{q}.gguf"
         quantize(files["f32"], files[q], q, "q8_0")
     return {"model": model, "files": files}
+
+
+def test_the_converter_writes_the_provenance_keys_and_quants_inherit_them(exported):
+    from convert.llamacpp import read_metadata
+
+    for quant in ("f32", "q8_0"):
+        meta = read_metadata(exported["files"][quant])
+        assert {k: meta.get(k) for k in PROVENANCE} == PROVENANCE
+        assert meta["general.architecture"] == "gemma2" and meta["tokenizer.chat_template"]
 
 
 def _verify_cfg(**changes):
@@ -63,24 +73,39 @@ def _lsm(x: np.ndarray) -> np.ndarray:
     return x - x.max(-1, keepdims=True) - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True))
 
 
-def test_lockstep_chunks_equal_the_whole_array_computation(exported, tok):
+def test_chunked_scoring_equals_the_whole_array_computation(exported, tok, monkeypatch):
+    import convert.verify as verify
+
     files = exported["files"]
     cfg = _verify_cfg(min_scored_tokens=700)
     fallback = [f"record {i}: " + "the backup finished and every snapshot verified. " * 30 for i in range(10)]
+    open_now, most_open = [], []  # GGUFs mapped at once: one (the point of scoring file by file)
+
+    class Counted(verify.GGUFRunner):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            open_now.append(self)
+            most_open.append(len(open_now))
+
+        def close(self):
+            super().close()
+            open_now.remove(self)
+
+    monkeypatch.setattr(verify, "GGUFRunner", Counted)
     reports = verify_files(
         exported["model"], [("f32", files["f32"]), ("q4_k_m", files["q4_k_m"])], cfg, [], fallback_texts=fallback
     )
+    assert most_open == [1, 1] and not open_now
     f32, q4 = reports
-    assert (f32.reference, q4.reference) == (HF_REFERENCE, "t.f32.gguf")
+    assert f32.reference == q4.reference == HF_REFERENCE
     scored = scored_set(tok, list(cfg.prompts), [], fallback, 700, WINDOW)
     assert max(len(s) for s in scored.sequences) == WINDOW > CHUNK and WINDOW % CHUNK  # chunk boundaries crossed
     assert f32.measures["positions"] == q4.measures["positions"] == scored.positions >= 700
 
-    # independently: whole-sequence logits, KL(f32 GGUF || q4_k_m GGUF) over all positions, q4's perplexity
-    _, f32_logits = _whole_array(exported["model"], files["f32"], scored.sequences)
-    _, q4_logits = _whole_array(exported["model"], files["q4_k_m"], scored.sequences)
+    # independently: whole-sequence logits, KL(HF model || q4_k_m GGUF) over all positions, q4's perplexity
+    hf_logits, q4_logits = _whole_array(exported["model"], files["q4_k_m"], scored.sequences)
     kld, hits, nll = [], 0, []
-    for ids, p, q in zip(scored.sequences, f32_logits, q4_logits, strict=True):
+    for ids, p, q in zip(scored.sequences, hf_logits, q4_logits, strict=True):
         lp, lq = _lsm(p), _lsm(q)
         kld.append((np.exp(lp) * (lp - lq)).sum(-1))
         hits += int((p.argmax(-1) == q.argmax(-1)).sum())
