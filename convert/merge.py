@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from core.errors import RunError, signals_deferred
-from core.files import atomic_replace_dir
+from core.files import move_dir_into_place
 from core.tokenizer import save_tokenizer
 
 # safetensors' dtype names (the format's spec, safetensors/src/tensor.rs `Dtype`) for what checkpoints hold.
@@ -128,5 +128,5 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
                 f"the adapter was not trained on this base model"
             )
         save_tokenizer(AutoTokenizer.from_pretrained(str(adapter_dir)), stage, adapter_dir / "tokenizer.model")
-        atomic_replace_dir(stage, out_dir)
+        move_dir_into_place(stage, out_dir)  # a rename: the staging folder is beside out_dir
     return out_dir
