@@ -3,13 +3,18 @@
 An adapter GGUF is a few MB where a merged model is GBs: llama.cpp applies it at load time on the base GGUF
 (`Llama(model_path=base.gguf, lora_path=<name>.lora.gguf)`, `llama-cli -m base.gguf --lora ...`). It is
 promoted only if base + adapter, run by llama.cpp, gives the logits of the merged model's float GGUF, which
-verification has just proven equal to the merged HF model.
+verification has just proven equal to the merged HF model. When the export made no base GGUF of that float type
+(export.export_base off), converting the base (5 GB at the 2B's size) just for this check is avoided: the
+adapter is applied at scale -1 to the merged GGUF, which must then give the base HF model's logits (float32,
+convert/reference.py). merged - s*BA = base holds exactly when base + s*BA = merged, so it is the same identity,
+checked through llama.cpp's own LoRA path; what a user runs (base GGUF + adapter) differs only in the sign.
 
 The gate (LORA_MAX_KLD, LORA_MIN_TOP1): the two sides differ only in where the low-rank product is added (into
 the weights before they are rounded to the GGUF's float type, or at run time), so they differ by that float
 type's rounding: mean KLD 1.2e-8 measured on the tiny model in f32 (tests/unit/test_lora_gguf.py). The gate is
 1e-4 for f32/f16 (ten times under q8_0's) and 1e-3 for bf16 (3 fewer mantissa bits, as verify's NMSE gates);
-a dropped delta measures > 1e-2 there, and a wrong scale (rsLoRA read as plain LoRA) far above the gate.
+a dropped delta measures > 1e-2 there, and a wrong scale (rsLoRA read as plain LoRA) far above the gate; the
+same gates hold for the scale -1 check (its float32 reference has no rounding of its own).
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ import llama_cpp
 import numpy as np
 
 from convert.export import ExportResult
-from convert.llamacpp import convert_hf_to_gguf, native_output_to, open_gguf, read_metadata, run_child
+from convert.llamacpp import native_output_to, open_gguf, read_metadata, run_child
+from convert.reference import Reference
 from convert.tools import tree
 from core.errors import LlamaCppError
 from core.files import move_into_place
@@ -50,12 +56,13 @@ class LoraReport:
     outtype: str
     measures: dict[str, float] = field(default_factory=dict)
     passed: bool = False
+    against: str = "base GGUF + adapter vs the merged GGUF"  # which check ran (verify_lora or verify_lora_removed)
 
     def describe(self) -> str:
         m = self.measures
         gate = LORA_MAX_KLD.get(self.outtype, math.nan)
         return (
-            f"{Path(self.path).name} [lora {self.outtype}] on the base GGUF vs the merged GGUF: mean KLD "
+            f"{Path(self.path).name} [lora {self.outtype}] {self.against}: mean KLD "
             f"{m.get('kld', math.nan):.2e} (gate <= {gate:g}), top-1 {m.get('top1', math.nan):.2%} "
             f"(gate >= {LORA_MIN_TOP1:.0%}), {int(m.get('positions', 0))} positions"
         )
@@ -102,14 +109,21 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 def _logits(
-    model: Path, texts: list[str], n_ctx: int, log_path: Path | None, lora: Path | None = None, budget: int = 0
-) -> list[np.ndarray]:
-    """llama.cpp's logits at every position of each text (<bos> + the text, special markers as tokens), for texts
-    until `budget` positions are scored (0: all)."""
+    model: Path,
+    texts: list[str],
+    n_ctx: int,
+    log_path: Path | None,
+    lora: Path | None = None,
+    budget: int = 0,
+    lora_scale: float = 1.0,
+) -> tuple[list[list[int]], list[np.ndarray]]:
+    """The token ids and llama.cpp's logits at every position of each text (<bos> + the text, special markers as
+    tokens), for texts until `budget` positions are scored (0: all); the adapter `lora` applied at `lora_scale`."""
     with native_output_to(log_path):
         llm = llama_cpp.Llama(
             model_path=str(model),
             lora_path=str(lora) if lora else None,
+            lora_scale=lora_scale,
             n_ctx=n_ctx,
             n_batch=n_ctx,
             n_ubatch=n_ctx,
@@ -117,6 +131,7 @@ def _logits(
             verbose=False,
         )
     try:
+        seen: list[list[int]] = []
         out: list[np.ndarray] = []
         for text in texts:
             if budget and sum(len(x) for x in out) >= budget:
@@ -125,10 +140,40 @@ def _logits(
             llm.reset()
             with native_output_to(log_path):
                 llm.eval(ids)
+            seen.append(ids)
             out.append(np.array(llm.scores[: len(ids)], dtype=np.float32))
-        return out
+        return seen, out
     finally:
         llm.close()
+
+
+def _adapter_report(lora_gguf: Path) -> LoraReport:
+    meta = read_metadata(lora_gguf)
+    if meta.get("general.type") != "adapter" or meta.get("adapter.type") != "lora":
+        raise LlamaCppError(f"{lora_gguf} is not a LoRA adapter GGUF (general.type {meta.get('general.type')})")
+    # an adapter GGUF has no general.file_type: its type is its tensors' (lora_a/lora_b, all of one type)
+    return LoraReport(str(lora_gguf), open_gguf(lora_gguf).tensors[0].tensor_type.name.lower())
+
+
+def _judge(report: LoraReport, ref: list[np.ndarray], got: list[np.ndarray], against: str) -> LoraReport:
+    kld_sum, hits, positions = 0.0, 0, 0
+    for r, g in zip(ref, got, strict=True):
+        lp, lq = _log_softmax(r), _log_softmax(g)
+        kld_sum += float((np.exp(lp) * (lp - lq)).sum())
+        hits += int((r.argmax(-1) == g.argmax(-1)).sum())
+        positions += len(r)
+    report.measures = {"kld": kld_sum / positions, "top1": hits / positions, "positions": positions}
+    report.against = against
+    gate = LORA_MAX_KLD.get(report.outtype, 0.0)  # a type without a gate never passes
+    report.passed = report.measures["kld"] <= gate and report.measures["top1"] >= LORA_MIN_TOP1
+    return report
+
+
+def _texts(texts: list[str]) -> list[str]:
+    texts = [t for t in texts if t]
+    if not texts:
+        raise ValueError("verify_lora needs at least one non-empty text")
+    return texts
 
 
 def verify_lora(
@@ -142,26 +187,32 @@ def verify_lora(
 ) -> LoraReport:
     """Base GGUF + adapter GGUF vs the merged float GGUF on the texts (about `budget` positions); the gates decide
     `passed`."""
-    texts = [t for t in texts if t]
-    if not texts:
-        raise ValueError("verify_lora needs at least one non-empty text")
-    meta = read_metadata(lora_gguf)
-    # an adapter GGUF has no general.file_type: its type is its tensors' (lora_a/lora_b, all of one type)
-    report = LoraReport(str(lora_gguf), open_gguf(lora_gguf).tensors[0].tensor_type.name.lower())
-    if meta.get("general.type") != "adapter" or meta.get("adapter.type") != "lora":
-        raise LlamaCppError(f"{lora_gguf} is not a LoRA adapter GGUF (general.type {meta.get('general.type')})")
-    ref = _logits(merged_gguf, texts, n_ctx, log_path, budget=budget)
-    got = _logits(base_gguf, texts[: len(ref)], n_ctx, log_path, lora=lora_gguf)
-    kld_sum, hits, positions = 0.0, 0, 0
-    for r, g in zip(ref, got, strict=True):
-        lp, lq = _log_softmax(r), _log_softmax(g)
-        kld_sum += float((np.exp(lp) * (lp - lq)).sum())
-        hits += int((r.argmax(-1) == g.argmax(-1)).sum())
-        positions += len(r)
-    report.measures = {"kld": kld_sum / positions, "top1": hits / positions, "positions": positions}
-    gate = LORA_MAX_KLD.get(report.outtype, 0.0)  # a type without a gate never passes
-    report.passed = report.measures["kld"] <= gate and report.measures["top1"] >= LORA_MIN_TOP1
-    return report
+    texts = _texts(texts)
+    report = _adapter_report(lora_gguf)
+    _, ref = _logits(merged_gguf, texts, n_ctx, log_path, budget=budget)
+    _, got = _logits(base_gguf, texts[: len(ref)], n_ctx, log_path, lora=lora_gguf)
+    return _judge(report, ref, got, "base GGUF + adapter vs the merged GGUF")
+
+
+def verify_lora_removed(
+    merged_gguf: Path,
+    lora_gguf: Path,
+    base_dir: Path,
+    texts: list[str],
+    log_path: Path | None,
+    n_ctx: int = 256,
+    budget: int = CHECK_TOKENS,
+) -> LoraReport:
+    """Without a base GGUF: the merged float GGUF with the adapter applied at scale -1 vs the base HF model
+    (float32, streamed by convert/reference.py) on the texts. merged - s*BA = base holds exactly when
+    base + s*BA = merged: the same identity, through llama.cpp's own LoRA path, with no base GGUF written."""
+    texts = _texts(texts)
+    report = _adapter_report(lora_gguf)
+    ids, got = _logits(merged_gguf, texts, n_ctx, log_path, lora=lora_gguf, budget=budget, lora_scale=-1.0)
+    ref: list[np.ndarray] = [np.zeros(0)] * len(ids)
+    for t, logits in Reference(base_dir, ids).chunks(n_ctx):  # one chunk per text: texts are <= n_ctx tokens
+        ref[t] = logits
+    return _judge(report, ref, got, "merged GGUF - adapter vs the base HF model")
 
 
 def export_lora_gguf(
@@ -173,26 +224,24 @@ def export_lora_gguf(
     log_path: Path | None,
     base_gguf: Path | None = None,
 ) -> LoraReport:
-    """Convert the adapter to `out` (in the float type of merged_gguf) and verify it on the base GGUF.
+    """Convert the adapter to `out` (in the float type of merged_gguf) and verify it.
 
-    base_gguf: the base model's GGUF in that same float type; if None, the base folder is converted beside `out`
-    for the check and deleted after. On a failed gate `out` is deleted and the report says why (passed False)."""
+    base_gguf: the base model's GGUF in that same float type: base + adapter must give the merged GGUF's logits.
+    If None (export.export_base off), rather than converting the base (5 GB at the 2B's size) for the check, the
+    adapter is removed from the merged GGUF (scale -1), which must give the base HF model's logits
+    (verify_lora_removed). On a failed gate `out` is deleted and the report says why (passed False)."""
     file_type = read_metadata(merged_gguf).get("general.file_type")
     merged_type = quant_of_file_type(file_type) if isinstance(file_type, int) else None
     outtype = merged_type if merged_type in ADAPTER_TYPES else "f32"
-    made_base = base_gguf is None
-    if base_gguf is None:
-        base_gguf = out.with_name(f".{out.stem}.base.{outtype}.gguf")
-        convert_hf_to_gguf(base_dir, base_gguf, outtype, log_path)
     try:
         convert_lora(adapter_dir, base_dir, out, outtype, log_path)
-        report = verify_lora(base_gguf, out, merged_gguf, texts, log_path)
+        if base_gguf is not None:
+            report = verify_lora(base_gguf, out, merged_gguf, texts, log_path)
+        else:
+            report = verify_lora_removed(merged_gguf, out, base_dir, texts, log_path)
     except BaseException:
         out.unlink(missing_ok=True)
         raise
-    finally:
-        if made_base:
-            base_gguf.unlink(missing_ok=True)
     if not report.passed:
         out.unlink(missing_ok=True)
     return report
@@ -201,13 +250,14 @@ def export_lora_gguf(
 def export_run_lora(adapter_dir: Path, base_dir: Path, results: list[ExportResult], texts: list[str]) -> LoraReport:
     """The pipeline's call: the adapter of a run whose fine-tuned export is results[0], into its work folder as
     <name>.lora.gguf, checked against its float GGUF; a base export of the same float type in `results` is
-    reused as the base GGUF (else the base folder is converted for the check)."""
+    reused as the base GGUF (else the adapter is checked by removing it from the merged GGUF)."""
     merged = results[0]
     same = [r for r in results[1:] if r.float_type == merged.float_type]
     base_gguf = same[0].candidates[same[0].float_type] if same else None
     work_dir = merged.candidates[merged.float_type].parent
     out = work_dir / f"{merged.name}.lora.gguf"
-    log.info(f"  adapter -> {out.name} (convert_lora_to_gguf.py), checked on the base GGUF")
+    how = "on the base GGUF" if base_gguf else "by removing it from the merged GGUF (no base GGUF exported)"
+    log.info(f"  adapter -> {out.name} (convert_lora_to_gguf.py), checked {how}")
     report = export_lora_gguf(
         adapter_dir, base_dir, merged.candidates[merged.float_type], out, texts, work_dir / "convert.log", base_gguf
     )

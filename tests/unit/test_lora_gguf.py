@@ -41,30 +41,41 @@ def heldout_texts(tok) -> list[str]:
     return [tok.apply_chat_template(r["messages"], tokenize=False).removeprefix(tok.bos_token) for r in rows]
 
 
-@pytest.mark.parametrize("rslora", [False, True])
-def test_adapter_gguf_on_base_matches_the_merged_gguf(hf_home, tok, tmp_path, rslora):
+@pytest.mark.parametrize("rslora, with_base_gguf", [(False, True), (True, False)])
+def test_adapter_gguf_reproduces_the_merged_model(hf_home, tok, tmp_path, rslora, with_base_gguf):
+    """On the base GGUF (base + adapter vs the merged GGUF), or without one (merged GGUF - adapter vs the HF base)."""
     base_dir, adapter_dir = base_and_adapter(hf_home, tok, tmp_path, rslora)
     merged_gguf = tmp_path / "merged.f32.gguf"
     convert_hf_to_gguf(merge_adapter(base_dir, adapter_dir, tmp_path / "merged"), merged_gguf, "f32")
+    base_gguf = None
+    if with_base_gguf:
+        base_gguf = tmp_path / "base.f32.gguf"
+        convert_hf_to_gguf(base_dir, base_gguf, "f32")
     out = tmp_path / "export" / "m.lora.gguf"
-    report = export_lora_gguf(adapter_dir, base_dir, merged_gguf, out, heldout_texts(tok), tmp_path / "log")
+    report = export_lora_gguf(
+        adapter_dir, base_dir, merged_gguf, out, heldout_texts(tok), tmp_path / "log", base_gguf=base_gguf
+    )
     print(report.describe())
     assert report.passed, report.describe()
+    assert ("base GGUF + adapter" if with_base_gguf else "merged GGUF - adapter") in report.describe()
     assert report.measures["kld"] < LORA_MAX_KLD["f32"] / 10 and report.measures["top1"] == 1.0
     assert report.measures["positions"] > 500
     meta = read_metadata(out)
     assert (meta["general.type"], meta["adapter.type"], report.outtype) == ("adapter", "lora", "f32")
-    # only the adapter is left: the base GGUF converted for the check and the staged adapter folder are gone
+    # only the adapter is left: no base GGUF converted for the check, and the staged adapter folder is gone
     assert sorted(p.name for p in out.parent.iterdir()) == ["m.lora.gguf"]
 
 
-def test_an_adapter_that_does_not_reproduce_the_merged_model_is_not_kept(hf_home, tok, tmp_path):
+@pytest.mark.parametrize("with_base_gguf", [True, False])
+def test_an_adapter_that_does_not_reproduce_the_merged_model_is_not_kept(hf_home, tok, tmp_path, with_base_gguf):
     base_dir, adapter_dir = base_and_adapter(hf_home, tok, tmp_path, rslora=False)
     base_gguf = tmp_path / "base.f32.gguf"
     convert_hf_to_gguf(base_dir, base_gguf, "f32")
     out = tmp_path / "export" / "m.lora.gguf"
     # "merged" = the base itself: what a converter that dropped the adapter's delta would verify against
-    report = export_lora_gguf(adapter_dir, base_dir, base_gguf, out, heldout_texts(tok), None, base_gguf=base_gguf)
+    report = export_lora_gguf(
+        adapter_dir, base_dir, base_gguf, out, heldout_texts(tok), None, base_gguf=base_gguf if with_base_gguf else None
+    )
     assert not report.passed
     assert report.measures["kld"] > 10 * max(LORA_MAX_KLD.values()), report.describe()
     assert not out.exists() and base_gguf.exists()
