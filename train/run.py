@@ -14,8 +14,11 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import ExitStack
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+
+from transformers import PreTrainedTokenizerBase
 
 from convert.pipeline import export_run, promote_adapter
 from convert.summary import print_summary
@@ -86,9 +89,19 @@ def dry_run_plan(cfg: Config, folder: RunFolder, fresh: bool = False, gpu_memory
     log.info("\n".join(memory_plan(base.path, cfg, placement(cfg, for_card=gpu_memory is not None), gpu_memory)))
 
 
-def _inputs(cfg: Config, folder: RunFolder) -> tuple[ResolvedModel, object, PreparedData, dict]:
-    """Base model, tokenizer and data (everything that can fail fast fails here), and the identity of what is
-    trained: a checkpoint trained on anything else is not resumed (train/resume.py)."""
+@dataclass
+class Inputs:
+    """What a run trains: base model, tokenizer and data, and their identity (a checkpoint trained on anything
+    else is not resumed: train/resume.py)."""
+
+    base: ResolvedModel
+    tokenizer: PreTrainedTokenizerBase
+    data: PreparedData
+    identity: dict
+
+
+def _inputs(cfg: Config, folder: RunFolder) -> Inputs:
+    """Everything that can fail fast fails here."""
     base = resolve_model(cfg.model.name_or_path, cfg.model.revision)
     tokenizer = load_tokenizer(base, cfg)
     data = load_data(tokenizer, cfg, folder.root)
@@ -98,49 +111,61 @@ def _inputs(cfg: Config, folder: RunFolder) -> tuple[ResolvedModel, object, Prep
         "data_fingerprint": data.train_stats.fingerprint,
         "lora": cfg.lora.model_dump(mode="json"),
     }
-    return base, tokenizer, data, identity
+    return Inputs(base, tokenizer, data, identity)
+
+
+@dataclass
+class _Local:
+    """What rank 0's start() leaves in its own process: on_main broadcasts only start()'s (small) return value."""
+
+    where: Placement | None
+    inputs: Inputs | None = None
+
+
+def _start(
+    cfg: Config, folder: RunFolder, fresh: bool, resume_from: Path | None, local: _Local
+) -> Manifest | tuple[Path | None, Manifest, dict]:
+    """Rank 0: the finished run's summary if it is complete; else resolve, validate and prepare the run folder,
+    returning (checkpoint to resume or None, the manifest, the inputs' identity)."""
+    previous = None if fresh or resume_from is not None else folder.read_manifest_or_none()
+    if previous is not None and previous.status == "complete":
+        return finished_summary(folder, cfg, previous)
+    if local.where is None:  # model.device=cuda without a usable GPU stops here (exit 2), before anything loads
+        local.where = placement(cfg)
+        distributed.check_one_process_per_gpu(local.where.cuda)
+    local.inputs = got = _inputs(cfg, folder)
+    validate_training_setup(cfg, folder, got.base, bool(got.data.evals), got.tokenizer)
+    # --- resume: what a checkpoint was trained on; resuming with any of it changed is refused
+    resume = prepare_run_folder(folder, cfg, fresh, got.identity, resume_from)
+    manifest = start_manifest(cfg, folder, got.base, got.data)
+    stats = got.data.train_stats
+    log.info(
+        f"training {cfg.run_name}: {stats.records} records, {len(got.data.train)} rows, {stats.tokens} tokens "
+        f"({stats.supervised_tokens} supervised) on {got.base.repo_id or got.base.path}"
+        + (f", resuming from {resume.name}" if resume else "")
+    )
+    return resume, manifest, got.identity
 
 
 def _run(cfg: Config, folder: RunFolder, fresh: bool, resume_from: Path | None, placed: Placement | None) -> Manifest:
     t0 = time.time()
-    mine: list = []  # rank 0's inputs, read inside its block
-    where = [placed] if placed else []
-
-    def start() -> Manifest | tuple[Path | None, Manifest, dict]:
-        previous = None if fresh or resume_from is not None else folder.read_manifest_or_none()
-        if previous is not None and previous.status == "complete":
-            return finished_summary(folder, cfg, previous)
-        if not where:  # model.device=cuda without a usable GPU stops here (exit 2), before anything loads
-            where.append(placement(cfg))
-            distributed.check_one_process_per_gpu(where[0].cuda)
-        mine.extend(_inputs(cfg, folder))
-        base, tokenizer, data, identity = mine
-        validate_training_setup(cfg, folder, base, bool(data.evals), tokenizer)
-        # --- resume: what a checkpoint was trained on; resuming with any of it changed is refused
-        resume = prepare_run_folder(folder, cfg, fresh, identity, resume_from)
-        manifest = start_manifest(cfg, folder, base, data)
-        log.info(
-            f"training {cfg.run_name}: {data.train_stats.records} records, {len(data.train)} rows, "
-            f"{data.train_stats.tokens} tokens ({data.train_stats.supervised_tokens} supervised) on "
-            f"{base.repo_id or base.path}" + (f", resuming from {resume.name}" if resume else "")
-        )
-        return resume, manifest, identity
-
     # --- resolve, validate, prepare the run folder: rank 0; the other ranks read the same inputs after it
-    started = distributed.on_main(start)
+    local = _Local(placed)
+    started = distributed.on_main(partial(_start, cfg, folder, fresh, resume_from, local))
     if isinstance(started, Manifest):  # complete already: reported, nothing trained
         return started
     resume, manifest, identity = started
-    if not mine:
-        mine.extend(_inputs(cfg, folder))
-        if mine[3] != identity:
+    if local.inputs is None:  # not rank 0
+        local.inputs = _inputs(cfg, folder)
+        if local.inputs.identity != identity:
             raise RunError(
-                f"rank {distributed.world().rank} read other inputs than rank 0 ({mine[3]} != {identity}): every "
-                f"rank must see the same model and data files"
+                f"rank {distributed.world().rank} read other inputs than rank 0 ({local.inputs.identity} != "
+                f"{identity}): every rank must see the same model and data files"
             )
-    base, tokenizer, data, identity = mine
+    base, tokenizer, data = local.inputs.base, local.inputs.tokenizer, local.inputs.data
+    assert local.where is not None  # rank 0's start() placed it; the other ranks were given it
     # --- model and preflight
-    model = build_model(base, cfg, where[0])
+    model = build_model(base, cfg, local.where)
     trainable, total = model.get_nb_trainable_parameters()
     log.info(f"LoRA r={cfg.lora.r}: {trainable:,} trainable of {total:,} parameters ({trainable / total:.2%})")
     disk = distributed.on_main(partial(preflight, cfg, folder, base.path, model, len(data.train), bool(data.evals)))
