@@ -36,8 +36,10 @@ demo: tiny-model  ## train + export + verify on the tiny model (configs/demo.yam
 	$(PY) -m train --config configs/demo.yaml
 
 TEST_JOBS ?= 2
+# --dist loadscope: a test module's tests share a worker, so its module fixture (a trained, exported run) is built
+# once, not once per worker.
 test: setup  ## run the test suite (CPU; GPU tests skip), TEST_JOBS workers (pytest-xdist; 0 = one process)
-	$(PY) -m pytest -n $(TEST_JOBS)
+	$(PY) -m pytest -n $(TEST_JOBS) --dist loadscope
 
 lint: setup  ## ruff (style, complexity, imports at the top) + format check + mypy on core/ convert/ train/
 	$(PY) -m ruff check . && $(PY) -m ruff format --check . && $(PY) -m mypy

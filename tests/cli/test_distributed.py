@@ -68,6 +68,7 @@ def export_config(work: Path, batch: int) -> None:
             "quants": ["q8_0"],
             "default_quant": "q8_0",
             "export_base": False,
+            "lora_gguf": False,  # tested in test_pipeline/test_lora_gguf; here the conversions are counted
             "gguf_dir": str(work / "models" / "gguf"),
         },
     )

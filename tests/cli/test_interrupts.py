@@ -51,6 +51,7 @@ def complete(hf_home: Path, tmp_path_factory) -> Path:
             "quants": ["f16", "q8_0"],
             "default_quant": "q8_0",
             "export_base": False,
+            "lora_gguf": False,  # its conversion and check are tested in test_pipeline/test_lora_gguf
             "gguf_dir": "models/gguf",
         },
         paths={"output_dir": "outputs", "models_dir": "models"},

@@ -46,7 +46,13 @@ CONFIG = {
         "report_to": [],
         "seed": 7,
     },
-    "export": {"quants": ["q8_0", "q4_k_m"], "default_quant": "q8_0", "export_base": False, "gguf_dir": "models/gguf"},
+    "export": {
+        "quants": ["q8_0", "q4_k_m"],
+        "default_quant": "q8_0",
+        "export_base": False,
+        "lora_gguf": False,
+        "gguf_dir": "models/gguf",
+    },
     "verify": {"heldout_files": [str(DEMO_HELDOUT)], "max_heldout_records": 4},
     "nightly": {
         "eval_files": [str(DEMO_HELDOUT)],
