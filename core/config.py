@@ -249,8 +249,8 @@ class ExportSection(Section):
     name: str = "gemma_2b_finetuned"
     """File stem of the fine-tuned GGUF: <name>.gguf is default_quant, other quants are <name>.<quant>.gguf."""
     quants: list[QuantType] = Field(default_factory=lambda: ["f16", "q8_0", "q4_k_m"])
-    """GGUF types to produce. A float GGUF (export.float_type) is converted first; the quants are made from it and
-    verified against it; it is kept only if listed here (or export.keep_float)."""
+    """GGUF types to produce. A float GGUF (export.float_type) is converted first and the quants are made from it;
+    every file is verified against the HF model; the float file is kept only if listed here (or export.keep_float)."""
     default_quant: QuantType = "q4_k_m"
     """The quant an application loads: written as <name>.gguf."""
     token_embedding_type: QuantType | None = "q8_0"
