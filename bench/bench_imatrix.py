@@ -1,17 +1,19 @@
 """q4_k_m with and without an importance matrix from the run's own data, against the float GGUF, in one run.
 
     python bench/bench_imatrix.py [--model HF_DIR] [--calibration N] [--max-tokens N] [--float-type bf16]
+                                  [--max-positions N]
 
-The model is the tiny Gemma 2 (python -m train.tiny_model builds it into a temporary HF_HOME), or --model, any
-Gemma 2 HF folder (bench/bench_export.py's full-shape one: there use --float-type bf16 and a smaller --max-tokens,
-calibration and scoring are forward passes of the 2B on the CPU). Both quants are made from the same float GGUF
-(f32 unless --float-type) with the same llama.cpp quantizer and token_embd at q8_0 (export.token_embedding_type);
-the only difference is the importance matrix, computed by convert.imatrix.compute_imatrix from the first
---calibration records of data/demo/chat.jsonl (the "training data"). Both are scored against the float GGUF on
-records the matrix never saw (the rest of chat.jsonl and data/demo/heldout.jsonl): KL(float || quant) at every
-position, its mean and 99th percentile, and the share of positions with the same top-1 token. Prints both, the
-ratios, and the file sizes (the same tensor bytes by construction: the matrix changes values, not types; the
-imatrix file carries a few hundred bytes of quantize.imatrix.* keys more).
+The model is the tiny Gemma 2 (python -m train.tiny_model builds it into a temporary HF_HOME), or --model, any Gemma
+2 HF folder (bench/bench_export.py's full-shape one: there use --float-type bf16 and smaller --max-tokens and
+--max-positions, e.g. 2048 each: calibration and scoring are forward passes of the 2B on the CPU). Both quants are
+made from the same float GGUF (f32 unless --float-type) with the same llama.cpp quantizer and token_embd at q8_0
+(export.token_embedding_type); the only difference is the importance matrix, computed by
+convert.imatrix.compute_imatrix from the first --calibration records of data/demo/chat.jsonl (the "training data").
+Both are scored against the float GGUF on records the matrix never saw (the rest of chat.jsonl and
+data/demo/heldout.jsonl): KL(float || quant) at every position, its mean and 99th percentile, and the share of
+positions with the same top-1 token. Prints both, the ratios, and the file sizes (the same tensor bytes by
+construction: the matrix changes values, not types; the imatrix file carries a few hundred bytes of
+quantize.imatrix.* keys more).
 """
 
 from __future__ import annotations
@@ -54,35 +56,52 @@ def rendered(tok, path: Path) -> list[str]:
     return [tok.apply_chat_template(r["messages"], tokenize=False).removeprefix(tok.bos_token) for r in rows]
 
 
-def logits(model: Path, texts: list[str], n_ctx: int = 512) -> list[np.ndarray]:
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x -= x.max(-1, keepdims=True)
+    x -= np.log(np.exp(x).sum(-1, keepdims=True))
+    return x
+
+
+def score(reference: Path, quants: list[Path], texts: list[str], max_positions: int, n_ctx: int = 512) -> list[dict]:
+    """KL(reference || quant) at every position of the texts (until max_positions), per quant: the three models are
+    loaded at once and each text's logits dropped after it (the 2B's 256k-vocab logits are 1 MB per position)."""
     with native_output_to(None):
-        llm = llama_cpp.Llama(
-            model_path=str(model), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True, verbose=False
-        )
-    out = []
+        models = [
+            llama_cpp.Llama(
+                model_path=str(m), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True, verbose=False
+            )
+            for m in [reference, *quants]
+        ]
+    per_position: list[list[np.ndarray]] = [[] for _ in quants]
+    same = [0 for _ in quants]
+    positions = 0
     try:
         for text in texts:
-            ids = llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)[:n_ctx]
-            llm.reset()
-            with native_output_to(None):
-                llm.eval(ids)
-            out.append(np.array(llm.scores[: len(ids)], dtype=np.float64))
+            if positions >= max_positions:
+                break
+            ids = models[0].tokenize(text.encode("utf-8"), add_bos=True, special=True)[:n_ctx]
+            out = []
+            for llm in models:
+                llm.reset()
+                with native_output_to(None):
+                    llm.eval(ids)
+                out.append(np.array(llm.scores[: len(ids)], dtype=np.float32))
+            lp = _log_softmax(out[0])
+            for i, got in enumerate(out[1:]):
+                per_position[i].append((np.exp(lp) * (lp - _log_softmax(got))).sum(-1))
+                same[i] += int((out[0].argmax(-1) == got.argmax(-1)).sum())
+            positions += len(ids)
     finally:
-        llm.close()
-    return out
-
-
-def kld(ref: list[np.ndarray], got: list[np.ndarray]) -> dict[str, float]:
-    per_position, same = [], 0
-    for r, g in zip(ref, got, strict=True):
-        lp = r - r.max(-1, keepdims=True)
-        lp -= np.log(np.exp(lp).sum(-1, keepdims=True))
-        lq = g - g.max(-1, keepdims=True)
-        lq -= np.log(np.exp(lq).sum(-1, keepdims=True))
-        per_position.append((np.exp(lp) * (lp - lq)).sum(-1))
-        same += int((r.argmax(-1) == g.argmax(-1)).sum())
-    k = np.concatenate(per_position)
-    return {"mean": float(k.mean()), "p99": float(np.percentile(k, 99)), "top1": same / len(k), "n": len(k)}
+        for llm in models:
+            llm.close()
+    results = []
+    for k, hits in zip(per_position, same, strict=True):
+        kl = np.concatenate(k)
+        results.append(
+            {"mean": float(kl.mean()), "p99": float(np.percentile(kl, 99)), "top1": hits / len(kl), "n": len(kl)}
+        )
+    return results
 
 
 def main() -> int:
@@ -91,6 +110,7 @@ def main() -> int:
     ap.add_argument("--calibration", type=int, default=250, help="records of chat.jsonl that calibrate")
     ap.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="calibration token budget")
     ap.add_argument("--float-type", choices=["f32", "f16", "bf16"], default="f32", help="the source and reference")
+    ap.add_argument("--max-positions", type=int, default=10**9, help="scored positions (whole records) at most")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench_imatrix.") as tmp:
         work = Path(tmp)
@@ -109,8 +129,7 @@ def main() -> int:
         plain, calibrated = work / "m.q4_k_m.gguf", work / "m.q4_k_m.imatrix.gguf"
         quantize(f32, plain, "q4_k_m", "q8_0", log)
         quantize(f32, calibrated, "q4_k_m", "q8_0", log, imatrix=imatrix)
-        ref = logits(f32, evaluation)
-        a, b = kld(ref, logits(plain, evaluation)), kld(ref, logits(calibrated, evaluation))
+        a, b = score(f32, [plain, calibrated], evaluation, args.max_positions)
         size_a, size_b = plain.stat().st_size, calibrated.stat().st_size
     name = args.model or "tiny Gemma 2 (train.tiny_model)"
     print(f"model: {name}; calibration: {len(calibration)} records; scored: {a['n']} positions of "

@@ -173,7 +173,7 @@ def test_verification_report_within_gates(trained):
         assert f["measures"]["positions"] == report["scored_tokens"] >= 2048  # verify.min_scored_tokens
     assert report["short_of_minimum"] is False
     md = (trained["run"] / "verify.md").read_text()
-    assert "| gemma_2b_finetuned.gguf | q8_0 | gemma_2b_finetuned.f16.gguf |" in md
+    assert "| gemma_2b_finetuned.gguf | q8_0 | HF model |" in md
     assert f"Scored positions per file: {report['scored_tokens']}." in md
     best = report["recommended"]["gemma_2b_finetuned"]  # the smallest file within verify.recommend_max_kld
     assert (
