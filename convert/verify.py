@@ -6,7 +6,7 @@ the files are run by llama.cpp one after another, each in step with the referenc
 a time: per position the KL divergence, top-1 agreement and next-token log-likelihood are computed and the
 logits dropped. So one GGUF is mapped at a time and no [tokens, vocab] array for the whole text set exists
 (256k vocab: 1 MB per position). The price is the reference's output layer once per file (~1/5 of a forward).
-(llama.cpp's own llama-perplexity --kl-divergence scores quants against the f16 file instead; scoring both
+(llama.cpp's own llama-perplexity --kl-divergence scores quants against the f16 file instead; scoring each
 against the trained model measures what a user gets, and the float file's own distance is in the table.)
 
 Measured per file:
