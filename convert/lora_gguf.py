@@ -256,7 +256,7 @@ def export_run_lora(adapter_dir: Path, base_dir: Path, results: list[ExportResul
     base_gguf = same[0].candidates[same[0].float_type] if same else None
     work_dir = merged.candidates[merged.float_type].parent
     out = work_dir / f"{merged.name}.lora.gguf"
-    how = "on the base GGUF" if base_gguf else "by removing it from the merged GGUF (no base GGUF exported)"
+    how = "on the base GGUF" if base_gguf else "by removing it from the merged GGUF (no base GGUF in this export)"
     log.info(f"  adapter -> {out.name} (convert_lora_to_gguf.py), checked {how}")
     report = export_lora_gguf(
         adapter_dir, base_dir, merged.candidates[merged.float_type], out, texts, work_dir / "convert.log", base_gguf
