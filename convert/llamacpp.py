@@ -46,12 +46,14 @@ def convert_hf_to_gguf(
     folder = tree()
     model_dir, out_path = model_dir.resolve(), out_path.resolve()  # the converter runs in its own folder
     tmp = out_path.with_name(f".{out_path.name}.tmp")
-    converter = [sys.executable, str(folder / "convert_hf_to_gguf.py")]
-    if metadata:
-        child = Path(__file__).with_name("converter_child.py")
-        converter = [sys.executable, str(child), converter[1], json.dumps(metadata)]
+    script = str(folder / "convert_hf_to_gguf.py")
+    if metadata:  # the same script, run by converter_child.py, which hands the keys to its writer
+        script_and_keys = [str(Path(__file__).with_name("converter_child.py")), script, json.dumps(metadata)]
+    else:
+        script_and_keys = [script]
     cmd = [
-        *converter,
+        sys.executable,
+        *script_and_keys,
         str(model_dir),
         "--outfile",
         str(tmp),

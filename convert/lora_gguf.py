@@ -209,9 +209,7 @@ def verify_lora_removed(
     texts = _texts(texts)
     report = _adapter_report(lora_gguf)
     ids, got = _logits(merged_gguf, texts, n_ctx, log_path, lora=lora_gguf, budget=budget, lora_scale=-1.0)
-    ref: list[np.ndarray] = [np.zeros(0)] * len(ids)
-    for t, logits in Reference(base_dir, ids).chunks(n_ctx):  # one chunk per text: texts are <= n_ctx tokens
-        ref[t] = logits
+    ref = [logits for _, logits in Reference(base_dir, ids).chunks(n_ctx)]  # one chunk a text: <= n_ctx tokens
     return _judge(report, ref, got, "merged GGUF - adapter vs the base HF model")
 
 
