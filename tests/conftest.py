@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -72,6 +73,40 @@ def run_cli(
         timeout=timeout,
         **popen,
     )
+
+
+class CliServer:
+    """`run_cli` for many short commands: tests/support/cli_server.py imports both CLIs once and runs each
+    command's real main() in a fork of itself (own process, working directory, stdout/stderr, exit status)."""
+
+    def __init__(self, hf_home: Path, cwd: Path, scratch: Path):
+        self.scratch = scratch
+        self.count = 0
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.support.cli_server"],
+            cwd=cwd,
+            env=cli_env(hf_home),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def run(self, module: str, args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+        self.count += 1
+        out, err = self.scratch / f"{self.count}.out", self.scratch / f"{self.count}.err"
+        request = {"module": module, "args": args, "cwd": str(cwd), "stdout": str(out), "stderr": str(err)}
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps(request | {"timeout": timeout}) + "\n")
+        self.proc.stdin.flush()
+        reply = self.proc.stdout.readline()
+        assert reply, f"the CLI server died (exit {self.proc.wait()})"
+        rc = json.loads(reply)["returncode"]
+        return subprocess.CompletedProcess([module, *args], rc, out.read_text(), err.read_text())
+
+    def close(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        self.proc.wait(timeout=60)
 
 
 def small_config(workdir: Path, **sections) -> Path:

@@ -1,10 +1,11 @@
 """Every CLI verb fed a table of bad inputs, as a demanding new user types them (issue 9).
 
-Each case runs the real CLI in a subprocess and must end with its documented exit code, a message naming the
+Each case runs the real CLI in a process of its own and must end with its documented exit code, a message naming the
 offending thing, no traceback, and `models/` byte for byte (and mode for mode) as it was. The cases share one
 trained and exported tiny run (module fixture) and run in its folder with relative paths; a case that changes
 the run folder gets a copy. A few cases are the good forms of a path (relative, trailing slash, symlink): those
-must succeed.
+must succeed. The cases' processes are forks of tests/support/cli_server.py, which has imported both CLIs once
+(~8 s a process otherwise); the few tests of a process's own start (`| head`) start `python -m` themselves.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import DEMO_DATA, cli_env, run_cli, small_config
+from tests.conftest import DEMO_DATA, CliServer, cli_env, run_cli, small_config
 from tests.support.snapshots import tree_snapshot
 
 pytestmark = pytest.mark.slow
@@ -444,15 +445,22 @@ def trained(hf_home: Path, tmp_path_factory) -> Path:
     return work
 
 
+@pytest.fixture(scope="module")
+def cli(trained: Path, hf_home: Path, tmp_path_factory):
+    server = CliServer(hf_home, trained, tmp_path_factory.mktemp("cli_output"))
+    yield server
+    server.close()
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_bad_input(case: Case, trained: Path, hf_home: Path, tmp_path: Path):
+def test_bad_input(case: Case, trained: Path, cli: CliServer, tmp_path: Path):
     work = trained
     if case.mutate:
         work = tmp_path / "work"
         shutil.copytree(trained, work, symlinks=True)
         globals()[case.mutate](work)
     before = tree_snapshot(work / "models")
-    res = run_cli(case.module, case.args, work, hf_home, timeout=300)
+    res = cli.run(case.module, case.args, work, timeout=300)
     out = res.stdout + res.stderr
     assert res.returncode == case.rc, out[-3000:]
     assert "Traceback" not in out, out[-3000:]

@@ -1,0 +1,87 @@
+"""Both CLIs imported once, each command run in a fork: `python -m tests.support.cli_server` (tests only).
+
+A `python -m train` process spends 7-9 s importing torch, transformers, peft and trl before it looks at its
+input, so a table of sixty bad inputs spends most of its time starting interpreters. This server does what both
+CLIs do before their first heavy import (`configure_cache_env`, in the working directory it starts in), imports
+the commands once, then runs each request in a fork of itself: a real process with the request's working
+directory, its own stdout and stderr (files) and exit status, running the CLI's real `main(argv)`. Nothing is
+stubbed; the interpreter start and the imports are what is shared. Tests that need a process's start (signals
+while it loads, imports ordered after the cache variables) keep starting `python -m ...` themselves.
+
+Protocol, one JSON line each way on stdin/stdout:
+    {"module": "train", "args": [...], "cwd": DIR, "stdout": FILE, "stderr": FILE, "timeout": SECONDS}
+    -> {"returncode": N}     (negative: killed by that signal; -9 after the timeout)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+import traceback
+
+from core.hub import configure_cache_env
+
+configure_cache_env()  # as both CLIs' main() does before importing transformers
+from convert.__main__ import main as convert_main  # noqa: E402
+from convert.commands import cmd_export  # noqa: E402, F401 (the heavy imports the verbs make on first use)
+from train.__main__ import main as train_main  # noqa: E402
+from train.run import run  # noqa: E402, F401
+
+MAINS = {"train": train_main, "convert": convert_main}
+
+
+def _child(request: dict) -> None:
+    """In the fork: become the command, then leave with its exit status (never returns)."""
+    code = 1
+    try:
+        os.chdir(request["cwd"])
+        for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
+            target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(target, fd)
+            os.close(target)
+        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+        sys.argv = [f"python -m {request['module']}", *request["args"]]
+        code = MAINS[request["module"]](request["args"])
+    except SystemExit as e:  # argparse errors, sys.exit(...) inside the command
+        if e.code is None or isinstance(e.code, int):
+            code = e.code or 0
+        else:
+            print(e.code, file=sys.stderr)
+    except BaseException:  # what `python -m` would print
+        traceback.print_exc()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing more to say
+                stream.flush()
+        os._exit(code if isinstance(code, int) else 1)
+
+
+def serve(requests, reply_fd: int) -> None:
+    for line in requests:
+        request = json.loads(line)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            _child(request)
+        deadline = time.monotonic() + float(request.get("timeout", 600))
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done == pid:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                _, status = os.waitpid(pid, 0)
+                break
+            time.sleep(0.05)
+        os.write(reply_fd, (json.dumps({"returncode": os.waitstatus_to_exitcode(status)}) + "\n").encode())
+
+
+if __name__ == "__main__":
+    reply = os.dup(1)  # replies go to the original stdout; anything else printed here goes to stderr
+    os.dup2(2, 1)
+    serve(sys.stdin, reply)
