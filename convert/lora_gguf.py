@@ -19,12 +19,14 @@ same gates hold for the scale -1 check (its float32 reference has no rounding of
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import math
 import os
 import shutil
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -102,49 +104,94 @@ def convert_lora(adapter_dir: Path, base_dir: Path, out: Path, outtype: str, log
     return out
 
 
+ROWS = 64  # positions scored at once: float64 log-probabilities of 64 x 256k are 131 MB each
+
+
 def _log_softmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
     m = x.max(axis=-1, keepdims=True)
     return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
 
 
-def _logits(
-    model: Path,
-    texts: list[str],
-    n_ctx: int,
-    log_path: Path | None,
-    lora: Path | None = None,
-    budget: int = 0,
-    lora_scale: float = 1.0,
-) -> tuple[list[list[int]], list[np.ndarray]]:
-    """The token ids and llama.cpp's logits at every position of each text (<bos> + the text, special markers as
-    tokens), for texts until `budget` positions are scored (0: all); the adapter `lora` applied at `lora_scale`."""
+class _Score:
+    """Mean KL(reference || candidate) and argmax agreement, accumulated text by text, ROWS positions at a time
+    (no text's logits are kept once scored)."""
+
+    def __init__(self) -> None:
+        self.kld_sum, self.hits, self.positions = 0.0, 0, 0
+
+    def add(self, ref: np.ndarray, got: np.ndarray) -> None:
+        if ref.shape != got.shape:
+            raise LlamaCppError(f"adapter check: logits of shape {got.shape} against a reference of {ref.shape}")
+        for i in range(0, len(ref), ROWS):
+            r, g = ref[i : i + ROWS], got[i : i + ROWS]
+            lp, lq = _log_softmax(r), _log_softmax(g)
+            self.kld_sum += float((np.exp(lp) * (lp - lq)).sum())
+            self.hits += int((r.argmax(-1) == g.argmax(-1)).sum())
+        self.positions += len(ref)
+
+    def judge(self, report: LoraReport, against: str) -> LoraReport:
+        if not self.positions:
+            raise LlamaCppError("adapter check: no position was scored")
+        report.measures = {"kld": self.kld_sum / self.positions, "top1": self.hits / self.positions}
+        report.measures["positions"] = self.positions
+        report.against = against
+        gate = LORA_MAX_KLD.get(report.outtype, 0.0)  # a type without a gate never passes
+        report.passed = report.measures["kld"] <= gate and report.measures["top1"] >= LORA_MIN_TOP1
+        return report
+
+
+@contextmanager
+def _llama(model: Path, n_ctx: int, log_path: Path | None, lora: Path | None = None, scale: float = 1.0):
+    """llama.cpp on `model` with logits at every position, and the adapter `lora` attached at `scale`.
+
+    The adapter is attached here rather than through Llama(lora_path=...): llama-cpp-python then turns mmap off
+    (a rule from when llama.cpp merged an adapter into the weights at load), which reads the whole GGUF into
+    anonymous memory (5.2 GB for the 2B in f16; what made the export's peak) although llama.cpp applies the
+    adapter at run time, to weights it can keep mapped."""
     with native_output_to(log_path):
         llm = llama_cpp.Llama(
             model_path=str(model),
-            lora_path=str(lora) if lora else None,
-            lora_scale=lora_scale,
             n_ctx=n_ctx,
             n_batch=n_ctx,
             n_ubatch=n_ctx,
             logits_all=True,
             verbose=False,
         )
+    adapter = None
     try:
-        seen: list[list[int]] = []
-        out: list[np.ndarray] = []
-        for text in texts:
-            if budget and sum(len(x) for x in out) >= budget:
-                break
-            ids = llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)[:n_ctx]
-            llm.reset()
+        if lora is not None:
             with native_output_to(log_path):
-                llm.eval(ids)
-            seen.append(ids)
-            out.append(np.array(llm.scores[: len(ids)], dtype=np.float32))
-        return seen, out
+                adapter = llama_cpp.llama_adapter_lora_init(llm.model, str(lora).encode("utf-8"))
+            if adapter is None:
+                raise LlamaCppError(f"llama.cpp could not load the adapter {lora} on {model.name}")
+            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(adapter)
+            if llama_cpp.llama_set_adapters_lora(llm.ctx, adapters, 1, (ctypes.c_float * 1)(scale)):
+                raise LlamaCppError(f"llama.cpp could not apply the adapter {lora} to {model.name}")
+        yield llm
     finally:
+        if adapter is not None:  # as llama-cpp-python does: the adapter goes first, then context and model
+            llama_cpp.llama_set_adapters_lora(llm.ctx, None, 0, None)
+            llama_cpp.llama_adapter_lora_free(adapter)
         llm.close()
+
+
+def _token_ids(llm, texts: list[str], n_ctx: int, budget: int) -> list[list[int]]:
+    """<bos> + each text (special markers as tokens), cut to n_ctx, for texts until `budget` positions (0: all)."""
+    out: list[list[int]] = []
+    for text in texts:
+        if budget and sum(len(ids) for ids in out) >= budget:
+            break
+        out.append(llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)[:n_ctx])
+    return out
+
+
+def _logits(llm, ids: list[int], log_path: Path | None) -> np.ndarray:
+    """llama.cpp's float32 logits at every position of one sequence (a copy)."""
+    llm.reset()
+    with native_output_to(log_path):
+        llm.eval(ids)
+    return np.array(llm.scores[: len(ids)], dtype=np.float32)
 
 
 def _adapter_report(lora_gguf: Path) -> LoraReport:
@@ -153,20 +200,6 @@ def _adapter_report(lora_gguf: Path) -> LoraReport:
         raise LlamaCppError(f"{lora_gguf} is not a LoRA adapter GGUF (general.type {meta.get('general.type')})")
     # an adapter GGUF has no general.file_type: its type is its tensors' (lora_a/lora_b, all of one type)
     return LoraReport(str(lora_gguf), open_gguf(lora_gguf).tensors[0].tensor_type.name.lower())
-
-
-def _judge(report: LoraReport, ref: list[np.ndarray], got: list[np.ndarray], against: str) -> LoraReport:
-    kld_sum, hits, positions = 0.0, 0, 0
-    for r, g in zip(ref, got, strict=True):
-        lp, lq = _log_softmax(r), _log_softmax(g)
-        kld_sum += float((np.exp(lp) * (lp - lq)).sum())
-        hits += int((r.argmax(-1) == g.argmax(-1)).sum())
-        positions += len(r)
-    report.measures = {"kld": kld_sum / positions, "top1": hits / positions, "positions": positions}
-    report.against = against
-    gate = LORA_MAX_KLD.get(report.outtype, 0.0)  # a type without a gate never passes
-    report.passed = report.measures["kld"] <= gate and report.measures["top1"] >= LORA_MIN_TOP1
-    return report
 
 
 def _texts(texts: list[str]) -> list[str]:
@@ -186,12 +219,17 @@ def verify_lora(
     budget: int = CHECK_TOKENS,
 ) -> LoraReport:
     """Base GGUF + adapter GGUF vs the merged float GGUF on the texts (about `budget` positions); the gates decide
-    `passed`."""
+    `passed`. The merged GGUF's logits are kept (budget x vocab floats), the other side is scored text by text."""
     texts = _texts(texts)
     report = _adapter_report(lora_gguf)
-    _, ref = _logits(merged_gguf, texts, n_ctx, log_path, budget=budget)
-    _, got = _logits(base_gguf, texts[: len(ref)], n_ctx, log_path, lora=lora_gguf)
-    return _judge(report, ref, got, "base GGUF + adapter vs the merged GGUF")
+    with _llama(merged_gguf, n_ctx, log_path) as llm:
+        ids = _token_ids(llm, texts, n_ctx, budget)
+        ref = [_logits(llm, x, log_path) for x in ids]
+    score = _Score()
+    with _llama(base_gguf, n_ctx, log_path, lora=lora_gguf) as llm:
+        for x, r in zip(ids, ref, strict=True):
+            score.add(r, _logits(llm, x, log_path))
+    return score.judge(report, "base GGUF + adapter vs the merged GGUF")
 
 
 def verify_lora_removed(
@@ -205,12 +243,17 @@ def verify_lora_removed(
 ) -> LoraReport:
     """Without a base GGUF: the merged float GGUF with the adapter applied at scale -1 vs the base HF model
     (float32, streamed by convert/reference.py) on the texts. merged - s*BA = base holds exactly when
-    base + s*BA = merged: the same identity, through llama.cpp's own LoRA path, with no base GGUF written."""
+    base + s*BA = merged: the same identity, through llama.cpp's own LoRA path, with no base GGUF written.
+    Scored text by text: one text's logits from each side at a time."""
     texts = _texts(texts)
     report = _adapter_report(lora_gguf)
-    ids, got = _logits(merged_gguf, texts, n_ctx, log_path, lora=lora_gguf, budget=budget, lora_scale=-1.0)
-    ref = [logits for _, logits in Reference(base_dir, ids).chunks(n_ctx)]  # one chunk a text: <= n_ctx tokens
-    return _judge(report, ref, got, "merged GGUF - adapter vs the base HF model")
+    score = _Score()
+    with _llama(merged_gguf, n_ctx, log_path, lora=lora_gguf, scale=-1.0) as llm:
+        ids = _token_ids(llm, texts, n_ctx, budget)
+        reference = Reference(base_dir, ids).chunks(n_ctx)  # one chunk a text: <= n_ctx tokens
+        for x, (_, ref) in zip(ids, reference, strict=True):
+            score.add(ref, _logits(llm, x, log_path))
+    return score.judge(report, "merged GGUF - adapter vs the base HF model")
 
 
 def export_lora_gguf(
