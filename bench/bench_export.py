@@ -40,6 +40,7 @@ cached. Every long stage prints progress.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import hashlib
 import json
@@ -60,7 +61,8 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from train.tiny_model import GEMMA_2_2B_CONFIG  # noqa: E402 (the repository root is on the path from here)
+from train.__main__ import memory_size  # noqa: E402 (the repository root is on the path from here)
+from train.tiny_model import GEMMA_2_2B_CONFIG  # noqa: E402
 
 CACHE = Path(os.environ.get("GEMMA_LORA_BENCH_CACHE") or Path.home() / ".cache" / "gemma-lora-bench")
 REPO_ID = "bench/gemma-2-2b-random"
@@ -112,6 +114,8 @@ class Stage:
     written: int = 0  # write_bytes of the tree (kernel I/O accounting)
     cpu_seconds: float = 0.0
     peak_disk: int = 0  # largest size of the watched folder during the stage
+    peak_cgroup: int = 0  # with --memory-limit: the route's cgroup charge (RSS + page cache), peak while it ran
+    oom_kills: int = 0  # with --memory-limit: processes the kernel killed for the limit during the stage
     load: float = 0.0  # mean 1-minute load average while it ran: above the CPU count, other work inflated the wall
     returncode: int = 0
     log: str = ""
@@ -173,6 +177,15 @@ class LogTail:
         self.file.close()
 
 
+def sample_memory(stage: Stage, pid: int, cgroup: MemoryLimit | None) -> int:
+    """One sample of the tree's RSS (returned) and anonymous RSS, and of the cgroup's charge, into the peaks."""
+    rss, anon = tree_memory(pid)
+    stage.peak_rss, stage.peak_anon = max(stage.peak_rss, rss), max(stage.peak_anon, anon)
+    if cgroup:
+        stage.peak_cgroup = max(stage.peak_cgroup, cgroup.usage())
+    return rss
+
+
 def run_stage(
     route: str,
     name: str,
@@ -186,17 +199,28 @@ def run_stage(
     interval: float = 0.2,
     heartbeat: float = 30.0,
     check: bool = True,
+    cgroup: MemoryLimit | None = None,
 ) -> Stage:
     """Run cmd as its own process tree (own session) and measure it; output goes to log_path (echoed if asked).
 
-    A non-zero exit stops the bench (SystemExit with the log's end) unless check is false."""
+    A non-zero exit stops the bench (SystemExit with the log's end) unless check is false. With cgroup, the stage
+    runs in that memory cgroup and its charge is sampled with the RSS."""
     stage = Stage(route, name, log=str(log_path))
     log_path.parent.mkdir(parents=True, exist_ok=True)
     print(f"[{route}/{name}] {' '.join(cmd[:6])}{' ...' if len(cmd) > 6 else ''}  (log: {log_path})", flush=True)
     with open(log_path, "w") as out:
         tail = LogTail(log_path, f"[{route}/{name}]") if echo else None
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        ooms_before = cgroup.oom_kills() if cgroup else 0
+        proc = subprocess.Popen(
+            cmd,
+            cwd=cwd,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=cgroup.join if cgroup else None,  # noqa: PLW1509 (the bench runs no threads)
+        )
         last_beat = last_disk = t0
         loads: list[float] = []
         try:
@@ -205,8 +229,7 @@ def run_stage(
                 if done == proc.pid:
                     break
                 now = time.perf_counter()
-                rss, anon = tree_memory(proc.pid)
-                stage.peak_rss, stage.peak_anon = max(stage.peak_rss, rss), max(stage.peak_anon, anon)
+                rss = sample_memory(stage, proc.pid, cgroup)
                 if now - last_disk >= 1.0:
                     stage.peak_disk, last_disk = max(stage.peak_disk, folder_size(watch)), now
                     loads.append(os.getloadavg()[0])
@@ -234,15 +257,77 @@ def run_stage(
     stage.written = usage.ru_oublock * 512  # Linux reports write_bytes / 512 here
     stage.cpu_seconds = usage.ru_utime + usage.ru_stime
     stage.peak_disk = max(stage.peak_disk, folder_size(watch))
+    stage.oom_kills = cgroup.oom_kills() - ooms_before if cgroup else 0
+    limited = f", cgroup peak {stage.peak_cgroup / GiB:.2f} GiB, OOM kills {stage.oom_kills}" if cgroup else ""
     print(
         f"[{route}/{name}] exit {stage.returncode} after {stage.seconds:.1f} s: peak tree RSS "
-        f"{stage.peak_rss / GiB:.2f} GiB, written {stage.written / 1e9:.2f} GB, load {stage.load:.1f}",
+        f"{stage.peak_rss / GiB:.2f} GiB, written {stage.written / 1e9:.2f} GB, load {stage.load:.1f}{limited}",
         flush=True,
     )
     if stage.returncode != 0 and check:
         tail_lines = "\n".join(log_path.read_text(errors="replace").splitlines()[-25:])
         raise SystemExit(f"{route}/{name} failed (exit {stage.returncode}); end of {log_path}:\n{tail_lines}")
     return stage
+
+
+class MemoryLimit:
+    """A memory cgroup with a hard limit that a route's stages run in: what `docker run --memory` does.
+
+    The kernel charges a cgroup for its processes' anonymous memory and for the page cache they bring in (mapped
+    weights, files written); at the limit it first reclaims clean page cache (a mapped GGUF is re-read from disk),
+    then kills (OOM). So a route either completes under the limit or ends with exit 137 and an oom_kill count.
+    Made under this process's own cgroup (v1 `memory` hierarchy or v2 unified); needs root. Page cache charged
+    earlier to another cgroup (a file read before) is not charged again, so the caches are dropped first."""
+
+    def __init__(self, name: str, limit: int):
+        # /proc/self/cgroup lines are "id:controllers:path"; v1 names the memory controller, v2 has "0::path"
+        own = {c: path.strip().lstrip("/") for _, c, path in (x.split(":", 2) for x in open_lines("/proc/self/cgroup"))}
+        v1 = Path("/sys/fs/cgroup/memory")
+        self.v1 = v1.is_dir() and "memory" in own
+        if self.v1:
+            self.path, files = v1 / own["memory"] / name, ("memory.limit_in_bytes", "memory.usage_in_bytes")
+        else:
+            self.path, files = Path("/sys/fs/cgroup") / own.get("", "") / name, ("memory.max", "memory.current")
+        self.limit_file, self.usage_file = (self.path / f for f in files)
+        try:
+            self.path.mkdir(exist_ok=True)
+            self.limit_file.write_text(str(limit))
+        except OSError as e:
+            raise SystemExit(
+                f"--memory-limit: cannot make the memory cgroup {self.path} ({e}); it needs root and a cgroup "
+                f"hierarchy with the memory controller (v2: enabled in the parent's cgroup.subtree_control)"
+            ) from None
+        self.limit = limit
+
+    def join(self) -> None:
+        """Move the calling process into the cgroup (a child, before exec: Popen's preexec_fn)."""
+        (self.path / "cgroup.procs").write_text(str(os.getpid()))
+
+    def usage(self) -> int:
+        return int(self.usage_file.read_text())
+
+    def oom_kills(self) -> int:
+        name = "memory.oom_control" if self.v1 else "memory.events"
+        for line in (self.path / name).read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                return int(value)
+        return 0
+
+    def remove(self) -> None:
+        with contextlib.suppress(OSError):  # still busy: left for the next run (mkdir exist_ok)
+            self.path.rmdir()
+
+
+def open_lines(path: str) -> list[str]:
+    return Path(path).read_text().splitlines()
+
+
+def drop_page_cache() -> None:
+    """Write dirty pages back and drop the clean page cache, so that a route under a memory limit is charged for
+    every file page it touches (root only)."""
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("1")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -258,6 +343,9 @@ def route_total(stages: list[Stage], left: int) -> dict[str, Any]:
         "written": sum(s.written for s in stages),
         "cpu_seconds": sum(s.cpu_seconds for s in stages),
         "peak_disk": max((s.peak_disk for s in stages), default=0),
+        "peak_cgroup": max((s.peak_cgroup for s in stages), default=0),
+        "oom_kills": sum(s.oom_kills for s in stages),
+        "completed": all(s.returncode == 0 for s in stages),
         "load": sum(s.load * s.seconds for s in stages) / max(sum(s.seconds for s in stages), 1e-9),
         "left": left,
         "stages": [asdict(s) for s in stages],
@@ -608,8 +696,13 @@ def quantizer() -> tuple[str, Callable[[Path, Path, str, str], list[str]]]:
 # The two routes
 
 
-def run_plain(snapshot: Path, run_dir: Path, work: Path, logs: Path, token_embd: str) -> dict[str, Any]:
+def run_plain(
+    snapshot: Path, run_dir: Path, work: Path, logs: Path, token_embd: str, cgroup: MemoryLimit | None = None
+) -> dict[str, Any]:
+    """The plain route's stages; under a memory limit a stage that fails (OOM) ends the route as a result."""
     from convert.llamacpp import tree  # noqa: PLC0415 (loads the llama.cpp binding: only when needed)
+
+    limited: dict[str, Any] = {"cgroup": cgroup, "check": cgroup is None}
 
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -623,8 +716,11 @@ def run_plain(snapshot: Path, run_dir: Path, work: Path, logs: Path, token_embd:
             log_path=logs / "plain_merge.log",
             env=env,
             watch=work,
+            **limited,
         ),
     ]
+    if stages[-1].returncode:
+        return route_total(stages, folder_size(work))
     folder = tree()
     env_conv = {k: v for k, v in env.items() if k != "NO_LOCAL_GGUF"}
     stages.append(
@@ -644,16 +740,22 @@ def run_plain(snapshot: Path, run_dir: Path, work: Path, logs: Path, token_embd:
             cwd=folder,
             env=env_conv,
             watch=work,
+            **limited,
         )
     )
     _, quantize = quantizer()
     for quant in ("q4_k_m", "q8_0"):
         cmd = quantize(f16, work / f"plain.{quant}.gguf", quant, token_embd)
-        stages.append(run_stage("plain", quant, cmd, log_path=logs / f"plain_{quant}.log", env=env, watch=work))
+        if stages[-1].returncode:
+            break
+        log_path = logs / f"plain_{quant}.log"
+        stages.append(run_stage("plain", quant, cmd, log_path=log_path, env=env, watch=work, **limited))
     return route_total(stages, folder_size(work))
 
 
-def run_ours(run_dir: Path, work: Path, logs: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
+def run_ours(
+    run_dir: Path, work: Path, logs: Path, cgroup: MemoryLimit | None = None
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
     shutil.rmtree(work, ignore_errors=True)
     outputs, models = work / "outputs", work / "models"
     shutil.copytree(run_dir, outputs / RUN_NAME, ignore=shutil.ignore_patterns("checkpoints", "runs", ".lock"))
@@ -661,8 +763,9 @@ def run_ours(run_dir: Path, work: Path, logs: Path) -> tuple[dict[str, Any], dic
     cmd = [sys.executable, "-m", "convert", "export", "--config", str(PRODUCTION)]
     cmd += run_overrides(outputs, models) + ["export.export_base=false", f"export.gguf_dir={models / 'gguf'}"]
     # not checked: a verification failure (exit 3) is a result to report, with its verify.json
+    log_path = logs / "ours_export.log"
     stage = run_stage(
-        "ours", "export", cmd, log_path=logs / "ours_export.log", env=child_env(), watch=work, echo=True, check=False
+        "ours", "export", cmd, log_path=log_path, env=child_env(), watch=work, echo=True, check=False, cgroup=cgroup
     )
     stage.peak_disk -= before
     report_path = outputs / RUN_NAME / "verify.json"
@@ -690,6 +793,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--out", type=Path, help="JSON of the numbers (default WORKDIR/bench_export.json)")
     parser.add_argument("--rebuild", action="store_true", help="build the cached model and adapter again")
+    parser.add_argument(
+        "--memory-limit",
+        metavar="SIZE",
+        type=memory_size,
+        help="run each route in a memory cgroup of this size (4GiB, 4 = GiB), as `docker run --memory` would, and "
+        "report whether it completes or is OOM-killed (root; drops the page cache before each route)",
+    )
     parser.add_argument("--build-model", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--check-adapter", nargs=2, type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--plain-merge", nargs=3, type=Path, help=argparse.SUPPRESS)
@@ -712,6 +822,23 @@ def build_into_cache() -> None:
     print(f"  {REPO_ID} -> {snapshot}", flush=True)
 
 
+def route_notes(route: str, total: dict[str, Any]) -> list[str]:
+    """A route's outcome under a memory limit, and every stage that failed with the likely reason."""
+    lines = []
+    limit = total.get("memory_limit")
+    if limit:
+        state = "completed" if total["completed"] else f"did NOT complete ({total['oom_kills']} OOM kill(s))"
+        lines.append(
+            f"  {route}: under a {limit / GiB:g} GiB memory cgroup: {state}; peak charge "
+            f"{total['peak_cgroup'] / GiB:.2f} GiB (RSS + page cache)"
+        )
+    for s in total["stages"]:
+        if s["returncode"]:
+            why = "killed: out of memory" if s.get("oom_kills") else "3: verification failed"
+            lines.append(f"  {route}/{s['name']} exited {s['returncode']} ({why}; see {s['log']})")
+    return lines
+
+
 def report(results: dict[str, Any]) -> None:
     routes = {r: results[r] for r in ("plain", "ours") if results.get(r)}
     print()
@@ -720,9 +847,8 @@ def report(results: dict[str, Any]) -> None:
     for r, total in routes.items():
         if total.get("from_earlier_run"):
             print(f"  ({r}: numbers from the earlier run of {total['when']}, not measured in this run)")
-        for s in total["stages"]:
-            if s["returncode"]:
-                print(f"  {r}/{s['name']} exited {s['returncode']} (3: verification failed; see {s['log']})")
+        for line in route_notes(r, total):
+            print(line)
     cpus = results["machine"]["cpus"] or 1
     busy = [r for r, t in routes.items() if t.get("load", 0) > cpus]
     if busy:
@@ -730,7 +856,9 @@ def report(results: dict[str, Any]) -> None:
             f"  note: the load average was above the {cpus} CPUs during {' and '.join(busy)}: other work shared the "
             f"CPUs and inflated the walls; cpu s (the tree's own CPU time) is less affected"
         )
-    if len(routes) == 2:
+    if len(routes) == 2 and not all(t.get("completed", True) for t in routes.values()):
+        print("\nno ratios: a route did not complete")
+    elif len(routes) == 2:
         print()
         found = checks(routes["plain"], routes["ours"])
         for c in found:
@@ -741,6 +869,23 @@ def report(results: dict[str, Any]) -> None:
     if results.get("verify"):
         print()
         print("\n".join(verify_summary(results["verify"])))
+
+
+def run_route(
+    route: str, snapshot: Path, run_dir: Path, workdir: Path, logs: Path, token_embd: str, limit: int | None
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """One route's totals (and for ours its verify.json), under a fresh memory cgroup when limit is set."""
+    cgroup = None
+    if limit:
+        drop_page_cache()
+        cgroup = MemoryLimit(f"bench-export-{route}", limit)
+    try:
+        if route == "plain":
+            return run_plain(snapshot, run_dir, workdir / "plain", logs, token_embd, cgroup), None
+        return run_ours(run_dir, workdir / "ours", logs, cgroup)
+    finally:
+        if cgroup:
+            cgroup.remove()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -780,12 +925,12 @@ def main(argv: list[str] | None = None) -> int:
                 if route == "ours":
                     results["verify"] = previous.get("verify")
             continue
-        print(f"\n== {route} route")
-        if route == "plain":
-            results["plain"] = run_plain(snapshot, run_dir, workdir / "plain", logs, token_embd)
-        else:
-            results["ours"], results["verify"] = run_ours(run_dir, workdir / "ours", logs)
-        results[route]["when"] = now
+        limit = a.memory_limit
+        print(f"\n== {route} route" + (f" (memory cgroup limit {limit / GiB:g} GiB)" if limit else ""))
+        results[route], report_ = run_route(route, snapshot, run_dir, workdir, logs, token_embd, limit)
+        if route == "ours":
+            results["verify"] = report_
+        results[route] |= {"when": now, "memory_limit": limit}
         if not a.keep:
             shutil.rmtree(workdir / route, ignore_errors=True)
     report(results)

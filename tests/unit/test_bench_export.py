@@ -127,3 +127,31 @@ def test_verify_summary_reads_tokens_gates_and_imatrix():
     assert "gate 0.05" in text and "imatrix: not in verify.json" in text
     report["imatrix"] = {"q4_k_m_kld_ratio": 0.8}
     assert "imatrix: imatrix.q4_k_m_kld_ratio = 0.800" in "\n".join(bench.verify_summary(report))
+
+
+def memory_cgroup(name: str, limit: int):
+    """A bench MemoryLimit, or a skip where this machine cannot make one (not root, no memory controller)."""
+    try:
+        return bench.MemoryLimit(name, limit)
+    except SystemExit as e:
+        pytest.skip(str(e))
+
+
+ALLOCATE = "import sys, time; b = bytearray(int(sys.argv[1]) << 20); b[::4096] = b'x' * len(b[::4096]); time.sleep(0.5)"
+
+
+def test_a_stage_under_a_memory_limit_completes_below_it_and_is_killed_above_it(tmp_path):
+    cgroup = memory_cgroup(f"bench-export-test-{os.getpid()}", 160 * MiB)
+    try:
+        cmd = [sys.executable, "-c", ALLOCATE]
+        fits = bench.run_stage("t", "fits", [*cmd, "64"], log_path=tmp_path / "fits.log", cgroup=cgroup)
+        assert fits.returncode == 0 and fits.oom_kills == 0
+        assert 64 * MiB <= fits.peak_cgroup <= 160 * MiB  # the child's pages were charged to the cgroup
+        over = bench.run_stage("t", "over", [*cmd, "400"], log_path=tmp_path / "over.log", cgroup=cgroup, check=False)
+        assert over.returncode == -9 and over.oom_kills >= 1  # SIGKILL by the kernel's OOM killer
+        total = bench.route_total([fits, over], 0) | {"memory_limit": 160 * MiB}
+        assert not total["completed"]
+        assert "did NOT complete" in bench.route_notes("t", total)[0]
+        assert "out of memory" in bench.route_notes("t", total)[1]
+    finally:
+        cgroup.remove()
