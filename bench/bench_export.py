@@ -1,6 +1,7 @@
 """Export at the real model's scale: `python -m convert export` against the plain, unverified route, in one run.
 
     python bench/bench_export.py [--only plain|ours] [--keep] [--workdir DIR] [--out FILE] [--rebuild]
+                                 [--memory-limit SIZE]
 
 The model: google/gemma-2-2b's exact architecture (26 layers, hidden 2304, intermediate 9216, 8 heads, 4 KV heads,
 head_dim 256, vocab 256000, softcaps 50/30, sliding window 4096, tied embeddings; 2.6B parameters) with seeded
@@ -32,6 +33,9 @@ Routes:
   export is today: its verify.json (scored tokens and gates per file, imatrix comparison if present) is printed.
 Targets (issue 10): ours/plain wall <= 1.0x; ours peak RSS <= 4 GiB and <= 0.75x plain; written <= 1.2x plain.
 With --only, the other route's numbers come from the earlier run recorded in --out (said so in the output).
+With --memory-limit, each route runs in a fresh memory cgroup of that size (as `docker run --memory`): the result
+is whether it completes (OOM kills counted) and the cgroup's peak charge; no ratios when a route does not complete.
+2026-11-28, 2-core box: at 4.5 GiB ours completed in 1,481 s (every gate passed) and plain's merge was OOM-killed.
 Needs ~35 GB of free disk in the workdir and ~16 GiB of RAM. Time on a quiet 2-core box: the plain route ~3 min,
 our export ~15 min (873 s on 2026-11-27, 2,052 positions scored per file); ~18 min for both, model and adapter
 cached. Every long stage prints progress.
