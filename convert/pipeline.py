@@ -169,11 +169,25 @@ def _promote(cfg: Config, paths: RunFolder, staged_merged: Path, results: list[E
             atomic_write_json(target.with_name(f"{cfg.export.base_name}.export.json"), sidecar)
 
 
-def _promote_lora_and_modelfiles(cfg: Config, results: list[ExportResult], lora: LoraReport | None, tokenizer) -> None:
-    """After _promote: the verified adapter GGUF, and an Ollama Modelfile next to every promoted GGUF."""
-    promote_lora(lora, Path(cfg.export.gguf_dir), cfg.export.name, cfg.run_name)
+def _promote_lora_and_modelfiles(
+    cfg: Config, results: list[ExportResult], lora: LoraReport | None, tokenizer
+) -> dict | None:
+    """After _promote: the verified adapter GGUF, and an Ollama Modelfile next to every promoted GGUF. Returns the
+    manifest's record of the adapter GGUF (None when export.lora_gguf is off): where it went, or why it did not."""
+    promoted = promote_lora(lora, Path(cfg.export.gguf_dir), cfg.export.name, cfg.run_name)
     for result in results:
         write_modelfiles(result.files.values(), tokenizer)
+    if lora is None:
+        return None
+    return {
+        "path": str(promoted) if promoted else None,
+        "size": promoted.stat().st_size if promoted else None,
+        "type": lora.outtype,
+        "passed": lora.passed,
+        "check": lora.against,
+        "measures": lora.measures,
+        "summary": lora.describe(),
+    }
 
 
 def export_run(cfg: Config, paths: RunFolder, base: ResolvedModel, manifest: Manifest) -> Manifest:
@@ -235,7 +249,9 @@ def export_run(cfg: Config, paths: RunFolder, base: ResolvedModel, manifest: Man
         raise
     merged_files = hash_tree(staged_merged)
     _promote(cfg, paths, staged_merged, results, sidecar)
-    _promote_lora_and_modelfiles(cfg, results, lora, tokenizer)
+    lora_record = _promote_lora_and_modelfiles(cfg, results, lora, tokenizer)
+    if lora_record is not None:
+        manifest.artifacts["lora_gguf"] = lora_record
     manifest.artifacts["adapter"] = {"path": str(paths.adapter_out), "files": hash_tree(paths.adapter)}
     manifest.artifacts["merged"] = {"path": str(paths.merged_out), "files": merged_files}
     manifest.artifacts["gguf"] = {"finetuned": file_entries(results[0])}

@@ -35,9 +35,9 @@ def _answers(cfg: Config, manifest: Manifest) -> list[str]:
     return lines
 
 
-def print_summary(paths: RunFolder, cfg: Config, manifest: Manifest, answers: bool = True) -> None:
-    art = manifest.artifacts
-    lines = ["", f"=== run {cfg.run_name}: {manifest.status}", f"run folder:   {paths.root}"]
+def _artifact_lines(art: dict) -> list[str]:
+    """Where the adapter, the merged model, each GGUF and the adapter GGUF went (with sizes)."""
+    lines = []
     if "adapter" in art:
         size = sum(f["size"] for f in art["adapter"]["files"].values())
         lines.append(f"adapter:      {art['adapter']['path']} ({human_size(size)})")
@@ -47,6 +47,19 @@ def print_summary(paths: RunFolder, cfg: Config, manifest: Manifest, answers: bo
     for label, files in art.get("gguf", {}).items():
         for quant, entry in files.items():
             lines.append(f"GGUF {label:>9} {quant:>7}: {entry['path']} ({human_size(entry['size'])})")
+    lora = art.get("lora_gguf")
+    if lora and lora["path"]:
+        size = human_size(lora["size"])
+        lines.append(f"adapter GGUF: {lora['path']} ({size}, for the base GGUF; checked: {lora['check']})")
+    elif lora:
+        lines.append(f"adapter GGUF: not shipped, its check failed: {lora['summary']}")
+    return lines
+
+
+def print_summary(paths: RunFolder, cfg: Config, manifest: Manifest, answers: bool = True) -> None:
+    art = manifest.artifacts
+    lines = ["", f"=== run {cfg.run_name}: {manifest.status}", f"run folder:   {paths.root}"]
+    lines += _artifact_lines(art)
     for label, path in ((manifest.verification or {}).get("recommended") or {}).items():
         lines.append(f"recommended:  {path or 'none within verify.recommend_max_kld'} ({label}; quality table below)")
     t = manifest.training or {}

@@ -42,7 +42,7 @@ class Manifest(BaseModel):
     git_commit: str | None = None
     stopped: dict[str, Any] | None = None  # where and why training stopped early
     training: dict[str, Any] | None = None  # steps, losses, seconds, resumed_from, checkpoints
-    artifacts: dict[str, Any] = {}  # adapter, merged, gguf: {path, files: {name: {size, sha256}}}
+    artifacts: dict[str, Any] = {}  # adapter, merged, gguf: {path, files: {name: {size, sha256}}}; lora_gguf
     llama_cpp: dict[str, str] | None = None
     verification: dict[str, Any] | None = None
     default_gguf: str | None = None

@@ -87,6 +87,11 @@ def test_run_folder_and_promoted_artifacts(trained):
     assert not list((run / "export").rglob("*.gguf"))
     assert "f32.gguf" not in (run / "export" / "gemma_2b_finetuned" / "convert.log").read_text()
     assert "Traceback" not in trained["res"].stderr
+    # the adapter GGUF's record: where it went and the check it passed, in the manifest and the summary
+    lora = trained["manifest"]["artifacts"]["lora_gguf"]
+    assert lora["passed"] and Path(lora["path"]) == models / "gguf" / "gemma_2b_finetuned.lora.gguf"
+    assert lora["size"] == Path(lora["path"]).stat().st_size and lora["measures"]["kld"] <= 1e-4
+    assert f"adapter GGUF: {lora['path']}" in trained["res"].stdout
 
 
 def test_loss_goes_down_and_every_logged_step_is_recorded(trained):
