@@ -35,6 +35,7 @@ from transformers import AutoTokenizer  # noqa: E402
 
 from convert.imatrix import DEFAULT_MAX_TOKENS, compute_imatrix  # noqa: E402
 from convert.llamacpp import convert_hf_to_gguf, native_output_to, quantize  # noqa: E402
+from convert.verify import log_softmax  # noqa: E402
 
 TEMPLATE = ROOT / "core" / "templates" / "gemma.jinja"
 DATA = ROOT / "data" / "demo"
@@ -54,13 +55,6 @@ def tiny_model(home: Path) -> Path:
 def rendered(tok, path: Path) -> list[str]:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [tok.apply_chat_template(r["messages"], tokenize=False).removeprefix(tok.bos_token) for r in rows]
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    x -= x.max(-1, keepdims=True)
-    x -= np.log(np.exp(x).sum(-1, keepdims=True))
-    return x
 
 
 def score(reference: Path, quants: list[Path], texts: list[str], max_positions: int, n_ctx: int = 512) -> list[dict]:
@@ -87,9 +81,9 @@ def score(reference: Path, quants: list[Path], texts: list[str], max_positions: 
                 with native_output_to(None):
                     llm.eval(ids)
                 out.append(np.array(llm.scores[: len(ids)], dtype=np.float32))
-            lp = _log_softmax(out[0])
+            lp = log_softmax(out[0])
             for i, got in enumerate(out[1:]):
-                per_position[i].append((np.exp(lp) * (lp - _log_softmax(got))).sum(-1))
+                per_position[i].append((np.exp(lp) * (lp - log_softmax(got))).sum(-1))
                 same[i] += int((out[0].argmax(-1) == got.argmax(-1)).sum())
             positions += len(ids)
     finally:

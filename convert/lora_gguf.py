@@ -37,6 +37,7 @@ from convert.export import ExportResult
 from convert.llamacpp import native_output_to, open_gguf, read_metadata, run_child
 from convert.reference import Reference
 from convert.tools import tree
+from convert.verify import BLOCK, Block, Tally, log_softmax
 from core.errors import LlamaCppError
 from core.files import move_into_place
 from core.locks import promotion_lock
@@ -104,41 +105,27 @@ def convert_lora(adapter_dir: Path, base_dir: Path, out: Path, outtype: str, log
     return out
 
 
-ROWS = 64  # positions scored at once: float64 log-probabilities of 64 x 256k are 131 MB each
+def _add(tally: Tally, ref: np.ndarray, got: np.ndarray) -> None:
+    """One text's logits from both sides into the tally, verify's BLOCK positions at a time (no text's logits are
+    kept once scored; perplexity is not measured here: no next tokens)."""
+    if ref.shape != got.shape:
+        raise LlamaCppError(f"adapter check: logits of shape {got.shape} against a reference of {ref.shape}")
+    no_next = np.full(len(ref), -1)
+    for i in range(0, len(ref), BLOCK):
+        rows = slice(i, i + BLOCK)
+        tally.add_block(Block(log_softmax(ref[rows])), Block(log_softmax(got[rows])), no_next[rows])
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    m = x.max(axis=-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
-
-
-class _Score:
-    """Mean KL(reference || candidate) and argmax agreement, accumulated text by text, ROWS positions at a time
-    (no text's logits are kept once scored)."""
-
-    def __init__(self) -> None:
-        self.kld_sum, self.hits, self.positions = 0.0, 0, 0
-
-    def add(self, ref: np.ndarray, got: np.ndarray) -> None:
-        if ref.shape != got.shape:
-            raise LlamaCppError(f"adapter check: logits of shape {got.shape} against a reference of {ref.shape}")
-        for i in range(0, len(ref), ROWS):
-            r, g = ref[i : i + ROWS], got[i : i + ROWS]
-            lp, lq = _log_softmax(r), _log_softmax(g)
-            self.kld_sum += float((np.exp(lp) * (lp - lq)).sum())
-            self.hits += int((r.argmax(-1) == g.argmax(-1)).sum())
-        self.positions += len(ref)
-
-    def judge(self, report: LoraReport, against: str) -> LoraReport:
-        if not self.positions:
-            raise LlamaCppError("adapter check: no position was scored")
-        report.measures = {"kld": self.kld_sum / self.positions, "top1": self.hits / self.positions}
-        report.measures["positions"] = self.positions
-        report.against = against
-        gate = LORA_MAX_KLD.get(report.outtype, 0.0)  # a type without a gate never passes
-        report.passed = report.measures["kld"] <= gate and report.measures["top1"] >= LORA_MIN_TOP1
-        return report
+def _judge(report: LoraReport, tally: Tally, against: str) -> LoraReport:
+    """Mean KL(reference || candidate) and argmax agreement over every scored position, against the gates."""
+    m = tally.measures()
+    if not m["positions"]:
+        raise LlamaCppError("adapter check: no position was scored")
+    report.measures = {"kld": m["kld"], "top1": m["top1_all"], "positions": m["positions"]}
+    report.against = against
+    gate = LORA_MAX_KLD.get(report.outtype, 0.0)  # a type without a gate never passes
+    report.passed = report.measures["kld"] <= gate and report.measures["top1"] >= LORA_MIN_TOP1
+    return report
 
 
 @contextmanager
@@ -225,11 +212,11 @@ def verify_lora(
     with _llama(merged_gguf, n_ctx, log_path) as llm:
         ids = _token_ids(llm, texts, n_ctx, budget)
         ref = [_logits(llm, x, log_path) for x in ids]
-    score = _Score()
+    tally = Tally()
     with _llama(base_gguf, n_ctx, log_path, lora=lora_gguf) as llm:
         for x, r in zip(ids, ref, strict=True):
-            score.add(r, _logits(llm, x, log_path))
-    return score.judge(report, "base GGUF + adapter vs the merged GGUF")
+            _add(tally, r, _logits(llm, x, log_path))
+    return _judge(report, tally, "base GGUF + adapter vs the merged GGUF")
 
 
 def verify_lora_removed(
@@ -247,13 +234,13 @@ def verify_lora_removed(
     Scored text by text: one text's logits from each side at a time."""
     texts = _texts(texts)
     report = _adapter_report(lora_gguf)
-    score = _Score()
+    tally = Tally()
     with _llama(merged_gguf, n_ctx, log_path, lora=lora_gguf, scale=-1.0) as llm:
         ids = _token_ids(llm, texts, n_ctx, budget)
         reference = Reference(base_dir, ids).chunks(n_ctx)  # one chunk a text: <= n_ctx tokens
         for x, (_, ref) in zip(ids, reference, strict=True):
-            score.add(ref, _logits(llm, x, log_path))
-    return score.judge(report, "merged GGUF - adapter vs the base HF model")
+            _add(tally, ref, _logits(llm, x, log_path))
+    return _judge(report, tally, "merged GGUF - adapter vs the base HF model")
 
 
 def export_lora_gguf(

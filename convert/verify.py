@@ -249,7 +249,7 @@ class GGUFRunner:
 # ----------------------------------------------------------------------------- measures
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
+def log_softmax(x: np.ndarray) -> np.ndarray:
     """float64 log-probabilities (KLDs of f16 files are ~1e-7: float32 rounding would be of their size)."""
     x = x.astype(np.float64)
     x -= x.max(axis=-1, keepdims=True)
@@ -334,9 +334,9 @@ def score(
         nxt = np.array([ids[p + 1] if p + 1 < len(ids) else -1 for p in range(pos, pos + n)])
         for b in range(0, n, BLOCK):
             rows = slice(b, min(b + BLOCK, n))
-            hf_block = Block(_log_softmax(hf[rows]))
+            hf_block = Block(log_softmax(hf[rows]))
             hf_tally.add_block(hf_block, hf_block, nxt[rows])
-            tally.add_block(hf_block, Block(_log_softmax(got[rows])), nxt[rows])
+            tally.add_block(hf_block, Block(log_softmax(got[rows])), nxt[rows])
         if t < n_prompts and pos + n == len(ids):  # this chunk holds the prompt's last position
             tally.add_last(hf[-1], got[-1])
         pos += n
