@@ -16,12 +16,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import gguf
 import llama_cpp
 
+from convert.gguf_header import read_header
 from convert.tools import tool, tree
 from convert.tools import version_info as version_info  # re-exported: callers import it from here
-from core.errors import InvalidInput, LlamaCppError, raise_if_interrupted
+from core.errors import LlamaCppError, raise_if_interrupted
 from core.paths import require_file
 from core.quants import QUANTS
 
@@ -171,34 +171,11 @@ def quantize_tool_command(
     return cmd + [str(src), str(dst), str(int(QUANTS[quant].file_type)), str(os.cpu_count() or 1)]
 
 
-def open_gguf(path: Path) -> gguf.GGUFReader:
-    """A GGUF file's reader; InvalidInput (exit 2) naming the file when it is missing, not a file, or not a
-    complete GGUF (a text file named .gguf, an empty or truncated file)."""
-    full = require_file(path, "GGUF file", "give the path of a .gguf file (python -m convert info FILE.gguf)")
-    try:
-        return gguf.GGUFReader(str(full))
-    except (ValueError, OSError, IndexError, KeyError) as e:  # gguf-py reports a bad file as numpy/mmap errors
-        with open(full, "rb") as f:
-            magic = f.read(4)
-        what = "truncated or damaged (its header is a GGUF's)" if magic == b"GGUF" else "not a GGUF file (wrong magic)"
-        raise InvalidInput(
-            f"{path}: {what}: {str(e).splitlines()[0]}.\n  fix: export it again (python -m convert export --config ...)"
-        ) from None
-
-
 def read_metadata(path: Path) -> dict[str, object]:
-    """Scalar and string metadata of a GGUF (arrays such as the vocab are summarised by length)."""
-    reader = open_gguf(path)
-    out: dict[str, object] = {}
-    for field in reader.fields.values():
-        if field.name.startswith("GGUF."):
-            continue
-        if field.types and field.types[0] == gguf.GGUFValueType.ARRAY:
-            out[field.name] = f"[{len(field.data)} items]"
-        else:
-            out[field.name] = field.contents()
-    out["tensor_count"] = len(reader.tensors)
-    return out
+    """Scalar and string metadata of a GGUF (arrays such as the vocab are summarised by length), and its
+    tensor_count; InvalidInput (exit 2) for a missing or damaged file (convert/gguf_header.py reads it)."""
+    header = read_header(path)
+    return header.metadata | {"tensor_count": len(header.tensors)}
 
 
 def main(argv: list[str]) -> int:

@@ -30,11 +30,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import gguf
 import llama_cpp
 import numpy as np
 
 from convert.export import ExportResult
-from convert.llamacpp import native_output_to, open_gguf, read_metadata, run_child
+from convert.gguf_header import read_header
+from convert.llamacpp import native_output_to, read_metadata, run_child
 from convert.reference import Reference
 from convert.tools import tree
 from convert.verify import BLOCK, Block, Tally, log_softmax
@@ -182,11 +184,12 @@ def _logits(llm, ids: list[int], log_path: Path | None) -> np.ndarray:
 
 
 def _adapter_report(lora_gguf: Path) -> LoraReport:
-    meta = read_metadata(lora_gguf)
+    header = read_header(lora_gguf)
+    meta = header.metadata
     if meta.get("general.type") != "adapter" or meta.get("adapter.type") != "lora":
         raise LlamaCppError(f"{lora_gguf} is not a LoRA adapter GGUF (general.type {meta.get('general.type')})")
     # an adapter GGUF has no general.file_type: its type is its tensors' (lora_a/lora_b, all of one type)
-    return LoraReport(str(lora_gguf), open_gguf(lora_gguf).tensors[0].tensor_type.name.lower())
+    return LoraReport(str(lora_gguf), gguf.GGMLQuantizationType(header.tensors[0].type).name.lower())
 
 
 def _texts(texts: list[str]) -> list[str]:

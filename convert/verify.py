@@ -33,12 +33,12 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import gguf
 import llama_cpp
 import numpy as np
 from tqdm import tqdm
 from transformers import AutoConfig, AutoTokenizer
 
+from convert.gguf_header import read_header
 from convert.llamacpp import native_output_to, read_metadata
 from convert.reference import Reference
 from core.errors import EXIT_VERIFICATION, LlamaCppError, PipelineError
@@ -345,11 +345,6 @@ def score(
     return tally, hf_tally
 
 
-def parameter_count(path: Path) -> int:
-    """Weights in a GGUF (every tensor's element count, from its header)."""
-    return sum(int(t.n_elements) for t in gguf.GGUFReader(str(path)).tensors)
-
-
 def _checks(runner: GGUFRunner, gguf_path: Path, tokenizer, report: FileReport) -> None:
     """Tokens, chat template and stop token, as an application loading the file sees them."""
     llm = runner.llm
@@ -423,7 +418,7 @@ def verify_files(
             size = path.stat().st_size
             report.measures = tally.measures() | {
                 "size": size,
-                "bits_per_weight": size * 8 / parameter_count(path),
+                "bits_per_weight": size * 8 / read_header(path).parameter_count,
                 "reference_ppl": hf_tally.measures()["ppl"],
             }
             _gates(report, verify_cfg)

@@ -1,0 +1,162 @@
+"""A GGUF file's header, metadata and tensor table, read without turning the vocabulary into Python objects.
+
+gguf-py's GGUFReader makes a numpy view for every part of every array element: on a 256k vocabulary
+(tokens, scores, token types) that is ~4 million views and 8 s per file, spent by verification, which only
+needs a string or two, the file type and the weight count. This reads the same layout (the GGUF spec, v2 and
+v3: little-endian counts and lengths in 64 bits) from a mapped file and steps over arrays by their lengths.
+Scalars and strings come back as Python values, arrays as their length; tests/unit/test_gguf_header.py checks
+the result against GGUFReader's on exported files.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from core.errors import InvalidInput
+from core.paths import require_file
+
+MAGIC = b"GGUF"
+# GGUF value types (gguf-py's GGUFValueType numbers) and their struct formats; STRING (8) and ARRAY (9) are
+# variable-sized and handled apart.
+SCALARS = {
+    0: "B",  # uint8
+    1: "b",  # int8
+    2: "H",  # uint16
+    3: "h",  # int16
+    4: "I",  # uint32
+    5: "i",  # int32
+    6: "f",  # float32
+    7: "?",  # bool
+    10: "Q",  # uint64
+    11: "q",  # int64
+    12: "d",  # float64
+}
+STRING, ARRAY = 8, 9
+_U32, _U64 = struct.Struct("<I"), struct.Struct("<Q")
+
+
+class GGUFFormatError(ValueError):
+    """The bytes are not a (complete) GGUF header."""
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # as stored: fastest-varying dimension first
+    type: int  # ggml type number (gguf.GGMLQuantizationType)
+
+    @property
+    def n_elements(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass
+class GGUFHeader:
+    version: int
+    metadata: dict[str, object] = field(default_factory=dict)  # arrays as "[N items]"
+    tensors: list[TensorInfo] = field(default_factory=list)
+
+    @property
+    def parameter_count(self) -> int:
+        return sum(t.n_elements for t in self.tensors)
+
+
+class _Cursor:
+    """Reads little-endian values from a buffer, failing with GGUFFormatError past its end."""
+
+    def __init__(self, buf) -> None:
+        self.buf, self.off, self.size = buf, 0, len(buf)
+
+    def take(self, n: int) -> int:
+        if n < 0 or self.off + n > self.size:
+            raise GGUFFormatError(f"ends at byte {self.size}, a value at byte {self.off} needs {n} more")
+        start = self.off
+        self.off += n
+        return start
+
+    def u32(self) -> int:
+        return _U32.unpack_from(self.buf, self.take(4))[0]
+
+    def u64(self) -> int:
+        return _U64.unpack_from(self.buf, self.take(8))[0]
+
+    def string(self) -> str:
+        n = self.u64()
+        start = self.take(n)
+        return bytes(self.buf[start : start + n]).decode("utf-8", errors="replace")
+
+    def scalar(self, vtype: int):
+        fmt = struct.Struct("<" + SCALARS[vtype])
+        return fmt.unpack_from(self.buf, self.take(fmt.size))[0]
+
+    def value(self, vtype: int) -> object:
+        if vtype in SCALARS:
+            return self.scalar(vtype)
+        if vtype == STRING:
+            return self.string()
+        if vtype == ARRAY:
+            item, count = self.u32(), self.u64()
+            self.skip_array(item, count)
+            return f"[{count} items]"
+        raise GGUFFormatError(f"unknown value type {vtype} at byte {self.off - 4}")
+
+    def skip_array(self, item: int, count: int) -> None:
+        if item in SCALARS:
+            self.take(struct.calcsize("<" + SCALARS[item]) * count)
+        elif item == STRING:
+            buf, off, size = self.buf, self.off, self.size
+            for _ in range(count):  # the vocabulary: length, bytes, length, bytes, ...
+                if off + 8 > size:
+                    raise GGUFFormatError(f"ends at byte {size}, inside an array of {count} strings")
+                off += 8 + _U64.unpack_from(buf, off)[0]
+            self.take(off - self.off)
+        elif item == ARRAY:
+            for _ in range(count):
+                self.skip_array(self.u32(), self.u64())
+        else:
+            raise GGUFFormatError(f"unknown array item type {item} at byte {self.off - 12}")
+
+
+def parse(buf) -> GGUFHeader:
+    """The header in `buf` (bytes or a mapped file); GGUFFormatError if it is not a complete GGUF header."""
+    cur = _Cursor(buf)
+    if len(buf) < 4 or bytes(buf[:4]) != MAGIC:
+        raise GGUFFormatError(f"it starts with {bytes(buf[:4])!r}, not {MAGIC!r}")
+    cur.take(4)
+    version = cur.u32()
+    if version not in (2, 3):
+        raise GGUFFormatError(f"GGUF version {version} (this reads versions 2 and 3, as llama.cpp does)")
+    n_tensors, n_kv = cur.u64(), cur.u64()
+    header = GGUFHeader(version)
+    for _ in range(n_kv):
+        key = cur.string()
+        header.metadata[key] = cur.value(cur.u32())
+    for _ in range(n_tensors):
+        name = cur.string()
+        n_dims = cur.u32()
+        if n_dims > 8:
+            raise GGUFFormatError(f"tensor {name!r} has {n_dims} dimensions")
+        shape = tuple(cur.u64() for _ in range(n_dims))
+        header.tensors.append(TensorInfo(name, shape, cur.u32()))
+        cur.u64()  # data offset
+    return header
+
+
+def read_header(path: Path) -> GGUFHeader:
+    """The header of the GGUF at `path`; InvalidInput (exit 2) naming the file when it is missing, not a file,
+    or not a complete GGUF (a text file named .gguf, an empty or truncated file)."""
+    full = require_file(path, "GGUF file", "give the path of a .gguf file (python -m convert info FILE.gguf)")
+    with open(full, "rb") as f:
+        try:
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                return parse(mapped)
+        except (GGUFFormatError, ValueError) as e:  # ValueError: mmap of an empty file
+            damaged = f.read(4) == MAGIC
+            what = "truncated or damaged (its header is a GGUF's)" if damaged else "not a GGUF file (wrong magic)"
+            raise InvalidInput(
+                f"{path}: {what}: {e}.\n  fix: export it again (python -m convert export --config ...)"
+            ) from None
