@@ -93,7 +93,13 @@ def export_gguf(
                 quantize(source, files[quant], quant, export_cfg.token_embedding_type, log_path, imatrix=weights)
         log.info(f"  verifying {len(files)} file(s) against the HF model, one at a time")
         reports = verify_files(
-            model_dir, list(files.items()), verify_cfg, texts, log_path, fallback_texts=training_texts or ()
+            model_dir,
+            list(files.items()),
+            verify_cfg,
+            texts,
+            log_path,
+            fallback_texts=training_texts or (),
+            scratch_dir=work_dir,  # the reference's logits between files (2.1 GB at 2,048 positions), unnamed
         )
     except BaseException:
         remove_work_files(work_dir, name)

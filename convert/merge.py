@@ -78,8 +78,9 @@ def _header(shapes: dict[str, tuple[torch.dtype, list[int]]], metadata: dict[str
 
 
 def _write_tensor(out: BinaryIO, tensor: torch.Tensor) -> None:
-    # the tensor's own bytes, not a copy (.tobytes() would double the largest tensor: 1.2 GB of embedding at 2B)
-    out.write(memoryview(tensor.contiguous().view(torch.uint8).numpy()))
+    # the tensor's own bytes (a memoryview), not a copy: .tobytes() would double the largest tensor (1.2 GB
+    # of embedding at the 2B's shapes)
+    out.write(tensor.contiguous().view(torch.uint8).numpy().data)
 
 
 def merge_file(src: Path, dst: Path, deltas: dict[str, tuple[torch.Tensor, torch.Tensor]], scaling: float) -> int:

@@ -184,8 +184,8 @@ def _chunk_logits(ckpt: _Checkpoint, config, output: str, hidden: torch.Tensor) 
 class Reference:
     """The reference of one set of texts: the decoder runs once (construction), then `chunks()` yields the logits
     as often as asked, each time from the kept final hidden states (texts x tokens x hidden floats: 19 MB for
-    2,048 tokens at the 2B's shapes) through the output layer. Verification scores one GGUF at a time against it,
-    so that only one GGUF is mapped at once; each pass costs the output layer again (~1/5 of a forward)."""
+    2,048 tokens at the 2B's shapes) through the output layer (~1/5 of a forward each time; verification keeps
+    the first pass's logits in a scratch file, convert/verify.py ReferenceChunks)."""
 
     def __init__(self, model_dir: Path, texts_ids: list[list[int]]):
         model_dir = Path(model_dir)

@@ -4,8 +4,10 @@ Every file is scored against the model that was trained: the HF model in float32
 streams layer by layer (never whole in float32). Its decoder runs once over the scored token sequences; then
 the files are run by llama.cpp one after another, each in step with the reference's logits CHUNK positions at
 a time: per position the KL divergence, top-1 agreement and next-token log-likelihood are computed and the
-logits dropped. So one GGUF is mapped at a time and no [tokens, vocab] array for the whole text set exists
-(256k vocab: 1 MB per position). The price is the reference's output layer once per file (~1/5 of a forward).
+logits dropped. So one GGUF is mapped at a time and no [tokens, vocab] array for the whole text set is held
+in memory (256k vocab: 1 MB per position): the reference's logits go to a scratch file on the first file's
+pass and are read back for the others (ReferenceChunks), rather than the output layer (~1/5 of a forward)
+running once per file.
 (llama.cpp's own llama-perplexity --kl-divergence scores quants against the f16 file instead; scoring each
 against the trained model measures what a user gets, and the float file's own distance is in the table.)
 
@@ -29,6 +31,8 @@ import ctypes
 import logging
 import math
 import os
+import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -246,6 +250,57 @@ class GGUFRunner:
         self.llm.close()
 
 
+class ReferenceChunks:
+    """The reference's logits chunks for every file: computed by the first pass (the output layer, ~1/5 of a
+    forward) and written to an unnamed file in `scratch_dir`, read back by the passes after it. The file holds
+    positions x vocab float32 (2.1 GB at 2,052 positions of a 256k vocabulary): disk and page cache, not the
+    process's memory. Without a scratch_dir, or if writing fails (a full disk), every pass recomputes.
+    A chunk read back is a view of one buffer: valid until the next one is asked for."""
+
+    def __init__(self, reference: Reference, chunk: int, scratch_dir: Path | None):
+        self.reference, self.chunk = reference, chunk
+        # unnamed (O_TMPFILE): gone with the process, however it ends; closed by close()
+        self.file = tempfile.TemporaryFile(dir=scratch_dir) if scratch_dir is not None else None  # noqa: SIM115
+        self.index: list[tuple[int, int]] | None = None  # (text, rows) of each chunk, once a pass has completed
+
+    def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
+        if self.file is not None and self.index is not None:
+            yield from self._read()
+            return
+        index = []
+        if self.file is not None:
+            self.file.seek(0)
+            self.file.truncate()
+        for t, logits in self.reference.chunks(self.chunk):
+            if self.file is not None:
+                try:
+                    self.file.write(np.ascontiguousarray(logits).data)
+                except OSError as e:
+                    log.warning(f"  reference logits not kept ({e}): each file recomputes them")
+                    self.close()
+            index.append((t, logits.shape[0]))
+            yield t, logits
+        self.index = index  # only a whole pass is read back
+
+    def _read(self) -> Iterator[tuple[int, np.ndarray]]:
+        assert self.file is not None and self.index is not None
+        self.file.seek(0)
+        buf = None
+        for t, rows in self.index:
+            if buf is None or buf.shape[0] < rows:
+                buf = np.empty((max(rows, self.chunk), self.reference.config.vocab_size), dtype=np.float32)
+            view = buf[:rows]
+            got = self.file.readinto(view.data.cast("B"))
+            if got != view.nbytes:
+                raise PipelineError(f"reference logits file ended early ({got} of {view.nbytes} bytes)")
+            yield t, view
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
 # ----------------------------------------------------------------------------- measures
 
 
@@ -293,8 +348,12 @@ class Tally:
         """ref, got: log-probabilities [rows, vocab]; next_ids: the next token per row, -1 where none."""
         self.kld.append((ref.p * (ref.lp - got.lp)).sum(axis=-1))
         self.top1_hits += int((ref.top1 == got.top1).sum())
+        self.add_nll(got, next_ids)
+
+    def add_nll(self, block: Block, next_ids: np.ndarray) -> None:
+        """The next tokens' log-likelihood only (the reference's own perplexity)."""
         has_next = next_ids >= 0
-        self.nll_sum -= float(got.lp[has_next, next_ids[has_next]].sum())
+        self.nll_sum -= float(block.lp[has_next, next_ids[has_next]].sum())
         self.nll_count += int(has_next.sum())
 
     def add_last(self, ref: np.ndarray, got: np.ndarray) -> None:
@@ -335,7 +394,7 @@ def score(
         for b in range(0, n, BLOCK):
             rows = slice(b, min(b + BLOCK, n))
             hf_block = Block(log_softmax(hf[rows]))
-            hf_tally.add_block(hf_block, hf_block, nxt[rows])
+            hf_tally.add_nll(hf_block, nxt[rows])
             tally.add_block(hf_block, Block(log_softmax(got[rows])), nxt[rows])
         if t < n_prompts and pos + n == len(ids):  # this chunk holds the prompt's last position
             tally.add_last(hf[-1], got[-1])
@@ -386,12 +445,14 @@ def verify_files(
     texts: list[str],
     log_path: Path | None = None,
     fallback_texts: Iterable[str] = (),
+    scratch_dir: Path | None = None,
 ) -> list[FileReport]:
     """Verify several GGUFs ((quant name, path) pairs) of one HF model, every one against the HF model.
 
     The reference's decoder runs once; the files are scored one after another (one GGUF mapped at a time).
     `texts` (held-out) are scored in full; `fallback_texts` (training data) only while short of
-    verify.min_scored_tokens."""
+    verify.min_scored_tokens. scratch_dir: where the reference's logits are kept between files (ReferenceChunks;
+    None: recomputed for each file)."""
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     context = getattr(AutoConfig.from_pretrained(str(model_dir)), "max_position_embeddings", None) or 8192
     window = min(verify_cfg.max_tokens_per_text, context)
@@ -408,30 +469,39 @@ def verify_files(
             f"{scored.minimum}: gated on what there is (give verify.heldout_files more records)"
         )
     log.info("  reference: the HF model in float32, layer by layer")
-    reference = Reference(model_dir, scored.sequences)
-    reports = []
-    for quant, path in files:
-        runner = GGUFRunner(path, window, log_path)
-        try:
-            tally, hf_tally = score(reference.chunks(CHUNK), scored.sequences, len(scored.prompts), runner)
-            report = FileReport(str(path), quant)
-            size = path.stat().st_size
-            report.measures = tally.measures() | {
-                "size": size,
-                "bits_per_weight": size * 8 / read_header(path).parameter_count,
-                "reference_ppl": hf_tally.measures()["ppl"],
-            }
-            _gates(report, verify_cfg)
-            _checks(runner, path, tokenizer, report)
-        finally:
-            runner.close()
-        if scored.short:
-            report.notes.append(
-                f"scored on {scored.positions} positions, short of verify.min_scored_tokens={scored.minimum}: "
-                f"the data holds no more (gated on what there is)"
-            )
-        reports.append(report)
-    return reports
+    reference = ReferenceChunks(Reference(model_dir, scored.sequences), CHUNK, scratch_dir)
+    try:
+        return [_verify_file(q, path, reference, scored, window, verify_cfg, tokenizer, log_path) for q, path in files]
+    finally:
+        reference.close()
+
+
+def _verify_file(
+    quant: str, path: Path, reference: ReferenceChunks, scored: ScoredSet, window: int, verify_cfg, tokenizer, log_path
+) -> FileReport:
+    """One GGUF scored against the reference, measured, gated and checked."""
+    start = time.monotonic()
+    report = FileReport(str(path), quant)
+    runner = GGUFRunner(path, window, log_path)
+    try:
+        tally, hf_tally = score(iter(reference), scored.sequences, len(scored.prompts), runner)
+        size = path.stat().st_size
+        report.measures = tally.measures() | {
+            "size": size,
+            "bits_per_weight": size * 8 / read_header(path).parameter_count,
+            "reference_ppl": hf_tally.measures()["ppl"],
+        }
+        _gates(report, verify_cfg)
+        _checks(runner, path, tokenizer, report)
+    finally:
+        runner.close()
+    if scored.short:
+        report.notes.append(
+            f"scored on {scored.positions} positions, short of verify.min_scored_tokens={scored.minimum}: "
+            f"the data holds no more (gated on what there is)"
+        )
+    log.info(f"  {path.name}: {'passed' if report.passed else 'FAILED'} in {time.monotonic() - start:.0f} s")
+    return report
 
 
 # ----------------------------------------------------------------------------- reports

@@ -73,7 +73,7 @@ def _lsm(x: np.ndarray) -> np.ndarray:
     return x - x.max(-1, keepdims=True) - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True))
 
 
-def test_chunked_scoring_equals_the_whole_array_computation(exported, tok, monkeypatch):
+def test_chunked_scoring_equals_the_whole_array_computation(exported, tok, monkeypatch, tmp_path):
     import convert.verify as verify
 
     files = exported["files"]
@@ -92,10 +92,21 @@ def test_chunked_scoring_equals_the_whole_array_computation(exported, tok, monke
             open_now.remove(self)
 
     monkeypatch.setattr(verify, "GGUFRunner", Counted)
+    output_layer_passes = []  # the reference's logits: computed for the first file, read back for the second
+    chunks = verify.Reference.chunks
+    monkeypatch.setattr(verify.Reference, "chunks", lambda self, n: output_layer_passes.append(n) or chunks(self, n))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
     reports = verify_files(
-        exported["model"], [("f32", files["f32"]), ("q4_k_m", files["q4_k_m"])], cfg, [], fallback_texts=fallback
+        exported["model"],
+        [("f32", files["f32"]), ("q4_k_m", files["q4_k_m"])],
+        cfg,
+        [],
+        fallback_texts=fallback,
+        scratch_dir=scratch,
     )
     assert most_open == [1, 1] and not open_now
+    assert output_layer_passes == [CHUNK] and not list(scratch.iterdir())  # the scratch file had no name
     f32, q4 = reports
     assert f32.reference == q4.reference == HF_REFERENCE
     scored = scored_set(tok, list(cfg.prompts), [], fallback, 700, WINDOW)
@@ -178,3 +189,60 @@ def test_recommend_picks_the_smallest_passing_file_within_budget():
     assert recommend(reports, 0.02).path == "a.q8_0.gguf"
     assert recommend(reports, 0.05).path == "a.q4_k_m.gguf"
     assert recommend(reports[2:], 0.001) is None
+
+
+class FakeReference:
+    """Chunks of known logits, counting how often they are computed (ReferenceChunks' own logic only)."""
+
+    def __init__(self, rows: list[tuple[int, int]], vocab: int = 11):
+        self.rows, self.passes = rows, 0
+        self.config = type("Config", (), {"vocab_size": vocab})()
+
+    def chunks(self, chunk: int):
+        self.passes += 1
+        for i, (t, n) in enumerate(self.rows):
+            yield t, np.arange(n * self.config.vocab_size, dtype=np.float32).reshape(n, -1) + i
+
+
+def _passes(chunks, n: int) -> list[list[tuple[int, np.ndarray]]]:
+    return [[(t, a.copy()) for t, a in chunks] for _ in range(n)]
+
+
+def test_reference_chunks_are_computed_once_and_read_back(tmp_path):
+    from convert.verify import ReferenceChunks
+
+    fake = FakeReference([(0, 4), (0, 1), (1, 4), (2, 3)])
+    cached = ReferenceChunks(fake, 4, tmp_path)
+    first, second, third = _passes(cached, 3)
+    cached.close()
+    assert fake.passes == 1 and not list(tmp_path.iterdir())
+    expected = list(fake.chunks(4))
+    for got in (first, second, third):
+        assert [t for t, _ in got] == [t for t, _ in expected]
+        assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(got, expected, strict=True))
+
+
+def test_reference_chunks_recompute_when_the_scratch_file_fails(tmp_path, caplog):
+    from convert.verify import ReferenceChunks
+
+    fake = FakeReference([(0, 2), (1, 3)])
+    cached = ReferenceChunks(fake, 4, tmp_path)
+
+    class FullDisk:
+        def seek(self, *a):
+            pass
+
+        def truncate(self, *a):
+            pass
+
+        def write(self, b):
+            raise OSError(28, "No space left on device")
+
+        def close(self):
+            pass
+
+    cached.file = FullDisk()
+    first, second = _passes(cached, 2)
+    assert fake.passes == 2 and "No space left" in caplog.text  # no file: each pass computes
+    assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(first, second, strict=True)) and len(first) == 2
+    assert ReferenceChunks(fake, 4, None).file is None
