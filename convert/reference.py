@@ -200,17 +200,25 @@ class Reference:
         with torch.inference_mode():
             self.hidden = _decoder(self.ckpt, self.config, self.texts_ids)
 
-    def chunks(self, chunk: int = 256) -> Iterator[tuple[int, np.ndarray]]:
-        """yield (text index, float32 logits [n, vocab]) for consecutive chunks of positions of each text, in order"""
+    def plan(self, chunk: int) -> list[tuple[int, int, int]]:
+        """(text index, start, stop) of consecutive chunks of positions of each text, in order."""
         if chunk < 1:
             raise RunError(f"reference: chunk must be at least 1 position, got {chunk}")
-        # inference_mode is entered and left around each step, never held across a yield (it is thread state
-        # and would leak into the caller's code between chunks).
-        for t, h in enumerate(self.hidden):
-            for start in range(0, h.shape[0], chunk):
-                with torch.inference_mode():
-                    logits = _chunk_logits(self.ckpt, self.config, self.output, h[start : start + chunk])
-                yield t, logits
+        return [
+            (t, start, min(start + chunk, h.shape[0]))
+            for t, h in enumerate(self.hidden)
+            for start in range(0, h.shape[0], chunk)
+        ]
+
+    def logits(self, t: int, start: int, stop: int) -> np.ndarray:
+        """float32 logits [stop - start, vocab] of positions start..stop of text t."""
+        with torch.inference_mode():  # entered and left here: never held across a caller's yield (thread state)
+            return _chunk_logits(self.ckpt, self.config, self.output, self.hidden[t][start:stop])
+
+    def chunks(self, chunk: int = 256) -> Iterator[tuple[int, np.ndarray]]:
+        """yield (text index, float32 logits [n, vocab]) for consecutive chunks of positions of each text, in order"""
+        for t, start, stop in self.plan(chunk):
+            yield t, self.logits(t, start, stop)
 
 
 def reference_logits(model_dir: Path, texts_ids: list[list[int]], chunk: int = 256) -> Iterator[tuple[int, np.ndarray]]:

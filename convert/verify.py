@@ -56,6 +56,8 @@ log = logging.getLogger(__name__)
 CHUNK = 128
 # Rows turned into float64 log-probabilities at once (16 x 256k x 8 bytes = 33 MB per file).
 BLOCK = 16
+# Disk for the reference's logits kept between files (ReferenceChunks): 4,096 positions at a 256k vocabulary.
+SCRATCH_BUDGET = 4 << 30
 
 # Strings that break careless tokenizer conversions: byte fallback, whitespace runs, emoji with
 # joiners, right-to-left and CJK text, digits, and the chat markers (must be single special tokens).
@@ -251,49 +253,53 @@ class GGUFRunner:
 
 
 class ReferenceChunks:
-    """The reference's logits chunks for every file: computed by the first pass (the output layer, ~1/5 of a
-    forward) and written to an unnamed file in `scratch_dir`, read back by the passes after it. The file holds
-    positions x vocab float32 (2.1 GB at 2,052 positions of a 256k vocabulary): disk and page cache, not the
-    process's memory. Without a scratch_dir, or if writing fails (a full disk), every pass recomputes.
+    """The reference's logits chunks for every file: the output layer (~1/5 of a forward) runs for the first
+    file, whose pass writes the chunks to an unnamed file in `scratch_dir` (disk and page cache, not the
+    process's memory: positions x vocab float32, 2.1 GB at 2,052 positions of a 256k vocabulary); the passes
+    after it read them back. Up to `budget` bytes: chunks past it (a large held-out set) are recomputed by
+    every pass. Without a scratch_dir, or once a write fails (a full disk), every pass recomputes.
     A chunk read back is a view of one buffer: valid until the next one is asked for."""
 
-    def __init__(self, reference: Reference, chunk: int, scratch_dir: Path | None):
-        self.reference, self.chunk = reference, chunk
+    def __init__(self, reference: Reference, chunk: int, scratch_dir: Path | None, budget: int = SCRATCH_BUDGET):
+        self.reference, self.plan, self.budget = reference, reference.plan(chunk), budget
         # unnamed (O_TMPFILE): gone with the process, however it ends; closed by close()
         self.file = tempfile.TemporaryFile(dir=scratch_dir) if scratch_dir is not None else None  # noqa: SIM115
-        self.index: list[tuple[int, int]] | None = None  # (text, rows) of each chunk, once a pass has completed
+        self.kept = 0  # chunks 0..kept-1 are in the file, in order
+        self.buf: np.ndarray | None = None
 
     def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
-        if self.file is not None and self.index is not None:
-            yield from self._read()
-            return
-        index = []
-        if self.file is not None:
-            self.file.seek(0)
-            self.file.truncate()
-        for t, logits in self.reference.chunks(self.chunk):
-            if self.file is not None:
-                try:
-                    self.file.write(np.ascontiguousarray(logits).data)
-                except OSError as e:
-                    log.warning(f"  reference logits not kept ({e}): each file recomputes them")
-                    self.close()
-            index.append((t, logits.shape[0]))
-            yield t, logits
-        self.index = index  # only a whole pass is read back
+        offset = 0
+        for i, (t, start, stop) in enumerate(self.plan):
+            if self.file is not None and i < self.kept:
+                yield t, self._read(offset, stop - start)
+            else:
+                logits = self.reference.logits(t, start, stop)
+                if self.file is not None and i == self.kept and offset + logits.nbytes <= self.budget:
+                    self._keep(offset, logits)
+                yield t, logits
+            offset += (stop - start) * self.reference.config.vocab_size * 4
 
-    def _read(self) -> Iterator[tuple[int, np.ndarray]]:
-        assert self.file is not None and self.index is not None
-        self.file.seek(0)
-        buf = None
-        for t, rows in self.index:
-            if buf is None or buf.shape[0] < rows:
-                buf = np.empty((max(rows, self.chunk), self.reference.config.vocab_size), dtype=np.float32)
-            view = buf[:rows]
-            got = self.file.readinto(view.data.cast("B"))
-            if got != view.nbytes:
-                raise PipelineError(f"reference logits file ended early ({got} of {view.nbytes} bytes)")
-            yield t, view
+    def _keep(self, offset: int, logits: np.ndarray) -> None:
+        assert self.file is not None
+        try:
+            self.file.seek(offset)
+            self.file.write(np.ascontiguousarray(logits, dtype=np.float32).data)
+            self.kept += 1
+        except OSError as e:
+            log.warning(f"  reference logits not kept ({e}): each file recomputes them")
+            self.close()
+
+    def _read(self, offset: int, rows: int) -> np.ndarray:
+        assert self.file is not None
+        vocab = self.reference.config.vocab_size
+        if self.buf is None or self.buf.shape[0] < rows:
+            self.buf = np.empty((rows, vocab), dtype=np.float32)
+        view = self.buf[:rows]
+        self.file.seek(offset)
+        got = self.file.readinto(view.data.cast("B"))
+        if got != view.nbytes:
+            raise PipelineError(f"reference logits scratch file ended early ({got} of {view.nbytes} bytes)")
+        return view
 
     def close(self) -> None:
         if self.file is not None:

@@ -4,7 +4,9 @@ The estimate, per destination (grouped by file system, since outputs/ and models
 Docker volumes):
   run folder   checkpoints present at once x (adapter weights + AdamW's two moments + tokenizer files),
                the run's adapter, and the float GGUF each export converts first when export.quants does not
-               list it (deleted after verification unless export.keep_float)
+               list it (deleted after verification unless export.keep_float), and verification's scratch
+               file (the reference's logits kept between files: min_scored_tokens x vocab x 4 bytes, at most
+               convert.verify.SCRATCH_BUDGET; unnamed, gone when verification ends)
   models_dir   the promoted adapter and the merged model (saved in the base dtype: the base's size)
   gguf_dir     every exported GGUF type, fine-tuned and (export.export_base) base
 It is an upper bound on what the run adds, plus 10%, not on the peak: files already present (a resumed
@@ -14,6 +16,7 @@ run's checkpoints) are not subtracted. `paths.check_free_space: false` skips the
 from __future__ import annotations
 
 import errno
+import json
 import math
 import shutil
 from dataclasses import dataclass
@@ -21,6 +24,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+from convert.verify import SCRATCH_BUDGET
 from core.config import Config
 from core.errors import DiskSpaceError
 from core.files import human_size
@@ -119,6 +123,10 @@ def planned_writes(
             Write(f"{float_type} GGUF (intermediate)", run_root / "export", kept * gguf_bytes(counts, float_type, None))
         )
     writes.append(Write(f"{exports * len(cfg.export.quants)} GGUF file(s)", gguf_dir, exports * quants))
+    config = base_dir / "config.json"
+    vocab = int(json.loads(config.read_text()).get("vocab_size") or 0) if config.is_file() else 0
+    scratch = min(SCRATCH_BUDGET, cfg.verify.min_scored_tokens * vocab * 4)
+    writes.append(Write("verification scratch (reference logits)", run_root / "export", scratch))
     if _device(run_root) != _device(gguf_dir):  # quantized files are written in the run folder, then copied
         writes.append(Write("GGUF staging", run_root / "export", quants))
     return writes

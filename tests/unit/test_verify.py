@@ -92,9 +92,9 @@ def test_chunked_scoring_equals_the_whole_array_computation(exported, tok, monke
             open_now.remove(self)
 
     monkeypatch.setattr(verify, "GGUFRunner", Counted)
-    output_layer_passes = []  # the reference's logits: computed for the first file, read back for the second
-    chunks = verify.Reference.chunks
-    monkeypatch.setattr(verify.Reference, "chunks", lambda self, n: output_layer_passes.append(n) or chunks(self, n))
+    computed = []  # the reference's logits chunks: computed for the first file, read back for the second
+    logits = verify.Reference.logits
+    monkeypatch.setattr(verify.Reference, "logits", lambda self, *span: computed.append(span) or logits(self, *span))
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     reports = verify_files(
@@ -106,7 +106,8 @@ def test_chunked_scoring_equals_the_whole_array_computation(exported, tok, monke
         scratch_dir=scratch,
     )
     assert most_open == [1, 1] and not open_now
-    assert output_layer_passes == [CHUNK] and not list(scratch.iterdir())  # the scratch file had no name
+    assert computed and len(set(computed)) == len(computed)  # each chunk once
+    assert not list(scratch.iterdir())  # the scratch file had no name
     f32, q4 = reports
     assert f32.reference == q4.reference == HF_REFERENCE
     scored = scored_set(tok, list(cfg.prompts), [], fallback, 700, WINDOW)
@@ -192,47 +193,67 @@ def test_recommend_picks_the_smallest_passing_file_within_budget():
 
 
 class FakeReference:
-    """Chunks of known logits, counting how often they are computed (ReferenceChunks' own logic only)."""
+    """Known logits for texts of given lengths, counting the chunks computed (ReferenceChunks' own logic only)."""
 
-    def __init__(self, rows: list[tuple[int, int]], vocab: int = 11):
-        self.rows, self.passes = rows, 0
+    def __init__(self, lengths: list[int], vocab: int = 11):
+        self.lengths, self.computed = lengths, 0
         self.config = type("Config", (), {"vocab_size": vocab})()
 
-    def chunks(self, chunk: int):
-        self.passes += 1
-        for i, (t, n) in enumerate(self.rows):
-            yield t, np.arange(n * self.config.vocab_size, dtype=np.float32).reshape(n, -1) + i
+    def plan(self, chunk: int) -> list[tuple[int, int, int]]:
+        return [(t, a, min(a + chunk, n)) for t, n in enumerate(self.lengths) for a in range(0, n, chunk)]
+
+    def logits(self, t: int, start: int, stop: int) -> np.ndarray:
+        self.computed += 1
+        vocab = self.config.vocab_size
+        return (np.arange(start * vocab, stop * vocab, dtype=np.float32) + 1000 * t).reshape(stop - start, vocab)
 
 
 def _passes(chunks, n: int) -> list[list[tuple[int, np.ndarray]]]:
     return [[(t, a.copy()) for t, a in chunks] for _ in range(n)]
 
 
+def _expected(fake: FakeReference, chunk: int) -> list[tuple[int, np.ndarray]]:
+    return [(t, FakeReference(fake.lengths).logits(t, a, b)) for t, a, b in fake.plan(chunk)]
+
+
+def _same(got, expected) -> bool:
+    return len(got) == len(expected) and all(
+        t == u and np.array_equal(a, b) for (t, a), (u, b) in zip(got, expected, strict=True)
+    )
+
+
 def test_reference_chunks_are_computed_once_and_read_back(tmp_path):
     from convert.verify import ReferenceChunks
 
-    fake = FakeReference([(0, 4), (0, 1), (1, 4), (2, 3)])
+    fake = FakeReference([5, 4, 3])  # chunks of 4: 4+1, 4, 3
     cached = ReferenceChunks(fake, 4, tmp_path)
-    first, second, third = _passes(cached, 3)
+    passes = _passes(cached, 3)
     cached.close()
-    assert fake.passes == 1 and not list(tmp_path.iterdir())
-    expected = list(fake.chunks(4))
-    for got in (first, second, third):
-        assert [t for t, _ in got] == [t for t, _ in expected]
-        assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(got, expected, strict=True))
+    assert fake.computed == 4 and not list(tmp_path.iterdir())  # 4 chunks, computed by the first pass only
+    assert all(_same(p, _expected(fake, 4)) for p in passes)
+
+
+def test_reference_chunks_past_the_budget_are_recomputed(tmp_path):
+    from convert.verify import ReferenceChunks
+
+    fake = FakeReference([5, 4, 3])
+    row = 11 * 4  # bytes per position
+    cached = ReferenceChunks(
+        fake, 4, tmp_path, budget=8 * row
+    )  # the first two chunks (4 + 1 rows); the third (4) would pass 8
+    passes = _passes(cached, 3)
+    assert cached.kept == 2 and fake.computed == 4 + 2 * 2
+    assert all(_same(p, _expected(fake, 4)) for p in passes)
 
 
 def test_reference_chunks_recompute_when_the_scratch_file_fails(tmp_path, caplog):
     from convert.verify import ReferenceChunks
 
-    fake = FakeReference([(0, 2), (1, 3)])
+    fake = FakeReference([2, 3])
     cached = ReferenceChunks(fake, 4, tmp_path)
 
     class FullDisk:
         def seek(self, *a):
-            pass
-
-        def truncate(self, *a):
             pass
 
         def write(self, b):
@@ -241,8 +262,9 @@ def test_reference_chunks_recompute_when_the_scratch_file_fails(tmp_path, caplog
         def close(self):
             pass
 
-    cached.file = FullDisk()
-    first, second = _passes(cached, 2)
-    assert fake.passes == 2 and "No space left" in caplog.text  # no file: each pass computes
-    assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(first, second, strict=True)) and len(first) == 2
-    assert ReferenceChunks(fake, 4, None).file is None
+    cached.file = FullDisk()  # type: ignore[assignment]
+    passes = _passes(cached, 2)
+    assert fake.computed == 4 and "No space left" in caplog.text and cached.file is None  # each pass computes
+    assert all(_same(p, _expected(fake, 4)) for p in passes)
+    none = ReferenceChunks(fake, 4, None)
+    assert none.file is None and _same(_passes(none, 1)[0], _expected(fake, 4)) and fake.computed == 6
