@@ -306,15 +306,15 @@ class ExportSection(Section):
 
 
 class VerifySection(Section):
-    """Gates every export must pass before it is promoted. The float GGUF is measured against the merged HF model
-    (float32, streamed layer by layer), every quant against that float GGUF (llama.cpp's own KL-divergence way)."""
+    """Gates every export must pass before it is promoted. Every GGUF, the float one and each quant, is measured
+    against the merged HF model (float32, streamed layer by layer): the model that was trained."""
 
     max_nmse: dict[str, float] = Field(default_factory=lambda: {q: QUANTS[q].gate for q in FLOAT_TYPES})
     """Max normalised MSE of last-token logits (MSE / variance of the reference) per float type."""
     min_top1: dict[str, float] = Field(default_factory=lambda: dict.fromkeys(FLOAT_TYPES, 1.0))
     """Min fraction of prompts whose last-token argmax matches the reference, per float type."""
     max_kld: dict[str, float] = Field(default_factory=lambda: {n: q.gate for n, q in QUANTS.items() if not q.is_float})
-    """Max mean KL(float GGUF || quant) over every scored position, per quant type."""
+    """Max mean KL(HF model || quant) over every scored position, per quant type."""
     prompts: list[str] = Field(
         default_factory=lambda: [
             "What is the capital of France?",
