@@ -4,8 +4,8 @@ gguf-py's GGUFReader makes a numpy view for every part of every array element: o
 (tokens, scores, token types) that is ~4 million views and 8 s per file, spent by verification, which only
 needs a string or two, the file type and the weight count. This reads the same layout (the GGUF spec, v2 and
 v3: little-endian counts and lengths in 64 bits) from a mapped file and steps over arrays by their lengths.
-Scalars and strings come back as Python values, arrays as their length; tests/unit/test_gguf_header.py checks
-the result against GGUFReader's on exported files.
+Scalars and strings come back as Python values, arrays as their length, and every tensor's data is checked
+to lie inside the file; tests/unit/test_gguf_header.py checks the result against GGUFReader's.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import mmap
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import gguf
 
 from core.errors import InvalidInput
 from core.paths import require_file
@@ -48,6 +50,7 @@ class TensorInfo:
     name: str
     shape: tuple[int, ...]  # as stored: fastest-varying dimension first
     type: int  # ggml type number (gguf.GGMLQuantizationType)
+    offset: int  # of its data, from the start of the data section
 
     @property
     def n_elements(self) -> int:
@@ -141,9 +144,24 @@ def parse(buf) -> GGUFHeader:
         if n_dims > 8:
             raise GGUFFormatError(f"tensor {name!r} has {n_dims} dimensions")
         shape = tuple(cur.u64() for _ in range(n_dims))
-        header.tensors.append(TensorInfo(name, shape, cur.u32()))
-        cur.u64()  # data offset
+        header.tensors.append(TensorInfo(name, shape, cur.u32(), cur.u64()))
+    _check_data(header, cur.off, len(buf))
     return header
+
+
+def _check_data(header: GGUFHeader, table_end: int, size: int) -> None:
+    """Every tensor's bytes lie inside the file (a file cut in its tensor data has a whole header)."""
+    alignment = header.metadata.get("general.alignment", 32)
+    if not isinstance(alignment, int) or alignment < 1:
+        raise GGUFFormatError(f"general.alignment is {alignment!r}")
+    data_start = -(-table_end // alignment) * alignment
+    for t in header.tensors:
+        if t.type not in gguf.GGML_QUANT_SIZES:
+            raise GGUFFormatError(f"tensor {t.name!r} has unknown ggml type {t.type}")
+        block, block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(t.type)]
+        end = data_start + t.offset + t.n_elements // block * block_bytes
+        if end > size:
+            raise GGUFFormatError(f"tensor {t.name!r} ends at byte {end}, past the end of the file ({size} bytes)")
 
 
 def read_header(path: Path) -> GGUFHeader:

@@ -88,13 +88,16 @@ def test_exported_gguf_header(exported_gguf):
     assert [(t.name, t.shape, t.type, t.n_elements) for t in header.tensors] == tensors
 
 
-@pytest.mark.parametrize("keep", [0, 3, 4, 10, 30, 200, 1000, -200, -1])
+@pytest.mark.parametrize("keep", [0, 3, 4, 10, 30, 200, 1000, -200, -1, "data"])
 def test_cut_files_are_refused(tmp_path, keep):
     """A file cut anywhere in its header (or before the tensor data ends in it) is named and refused."""
     whole = write_gguf(tmp_path / "all.gguf").read_bytes()
     header_end = whole.index(b"c.bias") + len(b"c.bias") + 4 + 8 + 4 + 8  # name, n_dims, dim, type, offset
     cut = tmp_path / "cut.gguf"
-    cut.write_bytes(whole[: keep if keep >= 0 else header_end + keep])
+    if keep == "data":  # a whole header, the last tensor's data cut short
+        cut.write_bytes(whole[:-8])  # 4 bytes of alignment padding, then data
+    else:
+        cut.write_bytes(whole[: keep if keep >= 0 else header_end + keep])
     with pytest.raises(InvalidInput) as err:
         read_header(cut)
     expected = {0: "an empty file", 3: "not a GGUF file"}.get(keep, "truncated or damaged")
