@@ -125,7 +125,8 @@ class _Cursor:
 
 
 def parse(buf) -> GGUFHeader:
-    """The header in `buf` (bytes or a mapped file); GGUFFormatError if it is not a complete GGUF header."""
+    """The header in `buf` (a whole file: bytes or mapped); GGUFFormatError if it is not a complete GGUF header,
+    or a tensor's data would lie past the end of `buf`."""
     cur = _Cursor(buf)
     if len(buf) < 4 or bytes(buf[:4]) != MAGIC:
         raise GGUFFormatError(f"it starts with {bytes(buf[:4])!r}, not {MAGIC!r}")
