@@ -43,7 +43,7 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoTokenizer
 
 from convert.gguf_header import read_header
-from convert.llamacpp import native_output_to, read_metadata
+from convert.llamacpp import native_output_to
 from convert.reference import Reference
 from core.errors import EXIT_VERIFICATION, LlamaCppError, PipelineError
 from core.files import human_size
@@ -410,8 +410,9 @@ def score(
     return tally, hf_tally
 
 
-def _checks(runner: GGUFRunner, gguf_path: Path, tokenizer, report: FileReport) -> None:
-    """Tokens, chat template and stop token, as an application loading the file sees them."""
+def _checks(runner: GGUFRunner, meta: dict[str, object], tokenizer, report: FileReport) -> None:
+    """Tokens, chat template (from the file's metadata, `meta`) and stop token, as an application loading the file
+    sees them."""
     llm = runner.llm
     mismatches = []
     for text in TOKENIZER_PROBES:
@@ -425,7 +426,6 @@ def _checks(runner: GGUFRunner, gguf_path: Path, tokenizer, report: FileReport) 
         mismatches.append(f"<bos> handling: HF {hf_bos} vs llama.cpp {cpp_bos}")
     report.gates.append(Gate("tokens_identical", not mismatches, True, not mismatches))
     report.notes += [f"token mismatch on {m!r}" for m in mismatches]
-    meta = read_metadata(gguf_path)
     template_ok = meta.get("tokenizer.chat_template") == tokenizer.chat_template and tokenizer.chat_template is not None
     report.gates.append(Gate("chat_template", template_ok, True, template_ok))
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
@@ -491,14 +491,14 @@ def _verify_file(
     runner = GGUFRunner(path, window, log_path)
     try:
         tally, hf_tally = score(iter(reference), scored.sequences, len(scored.prompts), runner)
-        size = path.stat().st_size
+        size, header = path.stat().st_size, read_header(path)
         report.measures = tally.measures() | {
             "size": size,
-            "bits_per_weight": size * 8 / read_header(path).parameter_count,
+            "bits_per_weight": size * 8 / header.parameter_count,
             "reference_ppl": hf_tally.measures()["ppl"],
         }
         _gates(report, verify_cfg)
-        _checks(runner, path, tokenizer, report)
+        _checks(runner, header.metadata, tokenizer, report)
     finally:
         runner.close()
     if scored.short:
