@@ -24,7 +24,6 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from convert.verify import SCRATCH_BUDGET
 from core.config import Config
 from core.errors import DiskSpaceError
 from core.files import human_size
@@ -125,6 +124,8 @@ def planned_writes(
     writes.append(Write(f"{exports * len(cfg.export.quants)} GGUF file(s)", gguf_dir, exports * quants))
     config = base_dir / "config.json"
     vocab = int(json.loads(config.read_text()).get("vocab_size") or 0) if config.is_file() else 0
+    from convert.verify import SCRATCH_BUDGET  # here: convert.verify loads llama.cpp, which training never needs
+
     scratch = min(SCRATCH_BUDGET, cfg.verify.min_scored_tokens * vocab * 4)
     writes.append(Write("verification scratch (reference logits)", run_root / "export", scratch))
     if _device(run_root) != _device(gguf_dir):  # quantized files are written in the run folder, then copied

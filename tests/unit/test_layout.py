@@ -7,6 +7,8 @@ function to dodge a cycle still counts.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 from tests.conftest import ROOT
@@ -115,3 +117,19 @@ def test_production_code_does_not_import_test_tools():
             targets += [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
             from_tests += [f"{name} imports {t}" for t in targets if t.split(".")[0] == "tests"]
     assert from_tests == []
+
+
+def test_the_trainer_loads_without_llama_cpp():
+    """A GPU box may train (bench/gpu_train.py, or a run with export.enabled false) without llama.cpp installed:
+    the modules that build and train the model must not load it. On a lent H200, a top-level import of
+    convert.verify in train/diskspace.py once failed every production variant of the bench with
+    ModuleNotFoundError."""
+    code = (
+        "import sys\n"
+        "import train.data, train.device, train.loss, train.model, train.trainer, train.callbacks, train.checkpoint\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] == 'llama_cpp' or m == 'convert.verify')\n"
+        "print(loaded)\n"
+        "sys.exit(1 if loaded else 0)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr[-2000:]
