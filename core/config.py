@@ -199,9 +199,12 @@ class TrainingSection(Section):
     """Recompute each decoder layer's activations in the backward instead of keeping them (~1/3 more compute,
     a fraction of the activation memory). offload: also keep the layer inputs in pinned host memory, for the
     longest sequences. transformers 5.24's name; the old `gradient_checkpointing` key is read as this one."""
-    torch_compile: bool = False
-    """torch.compile the model (TrainingArguments.torch_compile): the first steps compile (minutes), later ones
-    are faster. Off by default until bench/gpu_train.py shows the gain on your card."""
+    torch_compile: bool | Literal["layers"] = False
+    """torch.compile for training. layers: each decoder layer is compiled on its own (LoRA and checkpointing
+    inside); all layers share one graph, so the first step compiles for about a minute (cached by inductor
+    afterwards) and the per-token elementwise work (RMSNorm in fp32, GeLU, RoPE, LoRA's adds) is fused.
+    true: the Trainer compiles the whole model (TrainingArguments.torch_compile), a larger graph that takes longer
+    to compile. bench/gpu_train.py measures both (variants production+compile-layers, production+compile)."""
     ddp_find_unused_parameters: bool = False
     """Multi-GPU (DDP, docs/gpu-box.md): search the autograd graph for trainable parameters without a gradient after
     every backward. LoRA trains adapters that every forward uses, so false is right and saves a graph walk per step;

@@ -91,7 +91,28 @@ def build_model(base: ResolvedModel, cfg: Config, where: Placement) -> PeftModel
     )
     if fused_lm_head_enabled(cfg, where.cuda):
         enable_fused_lm_head(model)  # before PEFT wraps it (TRL's requirement)
-    return with_lora(model, cfg)
+    peft_model = with_lora(model, cfg)
+    if cfg.training.torch_compile == "layers":
+        compile_layers(peft_model)
+    return peft_model
+
+
+def compile_layers(model: PeftModel) -> int:
+    """torch.compile each decoder layer in place (training.torch_compile: layers), the way torchtitan compiles
+    its blocks: the LoRA modules are compiled with the layer they sit in, activation checkpointing wraps the
+    compiled call (transformers' checkpointing layer calls nn.Module.__call__, which runs the compiled forward),
+    and since parameters are graph inputs every layer reuses one graph. The embedding, the mask construction and
+    the loss stay eager. Returns the number of layers compiled."""
+    blocks = set(getattr(model.get_base_model(), "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in blocks]
+    if not layers:
+        raise RunError(
+            f"training.torch_compile=layers: {type(model.get_base_model()).__name__} names no decoder layer class "
+            "(_no_split_modules).\n  fix: torch_compile: true compiles the whole model instead"
+        )
+    for layer in layers:
+        layer.compile()
+    return len(layers)
 
 
 def with_lora(model: PreTrainedModel, cfg: Config) -> PeftModel:

@@ -1,0 +1,131 @@
+"""training.torch_compile: layers (train.model.compile_layers) on a real tiny Gemma 2 with LoRA, on CPU.
+
+Each decoder layer is compiled in place and nothing else is; with activation checkpointing on, one forward and
+backward through the compiled model gives the loss and the LoRA gradients of the eager model built from the same
+seed, and dynamo captures one graph that all four layers share (parameters are graph inputs). The config accepts
+true/false/layers, and only true reaches TrainingArguments.torch_compile (the Trainer would compile the whole model).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch._dynamo
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch._dynamo.utils import counters
+from transformers import Gemma2Config, Gemma2ForCausalLM
+
+from core.config import ConfigError, load_config
+from core.errors import RunError
+from core.runfolder import RunFolder
+from train.model import compile_layers
+from train.trainer import training_arguments
+
+VOCAB = 512
+LAYERS = 4
+SEQ = 24  # longer than the sliding window (16): the sliding layers' mask differs from the full layers'
+SHAPE: dict[str, Any] = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=LAYERS,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    query_pre_attn_scalar=16,
+    sliding_window=16,
+    attn_implementation="eager",
+)
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo() -> Iterator[None]:
+    """No compiled code or counts carried into or out of a test."""
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+    counters.clear()
+
+
+def tiny_lora_gemma(seed: int = 0, layers: int = LAYERS) -> PeftModel:
+    torch.manual_seed(seed)
+    config = Gemma2Config(**dict(SHAPE, num_hidden_layers=layers))
+    model = Gemma2ForCausalLM(config).float()
+    # init_lora_weights=False: B is random too, so A gets a gradient (with B = 0 it would be zero on both paths)
+    lora = LoraConfig(
+        task_type="CAUSAL_LM", r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False, target_modules=TARGETS
+    )
+    return get_peft_model(model, lora)
+
+
+def batch() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(4, VOCAB, (2, SEQ), generator=g)
+    labels = ids.clone()
+    labels[:, : SEQ // 3] = -100  # a prompt outside the loss
+    return {"input_ids": ids, "labels": labels}
+
+
+def lora_grads_after_step(model: PeftModel) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One training forward + backward with activation checkpointing the way the Trainer sets it up."""
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model.train()
+    loss = model(**batch()).loss
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    return loss.detach(), grads
+
+
+def test_compile_layers_compiles_each_decoder_layer_and_nothing_else():
+    model = tiny_lora_gemma()
+    layers = list(model.get_base_model().model.layers)
+    assert compile_layers(model) == LAYERS
+    compiled = [m for m in model.modules() if m._compiled_call_impl is not None]
+    assert [id(m) for m in compiled] == [id(m) for m in layers]
+    assert {type(m).__name__ for m in compiled} == {"Gemma2DecoderLayer"}
+
+
+def test_compiled_layers_with_checkpointing_match_eager_in_one_shared_graph():
+    eager_loss, eager_grads = lora_grads_after_step(tiny_lora_gemma())
+
+    model = tiny_lora_gemma()
+    compile_layers(model)
+    loss, grads = lora_grads_after_step(model)
+
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])  # 4 layers, one graph, no recompiles
+    torch.testing.assert_close(loss, eager_loss, rtol=0, atol=1e-6)
+    assert grads.keys() == eager_grads.keys()
+    assert len(grads) == LAYERS * len(TARGETS) * 2  # lora_A and lora_B of every target
+    worst = max((grads[n] - eager_grads[n]).abs().max().item() for n in grads)
+    assert worst < 1e-5, worst
+    assert all(g.abs().max() > 0 for g in grads.values())  # every adapter matrix got a real gradient
+
+
+def test_a_model_without_decoder_layer_classes_is_refused():
+    model = tiny_lora_gemma(layers=1)
+    model.get_base_model()._no_split_modules = None  # this instance only; the class keeps its list
+    with pytest.raises(RunError, match=r"training.torch_compile=layers: Gemma2ForCausalLM names no decoder layer"):
+        compile_layers(model)
+    assert not any(m._compiled_call_impl is not None for m in model.modules())
+
+
+def test_config_accepts_layers_and_only_true_compiles_in_the_trainer(tmp_path: Path):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"run_name: t\npaths: {{output_dir: {tmp_path / 'out'}, models_dir: {tmp_path / 'models'}}}\n")
+    assert load_config(path).training.torch_compile is False
+    with pytest.raises(ConfigError, match="training.torch_compile"):
+        load_config(path, ["training.torch_compile=fast"])
+
+    layers = load_config(path, ["training.torch_compile=layers", "training.report_to=[]"])
+    whole = load_config(path, ["training.torch_compile=true", "training.report_to=[]"])
+    assert layers.training.torch_compile == "layers"
+    assert whole.training.torch_compile is True
+    assert training_arguments(layers, RunFolder.of(layers), evaluating=False).torch_compile is False
+    assert training_arguments(whole, RunFolder.of(whole), evaluating=False).torch_compile is True
