@@ -124,7 +124,7 @@ def planned_writes(
     writes.append(Write(f"{exports * len(cfg.export.quants)} GGUF file(s)", gguf_dir, exports * quants))
     config = base_dir / "config.json"
     vocab = int(json.loads(config.read_text()).get("vocab_size") or 0) if config.is_file() else 0
-    from convert.verify import SCRATCH_BUDGET  # here: convert.verify loads llama.cpp, which training never needs
+    from convert.verify import SCRATCH_BUDGET  # noqa: PLC0415 (it loads llama.cpp, which training never needs)
 
     scratch = min(SCRATCH_BUDGET, cfg.verify.min_scored_tokens * vocab * 4)
     writes.append(Write("verification scratch (reference logits)", run_root / "export", scratch))
