@@ -1,6 +1,6 @@
 """The production trainer against TRL's SFTTrainer defaults on a Gemma-2-2B-shaped model: speed, memory, MFU.
 
-    python bench/gpu_train.py                       # the default variants, one process each (~7 min on an H100)
+    python bench/gpu_train.py                       # the default variants, one process each (~7 min on an H100 or H200)
     python bench/gpu_train.py --cap-gb 16           # the same, as if the card had 16 GiB (an OOM is a result)
     python bench/gpu_train.py --variants production,trl --steps 30
     python bench/gpu_train.py --tiny                # small shapes on the CPU: checks the script, measures nothing
@@ -12,11 +12,18 @@ turns log-normal around 150 words, cut to fit max_seq_length):
 
 - production: train.model.build_model + train.trainer.build_trainer with configs/gemma2b_lora.yaml, i.e. the code
   `python -m train` runs (flex attention on rows of max_seq_length packed with whole examples, fused lm_head +
-  cross-entropy, activation checkpointing, fused AdamW, loss on assistant turns only);
-- production-unpacked: the same with data.packing=false (one example a row; the shipped config packs);
-- production-qlora: the same with model.load_in_4bit=true (nf4 base, bitsandbytes);
-- production-eager: the same with model.attn_implementation=eager (what flex attention buys);
-- production-compile: the same with training.torch_compile=true;
+  cross-entropy, activation checkpointing, fused AdamW, loss on assistant turns only). Modifiers change one
+  config key each and combine, e.g. production+compile-layers+nodrop:
+    +unpacked        data.packing=false (one example a row; the shipped config packs)
+    +qlora           model.load_in_4bit=true (nf4 base, bitsandbytes)
+    +eager           model.attn_implementation=eager (what flex attention buys)
+    +compile         training.torch_compile=true (the Trainer compiles the whole model)
+    +compile-layers  training.torch_compile=layers (each decoder layer compiled, one shared graph; the default)
+    +nocompile       training.torch_compile=false (eager layers: what compiling buys)
+    +nodrop          lora.lora_dropout=0 (PEFT skips the dropout and its copy of every LoRA input; the default)
+    +dropout         lora.lora_dropout=0.05
+    +nockpt          training.activation_checkpointing=false (no recompute: speed at the cost of memory)
+    +offload         training.activation_checkpointing=offload (layer inputs in pinned host memory)
 - trl: trl.SFTTrainer with SFTConfig's defaults (the model loaded by TRL from the path, default attention,
   gradient checkpointing, fused AdamW, loss on every token), with the same batch size, sequence length and LoRA.
 Every variant: batch 4 (per device) x max_seq_length 2048, gradient_accumulation_steps=1, the first --warmup
@@ -65,16 +72,27 @@ TINY = dict(
     head_dim=32,
     query_pre_attn_scalar=32,
 )
-VARIANTS = ("production", "trl", "production-qlora", "production-unpacked", "production-eager", "production-compile")
+MODIFIERS = {  # production+NAME: the config overrides of each modifier
+    "unpacked": ["data.packing=false"],
+    "qlora": ["model.load_in_4bit=true"],
+    "eager": ["model.attn_implementation=eager"],
+    "compile": ["training.torch_compile=true"],
+    "compile-layers": ["training.torch_compile=layers"],
+    "nocompile": ["training.torch_compile=false"],
+    "nodrop": ["lora.lora_dropout=0"],
+    "dropout": ["lora.lora_dropout=0.05"],
+    "nockpt": ["training.activation_checkpointing=false"],
+    "offload": ["training.activation_checkpointing=offload"],
+}
 # The default run: at full rows (every row max_seq_length: peak memory, MFU), then on long-tailed data (speed).
 DEFAULT_RUN = (
     "production@full",
     "trl@full",
-    "production-qlora@full",
+    "production+nocompile@full",
+    "production+qlora@full",
     "production",
     "trl",
-    "production-eager@full",
-)  # production-compile (training.torch_compile) on request: its compilation alone may take minutes
+)  # each compiled variant's first step compiles (about a minute)
 # Dense bf16 tensor-core peaks (NVIDIA datasheets, SXM parts, no sparsity), TFLOP/s.
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.0, "RTX 4090": 165.2, "A10": 125.0}
 WORDS = """the model reads a file and writes the answer to disk when the job runs every night on the box with one
@@ -172,8 +190,9 @@ class StepLog:
 
 
 def profiler_callback(start: int, steps: int, out: Path):
-    """torch.profiler over `steps` steps from step `start`: the top operators by device time, and how busy the GPU
-    was (device time / wall), written to `out` and printed."""
+    """torch.profiler over `steps` steps from step `start`: how busy the GPU was (the union of its kernels' time
+    over the wall), the kernel time by kind (matmul, attention, fused and eager elementwise, copies) and the top
+    operators by device time, written to `out` and printed."""
     import torch
     from torch.profiler import ProfilerActivity, profile
     from transformers import TrainerCallback
@@ -193,16 +212,53 @@ def profiler_callback(start: int, steps: int, out: Path):
                 torch.cuda.synchronize()
                 wall = time.perf_counter() - self.t0
                 self.prof.__exit__(None, None, None)
-                events = self.prof.key_averages()
-                device = sum(e.self_device_time_total for e in events) / 1e6
-                cpu = sum(e.self_cpu_time_total for e in events) / 1e6
-                text = events.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=60)
-                head = f"profile of {steps} steps: wall {wall:.2f} s, device busy {device:.2f} s, host ops {cpu:.2f} s"
-                out.write_text(head + "\n" + text)
-                print(head + "\n" + text, flush=True)
+                kernels = [
+                    (e.name, e.time_range.start, e.time_range.end)
+                    for e in self.prof.events()
+                    if e.device_type == torch.autograd.DeviceType.CUDA
+                ]
+                text = profile_summary(kernels, wall, steps)
+                text += "\n" + self.prof.key_averages().table(
+                    sort_by="self_device_time_total", row_limit=40, max_name_column_width=70
+                )
+                out.write_text(text)
+                print(text, flush=True)
                 self.prof = None
 
     return Profile()
+
+
+KERNEL_KINDS = (  # first match wins; names of cuBLAS/CUTLASS, flex attention's and inductor's Triton kernels
+    ("matmul", ("gemm", "cutlass", "nvjet", "xmma", "cublas", "sm90_", "sm80_")),
+    ("attention", ("flex", "attention", "triton_tem")),
+    ("fused (inductor/triton)", ("triton_",)),
+    ("copy/fill", ("memcpy", "memset", "copy", "fill")),
+    ("elementwise/reduce (eager)", ("elementwise", "vectorized", "reduce", "unrolled", "index", "dropout")),
+)
+
+
+def profile_summary(kernels: list[tuple[str, float, float]], wall: float, steps: int) -> str:
+    """Busy time (union of kernel intervals, microseconds in) over wall seconds, and time by kernel kind."""
+    busy, end = 0.0, float("-inf")
+    for _, a, b in sorted(kernels, key=lambda k: k[1]):
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    by_kind: dict[str, list[float]] = {}
+    for name, a, b in kernels:
+        low = name.lower()
+        kind = next((k for k, keys in KERNEL_KINDS if any(key in low for key in keys)), "other")
+        by_kind.setdefault(kind, []).append(b - a)
+    lines = [
+        f"profile of {steps} steps: wall {wall:.3f} s, GPU busy {busy / 1e6:.3f} s ({busy / 1e6 / wall:.0%}), "
+        f"{len(kernels) / steps:,.0f} kernels a step"
+    ]
+    total = sum(sum(v) for v in by_kind.values()) or 1.0
+    for kind, times in sorted(by_kind.items(), key=lambda kv: -sum(kv[1])):
+        t = sum(times)
+        per_step = f"{t / 1e3 / steps:8.1f} ms/step {t / total:6.1%}  {len(times) / steps:7,.0f} kernels"
+        lines.append(f"  {kind:28s} {per_step}")
+    return "\n".join(lines)
 
 
 def batch_stats(batch: dict, pad_id: int) -> dict:
@@ -240,8 +296,8 @@ def flops_per_step(stats: dict, shape: dict, fused_head: bool) -> float:
     )
 
 
-def summarize(log: StepLog, warmup: int, shape: dict, fused_head: bool, peak_tflops: float | None) -> dict:
-    times = log.times[warmup:]
+def summarize(log: StepLog, warmup: int, steps: int, shape: dict, fused_head: bool, peak_tflops: float | None) -> dict:
+    times = log.times[warmup : warmup + steps]  # a profiled variant's extra steps come after these
     stats = log.batches[warmup : warmup + len(times)]
     if not times:
         return {"error": "no timed step"}
@@ -278,7 +334,7 @@ def production_trainer(variant: str, args, log: StepLog):
         f"data.max_seq_length={args.seq}",
         f"training.per_device_train_batch_size={args.batch}",
         "training.gradient_accumulation_steps=1",
-        f"training.max_steps={args.warmup + args.steps}",
+        f"training.max_steps={total_steps(args)}",
         "training.logging_steps=1",
         "training.save_steps=100000",
         "training.report_to=[]",
@@ -286,12 +342,8 @@ def production_trainer(variant: str, args, log: StepLog):
     ]
     if args.tiny:
         overrides += ["model.device=cpu", "model.dtype=float32"]
-    overrides += {
-        "production-unpacked": ["data.packing=false"],
-        "production-qlora": ["model.load_in_4bit=true"],
-        "production-eager": ["model.attn_implementation=eager"],
-        "production-compile": ["training.torch_compile=true"],
-    }.get(variant.removesuffix("@full"), [])
+    for modifier in modifiers(variant):
+        overrides += MODIFIERS[modifier]
     cfg = load_config(ROOT / "configs" / "gemma2b_lora.yaml", overrides)
     folder = RunFolder.of(cfg)
     folder.root.mkdir(parents=True, exist_ok=True)
@@ -323,7 +375,7 @@ def trl_trainer(args, log: StepLog):
         output_dir="trl-out",
         per_device_train_batch_size=args.batch,
         max_length=args.seq,
-        max_steps=args.warmup + args.steps,
+        max_steps=total_steps(args),
         logging_steps=1,
         save_strategy="no",
         report_to=[],
@@ -342,6 +394,19 @@ def trl_trainer(args, log: StepLog):
     return trainer, {"attention": attn, "fused_lm_head": False}
 
 
+PROFILED_STEPS = 3  # --profile: this many steps after the timed ones, profiled and not timed
+
+
+def profiled(args) -> bool:
+    import torch
+
+    return torch.cuda.is_available() and not args.tiny and args.variant in (args.profile or "").split(",")
+
+
+def total_steps(args) -> int:
+    return args.warmup + args.steps + (PROFILED_STEPS if profiled(args) else 0)
+
+
 def run_variant(args) -> dict:
     """One variant in this process: train warmup + steps, measure, return the result row."""
     import torch
@@ -358,9 +423,9 @@ def run_variant(args) -> dict:
     else:
         trainer, info = production_trainer(args.variant, args, log)
     result.update(info)
-    if cuda and args.profile == args.variant:
-        out = args.workdir / f"profile-{args.variant.replace('@', '-')}.txt"
-        trainer.add_callback(profiler_callback(args.warmup, 3, out))
+    if profiled(args):
+        out = args.workdir / f"profile-{slug(args.variant)}.txt"
+        trainer.add_callback(profiler_callback(args.warmup + args.steps, PROFILED_STEPS, out))
     if cuda:
         torch.cuda.synchronize()
         result["weights_gib"] = torch.cuda.memory_allocated() / 2**30
@@ -374,9 +439,10 @@ def run_variant(args) -> dict:
         result["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
     shape = dict(GEMMA_2_2B, **(TINY if args.tiny else {}))
     if "oom" not in result:
-        result.update(summarize(log, args.warmup, shape, info["fused_lm_head"], args.peak_tflops))
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    result["last_loss"] = losses[-1] if losses else None
+        result.update(summarize(log, args.warmup, args.steps, shape, info["fused_lm_head"], args.peak_tflops))
+    # the loss of the last timed step: a profiled variant trains PROFILED_STEPS more, which must not move it
+    losses = {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
+    result["last_loss"] = losses.get(args.warmup + args.steps)
     return result
 
 
@@ -426,12 +492,13 @@ def table(rows: list[dict]) -> str:
             out.append(f"| {r['variant']} | {r.get('attention', '-')} | {why} | | | | {mem} | | | | |")
             continue
         mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
+        loss = f"{r['last_loss']:.3f}" if r.get("last_loss") is not None else "-"
         alloc = f"{r['peak_allocated_gib']:.1f} GiB" if "peak_allocated_gib" in r else "-"
         reserved = f"{r['peak_reserved_gib']:.1f} GiB" if "peak_reserved_gib" in r else "-"
         out.append(
             f"| {r['variant']} | {r['attention']} | {r['tokens_per_s']:,.0f} | {r['supervised_tokens_per_s']:,.0f} "
             f"| {r['padding']:.0%} | {r['median_step_s'] * 1000:.0f} ms | {alloc} | {reserved} | {r['tflops']:.0f} "
-            f"| {mfu} | {r['last_loss']:.3f} |"
+            f"| {mfu} | {loss} |"
         )
     return "\n".join(out)
 
@@ -488,8 +555,8 @@ def drive(args) -> int:
             continue
         t1 = time.time()
         timeout = min(args.variant_timeout_s, left)
-        rc, tail = child(args, variant.replace("@", "-"), "--variant", variant, timeout=timeout)
-        out = args.workdir / f"result-{variant.replace('@', '-')}.json"
+        rc, tail = child(args, slug(variant), "--variant", variant, timeout=timeout)
+        out = args.workdir / f"result-{slug(variant)}.json"
         if rc == 0 and out.is_file():
             rows.append(json.loads(out.read_text()))
         else:
@@ -514,7 +581,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--variants",
         default=",".join(DEFAULT_RUN),
-        help=f"comma-separated, run in order; NAME on long-tailed data, NAME@full on full rows (names: {VARIANTS})",
+        help="comma-separated, run in order; NAME on long-tailed data, NAME@full on full rows; NAME is trl or "
+        f"production[+MODIFIER...] (modifiers: {', '.join(MODIFIERS)})",
     )
     p.add_argument("--steps", type=int, default=15, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=4, help="untimed steps first (compilation, autotuning)")
@@ -528,22 +596,47 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, default=Path("outputs/gpu-bench"))
     p.add_argument("--tokenizer", type=Path, default=None, help="a tokenizer folder (default: the tiny model's)")
     p.add_argument("--tiny", action="store_true", help="small shapes on CPU: checks the script, measures nothing")
-    p.add_argument("--profile", metavar="VARIANT", help="torch.profiler over 3 timed steps of this variant (GPU)")
+    p.add_argument(
+        "--profile",
+        metavar="VARIANT[,VARIANT]",
+        help=f"torch.profiler over {PROFILED_STEPS} steps after the timed ones of these variants (GPU)",
+    )
     p.add_argument("--variant", help=argparse.SUPPRESS)
     p.add_argument("--build-model", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.workdir = args.workdir.resolve()
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in args.variants if v.removesuffix("@full") not in VARIANTS]
+    unknown = [v for v in args.variants if not known_variant(v)]
     if unknown:
-        p.error(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
+        p.error(
+            f"unknown variant(s) {unknown}; known: production[+MODIFIER...], trl, each with an optional @full "
+            f"(modifiers: {', '.join(MODIFIERS)})"
+        )
     if args.tiny:
         args.seq = min(args.seq, 256)
-        args.variants = [v for v in args.variants if not v.startswith("production-qlora")]
+        args.variants = [v for v in args.variants if "qlora" not in modifiers(v)]
     args.model_dir = args.workdir / ("model-tiny" if args.tiny else "model")
     if args.variant:
         args.data = data_file(args.workdir, args.variant.endswith("@full"))
     return args
+
+
+def modifiers(variant: str) -> list[str]:
+    """production+compile-layers+nodrop@full -> ["compile-layers", "nodrop"]."""
+    return variant.removesuffix("@full").split("+")[1:]
+
+
+def known_variant(variant: str) -> bool:
+    base = variant.removesuffix("@full").split("+")[0]
+    mods = modifiers(variant)
+    if base == "trl":
+        return not mods
+    return base == "production" and all(m in MODIFIERS for m in mods)
+
+
+def slug(variant: str) -> str:
+    """A file name for the variant's log and result: production+nodrop@full -> production-nodrop-full."""
+    return variant.replace("+", "-").replace("@", "-")
 
 
 def data_file(workdir: Path, full: bool) -> Path:
@@ -565,7 +658,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.variant:
         os.chdir(args.workdir)  # the production variant's outputs/<run> lands in the workdir
         result = run_variant(args)
-        (args.workdir / f"result-{args.variant.replace('@', '-')}.json").write_text(json.dumps(result, indent=2))
+        (args.workdir / f"result-{slug(args.variant)}.json").write_text(json.dumps(result, indent=2))
         print(json.dumps(result))
         return 0
     args.tokenizer = (args.tokenizer or default_tokenizer()).resolve()

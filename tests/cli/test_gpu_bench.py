@@ -43,9 +43,13 @@ def test_tiny_bench_runs_production_and_trl_side_by_side(hf_home, tmp_path):
 
 def test_bench_refuses_unknown_variants_and_cpu_without_tiny(hf_home, tmp_path):
     bad = subprocess.run(
-        [sys.executable, str(BENCH), "--variants", "production,fast"], capture_output=True, text=True, timeout=120
+        [sys.executable, str(BENCH), "--variants", "production+nocompile+dropout@full,fast,production+fast,trl+nodrop"],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
-    assert bad.returncode == 2 and "unknown variant(s) ['fast']" in bad.stderr
+    assert bad.returncode == 2
+    assert "unknown variant(s) ['fast', 'production+fast', 'trl+nodrop']" in bad.stderr  # TRL takes no modifier
     import torch
 
     if not torch.cuda.is_available():

@@ -27,6 +27,8 @@ def test_production_config_is_gemma_2b_bf16_offline_ready():
     assert cfg.model.dtype == "bfloat16"
     assert cfg.model.attn_implementation == "auto"  # flex_attention on CUDA (train/device.py)
     assert cfg.model.device == "cuda" and cfg.training.activation_checkpointing is True
+    # the measured fast path (docs/gpu-box.md): compiled decoder layers, no LoRA dropout
+    assert cfg.training.torch_compile == "layers" and cfg.lora.lora_dropout == 0.0
     assert cfg.export.name == "gemma_2b_finetuned" and cfg.export.base_name == "gemma_2b_base"
     assert {"f16", "q8_0", "q4_k_m"} <= set(cfg.export.quants)
 
