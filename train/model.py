@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -23,6 +24,8 @@ from core.hub import ResolvedModel
 from core.records.render import TEMPLATES
 from train.device import Placement
 from train.loss import enable_fused_lm_head, fused_lm_head_enabled
+
+log = logging.getLogger(__name__)
 
 
 def chat_template_text(spec: str) -> str:
@@ -93,7 +96,8 @@ def build_model(base: ResolvedModel, cfg: Config, where: Placement) -> PeftModel
         enable_fused_lm_head(model)  # before PEFT wraps it (TRL's requirement)
     peft_model = with_lora(model, cfg)
     if cfg.training.torch_compile == "layers":
-        compile_layers(peft_model)
+        n = compile_layers(peft_model)
+        log.info(f"torch.compile: {n} decoder layers, one graph; the first training step compiles it (about a minute)")
     return peft_model
 
 
