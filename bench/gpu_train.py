@@ -20,6 +20,7 @@ turns log-normal around 150 words, cut to fit max_seq_length):
     +compile         training.torch_compile=true (the Trainer compiles the whole model)
     +compile-layers  training.torch_compile=layers (each decoder layer compiled, one shared graph; the default)
     +nocompile       training.torch_compile=false (eager layers: what compiling buys)
+    +autotune        training.torch_compile_mode=max-autotune-no-cudagraphs (block sizes timed on the first step)
     +nodrop          lora.lora_dropout=0 (PEFT skips the dropout and its copy of every LoRA input; the default)
     +dropout         lora.lora_dropout=0.05
     +nockpt          training.activation_checkpointing=false (no recompute: speed at the cost of memory)
@@ -79,6 +80,7 @@ MODIFIERS = {  # production+NAME: the config overrides of each modifier
     "compile": ["training.torch_compile=true"],
     "compile-layers": ["training.torch_compile=layers"],
     "nocompile": ["training.torch_compile=false"],
+    "autotune": ["training.torch_compile_mode=max-autotune-no-cudagraphs"],
     "nodrop": ["lora.lora_dropout=0"],
     "dropout": ["lora.lora_dropout=0.05"],
     "nockpt": ["training.activation_checkpointing=false"],

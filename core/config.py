@@ -205,6 +205,11 @@ class TrainingSection(Section):
     afterwards) and the per-token elementwise work (RMSNorm in fp32, GeLU, RoPE, LoRA's adds) is fused.
     true: the Trainer compiles the whole model (TrainingArguments.torch_compile), a larger graph that takes longer
     to compile. bench/gpu_train.py measures both (variants production+compile-layers, production+compile)."""
+    torch_compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = "default"
+    """Inductor's mode for torch_compile (TrainingArguments.torch_compile_mode). max-autotune-no-cudagraphs also
+    times several block sizes for every matmul and for flex attention's kernels on the first step (minutes longer)
+    and keeps the fastest (bench: production+autotune). The CUDA-graph modes are not offered: a graph replays fixed
+    addresses, and activation checkpointing re-runs each layer in the backward."""
     ddp_find_unused_parameters: bool = False
     """Multi-GPU (DDP, docs/gpu-box.md): search the autograd graph for trainable parameters without a gradient after
     every backward. LoRA trains adapters that every forward uses, so false is right and saves a graph walk per step;

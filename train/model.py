@@ -96,17 +96,17 @@ def build_model(base: ResolvedModel, cfg: Config, where: Placement) -> PeftModel
         enable_fused_lm_head(model)  # before PEFT wraps it (TRL's requirement)
     peft_model = with_lora(model, cfg)
     if cfg.training.torch_compile == "layers":
-        n = compile_layers(peft_model)
+        n = compile_layers(peft_model, cfg.training.torch_compile_mode)
         log.info(f"torch.compile: {n} decoder layers, one graph; the first training step compiles it (about a minute)")
     return peft_model
 
 
-def compile_layers(model: PeftModel) -> int:
+def compile_layers(model: PeftModel, mode: str = "default") -> int:
     """torch.compile each decoder layer in place (training.torch_compile: layers), the way torchtitan compiles
     its blocks: the LoRA modules are compiled with the layer they sit in, activation checkpointing wraps the
     compiled call (transformers' checkpointing layer calls nn.Module.__call__, which runs the compiled forward),
     and since parameters are graph inputs every layer reuses one graph. The embedding, the mask construction and
-    the loss stay eager. Returns the number of layers compiled."""
+    the loss stay eager. mode: inductor's (training.torch_compile_mode). Returns the number of layers compiled."""
     blocks = set(getattr(model.get_base_model(), "_no_split_modules", None) or ())
     layers = [m for m in model.modules() if type(m).__name__ in blocks]
     if not layers:
@@ -115,7 +115,7 @@ def compile_layers(model: PeftModel) -> int:
             "(_no_split_modules).\n  fix: torch_compile: true compiles the whole model instead"
         )
     for layer in layers:
-        layer.compile()
+        layer.compile(mode=mode)
     return len(layers)
 
 

@@ -53,9 +53,18 @@ def training_arguments(cfg: Config, folder: RunFolder, evaluating: bool) -> Trai
     return TrainingArguments(
         output_dir=str(folder.checkpoints),
         **t.model_dump(
-            exclude={"eval_steps", "save_total_limit", "fused_lm_head", "activation_checkpointing", "torch_compile"}
+            exclude={
+                "eval_steps",
+                "save_total_limit",
+                "fused_lm_head",
+                "activation_checkpointing",
+                "torch_compile",
+                "torch_compile_mode",
+            }
         ),
-        torch_compile=t.torch_compile is True,  # "layers" is applied to the model (train.model.compile_layers)
+        # "layers" is applied to the model (train.model.compile_layers); a mode alone would turn the Trainer's on
+        torch_compile=t.torch_compile is True,
+        torch_compile_mode=t.torch_compile_mode if t.torch_compile is True else None,
         save_total_limit=None,  # retention is CommitCheckpoints' job: it only counts committed checkpoints
         eval_strategy="steps" if evaluating else "no",
         eval_steps=(t.eval_steps or t.logging_steps) if evaluating else None,

@@ -129,3 +129,23 @@ def test_config_accepts_layers_and_only_true_compiles_in_the_trainer(tmp_path: P
     assert whole.training.torch_compile is True
     assert training_arguments(layers, RunFolder.of(layers), evaluating=False).torch_compile is False
     assert training_arguments(whole, RunFolder.of(whole), evaluating=False).torch_compile is True
+
+
+def test_compile_mode_reaches_the_layers_or_the_trainer_never_both(tmp_path: Path, monkeypatch):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"run_name: t\npaths: {{output_dir: {tmp_path / 'out'}, models_dir: {tmp_path / 'models'}}}\n")
+    autotune = "training.torch_compile_mode=max-autotune-no-cudagraphs"
+    with pytest.raises(ConfigError, match="training.torch_compile_mode"):
+        load_config(path, ["training.torch_compile_mode=reduce-overhead"])  # CUDA graphs: not offered
+
+    # a mode alone turns TrainingArguments' whole-model compile on: it must only reach the Trainer with true
+    for value, trainer_compiles in (("layers", False), ("false", False), ("true", True)):
+        cfg = load_config(path, [f"training.torch_compile={value}", autotune, "training.report_to=[]"])
+        args = training_arguments(cfg, RunFolder.of(cfg), evaluating=False)
+        assert args.torch_compile is trainer_compiles, value
+        assert args.torch_compile_mode == ("max-autotune-no-cudagraphs" if trainer_compiles else None), value
+
+    modes: list[str] = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: modes.append(kw["mode"]))
+    assert compile_layers(tiny_lora_gemma(), "max-autotune-no-cudagraphs") == LAYERS
+    assert modes == ["max-autotune-no-cudagraphs"] * LAYERS
