@@ -11,9 +11,9 @@ bf16 safetensors, and on the same long-tailed chat records (a JSONL file, user t
 turns log-normal around 150 words, cut to fit max_seq_length):
 
 - production: train.model.build_model + train.trainer.build_trainer with configs/gemma2b_lora.yaml, i.e. the code
-  `python -m train` runs (flex attention on rows of max_seq_length packed with whole examples, fused lm_head +
-  cross-entropy, activation checkpointing, fused AdamW, loss on assistant turns only). Modifiers change one
-  config key each and combine, e.g. production+compile-layers+nodrop:
+  `python -m train` runs (compiled decoder layers, flex attention on rows of max_seq_length packed with whole
+  examples, fused lm_head + cross-entropy, activation checkpointing, LoRA without dropout, fused AdamW, loss on
+  assistant turns only). Modifiers change one config key each and combine, e.g. production+nocompile+dropout:
     +unpacked        data.packing=false (one example a row; the shipped config packs)
     +qlora           model.load_in_4bit=true (nf4 base, bitsandbytes)
     +eager           model.attn_implementation=eager (what flex attention buys)
