@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 import torch._dynamo
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from torch._dynamo.utils import counters
 from transformers import Gemma2Config, Gemma2ForCausalLM
 
@@ -90,6 +90,9 @@ def test_compile_layers_compiles_each_decoder_layer_and_nothing_else():
     compiled = [m for m in model.modules() if m._compiled_call_impl is not None]
     assert [id(m) for m in compiled] == [id(m) for m in layers]
     assert {type(m).__name__ for m in compiled} == {"Gemma2DecoderLayer"}
+    # compiled in place: the adapter's keys (checkpoints, resume, export) are the eager model's, no _orig_mod.
+    eager_keys = list(get_peft_model_state_dict(tiny_lora_gemma()))
+    assert list(get_peft_model_state_dict(model)) == eager_keys and len(eager_keys) == 2 * 7 * LAYERS
 
 
 def test_compiled_layers_with_checkpointing_match_eager_in_one_shared_graph():
