@@ -5,7 +5,10 @@ from __future__ import annotations
 import contextlib
 import signal
 
-from core.errors import DiskSpaceError, Interrupted, NonFiniteLoss, Preempted, RunStopped
+from torch._dynamo.exc import BackendCompilerFailed
+from torch._inductor.exc import InductorError
+
+from core.errors import DiskSpaceError, Interrupted, NonFiniteLoss, Preempted, RunError, RunStopped
 from core.files import human_size
 from core.runfolder import Manifest, RunFolder
 from train.checkpoint import newest_committed, remove_partial
@@ -39,6 +42,8 @@ def training_stopped(e: BaseException, folder: RunFolder, manifest: Manifest, st
     }
     with contextlib.suppress(OSError):  # the disk may still be full; the checkpoints are what matter
         folder.write_manifest(manifest)
+    if isinstance(e, (BackendCompilerFailed, InductorError)):
+        return _compile_failed(e, last.name if last else None)
     if not disk_full:
         return e
     return DiskSpaceError(
@@ -51,4 +56,15 @@ def training_stopped(e: BaseException, folder: RunFolder, manifest: Manifest, st
         )
         + f"  fix: free space at {folder.root} ({human_size(free_bytes(folder.root))} free now), then run the "
         f"same command"
+    )
+
+
+def _compile_failed(e: BaseException, last: str | None) -> RunError:
+    """torch.compile (training.torch_compile) could not build its kernels: an environment problem, not a bug."""
+    cause = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+    return RunError(
+        f"torch.compile failed while building the training step's kernels: {cause}\n"
+        "  fix: inductor needs a working C/C++ compiler (gcc, g++; the CXX variable names another) and, on CUDA, "
+        "Triton; or set training.torch_compile: false to train without compiling (slower). "
+        + (f"The next run resumes from {last}." if last else "No checkpoint had been committed yet.")
     )

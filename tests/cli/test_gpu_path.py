@@ -1,14 +1,17 @@
 """The CUDA path's switches through the real CLI on the CPU: the dry run's memory plan, model.device=cuda
-failing fast without CUDA, QLoRA (bitsandbytes' CPU backend) and activation checkpointing without warnings."""
+failing fast without CUDA, QLoRA (bitsandbytes' CPU backend) and activation checkpointing without warnings, and
+a torch.compile that cannot build its kernels."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from tests.conftest import run_cli, small_config
+from tests.conftest import cli_env, run_cli, small_config
 
 
 def test_dry_run_plans_memory_for_a_named_card(hf_home, tmp_path):
@@ -67,3 +70,24 @@ def test_fused_lm_head_run_has_the_reference_loss_curve(hf_home, tmp_path):
     assert len(curves[True]) == 4
     for (loss, norm), (ref_loss, ref_norm) in zip(curves[True], curves[False], strict=True):
         assert loss == pytest.approx(ref_loss, abs=1e-5) and norm == pytest.approx(ref_norm, rel=1e-4)
+
+
+def test_a_compiler_that_cannot_build_kernels_is_a_clear_error(hf_home, tmp_path):
+    """training.torch_compile on a box where inductor cannot build its kernels (here: no C++ compiler, a fresh
+    kernel cache so nothing built earlier is reused): exit 2 naming the cause and the switch, no traceback, and
+    the manifest says where training stopped."""
+    small_config(tmp_path, training={"torch_compile": "layers", "max_steps": 2, "report_to": []})
+    env = cli_env(hf_home) | {"CXX": str(tmp_path / "no-such-g++"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "ind")}
+    r = subprocess.run(
+        [sys.executable, "-m", "train", "--config", "config.yaml"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "torch.compile failed while building the training step's kernels: InvalidCxxCompiler" in r.stderr
+    assert "training.torch_compile: false" in r.stderr and "Traceback" not in r.stderr
+    manifest = json.loads((tmp_path / "outputs" / "t" / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and manifest["stopped"]["after_step"] == 0
