@@ -230,6 +230,90 @@ def profiler_callback(start: int, steps: int, out: Path):
     return Profile()
 
 
+def memory_callback(start: int, steps: int, out: Path):
+    """The CUDA caching allocator's history (alloc/free events with Python stacks) over `steps` steps from step
+    `start`: the peak within them and what was alive at it (peak_report), written to `out` and printed."""
+    import torch
+    from transformers import TrainerCallback
+
+    class MemoryProfile(TrainerCallback):
+        baseline = -1
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == start:
+                torch.cuda.synchronize()
+                self.baseline = torch.cuda.memory_allocated()
+                torch.cuda.memory._record_memory_history(max_entries=4_000_000)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.baseline >= 0 and state.global_step == start + steps:
+                torch.cuda.synchronize()
+                try:  # the source line behind inductor's generated code, where this torch can say it
+                    snapshot = torch.cuda.memory._snapshot(augment_with_fx_traces=True)
+                except TypeError:
+                    snapshot = torch.cuda.memory._snapshot()
+                torch.cuda.memory._record_memory_history(enabled=None)
+                trace = snapshot["device_traces"][torch.cuda.current_device()]
+                text = peak_report(trace, self.baseline, steps)
+                out.write_text(text)
+                print(text, flush=True)
+                self.baseline = -1
+
+    return MemoryProfile()
+
+
+def allocation_site(frames: list[dict]) -> str:
+    """Where an allocation came from: the innermost frame outside torch itself (frames are innermost first); for
+    inductor's generated code, the model source it was traced from, when the snapshot carries it."""
+    for frame in frames:
+        name = frame.get("filename", "")
+        if "/torch/" in name and "torchinductor" not in name:
+            continue
+        traced = frame.get("fx_original_trace") or ""
+        sources = [line.strip() for line in traced.splitlines() if line.strip().startswith("File ")]
+        if sources:  # 'File "/.../modeling_gemma2.py", line 81, in forward'
+            path, _, rest = sources[-1][len('File "') :].partition('", line ')
+            return f"compiled: {Path(path).name}:{rest.replace(', in ', ' ')}"
+        return f"{Path(name).name}:{frame.get('line', '?')} {frame.get('name', '?')}"
+    return "torch internals"
+
+
+def peak_report(trace: list[dict], baseline: int, steps: int, top: int = 25) -> str:
+    """The peak of allocated bytes over a CUDA allocator trace that began with `baseline` bytes allocated, and the
+    allocations made within the trace that were alive at that peak, grouped by allocation_site, largest first."""
+    current = peak = baseline
+    peak_at = -1
+    for i, event in enumerate(trace):
+        if event["action"] == "alloc":
+            current += event["size"]
+        elif event["action"] == "free_completed":
+            current -= event["size"]
+        else:
+            continue
+        if current > peak:
+            peak, peak_at = current, i
+    live: dict[int, dict] = {}
+    for event in trace[: peak_at + 1]:
+        if event["action"] == "alloc":
+            live[event["addr"]] = event
+        elif event["action"] == "free_completed":
+            live.pop(event["addr"], None)
+    sites: dict[str, list[int]] = {}
+    for event in live.values():
+        count_bytes = sites.setdefault(allocation_site(event.get("frames", [])), [0, 0])
+        count_bytes[0] += 1
+        count_bytes[1] += event["size"]
+    mib = 2**20
+    lines = [
+        f"memory over {steps} steps: peak {peak / 2**30:.2f} GiB allocated; {baseline / 2**30:.2f} GiB were allocated "
+        f"before them (weights, optimizer state, what lives between steps); "
+        f"{sum(b for _, b in sites.values()) / 2**30:.2f} GiB allocated within them and alive at the peak:"
+    ]
+    for site, (count, size) in sorted(sites.items(), key=lambda kv: -kv[1][1])[:top]:
+        lines.append(f"  {size / mib:9.1f} MiB  {count:5d} x  {site}")
+    return "\n".join(lines)
+
+
 KERNEL_KINDS = (  # first match wins; names of cuBLAS/CUTLASS, flex attention's and inductor's Triton kernels
     ("matmul", ("gemm", "cutlass", "nvjet", "xmma", "cublas", "sm90_", "sm80_")),
     ("attention", ("flex", "attention", "triton_tem")),
@@ -396,17 +480,20 @@ def trl_trainer(args, log: StepLog):
     return trainer, {"attention": attn, "fused_lm_head": False}
 
 
-PROFILED_STEPS = 3  # --profile: this many steps after the timed ones, profiled and not timed
+PROFILED_STEPS = 3  # --profile, --memory-profile: this many steps after the timed ones, profiled and not timed
 
 
-def profiled(args) -> bool:
+def profiled(args, which: str = "profile") -> bool:
+    """Whether this variant is named in --profile (which="profile") or --memory-profile ("memory_profile")."""
     import torch
 
-    return torch.cuda.is_available() and not args.tiny and args.variant in (args.profile or "").split(",")
+    named = (getattr(args, which) or "").split(",")
+    return torch.cuda.is_available() and not args.tiny and args.variant in named
 
 
 def total_steps(args) -> int:
-    return args.warmup + args.steps + (PROFILED_STEPS if profiled(args) else 0)
+    extra = profiled(args) or profiled(args, "memory_profile")
+    return args.warmup + args.steps + (PROFILED_STEPS if extra else 0)
 
 
 def run_variant(args) -> dict:
@@ -428,6 +515,9 @@ def run_variant(args) -> dict:
     if profiled(args):
         out = args.workdir / f"profile-{slug(args.variant)}.txt"
         trainer.add_callback(profiler_callback(args.warmup + args.steps, PROFILED_STEPS, out))
+    if profiled(args, "memory_profile"):
+        out = args.workdir / f"memory-{slug(args.variant)}.txt"
+        trainer.add_callback(memory_callback(args.warmup + args.steps, PROFILED_STEPS, out))
     if cuda:
         torch.cuda.synchronize()
         result["weights_gib"] = torch.cuda.memory_allocated() / 2**30
@@ -468,6 +558,7 @@ def child(args, name: str, *extra: str, timeout: float) -> tuple[int, str]:
     cmd += ["--cap-gb", str(args.cap_gb)] if args.cap_gb else []
     cmd += ["--peak-tflops", str(args.peak_tflops)] if args.peak_tflops else []
     cmd += ["--profile", args.profile] if args.profile else []
+    cmd += ["--memory-profile", args.memory_profile] if args.memory_profile else []
     env = dict(os.environ, PYTHONUNBUFFERED="1", TORCHINDUCTOR_CACHE_DIR=str(args.workdir / "inductor"))
     logf = args.workdir / f"{name}.log"
     with logf.open("w") as out:
@@ -602,6 +693,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--profile",
         metavar="VARIANT[,VARIANT]",
         help=f"torch.profiler over {PROFILED_STEPS} steps after the timed ones of these variants (GPU)",
+    )
+    p.add_argument(
+        "--memory-profile",
+        metavar="VARIANT[,VARIANT]",
+        help=f"CUDA allocator history over {PROFILED_STEPS} steps after the timed ones: the peak and, grouped by the "
+        "code that allocated it, what was alive at it (GPU)",
     )
     p.add_argument("--variant", help=argparse.SUPPRESS)
     p.add_argument("--build-model", action="store_true", help=argparse.SUPPRESS)
