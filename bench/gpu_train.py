@@ -243,7 +243,7 @@ def memory_callback(start: int, steps: int, out: Path):
             if state.global_step == start:
                 torch.cuda.synchronize()
                 self.baseline = torch.cuda.memory_allocated()
-                torch.cuda.memory._record_memory_history(max_entries=4_000_000)
+                torch.cuda.memory._record_memory_history(stacks="python", max_entries=4_000_000)
 
         def on_step_end(self, args, state, control, **kwargs):
             if self.baseline >= 0 and state.global_step == start + steps:
@@ -275,7 +275,7 @@ def allocation_site(frames: list[dict]) -> str:
             path, _, rest = sources[-1][len('File "') :].partition('", line ')
             return f"compiled: {Path(path).name}:{rest.replace(', in ', ' ')}"
         return f"{Path(name).name}:{frame.get('line', '?')} {frame.get('name', '?')}"
-    return "torch internals"
+    return "no Python frame outside torch (eager autograd backward, allocator internals)"
 
 
 def peak_report(trace: list[dict], baseline: int, steps: int, top: int = 25) -> str:

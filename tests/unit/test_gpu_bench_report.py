@@ -69,7 +69,7 @@ def test_allocation_site_names_the_model_source_behind_compiled_code(bench):
     }
     assert bench.allocation_site([*TORCH, generated, *MLP]) == "compiled: modeling_gemma2.py:81 forward"
     assert bench.allocation_site([{**generated, "fx_original_trace": ""}]) == "cabc.py:412 call"
-    assert bench.allocation_site(TORCH) == "torch internals"
+    assert bench.allocation_site(TORCH).startswith("no Python frame outside torch")
 
 
 def test_gpu_busy_is_the_union_of_kernel_intervals(bench):
