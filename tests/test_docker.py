@@ -37,6 +37,9 @@ IMAGE_ENV = {
     "HF_DATASETS_CACHE": "/app/models/.cache/datasets",
     "HF_HUB_OFFLINE": "1",
     "LLAMA_CPP_DIR": "/opt/llama.cpp",
+    # compiled kernels (training.torch_compile) on the tmpfs of the read-only production container
+    "TRITON_CACHE_DIR": "/tmp/triton",
+    "TORCHINDUCTOR_CACHE_DIR": "/tmp/torchinductor",
 }
 # Must never reach the Docker daemon: weights, run outputs, the venv, git history, data, secrets.
 HEAVY = ("models/gguf/a.gguf", "outputs/run/x", ".venv/bin/python", ".git/HEAD", "data/x.jsonl", ".env")
