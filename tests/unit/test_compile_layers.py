@@ -23,23 +23,14 @@ from core.config import ConfigError, load_config
 from core.errors import RunError
 from core.runfolder import RunFolder
 from train.model import compile_layers
+from train.tiny_model import TINY_CONFIG
 from train.trainer import training_arguments
 
 VOCAB = 512
-LAYERS = 4
+LAYERS = TINY_CONFIG["num_hidden_layers"]
 SEQ = 24  # longer than the sliding window (16): the sliding layers' mask differs from the full layers'
-SHAPE: dict[str, Any] = dict(
-    vocab_size=VOCAB,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=LAYERS,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    query_pre_attn_scalar=16,
-    sliding_window=16,
-    attn_implementation="eager",
-)
+# the demo model's shapes and softcaps (train/tiny_model.py), a smaller vocabulary and window
+SHAPE: dict[str, Any] = dict(TINY_CONFIG, vocab_size=VOCAB, sliding_window=16, attn_implementation="eager")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
