@@ -39,7 +39,7 @@ from convert.gguf_header import read_header
 from convert.llamacpp import native_output_to, read_metadata, run_child
 from convert.reference import Reference
 from convert.tools import tree
-from convert.verify import BLOCK, Block, Tally, log_softmax
+from convert.verify import BLOCK, Block, ReferenceChunks, Tally
 from core.errors import LlamaCppError
 from core.files import move_into_place
 from core.locks import promotion_lock
@@ -115,7 +115,7 @@ def _add(tally: Tally, ref: np.ndarray, got: np.ndarray) -> None:
     no_next = np.full(len(ref), -1)
     for i in range(0, len(ref), BLOCK):
         rows = slice(i, i + BLOCK)
-        tally.add_block(Block(log_softmax(ref[rows])), Block(log_softmax(got[rows])), no_next[rows])
+        tally.add_block(Block.of(ref[rows]), Block.of(got[rows]), no_next[rows])
 
 
 def _judge(report: LoraReport, tally: Tally, against: str) -> LoraReport:
@@ -240,7 +240,8 @@ def verify_lora_removed(
     tally = Tally()
     with _llama(merged_gguf, n_ctx, log_path, lora=lora_gguf, scale=-1.0) as llm:
         ids = _token_ids(llm, texts, n_ctx, budget)
-        reference = Reference(base_dir, ids).chunks(n_ctx)  # one chunk a text: <= n_ctx tokens
+        # one chunk a text (<= n_ctx tokens); short texts' logits computed together, up to n_ctx rows a call
+        reference = ReferenceChunks(Reference(base_dir, ids), n_ctx, None)
         for x, (_, ref) in zip(ids, reference, strict=True):
             _add(tally, ref, _logits(llm, x, log_path))
     return _judge(report, tally, "merged GGUF - adapter vs the base HF model")

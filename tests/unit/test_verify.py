@@ -93,8 +93,10 @@ def test_chunked_scoring_equals_the_whole_array_computation(exported, tok, monke
 
     monkeypatch.setattr(verify, "GGUFRunner", Counted)
     computed = []  # the reference's logits chunks: computed for the first file, read back for the second
-    logits = verify.Reference.logits
-    monkeypatch.setattr(verify.Reference, "logits", lambda self, *span: computed.append(span) or logits(self, *span))
+    logits_of = verify.Reference.logits_of
+    monkeypatch.setattr(
+        verify.Reference, "logits_of", lambda self, spans: computed.extend(spans) or logits_of(self, spans)
+    )
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     reports = verify_files(
@@ -196,16 +198,20 @@ class FakeReference:
     """Known logits for texts of given lengths, counting the chunks computed (ReferenceChunks' own logic only)."""
 
     def __init__(self, lengths: list[int], vocab: int = 11):
-        self.lengths, self.computed = lengths, 0
+        self.lengths, self.computed, self.calls = lengths, 0, []
         self.config = type("Config", (), {"vocab_size": vocab})()
 
     def plan(self, chunk: int) -> list[tuple[int, int, int]]:
         return [(t, a, min(a + chunk, n)) for t, n in enumerate(self.lengths) for a in range(0, n, chunk)]
 
     def logits(self, t: int, start: int, stop: int) -> np.ndarray:
-        self.computed += 1
         vocab = self.config.vocab_size
         return (np.arange(start * vocab, stop * vocab, dtype=np.float32) + 1000 * t).reshape(stop - start, vocab)
+
+    def logits_of(self, spans: list[tuple[int, int, int]]) -> np.ndarray:
+        self.computed += 1
+        self.calls.append(spans)
+        return np.concatenate([self.logits(*span) for span in spans])
 
 
 def _passes(chunks, n: int) -> list[list[tuple[int, np.ndarray]]]:
@@ -230,6 +236,23 @@ def test_reference_chunks_are_computed_once_and_read_back(tmp_path):
     passes = _passes(cached, 3)
     cached.close()
     assert fake.computed == 4 and not list(tmp_path.iterdir())  # 4 chunks, computed by the first pass only
+    assert all(_same(p, _expected(fake, 4)) for p in passes)
+
+
+def test_short_chunks_are_computed_together_up_to_a_chunk_of_rows(tmp_path):
+    from convert.verify import ReferenceChunks
+
+    fake = FakeReference([1, 2, 1, 5, 3])  # chunks of 4: 1, 2, 1 | 4 | 1, 3
+    cached = ReferenceChunks(fake, 4, tmp_path)
+    passes = _passes(cached, 2)
+    assert fake.calls == [[(0, 0, 1), (1, 0, 2), (2, 0, 1)], [(3, 0, 4)], [(3, 4, 5), (4, 0, 3)]]
+    assert all(_same(p, _expected(fake, 4)) for p in passes)  # read back chunk by chunk from the one file
+
+    row = 11 * 4
+    fake = FakeReference([1, 2, 1, 5, 3])
+    partly = ReferenceChunks(fake, 4, tmp_path, budget=3 * row)  # keeps the first two chunks of the first call
+    passes = _passes(partly, 2)
+    assert partly.kept == 2 and fake.calls[3:] == [[(2, 0, 1)], [(3, 0, 4)], [(3, 4, 5), (4, 0, 3)]]
     assert all(_same(p, _expected(fake, 4)) for p in passes)
 
 
@@ -268,3 +291,31 @@ def test_reference_chunks_recompute_when_the_scratch_file_fails(tmp_path, caplog
     assert all(_same(p, _expected(fake, 4)) for p in passes)
     none = ReferenceChunks(fake, 4, None)
     assert none.file is None and _same(_passes(none, 1)[0], _expected(fake, 4)) and fake.computed == 6
+
+
+@pytest.mark.parametrize("noise", [1e-3, 0.5])  # KLD ~1e-7 (an f16 file's size) and ~0.1 (a coarse quant's)
+def test_tally_measures_equal_the_float64_definitions(noise):
+    from convert.verify import Block, Tally
+
+    rng = np.random.default_rng(0)
+    rows, vocab = 40, 5000
+    ref = (rng.standard_normal((rows, vocab)) * 3).astype(np.float32)
+    got = (ref + rng.standard_normal((rows, vocab)) * noise).astype(np.float32)
+    ref[3, [7, 9]] = got[3, [7, 9]] = 50.0  # a tie for the top: the first index counts on both sides
+    got[5] = ref[5]
+    got[5, ref[5].argmax()] -= 40.0  # one row whose top-1 moves
+    next_ids = rng.integers(0, vocab, rows)
+    next_ids[::9] = -1  # rows without a next token (last of a text)
+    tally = Tally()
+    for a in range(0, rows, 16):
+        tally.add_block(Block.of(ref[a : a + 16]), Block.of(got[a : a + 16]), next_ids[a : a + 16])
+
+    lp, lq = _lsm(ref), _lsm(got)
+    kld = (np.exp(lp) * (lp - lq)).sum(-1)
+    has = next_ids >= 0
+    m = tally.measures()
+    assert m["positions"] == rows
+    assert m["kld"] == pytest.approx(kld.mean(), rel=1e-9) and m["kld_p99"] == pytest.approx(np.percentile(kld, 99))
+    assert m["top1_all"] == (ref.argmax(-1) == got.argmax(-1)).mean() < 1
+    assert m["ppl"] == pytest.approx(math.exp(-lq[has, next_ids[has]].mean()), rel=1e-12)
+    assert tally.nll_count == has.sum() < rows
