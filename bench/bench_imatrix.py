@@ -83,7 +83,7 @@ def score(reference: Path, quants: list[Path], texts: list[str], max_positions: 
                 out.append(np.array(llm.scores[: len(ids)], dtype=np.float32))
             lp = log_softmax(out[0])
             for i, got in enumerate(out[1:]):
-                per_position[i].append((lp.exp() * (lp - log_softmax(got))).sum(-1).numpy())
+                per_position[i].append(np.array((lp.exp() * (lp - log_softmax(got))).sum(-1).tolist()))
                 same[i] += int((out[0].argmax(-1) == got.argmax(-1)).sum())
             positions += len(ids)
     finally:
