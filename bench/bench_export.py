@@ -35,9 +35,9 @@ Targets (issue 10): ours/plain wall <= 1.0x; ours peak RSS <= 4 GiB and <= 0.75x
 With --only, the other route's numbers come from the earlier run recorded in --out (said so in the output).
 With --memory-limit, each route runs in a fresh memory cgroup of that size (as `docker run --memory`): the result
 is whether it completes (OOM kills counted) and the cgroup's peak charge; no ratios when a route does not complete.
-2026-11-28, 2-core box: at 4 GiB ours completed in 789 s (every gate passed) and plain's merge was OOM-killed.
+2026-11-28, 2-core box: at 4 GiB ours completed in 670 s (every gate passed) and plain's merge was OOM-killed.
 Needs ~35 GB of free disk in the workdir and ~16 GiB of RAM. Time on a quiet 2-core box: the plain route ~2.5 min,
-our export ~9 min (554 s on 2026-11-28, 2,052 positions scored per file); ~12 min for both, model and adapter
+our export ~8.5 min (500 s on 2026-11-28, 2,052 positions scored per file); ~11 min for both, model and adapter
 cached. Every long stage prints progress.
 """
 
