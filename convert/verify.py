@@ -334,7 +334,7 @@ class ReferenceChunks:
 def log_softmax(x: np.ndarray) -> torch.Tensor:
     """float64 log-probabilities of logits [rows, vocab] (KLDs of f16 files are ~1e-7: float32 rounding would be of
     their size). torch, not numpy: its kernels use every core, where numpy's run on one (per position at a 256k
-    vocabulary, the measures cost 3.0 ms on this project's 2-core box against 4.7 with numpy, and they run between
+    vocabulary, the measures cost ~2 ms on this project's 2-core box against 4.7 with numpy, and they run between
     llama.cpp's passes, not beside them)."""
     return torch.log_softmax(torch.as_tensor(x, dtype=torch.float64), dim=-1)
 
