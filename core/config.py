@@ -11,7 +11,7 @@ import difflib
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
@@ -20,14 +20,33 @@ from core.errors import ConfigError
 from core.paths import user_path, what_is
 from core.quants import FLOAT_TYPES, NEEDS_IMATRIX, QUANTS, QuantType
 
+# What a change to a key does: the one table that resume safety, the complete-run refusal, the nightly fingerprint
+# and the base export's reuse read (keys_affecting). A section's fields are of the section's kind unless the field
+# says otherwise (Field(json_schema_extra=PLACED)).
+Affects = Literal["trained", "exported", "verified", "nightly", "placed"]
+#   trained   the adapter's weights: a resume refuses a change; nightly trains again
+#   exported  the GGUF files made from them: a complete run re-exports; the base export is redone
+#   verified  how an export is judged before it ships (the gates, the scored data)
+#   nightly   how the nightly job judges a candidate against the champion
+#   placed    where files go, what is logged and kept: never what is trained, shipped or judged
+PLACED: dict[str, Any] = {"affects": "placed"}
+
+RESUME: tuple[Affects, ...] = ("trained",)  # a checkpoint is resumed only if none of these changed
+REPORTED: tuple[Affects, ...] = ("trained", "exported", "verified")  # a complete run would ignore these: refused
+FINGERPRINTED: tuple[Affects, ...] = ("trained", "exported")  # what a nightly candidate is made of
+BASE_EXPORT: tuple[Affects, ...] = ("exported",)  # a recorded base export is reused while these are unchanged
+
 
 class Section(BaseModel):
     # strict: a YAML `true` is not the integer 1 (training.max_steps=true), `1` is not a boolean, 7 is not a
     # string. YAML gives every type natively (with _Loader's floats such as 1e-4), so lax coercion only hides mistakes.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True, strict=True)
+    affects: ClassVar[Affects] = "placed"
 
 
 class ModelSection(Section):
+    affects: ClassVar[Affects] = "trained"
+
     name_or_path: str = "google/gemma-2-2b"
     """Hugging Face repo id looked up in the local HF cache (models/.cache/huggingface), or a local folder."""
     revision: str = "main"
@@ -65,6 +84,8 @@ class ModelSection(Section):
 class DataSource(Section):
     """One entry of data.train_files / data.eval_files; a plain string is shorthand for {path: ...}."""
 
+    affects: ClassVar[Affects] = "trained"
+
     path: str
     """A .jsonl, .json, .parquet or .csv file; a folder of them; a folder written by datasets' save_to_disk; or
     a Hugging Face dataset id (org/name) already in the local cache (nothing is downloaded)."""
@@ -84,6 +105,8 @@ class DataSource(Section):
 
 
 class DataSection(Section):
+    affects: ClassVar[Affects] = "trained"
+
     train_files: list[DataSource] = Field(default_factory=lambda: ["data/train.jsonl"], validate_default=True)
     """Training data: each entry a path (file, folder, save_to_disk folder, cached hub dataset id) or a mapping
     {path, format, split, name, revision, weight, max_samples}. Formats: {"messages": [...]} (chat, with tool
@@ -110,7 +133,7 @@ class DataSection(Section):
     """0 (strict): any invalid record stops the run before training. Above 0: skip invalid records while they
     are at most this fraction of all records; each skipped record and its reason goes to
     <run>/skipped_records.jsonl and the count into the manifest."""
-    dataset_num_proc: int | None = Field(None, ge=1)
+    dataset_num_proc: int | None = Field(None, ge=1, json_schema_extra=PLACED)
     """Processes rendering and tokenizing (datasets.map num_proc). null: 1 below 20,000 records, else up to 8
     (CPU count)."""
 
@@ -141,6 +164,8 @@ class DataSection(Section):
 class LoraSection(Section):
     """Passed to peft.LoraConfig as is."""
 
+    affects: ClassVar[Affects] = "trained"
+
     r: int = Field(16, ge=1)
     """LoRA rank."""
     lora_alpha: int = Field(32, ge=1)
@@ -161,13 +186,15 @@ class LoraSection(Section):
 class TrainingSection(Section):
     """Passed to transformers.TrainingArguments under the same names."""
 
+    affects: ClassVar[Affects] = "trained"
+
     num_train_epochs: float = Field(1.0, gt=0)
     """Epochs over the training data (ignored when max_steps > 0)."""
     max_steps: int = -1
     """Total optimizer steps; -1 means derive from num_train_epochs."""
     per_device_train_batch_size: int = Field(4, ge=1)
     """Examples per device per forward pass."""
-    per_device_eval_batch_size: int = Field(4, ge=1)
+    per_device_eval_batch_size: int = Field(4, ge=1, json_schema_extra=PLACED)
     """Examples per device per eval forward pass."""
     gradient_accumulation_steps: int = Field(1, ge=1)
     """Forward passes per optimizer step."""
@@ -183,15 +210,15 @@ class TrainingSection(Section):
     """Gradient clipping norm."""
     optim: str = "adamw_torch"
     """transformers optimizer name (adamw_torch, adamw_torch_fused, paged_adamw_8bit with bitsandbytes, ...)."""
-    logging_steps: int = Field(10, ge=1)
+    logging_steps: int = Field(10, ge=1, json_schema_extra=PLACED)
     """Log loss, learning rate and grad norm every N steps (TensorBoard + metrics.jsonl)."""
-    save_steps: int = Field(100, ge=1)
+    save_steps: int = Field(100, ge=1, json_schema_extra=PLACED)
     """Write a checkpoint every N steps."""
-    save_total_limit: int | None = Field(3, ge=1)
+    save_total_limit: int | None = Field(3, ge=1, json_schema_extra=PLACED)
     """Keep the newest N committed checkpoints (plus the best by eval loss when evaluating); null keeps all.
     Applied by the pipeline after each commit, not by the Trainer: the newest commit, the one a resume
     needs, is never deleted (docs/operations.md)."""
-    eval_steps: int | None = Field(None, ge=1)
+    eval_steps: int | None = Field(None, ge=1, json_schema_extra=PLACED)
     """Evaluate on data.eval_files every N steps (defaults to logging_steps when eval files are set)."""
     seed: int = 42
     """Seed for model init of LoRA weights, data order and dropout."""
@@ -219,9 +246,9 @@ class TrainingSection(Section):
     [batch, seq, 256k] logits are never materialized (27 of 34 GiB at 4 x 2048) and on CUDA only supervised
     positions go through lm_head. Same loss and gradients as the model's own (tests/unit/test_fused_loss.py).
     auto = on with CUDA, off on CPU. Not a TrainingArguments field: the pipeline applies it to the model."""
-    dataloader_num_workers: int = Field(0, ge=0)
+    dataloader_num_workers: int = Field(0, ge=0, json_schema_extra=PLACED)
     """Worker processes for the data loader."""
-    report_to: list[str] = Field(default_factory=lambda: ["tensorboard"])
+    report_to: list[str] = Field(default_factory=lambda: ["tensorboard"], json_schema_extra=PLACED)
     """Trainer loggers; TensorBoard logs go to <run>/runs. metrics.jsonl is always written."""
     full_determinism: bool = False
     """transformers' full determinism (deterministic algorithms, no TF32): bit-exact reruns on CPU."""
@@ -250,9 +277,11 @@ class TrainingSection(Section):
 
 
 class ExportSection(Section):
+    affects: ClassVar[Affects] = "exported"
+
     enabled: bool = True
     """After training: merge the adapter, convert to GGUF, quantize, verify and promote."""
-    gguf_dir: str = "models/gguf"
+    gguf_dir: str = Field("models/gguf", json_schema_extra=PLACED)
     """Where promoted GGUF files go."""
     name: str = "gemma_2b_finetuned"
     """File stem of the fine-tuned GGUF: <name>.gguf is default_quant, other quants are <name>.<quant>.gguf."""
@@ -317,6 +346,8 @@ class VerifySection(Section):
     """Gates every export must pass before it is promoted. Every GGUF, the float one and each quant, is measured
     against the merged HF model (float32, streamed layer by layer): the model that was trained."""
 
+    affects: ClassVar[Affects] = "verified"
+
     max_nmse: dict[str, float] = Field(default_factory=lambda: {q: QUANTS[q].gate for q in FLOAT_TYPES})
     """Max normalised MSE of last-token logits (MSE / variance of the reference) per float type."""
     min_top1: dict[str, float] = Field(default_factory=lambda: dict.fromkeys(FLOAT_TYPES, 1.0))
@@ -345,9 +376,9 @@ class VerifySection(Section):
     recommend_max_kld: float = Field(0.02, gt=0)
     """Recommendation budget: verify.md names the smallest file whose mean KLD is within it. 0.02 nats of KL
     is about a 2% rise in perplexity, stricter than q4_k_m's hard gate (0.05)."""
-    demo_prompt: str | None = None
+    demo_prompt: str | None = Field(None, json_schema_extra=PLACED)
     """A prompt the summary answers with the base and the fine-tuned GGUF side by side."""
-    demo_expected: str | None = None
+    demo_expected: str | None = Field(None, json_schema_extra=PLACED)
     """The training target for demo_prompt, to show whether the fine-tuned answer matches it."""
 
     @field_validator("max_nmse", "min_top1", "max_kld", mode="before")
@@ -386,7 +417,9 @@ class NightlySection(Section):
     """`python -m train.nightly`: the fixed eval set, the gates a candidate must pass to replace the champion,
     and what is kept (docs/nightly.md). Not part of what is trained: changing it never triggers retraining."""
 
-    run_prefix: str = Field("nightly", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,60}$")
+    affects: ClassVar[Affects] = "nightly"
+
+    run_prefix: str = Field("nightly", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,60}$", json_schema_extra=PLACED)
     """Candidates are named <run_prefix>-YYYY-MM-DD-<first 8 hex of the fingerprint>."""
     eval_files: list[str] = Field(default_factory=list)
     """Held-out records (any data format) both candidate and champion are scored on; empty: verify.heldout_files.
@@ -411,13 +444,15 @@ class NightlySection(Section):
     """Absolute gate: highest acceptable gguf_loss - hf_loss, what the shipped quant costs on the eval set."""
     min_task_accuracy: float | None = Field(None, ge=0, le=1)
     """Absolute gate: lowest acceptable share of task checks answered exactly (needs task_checks)."""
-    keep_champions: int = Field(2, ge=1)
+    keep_champions: int = Field(2, ge=1, json_schema_extra=PLACED)
     """Previous champions kept besides the live one (their files are what `rollback` makes live again)."""
-    keep_candidates: int = Field(3, ge=0)
+    keep_candidates: int = Field(3, ge=0, json_schema_extra=PLACED)
     """Most recent other nightly runs (rejected or failed) kept for inspection; older ones are deleted."""
 
 
 class PathsSection(Section):
+    affects: ClassVar[Affects] = "placed"
+
     output_dir: str = "outputs"
     """Run folders are <output_dir>/<run_name>/."""
     models_dir: str = "models"
@@ -428,7 +463,7 @@ class PathsSection(Section):
 
 
 class Config(Section):
-    run_name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+    run_name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", json_schema_extra=PLACED)
     """Names the run folder outputs/<run_name>; the same name addresses the same run on every invocation."""
     model: ModelSection = Field(default_factory=ModelSection)
     data: DataSection = Field(default_factory=DataSection)
@@ -478,6 +513,38 @@ def _attention_problems(cfg: Config) -> list[str]:
             "to 1 (raise max_seq_length instead), or use flex_attention, or data.packing=false"
         ]
     return []
+
+
+def field_affects(section: type[Section], name: str) -> Affects:
+    """What a change to one field does (the table at the top of this module)."""
+    extra = section.model_fields[name].json_schema_extra
+    return extra["affects"] if isinstance(extra, dict) and "affects" in extra else section.affects
+
+
+def keys_affecting(cfg: Config, kinds: tuple[Affects, ...]) -> dict[str, Any]:
+    """{dotted key: value as JSON} of every key whose change affects one of `kinds`. A mapping's entries are keys of
+    their own (verify.max_kld.q4_k_m), so a message names the one that changed."""
+    out: dict[str, Any] = {}
+
+    def walk(section: Section, prefix: str) -> None:
+        dumped = section.model_dump(mode="json")
+        for name in type(section).model_fields:
+            value = getattr(section, name)
+            if isinstance(value, Section):
+                walk(value, f"{prefix}{name}.")
+            elif field_affects(type(section), name) in kinds:
+                value = dumped[name]
+                entries = value.items() if isinstance(value, dict) else [(None, value)]
+                out.update({".".join(filter(None, (prefix + name, k))): v for k, v in entries})
+
+    walk(cfg, "")
+    return out
+
+
+def changed_keys(old: Config, new: Config, kinds: tuple[Affects, ...]) -> list[str]:
+    """`key: old -> new` for every key of `kinds` that differs between two configs."""
+    a, b = keys_affecting(old, kinds), keys_affecting(new, kinds)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
 
 
 def _field_names(model: type[BaseModel], path: list[str]) -> list[str]:

@@ -237,36 +237,6 @@ def newest_committed(checkpoints: Path) -> Path | None:
     return committed[-1] if committed else None
 
 
-# Config keys that may differ between a run and its resume: they change what is logged and saved,
-# never the weights' trajectory (no RNG draws, no numerics). Every other key of these sections may.
-RESUME_SECTIONS = ("model", "data", "lora", "training")
-RESUME_SAFE_KEYS = {
-    "training.logging_steps",
-    "training.save_steps",
-    "training.save_total_limit",
-    "training.report_to",
-    "training.dataloader_num_workers",
-    "training.per_device_eval_batch_size",
-}
-
-
-def _flatten(prefix: str, value: Any) -> dict[str, Any]:
-    if isinstance(value, dict):
-        return {k: v for key, sub in value.items() for k, v in _flatten(f"{prefix}.{key}", sub).items()}
-    return {prefix: value}
-
-
-def unsafe_config_changes(before, after) -> list[str]:
-    """`key: old -> new` for every key of the training-defining sections that differs, safe keys aside."""
-    old = {k: v for s in RESUME_SECTIONS for k, v in _flatten(s, getattr(before, s).model_dump(mode="json")).items()}
-    new = {k: v for s in RESUME_SECTIONS for k, v in _flatten(s, getattr(after, s).model_dump(mode="json")).items()}
-    return [
-        f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
-        for k in sorted(old.keys() | new.keys())
-        if k not in RESUME_SAFE_KEYS and old.get(k) != new.get(k)
-    ]
-
-
 def holds_last_step(folder: Path) -> bool:
     """Whether the checkpoint is the run's last step. Trainer.train resumed from it would run one step past
     the end (transformers 5.24 _run_epoch takes a step before its stop check), so the run loads it instead."""

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from convert.export import gguf_filename
 from convert.summary import print_summary
-from core.config import Config, load_config, to_yaml
+from core.config import REPORTED, Config, changed_keys, load_config, to_yaml
 from core.errors import RunError
 from core.files import human_size, sha256_file
 from core.hub import ResolvedModel
@@ -57,32 +57,15 @@ def trained_line(manifest: Manifest, adapter_out: Path) -> str:
     )
 
 
-# What a complete run was made with; paths may move and nightly settings never change what was trained.
-COMPARED_SECTIONS = ("model", "data", "lora", "training", "export", "verify")
-
-
-def _flat(cfg: Config) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for section in COMPARED_SECTIONS:
-        for key, value in getattr(cfg, section).model_dump(mode="json").items():
-            if isinstance(value, dict):
-                out |= {f"{section}.{key}.{k}": v for k, v in value.items()}
-            else:
-                out[f"{section}.{key}"] = value
-    return out
-
-
 def check_complete_run_config(paths: RunFolder, cfg: Config) -> None:
     """A complete run is only reported, so a key changed since it ran would be ignored: refuse instead."""
     if not paths.config.is_file():
         return
-    old, new = _flat(load_config(paths.config)), _flat(cfg)
-    changed = [
-        f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)
-    ]
+    old = load_config(paths.config)
+    changed = changed_keys(old, cfg, REPORTED)
     if not changed:
         return
-    export_only = all(c.startswith(("export.", "verify.")) for c in changed)
+    export_only = not changed_keys(old, cfg, ("trained",))
     hint = (
         "python -m convert export --config ... exports the trained adapter again with them"
         if export_only

@@ -7,7 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
-from core.config import Config, load_config, to_yaml
+from core.config import RESUME, Config, changed_keys, load_config, to_yaml
 from core.errors import RunError
 from core.files import atomic_write_text
 from core.runfolder import RunFolder
@@ -22,7 +22,6 @@ from train.checkpoint import (
     read_record,
     reject,
     step_of,
-    unsafe_config_changes,
 )
 
 log = logging.getLogger(__name__)
@@ -83,7 +82,7 @@ def prepare_run_folder(
 ) -> Path | None:
     """Create or reuse the run folder; return the verified checkpoint to resume from, if any.
 
-    Resuming is refused when the config (train.checkpoint.unsafe_config_changes) or the identity of
+    Resuming is refused when a config key that shapes the weights (core.config.RESUME) or the identity of
     what is trained (base model and revision, data fingerprint, LoRA shape) differs from the run's.
     """
     if fresh:
@@ -94,7 +93,7 @@ def prepare_run_folder(
     # A run that never committed a checkpoint has nothing a changed config could corrupt (it failed before its
     # first save, e.g. on a setting the dry run now catches): it starts over with the corrected config.
     if folder.config.is_file() and newest_committed(folder.checkpoints) is not None:
-        changed = unsafe_config_changes(load_config(folder.config), cfg)
+        changed = changed_keys(load_config(folder.config), cfg, RESUME)
         if changed:
             raise RunError(
                 f"{folder.root} holds an unfinished run started with a different config; resuming it "

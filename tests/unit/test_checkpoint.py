@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core.config import Config, to_yaml
+from core.config import RESUME, Config, changed_keys, to_yaml
 from core.errors import EXIT_LOCKED, DiskSpaceError, LockHeld, RunError
 from core.locks import hold_lock
 from core.runfolder import RunFolder
@@ -30,7 +30,6 @@ from train.checkpoint import (
     check_explicit,
     choose_resume,
     commit_checkpoint,
-    unsafe_config_changes,
     verify_checkpoint,
 )
 from train.diskspace import Write, check_free_space, gguf_bytes, is_disk_full, tensor_counts
@@ -142,7 +141,7 @@ def test_retention_keeps_the_newest_commits_and_the_best_eval(tmp_path):
 # ----------------------------------------------------------------------------- resume safety
 
 
-def test_unsafe_config_changes_lists_what_changes_the_trajectory_only():
+def test_resume_refuses_only_keys_that_change_the_trajectory():
     before = Config()
     after = Config.model_validate(
         {
@@ -151,8 +150,8 @@ def test_unsafe_config_changes_lists_what_changes_the_trajectory_only():
             "export": {"quants": ["q8_0"], "default_quant": "q8_0"},
         }
     )
-    assert unsafe_config_changes(before, after) == ["lora.r: 16 -> 32", "training.learning_rate: 0.0002 -> 0.0001"]
-    assert unsafe_config_changes(before, Config()) == []
+    assert changed_keys(before, after, RESUME) == ["lora.r: 16 -> 32", "training.learning_rate: 0.0002 -> 0.0001"]
+    assert changed_keys(before, Config(), RESUME) == []
 
 
 # ----------------------------------------------------------------------------- locks

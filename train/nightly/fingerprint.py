@@ -22,13 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from convert.llamacpp import version_info
-from core.config import Config
+from core.config import FINGERPRINTED, Config, keys_affecting
 from core.files import sha256_file
 from core.hub import default_hf_home, resolve_model
 from core.provenance import git_commit, package_versions
-
-# Config keys that decide where things go or what is done with a model, never what is trained.
-NOT_TRAINED_ON: dict[str, Any] = {"run_name": True, "paths": True, "nightly": True, "export": {"gguf_dir"}}
 
 
 @dataclass(frozen=True)
@@ -72,7 +69,7 @@ def data_part(cfg: Config) -> dict[str, Any]:
 
 
 def config_part(cfg: Config) -> dict[str, Any]:
-    return cfg.model_dump(mode="json", exclude=NOT_TRAINED_ON)
+    return keys_affecting(cfg, FINGERPRINTED)
 
 
 def base_part(cfg: Config) -> dict[str, Any]:
