@@ -28,7 +28,14 @@ from convert.modelfile import write_modelfiles
 from convert.verify import VerificationFailed, recommend
 from core.config import Config
 from core.errors import PipelineError, RunError
-from core.files import atomic_replace_dir, atomic_write_json, hash_tree, move_dir_into_place, sha256_file
+from core.files import (
+    atomic_replace_dir,
+    atomic_write_json,
+    differences,
+    move_dir_into_place,
+    record_files,
+    sha256_file,
+)
 from core.hub import ResolvedModel
 from core.locks import promotion_lock
 from core.records.heldout import heldout_texts
@@ -97,12 +104,11 @@ def vouched_adapter(paths: RunFolder) -> Manifest:
             f"{paths.root} has no finished training to export (status: {status}).\n"
             f"  fix: run the training to its end first (python -m train --config ...); it exports by itself"
         )
-    recorded = (manifest.artifacts.get("adapter") or {}).get("files")
-    actual = hash_tree(paths.adapter) if paths.adapter.is_dir() else {}
-    if not recorded or recorded != actual:
-        changed = sorted(n for n in set(recorded or {}) | set(actual) if (recorded or {}).get(n) != actual.get(n))
+    recorded = (manifest.artifacts.get("adapter") or {}).get("files") or {}
+    changed = differences(recorded, paths.adapter, str(paths.manifest), exact=True) if recorded else ["no record"]
+    if changed:
         raise RunError(
-            f"{paths.adapter} is not the adapter {paths.manifest} records (differs: {', '.join(changed) or 'all'}); "
+            f"{paths.adapter} is not the adapter {paths.manifest} records ({'; '.join(changed)}); "
             f"refusing to export an adapter the run cannot vouch for.\n"
             f"  fix: run the training again (python -m train --config ...; add --fresh to start over)"
         )
@@ -247,12 +253,12 @@ def export_run(cfg: Config, paths: RunFolder, base: ResolvedModel, manifest: Man
     except BaseException:
         shutil.rmtree(staged_merged, ignore_errors=True)  # interrupted or failed: no 5 GB of work files left
         raise
-    merged_files = hash_tree(staged_merged)
+    merged_files = record_files(staged_merged)
     _promote(cfg, paths, staged_merged, results, sidecar)
     lora_record = _promote_lora_and_modelfiles(cfg, results, lora, tokenizer)
     if lora_record is not None:
         manifest.artifacts["lora_gguf"] = lora_record
-    manifest.artifacts["adapter"] = {"path": str(paths.adapter_out), "files": hash_tree(paths.adapter)}
+    manifest.artifacts["adapter"] = {"path": str(paths.adapter_out), "files": record_files(paths.adapter)}
     manifest.artifacts["merged"] = {"path": str(paths.merged_out), "files": merged_files}
     manifest.artifacts["gguf"] = {"finetuned": file_entries(results[0])}
     if len(results) > 1:

@@ -9,7 +9,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -151,13 +151,36 @@ def move_into_place(src: Path, dst: Path) -> None:
     fsync_dir(dst.parent)  # make the rename durable before the manifest names the file
 
 
-def hash_tree(folder: Path) -> dict[str, dict[str, Any]]:
-    """{relative path: {size, sha256}} for every file under folder."""
+# What a run folder, a checkpoint or a release vouches for: {path: {"size": bytes, "sha256": hex}}, paths relative
+# to the folder they were recorded in. Written into manifests, commit records and release records as JSON.
+Record = dict[str, dict[str, Any]]
+
+
+def record_files(folder: Path, fsync: bool = False, skip: Callable[[Path], bool] | None = None) -> Record:
+    """The record of every file under folder (but those `skip` names); with fsync, each is forced to disk first."""
     return {
-        str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": sha256_file(p)}
+        str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": sha256_file(p, fsync=fsync)}
         for p in sorted(folder.rglob("*"))
-        if p.is_file()
+        if p.is_file() and not (skip and skip(p))
     }
+
+
+def differences(recorded: Record, folder: Path, record: str = "the record", exact: bool = False) -> list[str]:
+    """Why the files under folder are not the recorded ones, one line each; [] when they are. Sizes are compared
+    before anything is hashed (a truncated file costs no read). exact: a file the record does not name differs too."""
+    problems = []
+    for name, entry in recorded.items():
+        path = folder / name
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+        elif path.stat().st_size != entry["size"]:
+            problems.append(f"{path}: {path.stat().st_size} bytes, {record} says {entry['size']} (truncated?)")
+        elif sha256_file(path) != entry["sha256"]:
+            problems.append(f"{path}: content differs from {record} (sha256 mismatch)")
+    if exact and folder.is_dir():
+        present = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+        problems += [f"{folder / name}: not in {record}" for name in sorted(present - recorded.keys())]
+    return problems
 
 
 def human_size(n: float) -> str:

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from core.files import atomic_write_json, fsync_dir, sha256_file
+from core.files import atomic_write_json, differences, fsync_dir, record_files
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +72,7 @@ def commit_checkpoint(
             f"{folder}: cannot commit: {', '.join(missing) or 'not a checkpoint-N folder'} "
             f"missing after the Trainer's save (save_only_model must stay off)"
         )
-    files = {
-        str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": sha256_file(p, fsync=True)}
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != COMMIT_FILE and not p.name.endswith(".tmp")
-    }
+    files = record_files(folder, fsync=True, skip=lambda p: p.name == COMMIT_FILE or p.name.endswith(".tmp"))
     for sub in {folder, *(p for p in folder.rglob("*") if p.is_dir())}:
         fsync_dir(sub)
     record = {
@@ -110,19 +106,6 @@ def _missing_from_record(folder: Path, files: dict[str, Any], world_size: int) -
     return problems
 
 
-def _differing_files(folder: Path, files: dict[str, Any]) -> list[str]:
-    problems = []
-    for name, entry in files.items():
-        path = folder / name
-        if not path.is_file():
-            problems.append(f"{path}: missing")
-        elif path.stat().st_size != entry["size"]:
-            problems.append(f"{path}: {path.stat().st_size} bytes, committed as {entry['size']} (truncated?)")
-        elif sha256_file(path) != entry["sha256"]:
-            problems.append(f"{path}: content differs from the commit record (sha256 mismatch)")
-    return problems
-
-
 def verify_checkpoint(folder: Path, world_size: int = 1) -> list[str]:
     """Problems that make folder unusable for resuming; empty when every committed file matches."""
     if not (folder / COMMIT_FILE).is_file():
@@ -133,7 +116,9 @@ def verify_checkpoint(folder: Path, world_size: int = 1) -> list[str]:
     record = read_record(folder)
     if record is None:
         return [f"{folder / COMMIT_FILE}: unreadable commit record"]
-    problems = _missing_from_record(folder, record["files"], world_size) + _differing_files(folder, record["files"])
+    problems = _missing_from_record(folder, record["files"], world_size) + differences(
+        record["files"], folder, "the commit record"
+    )
     if not problems:
         state = json.loads((folder / "trainer_state.json").read_text())
         if not (state.get("global_step") == record.get("step") == step_of(folder)):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from core.config import Config
-from core.files import hash_tree
+from core.files import record_files
 from core.hub import ResolvedModel
 from core.provenance import git_commit, package_versions
 from core.runfolder import Manifest, RunFolder
@@ -43,7 +43,7 @@ def record_training(
     }
     manifest.artifacts = {
         # hashed in the run folder, where the export takes it from (convert.pipeline.vouched_adapter checks it)
-        "adapter": {"path": str(folder.adapter_out), "files": hash_tree(folder.adapter)},
+        "adapter": {"path": str(folder.adapter_out), "files": record_files(folder.adapter)},
         "metrics": str(folder.metrics),
         "loss_plot": str(plot) if plot else None,
     }

@@ -73,7 +73,7 @@ def test_commit_records_every_file_and_verify_catches_truncation_and_edits(tmp_p
     (folder / "scheduler.pt").write_bytes(bytes(reversed((folder / "scheduler.pt").read_bytes())) + b"")
     problems = verify_checkpoint(folder)
     assert problems == [
-        f"{folder / 'optimizer.pt'}: 10 bytes, committed as 1000 (truncated?)",
+        f"{folder / 'optimizer.pt'}: 10 bytes, the commit record says 1000 (truncated?)",
         f"{folder / 'scheduler.pt'}: content differs from the commit record (sha256 mismatch)",
     ]
     with pytest.raises(CheckpointError, match=re.escape(f"{folder / 'optimizer.pt'}: 10 bytes")):
