@@ -1,229 +1,309 @@
-"""Merged HF model -> float GGUF -> (importance matrix) -> quants -> verification (export_gguf), then promotion
-to models/gguf (promote_ggufs).
+"""The export stage of a run, then its publication.
 
-The float GGUF is written straight in export.float_type (bf16 for a bf16 base: exact, and half an f32 file's
-bytes), with the run's provenance keys written by the converter itself; every quant is made from it. Every file
-is scored against the HF model (convert/verify.py). Nothing reaches models/gguf unless every file of
-the export passed verification; a failed export stays in the run folder (outputs/<run>/export/) for
-inspection and the command exits non-zero. An export stopped for any other reason (SIGINT/SIGTERM, a tool
-failing) removes its work files.
+    export_run   merge the adapter -> the fine-tuned model's GGUFs -> the base model's (unless its live export is
+                 current) -> the adapter GGUF -> verify.md; all in the run folder, models/ untouched
+    publish_run  the adapter and merged model to models/finetuned/, the verified GGUFs as releases (core/releases.py)
+
+`python -m train` and `python -m convert export` run both; the nightly job runs export_run with training, and
+publish_run only when its gates pass.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+import shutil
 from pathlib import Path
+from typing import Any
 
-from convert.imatrix import compute_imatrix
-from convert.llamacpp import convert_hf_to_gguf, quantize, version_info
-from convert.verify import (
-    FileReport,
-    VerificationFailed,
-    recommend,
-    recommendation_line,
-    to_json,
-    to_table,
-    verify_files,
-)
-from core.files import atomic_write_json, atomic_write_text, move_into_place, sha256_file
+from transformers import AutoTokenizer
+
+from convert.ggufs import ModelGGUFs, export_ggufs, gguf_filename
+from convert.llamacpp import version_info
+from convert.lora_gguf import LoraReport, export_lora_gguf
+from convert.merge import merge_adapter
+from convert.modelfile import write_modelfile
+from convert.verify import VerificationFailed, recommend, write_reports
+from core import releases
+from core.config import BASE_EXPORT, Config, keys_affecting
+from core.errors import PipelineError, RunError
+from core.files import atomic_replace_dir, differences, move_dir_into_place, record_files, sha256_file
+from core.hub import ResolvedModel
 from core.locks import promotion_lock
-from core.quants import QUANTS, float_gguf_type
+from core.records.heldout import MAX_TRAINING_RECORDS, HeldOut, heldout_records, render_records
+from core.runfolder import TRAINED, Manifest, RunFolder
+from core.tokenizer import save_tokenizer
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class ExportResult:
-    name: str
-    model_dir: Path
-    float_type: str  # the float GGUF converted first: the quants' source and reference
-    candidates: dict[str, Path] = field(default_factory=dict)  # quant -> verified GGUF in the work folder
-    files: dict[str, Path] = field(default_factory=dict)  # quant -> promoted GGUF
-    reports: list[FileReport] = field(default_factory=list)
+def vouched_adapter(folder: RunFolder) -> Manifest:
+    """The run's manifest, if it vouches for the adapter in the run folder: training finished and every adapter
+    file has the sha256 recorded when training ended.
 
-
-def remove_work_files(work_dir: Path, name: str) -> None:
-    """The GGUFs (finished or partial, the importance matrix too) of an export of `name` in its work folder;
-    convert.log stays."""
-    for p in work_dir.glob(f"*{name}.*"):
-        if p.is_file() and (p.suffix in (".gguf", ".tmp")):
-            p.unlink()
-
-
-def gguf_filename(name: str, quant: str, default_quant: str) -> str:
-    """<name>.gguf for the quant applications load by default, <name>.<quant>.gguf for the others."""
-    return f"{name}.gguf" if quant == default_quant else f"{name}.{quant}.gguf"
-
-
-def export_gguf(
-    model_dir: Path,
-    name: str,
-    export_cfg,
-    verify_cfg,
-    work_dir: Path,
-    provenance: dict[str, str],
-    texts: list[str],
-    training_texts: list[str] | None = None,
-) -> ExportResult:
-    """Convert one HF folder to every configured GGUF type in work_dir and verify all (promote_ggufs promotes).
-
-    texts: held-out texts, scored in full; training_texts: the run's training data, the importance matrix's
-    calibration text and the scored set's filler up to verify.min_scored_tokens.
-    Raises VerificationFailed if a gate fails (the files stay for inspection); any other stop removes them."""
-    work_dir.mkdir(parents=True, exist_ok=True)
-    remove_work_files(work_dir, name)  # an earlier attempt's files are not this attempt's
-    log_path = work_dir / "convert.log"
-    float_type = float_gguf_type(export_cfg.float_type, export_cfg.quants, model_dir)
-    source = work_dir / f"{name}.{float_type}.gguf"
-    files = {float_type: source}
-    try:
-        log.info(f"  converting -> {source.name} (llama.cpp convert_hf_to_gguf.py; log: {log_path})")
-        convert_hf_to_gguf(model_dir, source, float_type, log_path, model_name=name, metadata=provenance)
-        imatrix = None
-        if export_cfg.imatrix and any(not QUANTS[q].is_float and q != "q8_0" for q in export_cfg.quants):
-            calibration = training_texts or texts
-            log.info(f"  importance matrix from {len(calibration)} record(s) (llama-imatrix; log: {log_path})")
-            imatrix = compute_imatrix(source, calibration, work_dir / f"{name}.imatrix.gguf", log_path)
-        for quant in export_cfg.quants:
-            if quant != float_type:
-                files[quant] = work_dir / f"{name}.{quant}.gguf"
-                log.info(f"  quantizing -> {files[quant].name}" + (" (importance matrix)" if imatrix else ""))
-                weights = None if QUANTS[quant].is_float else imatrix
-                quantize(source, files[quant], quant, export_cfg.token_embedding_type, log_path, imatrix=weights)
-        log.info(f"  verifying {len(files)} file(s) against the HF model, one at a time")
-        reports = verify_files(
-            model_dir,
-            list(files.items()),
-            verify_cfg,
-            texts,
-            log_path,
-            fallback_texts=training_texts or (),
-            scratch_dir=work_dir,  # the reference's logits between files (2.1 GB at 2,048 positions), unnamed
+    Only then may the adapter be exported and published: models/finetuned/adapters/<run> may hold an older run's
+    adapter (a --fresh run interrupted mid-training), and the run folder is the only witness of what was trained."""
+    manifest = folder.read_manifest()
+    status = manifest.status if manifest else "no manifest"
+    if manifest is None or manifest.status not in TRAINED:
+        raise RunError(
+            f"{folder.root} has no finished training to export (status: {status}).\n"
+            f"  fix: run the training to its end first (python -m train --config ...); it exports by itself"
         )
-    except BaseException:
-        remove_work_files(work_dir, name)
+    recorded = (manifest.artifacts.get("adapter") or {}).get("files") or {}
+    changed = differences(recorded, folder.adapter, str(folder.manifest), exact=True) if recorded else ["no record"]
+    if changed:
+        raise RunError(
+            f"{folder.adapter} is not the adapter {folder.manifest} records ({'; '.join(changed)}); "
+            f"refusing to export an adapter the run cannot vouch for.\n"
+            f"  fix: run the training again (python -m train --config ...; add --fresh to start over)"
+        )
+    return manifest
+
+
+def scored_inputs(cfg: Config, tokenizer) -> tuple[list[HeldOut], list[list[int]]]:
+    """(held-out records, training records' ids) for an export whose training is not in memory (`python -m convert
+    export`): rendered as the run's data stage renders them (train.data.load_data hands them on otherwise)."""
+    heldout = heldout_records(tokenizer, cfg)
+    try:
+        training = render_records(
+            tokenizer, cfg, [s.path for s in cfg.data.train_files], MAX_TRAINING_RECORDS, "data.train_files"
+        )
+    except PipelineError as e:  # training skipped invalid records (data.max_invalid_fraction); filler is optional
+        log.warning(f"  training data not used for verification/calibration: {str(e).splitlines()[0]}")
+        training = []
+    return heldout, [r.ids for r in training]
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def export_run(
+    cfg: Config,
+    folder: RunFolder,
+    base: ResolvedModel,
+    manifest: Manifest,
+    heldout: list[HeldOut],
+    training: list[list[int]],
+) -> Manifest:
+    """Merge + export + verify a trained run in its run folder; the manifest then says `exported` and names every
+    verified file. Raises VerificationFailed (after writing verify.json/md and the manifest: export_failed) if any
+    gate fails; any other stop removes the work files."""
+    merged = folder.export_dir / "merged"
+    manifest.llama_cpp = version_info()
+    models: list[ModelGGUFs] = []
+    try:
+        log.info(f"merging adapter into {base.repo_id or base.path}")
+        merge_adapter(base.path, folder.adapter, merged)
+        log.info(f"exporting fine-tuned model as {cfg.export.name} ({', '.join(cfg.export.quants)})")
+        adapter_sha = sha256_file(folder.adapter / "adapter_model.safetensors")
+        keys = provenance(cfg, base) | {"finetune.adapter_sha256": adapter_sha}
+        work = folder.export_dir / cfg.export.name
+        models.append(export_ggufs(merged, cfg.export.name, cfg.export, cfg.verify, work, keys, heldout, training))
+        current = current_base_export(cfg, base)
+        if cfg.export.export_base and current is None:
+            models.append(_export_base(cfg, folder, base, heldout, training))
+        elif current is not None:
+            log.info(f"base GGUF {cfg.export.base_name} is current ({current.run}, revision {base.revision})")
+        lora = _export_lora(cfg, folder, base, merged, models, current, heldout, training)
+    except VerificationFailed as e:
+        groups = {m.name: m.reports for m in models} | {"": e.reports}
+        write_reports(folder.root, groups, cfg.verify, passed=False)
+        manifest.status = "export_failed"
+        manifest.verification = {"passed": False, "report": str(folder.verify_md)}
+        folder.write_manifest(manifest)
         raise
-    if not all(r.passed for r in reports):
-        raise VerificationFailed(reports)
-    return ExportResult(name, model_dir, float_type, candidates=files, reports=reports)
+    except BaseException:
+        shutil.rmtree(merged, ignore_errors=True)  # interrupted or failed: no 5 GB of work files left
+        raise
+    _drop_float_intermediates(cfg, models)
+    for m in models:  # the reports name each file as it ships (<name>.gguf is the default quant)
+        for q, path in m.files.items():
+            published = gguf_filename(m.name, q, cfg.export.default_quant)
+            for r in m.reports:
+                r.path = published if r.path == str(path) else r.path
+    write_reports(folder.root, {m.name: m.reports for m in models}, cfg.verify, True, folder.merged_out.absolute())
+    art = manifest.artifacts
+    art["merged"] = {"path": str(merged), "files": record_files(merged)}
+    art["gguf"] = {label: _entries(cfg, m) for label, m in zip(("finetuned", "base"), models, strict=False)}
+    if current is not None:
+        art["gguf"]["base"] = {"name": cfg.export.base_name, "release": current.id, "files": current.record["quants"]}
+    if lora is not None:
+        art["lora_gguf"] = {
+            "path": lora.path if lora.passed else None,
+            "type": lora.outtype,
+            "passed": lora.passed,
+            "check": lora.against,
+            "measures": lora.measures,
+            "summary": lora.describe(),
+        }
+    best = {m.name: recommend(m.reports, cfg.verify.recommend_max_kld) for m in models}
+    manifest.verification = {
+        "passed": True,
+        "report": str(folder.verify_md),
+        "files": {Path(r.path).name: r.measures for m in models for r in m.reports},
+        "recommended": {name: (Path(r.path).name if r else None) for name, r in best.items()},
+    }
+    manifest.status = "exported"
+    folder.write_manifest(manifest)
+    return manifest
 
 
-def promote_ggufs(result: ExportResult, export_cfg, run_name: str) -> None:
-    """Move verified GGUFs into export.gguf_dir, one rename each; the float GGUF is then deleted (unless exported
-    or export.keep_float) and every report names where its file is now, or that it was deleted."""
-    gguf_dir = Path(export_cfg.gguf_dir)
-    gguf_dir.mkdir(parents=True, exist_ok=True)
-    where: dict[str, str | None] = {}
-    # one promoter per file stem at a time: two runs exporting the same name would otherwise interleave quants
-    with promotion_lock(gguf_dir / result.name, run_name):
-        for quant in export_cfg.quants:
-            dst = gguf_dir / gguf_filename(result.name, quant, export_cfg.default_quant)
-            move_into_place(result.candidates[quant], dst)
-            result.files[quant] = dst
-            where[str(result.candidates[quant])] = str(dst)
-    source = result.candidates[result.float_type]
-    if result.float_type not in export_cfg.quants and not export_cfg.keep_float:
-        source.unlink(missing_ok=True)
-        where[str(source)] = None
-    for r in result.reports:
-        if r.path in where and where[r.path] is None:
-            r.notes.append(
-                f"the {result.float_type} intermediate: deleted after verification (export.keep_float keeps it)"
-            )
-            r.path = Path(r.path).name  # no path to a file that is gone
-        else:
-            r.path = where.get(r.path) or r.path
+def _drop_float_intermediates(cfg: Config, models: list[ModelGGUFs]) -> None:
+    """The float GGUF each quant was made from is deleted when export.quants does not list it (the 2B's is 5 GB),
+    unless export.keep_float; its report says so."""
+    for m in models:
+        if m.float_type in cfg.export.quants or cfg.export.keep_float:
+            continue
+        path = m.files.pop(m.float_type)
+        path.unlink(missing_ok=True)
+        for r in m.reports:
+            if r.path == str(path):
+                r.path = path.name  # no path to a file that is gone
+                r.notes.append(
+                    f"the {m.float_type} intermediate: deleted after verification (export.keep_float keeps it)"
+                )
 
 
-def provenance_metadata(cfg, base, extra: dict[str, str]) -> dict[str, str]:
+def provenance(cfg: Config, base: ResolvedModel) -> dict[str, str]:
     """GGUF keys that tie a file to the llama.cpp release and the training run that made it."""
     info = version_info()
-    keys = {
+    return {
         "finetune.llama_cpp.commit": info.get("llama.cpp", "unknown"),
         "finetune.llama_cpp_python.version": info.get("llama-cpp-python", "unknown"),
         "finetune.base_model": base.repo_id or str(base.path),
         "finetune.base_revision": base.revision or "local",
         "finetune.run_name": cfg.run_name,
     }
-    return keys | extra
 
 
-def gates_text(verify_cfg, quants: list[str]) -> list[str]:
-    """The gates applied to these types, one line each, as verify.md states them."""
-    lines = []
-    for q in quants:
-        if q in verify_cfg.max_nmse:
-            lines.append(
-                f"- {q}: NMSE (last token) <= {verify_cfg.max_nmse[q]:g}, top-1 (last) >= {verify_cfg.min_top1[q]:.0%}"
-            )
-        elif q in verify_cfg.max_kld:
-            lines.append(f"- {q}: mean KLD <= {verify_cfg.max_kld[q]:g}")
-    return lines + ["- every type: tokens identical, chat template equal, <end_of_turn> stops generation"]
+def _entries(cfg: Config, model: ModelGGUFs) -> dict[str, Any]:
+    """A model's exported files, by quant: the work file, its record, and the name it is published under."""
+    files = {
+        q: {"file": gguf_filename(model.name, q, cfg.export.default_quant), "path": str(p)}
+        | {"size": p.stat().st_size, "sha256": sha256_file(p)}
+        for q, p in model.files.items()
+        if q in cfg.export.quants
+    }
+    return {"name": model.name, "release": None, "files": files}
 
 
-def write_reports(
-    run_dir: Path,
-    results: list[ExportResult] | list[FileReport],
-    failed: bool = False,
-    reference: Path | None = None,
-    verify_cfg=None,
-) -> None:
-    """verify.json (machine-readable) and verify.md (the quality table, the references, the scored token count,
-    the gates and a recommendation per exported model) in the run folder."""
-    groups = [(x.name, x.reports) if isinstance(x, ExportResult) else ("", [x]) for x in results]
-    reports = [r for _, group in groups for r in group]
-    passed = not failed and all(r.passed for r in reports)
-    scored = min((int(r.measures.get("positions", 0)) for r in reports), default=0)
-    minimum = verify_cfg.min_scored_tokens if verify_cfg is not None else None
-    budget = verify_cfg.recommend_max_kld if verify_cfg is not None else None
-    by_name: dict[str, list[FileReport]] = {}
-    for name, group in groups:
-        by_name.setdefault(name, []).extend(group)
-    recommended = {}
-    if budget is not None:
-        recommended = {name: recommend(group, budget) for name, group in by_name.items()}
-    atomic_write_json(
-        run_dir / "verify.json",
-        {
-            "passed": passed,
-            "reference": str(reference) if reference else None,
-            "scored_tokens": scored,
-            "min_scored_tokens": minimum,
-            "short_of_minimum": minimum is not None and scored < minimum,
-            "recommend_max_kld": budget,
-            "recommended": {n: (Path(r.path).name if r else None) for n, r in recommended.items()},
-            "files": to_json(reports),
-        },
+def base_export_keys(cfg: Config, base_revision: str | None) -> dict[str, Any]:
+    """What the base model's GGUFs are made from: its revision, the llama.cpp release, the export settings."""
+    return {"base_revision": base_revision, "llama_cpp": version_info(), **keys_affecting(cfg, BASE_EXPORT)}
+
+
+def current_base_export(cfg: Config, base: ResolvedModel) -> releases.Release | None:
+    """The live base release, if it was made from this base revision, llama.cpp release and export settings and its
+    files are intact: then the base is not exported again."""
+    if not cfg.export.export_base:
+        return None
+    found = releases.live(Path(cfg.export.gguf_dir), cfg.export.base_name)
+    if found is None or found.record.get("export") != base_export_keys(cfg, base.revision) or found.problems():
+        return None
+    return found
+
+
+def _export_base(
+    cfg: Config, folder: RunFolder, base: ResolvedModel, heldout: list[HeldOut], training: list[list[int]]
+) -> ModelGGUFs:
+    """The base model's GGUFs, exported with the run's tokenizer: google/gemma-2-2b ships no chat template, and the
+    base GGUF is comparable with the fine-tuned one only with the same template and stop token. The weight files
+    are linked, not copied."""
+    staged = folder.export_dir / "base_model"  # a fixed name: the console shows no temporary folders
+    shutil.rmtree(staged, ignore_errors=True)
+    log.info(f"exporting base model as {cfg.export.base_name}")
+    try:
+        staged.mkdir(parents=True)
+        for p in base.path.iterdir():
+            if not (p.name.startswith("tokenizer") or p.name in ("special_tokens_map.json", "chat_template.jinja")):
+                (staged / p.name).symlink_to(p.resolve())
+        tokenizer = AutoTokenizer.from_pretrained(str(folder.adapter))
+        save_tokenizer(tokenizer, staged, folder.adapter / "tokenizer.model")
+        work = folder.export_dir / cfg.export.base_name
+        keys = provenance(cfg, base)
+        return export_ggufs(staged, cfg.export.base_name, cfg.export, cfg.verify, work, keys, heldout, training)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+
+
+def _export_lora(
+    cfg: Config,
+    folder: RunFolder,
+    base: ResolvedModel,
+    merged: Path,
+    models: list[ModelGGUFs],
+    current: releases.Release | None,
+    heldout: list[HeldOut],
+    training: list[list[int]],
+) -> LoraReport | None:
+    """The adapter as <name>.lora.gguf in the fine-tuned export's work folder, checked on a base GGUF of the
+    fine-tuned float type when there is one (this export's, or the live base release's), else by removing it from
+    the merged GGUF. Not shipped when its check fails (a warning: the model GGUFs are fine)."""
+    if not cfg.export.lora_gguf:
+        return None
+    tuned = models[0]
+    float_file = gguf_filename(cfg.export.base_name, tuned.float_type, cfg.export.default_quant)
+    if len(models) > 1 and tuned.float_type in models[1].files:
+        base_gguf: Path | None = models[1].files[tuned.float_type]
+    elif current is not None and float_file in current.files:
+        base_gguf = current.folder / float_file
+    else:
+        base_gguf = None
+    merged_gguf = tuned.files[tuned.float_type]
+    out = merged_gguf.with_name(f"{tuned.name}.lora.gguf")
+    how = "on the base GGUF" if base_gguf else "by removing it from the merged GGUF (no base GGUF of its type)"
+    log.info(f"  adapter -> {out.name} (convert_lora_to_gguf.py), checked {how}")
+    ids = [r.ids for r in heldout] or training
+    report = export_lora_gguf(
+        folder.adapter, base.path, merged, merged_gguf, out, ids, out.parent / "convert.log", base_gguf
     )
-    head = ["# Verification", ""]
-    if reference:
-        head += [
-            f"Reference: {reference} (Hugging Face, float32, streamed layer by layer on the CPU): every file,",
-            "the float GGUF and each quant, is scored against the model that was trained.",
-            "",
-        ]
-    if minimum is not None:
-        short = f" (SHORT of verify.min_scored_tokens={minimum}: the data holds no more)" if scored < minimum else ""
-        head += [f"Scored positions per file: {scored}{short}.", ""]
-    if verify_cfg is not None:
-        head += ["Gates:", *gates_text(verify_cfg, list(dict.fromkeys(r.quant for r in reports))), ""]
-    lines = [to_table(reports)]
-    if budget is not None:
-        lines += [""] + [
-            (f"{name}: " if len(recommended) > 1 else "") + recommendation_line(by_name[name], budget)
-            for name in recommended
-        ]
-    notes = [f"- {Path(r.path).name}: {n}" for r in reports for n in r.notes]
-    tail = ["", "Notes:", *notes] if notes else []
-    legend = [
-        "",
-        "size: file bytes; bits/weight: file bytes x 8 / parameters (the whole file, vocabulary and metadata "
-        "included); KLD: KL(reference || file) per position; same top-1: argmax agreement; ppl: perplexity of the "
-        "scored text under the file's own logits (llama.cpp).",
-    ]
-    atomic_write_text(run_dir / "verify.md", "\n".join([*head, *lines, *legend, *tail]) + "\n")
+    if not report.passed:
+        log.warning(f"adapter GGUF not shipped: {report.describe()}")
+    return report
 
 
-def file_entries(result: ExportResult) -> dict[str, dict]:
-    return {q: {"path": str(p), "size": p.stat().st_size, "sha256": sha256_file(p)} for q, p in result.files.items()}
+# ----------------------------------------------------------------------------- publish
+
+
+def publish_run(
+    cfg: Config, folder: RunFolder, manifest: Manifest, by: str = "python -m train", meta: dict | None = None
+) -> Manifest:
+    """Make an exported run's artifacts the ones applications use: the adapter to models/finetuned/adapters/<run>,
+    the merged model to models/finetuned/final_models/<run>, the fine-tuned GGUFs (with the adapter GGUF and a
+    Modelfile for each model GGUF) and a base export made by this run as releases of their names (core/releases.py).
+    `meta` goes into the fine-tuned release's record (the nightly job's decision). Stopped midway, each target is
+    whole (old or new) and the manifest still says `exported`: publishing again finishes it."""
+    art = manifest.artifacts
+    with promotion_lock(folder.adapter_out, cfg.run_name):
+        atomic_replace_dir(folder.adapter, folder.adapter_out)
+    art["adapter"]["path"] = str(folder.adapter_out)
+    merged = Path(art["merged"]["path"])
+    if merged != folder.merged_out:
+        with promotion_lock(folder.merged_out, cfg.run_name):
+            move_dir_into_place(merged, folder.merged_out)
+        art["merged"]["path"] = str(folder.merged_out)
+    gguf_dir = Path(cfg.export.gguf_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder.adapter))
+    lora = art.get("lora_gguf")
+    for label, export in art["gguf"].items():
+        if export["release"] is not None:  # the live base export, reused
+            continue
+        files = {e["file"]: Path(e["path"]) for e in export["files"].values()}
+        for file, path in list(files.items()):
+            files[f"{Path(file).stem}.Modelfile"] = write_modelfile(path, file, tokenizer)
+        published = {q: e | {"path": str(gguf_dir / e["file"])} for q, e in export["files"].items()}
+        record = {"by": by, "manifest": str(folder.manifest), "quants": published}
+        if label == "finetuned":
+            if lora and lora["path"]:
+                files[f"{export['name']}.lora.gguf"] = Path(lora["path"])
+                lora["path"] = str(gguf_dir / f"{export['name']}.lora.gguf")
+            record |= meta or {}
+        else:
+            record["export"] = base_export_keys(cfg, (manifest.base_model or {}).get("revision"))
+        export["release"] = releases.publish(gguf_dir, export["name"], cfg.run_name, files, record).id
+        export["files"] = published
+    default = gguf_filename(cfg.export.name, cfg.export.default_quant, cfg.export.default_quant)
+    manifest.default_gguf = str(gguf_dir / default)
+    manifest.status = "complete"
+    folder.write_manifest(manifest)
+    return manifest

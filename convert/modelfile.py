@@ -11,7 +11,6 @@ Go templates have no `trim`, so message text is used as given (the data renderer
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from pathlib import Path
 
 from core.files import atomic_write_text
@@ -79,13 +78,9 @@ def modelfile_text(gguf_name: str, stop: str) -> str:
     )
 
 
-def write_modelfile(gguf_path: Path, tokenizer) -> Path:
-    """<stem>.Modelfile next to gguf_path, written atomically; returns its path."""
-    path = gguf_path.with_name(f"{gguf_path.stem}.Modelfile")
-    atomic_write_text(path, modelfile_text(gguf_path.name, turn_end_token(tokenizer)))
+def write_modelfile(gguf_path: Path, published_as: str, tokenizer) -> Path:
+    """The Modelfile of a GGUF that is published as `published_as`, written next to it as <stem>.Modelfile (it is
+    published beside the GGUF); returns its path."""
+    path = gguf_path.with_name(f"{Path(published_as).stem}.Modelfile")
+    atomic_write_text(path, modelfile_text(published_as, turn_end_token(tokenizer)))
     return path
-
-
-def write_modelfiles(ggufs: Iterable[Path], tokenizer) -> list[Path]:
-    """A Modelfile next to each GGUF (the promoted files of an export)."""
-    return [write_modelfile(path, tokenizer) for path in ggufs]

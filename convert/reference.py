@@ -34,6 +34,10 @@ from transformers.models.gemma2.modeling_gemma2 import Gemma2DecoderLayer, Gemma
 
 from core.errors import RunError
 
+# Disk for the reference's logits kept between files (convert/score.py ReferenceChunks): 4,096 positions at a 256k
+# vocabulary. Here, not beside ReferenceChunks, so that training's disk estimate (train/diskspace.py) reads it
+# without loading llama.cpp.
+SCRATCH_BUDGET = 4 << 30
 VOCAB_TILE_BYTES = 64 << 20  # float32 bytes of one output-layer tile: 7,281 rows at hidden 2304
 INDEX_FILE = "model.safetensors.index.json"  # transformers' shard index (SAFE_WEIGHTS_INDEX_NAME)
 MASKS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}

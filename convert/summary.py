@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from convert.chat import answer
+from convert.score import answer
 from core.config import Config
 from core.files import human_size
 from core.runfolder import Manifest, RunFolder
@@ -24,7 +24,7 @@ def _answers(cfg: Config, manifest: Manifest) -> list[str]:
     lines = ["", f"--- prompt (through llama.cpp, {default}): {prompt!r}"]
     replies = {}
     for label in ("base", "finetuned"):
-        entry = gguf.get(label, {}).get(default)
+        entry = gguf.get(label, {}).get("files", {}).get(default)
         if entry and Path(entry["path"]).is_file():
             replies[label] = answer(Path(entry["path"]), prompt)
             shown = repr(replies[label])
@@ -44,12 +44,12 @@ def _artifact_lines(art: dict) -> list[str]:
     if "merged" in art:
         size = sum(f["size"] for f in art["merged"]["files"].values())
         lines.append(f"merged model: {art['merged']['path']} ({human_size(size)})")
-    for label, files in art.get("gguf", {}).items():
-        for quant, entry in files.items():
+    for label, export in art.get("gguf", {}).items():
+        for quant, entry in export["files"].items():
             lines.append(f"GGUF {label:>9} {quant:>7}: {entry['path']} ({human_size(entry['size'])})")
     lora = art.get("lora_gguf")
     if lora and lora["path"]:
-        size = human_size(lora["size"])
+        size = human_size(Path(lora["path"]).stat().st_size) if Path(lora["path"]).is_file() else "missing"
         lines.append(f"adapter GGUF: {lora['path']} ({size}, for the base GGUF; checked: {lora['check']})")
     elif lora:
         lines.append(f"adapter GGUF: not shipped, its check failed: {lora['summary']}")
@@ -60,8 +60,10 @@ def print_summary(paths: RunFolder, cfg: Config, manifest: Manifest, answers: bo
     art = manifest.artifacts
     lines = ["", f"=== run {cfg.run_name}: {manifest.status}", f"run folder:   {paths.root}"]
     lines += _artifact_lines(art)
-    for label, path in ((manifest.verification or {}).get("recommended") or {}).items():
-        lines.append(f"recommended:  {path or 'none within verify.recommend_max_kld'} ({label}; quality table below)")
+    where = Path(cfg.export.gguf_dir) if manifest.status == "complete" else paths.export_dir
+    for label, file in ((manifest.verification or {}).get("recommended") or {}).items():
+        shown = where / file if file else "none within verify.recommend_max_kld"
+        lines.append(f"recommended:  {shown} ({label}; quality table below)")
     t = manifest.training or {}
     if art.get("loss_plot") and t.get("first_logged_loss") is not None:
         lines.append(

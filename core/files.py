@@ -6,12 +6,15 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 def sha256_file(path: Path, fsync: bool = False) -> str:
@@ -181,6 +184,37 @@ def differences(recorded: Record, folder: Path, record: str = "the record", exac
         present = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
         problems += [f"{folder / name}: not in {record}" for name in sorted(present - recorded.keys())]
     return problems
+
+
+def append_line(path: Path, record: dict[str, Any]) -> None:
+    """Append one JSON line and make it durable (the file, and its folder entry when the file is new). A crash
+    during an append can leave a torn last line: the next append starts on a new line, and read_lines skips it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        torn = size > 0 and os.pread(fd, 1, size - 1) != b"\n"
+        os.write(fd, (b"\n" if torn else b"") + json.dumps(record, ensure_ascii=False).encode() + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if new:
+        fsync_dir(path.parent)
+
+
+def read_lines(path: Path) -> list[dict[str, Any]]:
+    """The JSON lines of a file append_line wrote; a line that does not parse (torn by a crash) is skipped."""
+    if not path.is_file():
+        return []
+    out = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            if line.strip():
+                log.warning(f"warning: {path}:{i} is not a complete JSON line (a crash during an append?); skipped")
+    return out
 
 
 def human_size(n: float) -> str:

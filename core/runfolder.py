@@ -1,16 +1,20 @@
-"""The run folder, outputs/<run_name>/, and its contract: manifest.json.
+"""Where a config's files live (Layout), a run folder, outputs/<run_name>/ (RunFolder), and its contract:
+manifest.json.
 
-Both CLIs address a run the same way (the config's run_name and paths) and read and write its state
-only through `RunFolder` and `Manifest`. The manifest's status says what the folder vouches for:
+Every CLI addresses runs the same way (the config's run_name and paths) and reads and writes a run's state only
+through `RunFolder` and `Manifest`. The manifest's status says what the folder vouches for:
 
-    training -> (interrupted | failed)            training stopped; a rerun resumes from the last commit
-    training -> exporting -> complete             the adapter is final; export verified and promoted
-    training -> exporting -> export_failed        the adapter is final; an export may be retried
+    training -> (interrupted | failed)             training stopped; a rerun resumes from the last commit
+    training -> exporting -> exported -> complete  the adapter is final; export verified (exported), published
+    training -> exporting -> export_failed         the adapter is final; an export may be retried
+
+A nightly candidate stops at `exported` unless its gates pass: the nightly job publishes it, not the export.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,7 +28,10 @@ from core.errors import RunError
 from core.files import atomic_write_json
 from core.locks import hold_lock
 
-Status = Literal["training", "interrupted", "failed", "exporting", "export_failed", "complete"]
+Status = Literal["training", "interrupted", "failed", "exporting", "export_failed", "exported", "complete"]
+# What may be exported and published: the adapter is final and the manifest vouches for it.
+TRAINED = ("exporting", "export_failed", "exported", "complete")
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")  # Config.run_name's pattern: never a path
 
 
 class Manifest(BaseModel):
@@ -53,6 +60,46 @@ class Manifest(BaseModel):
 
 
 @dataclass(frozen=True)
+class Layout:
+    """Where a config's files live:
+
+    outputs/<run>/                          a run folder (RunFolder)
+    models/finetuned/adapters/<run>/        each promoted adapter
+    models/finetuned/final_models/<run>/    each promoted merged model
+    models/finetuned/registry.jsonl         the nightly job's decisions (train/nightly)
+    models/finetuned/nightly/               the nightly job's lock and cached scores
+    <export.gguf_dir>/                      the GGUF releases and the names applications open (core/releases.py)
+    """
+
+    outputs: Path
+    models: Path
+    gguf_dir: Path
+
+    @classmethod
+    def of(cls, cfg: Config) -> Layout:
+        return cls(Path(cfg.paths.output_dir), Path(cfg.paths.models_dir), Path(cfg.export.gguf_dir))
+
+    def run(self, run_name: str) -> RunFolder:
+        if not RUN_NAME.match(run_name):  # a name read from a registry or a folder: never a path
+            raise RunError(f"not a run name: {run_name!r}")
+        return RunFolder(self.outputs / run_name, self.adapter(run_name), self.final_model(run_name), run_name)
+
+    def adapter(self, run_name: str) -> Path:
+        return self.models / "finetuned" / "adapters" / run_name
+
+    def final_model(self, run_name: str) -> Path:
+        return self.models / "finetuned" / "final_models" / run_name
+
+    @property
+    def registry(self) -> Path:
+        return self.models / "finetuned" / "registry.jsonl"
+
+    @property
+    def nightly(self) -> Path:
+        return self.models / "finetuned" / "nightly"
+
+
+@dataclass(frozen=True)
 class RunFolder:
     root: Path  # outputs/<run>
     adapter_out: Path  # models/finetuned/adapters/<run>
@@ -61,13 +108,7 @@ class RunFolder:
 
     @classmethod
     def of(cls, cfg: Config) -> RunFolder:
-        models = Path(cfg.paths.models_dir)
-        return cls(
-            Path(cfg.paths.output_dir) / cfg.run_name,
-            models / "finetuned" / "adapters" / cfg.run_name,
-            models / "finetuned" / "final_models" / cfg.run_name,
-            cfg.run_name,
-        )
+        return Layout.of(cfg).run(cfg.run_name)
 
     @property
     def config(self) -> Path:

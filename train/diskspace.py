@@ -6,7 +6,7 @@ Docker volumes):
                the run's adapter, and the float GGUF each export converts first when export.quants does not
                list it (deleted after verification unless export.keep_float), and verification's scratch
                file (the reference's logits kept between files: min_scored_tokens x vocab x 4 bytes, at most
-               convert.verify.SCRATCH_BUDGET; unnamed, gone when verification ends)
+               convert.reference.SCRATCH_BUDGET; unnamed, gone when verification ends)
   models_dir   the promoted adapter and the merged model (saved in the base dtype: the base's size)
   gguf_dir     every exported GGUF type, fine-tuned and (export.export_base) base
 It is an upper bound on what the run adds, plus 10%, not on the peak: files already present (a resumed
@@ -24,6 +24,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+from convert.reference import SCRATCH_BUDGET
 from core.config import Config
 from core.errors import DiskSpaceError
 from core.files import human_size
@@ -124,8 +125,6 @@ def planned_writes(
     writes.append(Write(f"{exports * len(cfg.export.quants)} GGUF file(s)", gguf_dir, exports * quants))
     config = base_dir / "config.json"
     vocab = int(json.loads(config.read_text()).get("vocab_size") or 0) if config.is_file() else 0
-    from convert.verify import SCRATCH_BUDGET  # noqa: PLC0415 (it loads llama.cpp, which training never needs)
-
     scratch = min(SCRATCH_BUDGET, cfg.verify.min_scored_tokens * vocab * 4)
     writes.append(Write("verification scratch (reference logits)", run_root / "export", scratch))
     if _device(run_root) != _device(gguf_dir):  # quantized files are written in the run folder, then copied

@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from convert.export import gguf_filename
+from convert.ggufs import gguf_filename
 from convert.summary import print_summary
+from core import releases
 from core.config import REPORTED, Config, changed_keys, load_config, to_yaml
 from core.errors import RunError
-from core.files import human_size, sha256_file
+from core.files import human_size
 from core.hub import ResolvedModel
 from core.runfolder import Manifest, RunFolder
 from train.data import PreparedData, describe_data
@@ -85,15 +86,18 @@ def finished_summary(paths: RunFolder, cfg: Config, manifest: Manifest) -> Manif
         f"Pass --fresh to retrain from scratch, or choose another run_name."
     )
     replaced = False
-    for label, files in manifest.artifacts.get("gguf", {}).items():
-        for quant, entry in files.items():
-            p = Path(entry["path"])
-            if not p.is_file() or sha256_file(p) != entry["sha256"]:
-                replaced = True
-                log.warning(
-                    f"warning: {p} ({label} {quant}) is no longer the file this run exported "
-                    f"(missing or replaced, e.g. by another run); `python -m convert export` re-exports it"
-                )
+    gguf_dir = Path(cfg.export.gguf_dir)
+    for export in manifest.artifacts.get("gguf", {}).values():
+        live = releases.live(gguf_dir, export["name"])
+        problems = [] if live is None or live.id != export["release"] else live.problems()
+        if live is None or live.id != export["release"] or problems:
+            replaced = True
+            now = "nothing" if live is None else f"{live.run}'s files" if live.id != export["release"] else "damaged"
+            log.warning(
+                f"warning: {gguf_dir / export['name']}.gguf and its other files are no longer what this run "
+                f"published (now: {now}{'; ' + '; '.join(problems) if problems else ''}); "
+                f"`python -m convert export` publishes this run's again"
+            )
     # The demo answers come from the promoted files: once replaced, they would be another run's answers.
     print_summary(paths, cfg, manifest, answers=not replaced)
     return manifest

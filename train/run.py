@@ -20,11 +20,13 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
-from convert.pipeline import export_run, promote_adapter
+from convert.export import export_run, publish_run
 from convert.summary import print_summary
 from core.config import Config
 from core.errors import NonFiniteLoss, Preempted, RunError
+from core.files import atomic_replace_dir
 from core.hub import ResolvedModel, resolve_model
+from core.locks import promotion_lock
 from core.runfolder import Manifest, RunFolder
 from train import distributed
 from train.data import PreparedData, load_data, show_example
@@ -48,8 +50,10 @@ def run(
     fresh: bool = False,
     resume_from: Path | None = None,
     gpu_memory: int | None = None,
+    publish: bool = True,
 ) -> Manifest | None:
-    """Train (or resume), export and verify; return the manifest (None for a dry run, which writes nothing).
+    """Train (or resume), export, verify and (publish) make the result live; return the manifest (None for a dry
+    run, which writes nothing). The nightly job publishes its candidate itself, after its gates.
 
     The run folder's lock is held throughout (by rank 0 under a launcher): a second process on the same run gets
     LockHeld (exit 75).
@@ -61,16 +65,16 @@ def run(
         return None
     if not distributed.world().distributed:
         with folder.locked():
-            return _run(cfg, folder, fresh, resume_from, None)
+            return _run(cfg, folder, fresh, resume_from, None, publish)
     where = placement(cfg)  # every rank alike: the process group's backend depends on it
     w = distributed.init(where.cuda)
     if w.main:
         with ExitStack() as held:
             distributed.on_main(lambda: held.enter_context(folder.locked()))
-            return _run(cfg, folder, fresh, resume_from, where)
+            return _run(cfg, folder, fresh, resume_from, where, publish)
     try:
         distributed.on_main(lambda: None)  # rank 0 takes the lock
-        return _run(cfg, folder, fresh, resume_from, where)
+        return _run(cfg, folder, fresh, resume_from, where, publish)
     except (distributed.FollowsMain, Preempted, NonFiniteLoss) as e:  # rank 0 stops too, with the same status
         distributed.leave_after_main(e)
 
@@ -84,7 +88,7 @@ def dry_run_plan(cfg: Config, folder: RunFolder, fresh: bool = False, gpu_memory
     base = resolve_model(cfg.model.name_or_path, cfg.model.revision)
     tokenizer = load_tokenizer(base, cfg)
     data = load_data(tokenizer, cfg, folder.root)
-    validate_training_setup(cfg, folder, base, bool(data.evals), tokenizer)
+    validate_training_setup(cfg, folder, base, bool(data.evals))
     log.info(describe_plan(cfg, folder, base, data, show_example(tokenizer, data.train_stats.sample or data.train[0])))
     log.info("\n".join(memory_plan(base.path, cfg, placement(cfg, for_card=gpu_memory is not None), gpu_memory)))
 
@@ -123,18 +127,22 @@ class _Local:
 
 
 def _start(
-    cfg: Config, folder: RunFolder, fresh: bool, resume_from: Path | None, local: _Local
+    cfg: Config, folder: RunFolder, fresh: bool, resume_from: Path | None, local: _Local, publish: bool
 ) -> Manifest | tuple[Path | None, Manifest, dict]:
-    """Rank 0: the finished run's summary if it is complete; else resolve, validate and prepare the run folder,
-    returning (checkpoint to resume or None, the manifest, the inputs' identity)."""
+    """Rank 0: the finished run's summary if it is complete (published first if it stopped after its export);
+    else resolve, validate and prepare the run folder, returning (checkpoint to resume or None, the manifest, the
+    inputs' identity)."""
     previous = None if fresh or resume_from is not None else folder.read_manifest_or_none()
+    if previous is not None and previous.status == "exported" and publish:
+        check_complete_run_config(folder, cfg)
+        previous = publish_run(cfg, folder, previous)
     if previous is not None and previous.status == "complete":
         return finished_summary(folder, cfg, previous)
     if local.where is None:  # model.device=cuda without a usable GPU stops here (exit 2), before anything loads
         local.where = placement(cfg)
         distributed.check_one_process_per_gpu(local.where.cuda)
     local.inputs = got = _inputs(cfg, folder)
-    validate_training_setup(cfg, folder, got.base, bool(got.data.evals), got.tokenizer)
+    validate_training_setup(cfg, folder, got.base, bool(got.data.evals))
     # --- resume: what a checkpoint was trained on; resuming with any of it changed is refused
     resume = prepare_run_folder(folder, cfg, fresh, got.identity, resume_from)
     manifest = start_manifest(cfg, folder, got.base, got.data)
@@ -147,11 +155,13 @@ def _start(
     return resume, manifest, got.identity
 
 
-def _run(cfg: Config, folder: RunFolder, fresh: bool, resume_from: Path | None, placed: Placement | None) -> Manifest:
+def _run(
+    cfg: Config, folder: RunFolder, fresh: bool, resume_from: Path | None, placed: Placement | None, publish: bool
+) -> Manifest:
     t0 = time.time()
     # --- resolve, validate, prepare the run folder: rank 0; the other ranks read the same inputs after it
     local = _Local(placed)
-    started = distributed.on_main(partial(_start, cfg, folder, fresh, resume_from, local))
+    started = distributed.on_main(partial(_start, cfg, folder, fresh, resume_from, local, publish))
     if isinstance(started, Manifest):  # complete already: reported, nothing trained
         return started
     resume, manifest, identity = started
@@ -176,23 +186,33 @@ def _run(cfg: Config, folder: RunFolder, fresh: bool, resume_from: Path | None, 
     result = fit(trainer, resume, folder, manifest)
     save_adapter(trainer, tokenizer, base.path, folder)  # every rank takes part (FSDP gathers); rank 0 writes
     del trainer, model
-    return distributed.on_main(lambda: _finish(cfg, folder, base, manifest, result, resume, t0))
+    return distributed.on_main(lambda: _finish(cfg, folder, base, manifest, result, resume, t0, data, publish))
 
 
 def _finish(
-    cfg: Config, folder: RunFolder, base: ResolvedModel, manifest: Manifest, result, resume: Path | None, t0: float
+    cfg: Config,
+    folder: RunFolder,
+    base: ResolvedModel,
+    manifest: Manifest,
+    result,
+    resume: Path | None,
+    t0: float,
+    data: PreparedData,
+    publish: bool,
 ) -> Manifest:
-    """Record the training, export (merge, GGUF, quantize, verify, promote, adapter included) and finish."""
+    """Record the training, export (merge, GGUF, quantize, verify, the adapter GGUF), publish, and finish."""
     record_training(manifest, folder, result.global_step, result.training_loss, resume, time.time() - t0)
     log.info(trained_line(manifest, folder.adapter))
     manifest.status = "exporting"  # from here on the run folder vouches for its adapter (vouched_adapter)
     folder.write_manifest(manifest)
     if cfg.export.enabled:
-        manifest = export_run(cfg, folder, base, manifest)
+        manifest = export_run(cfg, folder, base, manifest, data.heldout, data.training_ids)
+        if publish:
+            manifest = publish_run(cfg, folder, manifest)
     else:
-        promote_adapter(folder)
-    # --- finish
-    manifest.status = "complete"
+        with promotion_lock(folder.adapter_out, cfg.run_name):
+            atomic_replace_dir(folder.adapter, folder.adapter_out)
+        manifest.status = "complete"
     manifest.seconds_total = round(time.time() - t0, 1)
     folder.write_manifest(manifest)
     print_summary(folder, cfg, manifest)

@@ -17,7 +17,6 @@ from core.config import Config
 from core.errors import PathError, RunError
 from core.hub import ResolvedModel
 from core.paths import creatable_dir
-from core.records.heldout import heldout_texts
 from core.runfolder import RunFolder
 from train.trainer import training_arguments
 
@@ -87,13 +86,8 @@ def _output_folders(cfg: Config) -> list[str]:
     return problems
 
 
-def validate_training_setup(
-    cfg: Config, folder: RunFolder, base: ResolvedModel, evaluating: bool, tokenizer=None
-) -> None:
-    """Raise RunError listing every setting the real run would crash on; DataError for bad held-out data,
-    which verification reads only after training (given the tokenizer, it is read now)."""
-    if tokenizer is not None and cfg.export.enabled and cfg.verify.heldout_files:
-        heldout_texts(tokenizer, cfg.verify.heldout_files, cfg.data.system_message, cfg.verify.max_heldout_records)
+def validate_training_setup(cfg: Config, folder: RunFolder, base: ResolvedModel, evaluating: bool) -> None:
+    """Raise RunError listing every setting the real run would crash on."""
     problems = _output_folders(cfg) + _trainer_settings(cfg, folder, evaluating) + _lora_targets(base, cfg)
     if problems:
         raise RunError(

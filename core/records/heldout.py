@@ -1,33 +1,70 @@
-"""Held-out records rendered as text, for export verification (and anything else that scores a model on them)."""
+"""Records rendered for scoring rather than training: the held-out set that verification and the nightly job score
+(token ids with the labels training would put a loss on), and the first training records (the scored set's filler
+and the importance matrix's calibration text).
+
+Rendered once per run and handed on as token ids: nothing downstream decodes them to text and tokenizes again.
+"""
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import dataclass
+
+from core.config import Config
 from core.errors import DataError
 from core.records.render import RecordProblem, Renderer, RenderOptions
 from core.records.sources import read_source
 
+# Training records read for the importance matrix and to fill the scored set (rendering is seconds; the imatrix
+# keeps its own token budget, the scored set stops at verify.min_scored_tokens).
+MAX_TRAINING_RECORDS = 512
 
-def heldout_texts(tokenizer, paths: list[str], system_message: str, limit: int) -> list[str]:
-    """Rendered text (without <bos>) of the first `limit` records of `paths`, for export verification.
 
-    Raises DataError on any problem: verification on silently fewer texts would be a silent drop."""
+@dataclass(frozen=True)
+class HeldOut:
+    where: str  # file:line
+    ids: list[int]  # starting with <bos>
+    labels: list[int]  # IGNORE_INDEX where training puts no loss
+
+    @property
+    def key(self) -> str:
+        """What was scored, as a key: the same record rendered by the same tokenizer and template has the same one,
+        so scores computed once (verification) are found again (the nightly job)."""
+        return hashlib.sha256(repr((self.ids, self.labels)).encode()).hexdigest()[:16]
+
+
+def heldout_paths(cfg: Config) -> list[str]:
+    """verify.heldout_files, then data.eval_files: the held-out set, in order."""
+    return list(cfg.verify.heldout_files) + [s.path for s in cfg.data.eval_files]
+
+
+def render_records(tokenizer, cfg: Config, paths: list[str], limit: int, what: str) -> list[HeldOut]:
+    """The first `limit` records of `paths`, rendered as training renders them (chat template, loss masks) but never
+    cut (scoring windows long texts instead). DataError on any problem: scoring silently fewer records would change
+    what a gate compares."""
     problems: list[str] = []
-    rows = []
-    for path in paths:
-        rows += read_source(path, problems=problems).rows
-    rows = rows[:limit]
-    for row in rows:
-        if row.problem:
-            problems.append(f"{row.where}: {row.problem[0]}: {row.problem[1]}")
-    ok = [(row.where, row.record) for row in rows if row.record is not None]
-    opts = RenderOptions(max_seq_length=1 << 30, system_message=system_message)
-    rendered = Renderer(tokenizer, opts).render_many([record for _, record in ok], ["auto"] * len(ok))
-    texts = []
-    for (where, _), result in zip(ok, rendered, strict=True):
+    rows = [row for path in paths for row in read_source(path, problems=problems).rows][:limit]
+    problems += [f"{row.where}: {row.problem[0]}: {row.problem[1]}" for row in rows if row.problem]
+    ok = [row for row in rows if row.record is not None]
+    opts = RenderOptions(
+        max_seq_length=1 << 30,
+        system_message=cfg.data.system_message,
+        assistant_only_loss=cfg.data.assistant_only_loss,
+        completion_only_loss=cfg.data.completion_only_loss,
+    )
+    rendered = Renderer(tokenizer, opts).render_many([row.record for row in ok], ["auto"] * len(ok))
+    out = []
+    for row, result in zip(ok, rendered, strict=True):
         if isinstance(result, RecordProblem):
-            problems.append(f"{where}: {result.field}: {result.reason}")
+            problems.append(f"{row.where}: {result.field}: {result.reason}")
         else:
-            texts.append(tokenizer.decode(result.input_ids[1:]))  # without <bos>: the reference adds it
+            out.append(HeldOut(row.where, result.input_ids, result.labels))
     if problems:
-        raise DataError(problems, "in verify.heldout_files")
-    return texts
+        raise DataError(problems, f"in {what}")
+    return out
+
+
+def heldout_records(tokenizer, cfg: Config, limit: int | None = None) -> list[HeldOut]:
+    """The held-out set (heldout_paths), its first verify.max_heldout_records (or `limit`) records."""
+    n = cfg.verify.max_heldout_records if limit is None else limit
+    return render_records(tokenizer, cfg, heldout_paths(cfg), n, "verify.heldout_files / data.eval_files")

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import datasets
 
 from core.errors import DataError
-from core.records.heldout import heldout_texts
+from core.records.heldout import MAX_TRAINING_RECORDS, HeldOut, heldout_records
 from core.records.render import RecordProblem, Rendered, Renderer, RenderOptions
 from core.records.sources import SourceRows, read_source
 from train.data.describe import SKIPPED_FILE
@@ -103,12 +103,16 @@ def render_records(
 
 
 class PreparedData(NamedTuple):
-    """What the data stage hands to training: rows (examples, or packed rows) and their statistics."""
+    """What the data stage hands on: rows for training (examples, or packed rows) and their statistics; for the
+    export, the held-out records verification scores and the first training records' ids (its filler and the
+    importance matrix's calibration text), rendered here once."""
 
     train: list[Example]
     train_stats: DataStats
     evals: list[Example]
     eval_stats: DataStats | None  # None when no eval data is configured
+    training_ids: list[list[int]] = []
+    heldout: list[HeldOut] = []
 
 
 class SourceRead(NamedTuple):
@@ -244,14 +248,16 @@ def load_datasets(tokenizer, data: DataSection) -> PreparedData:
             ["no eval examples: data.eval_fraction held out no record, or the eval files have none"],
             "raise data.eval_fraction, or add eval records",
         )
-    return PreparedData(rows["train"], stats["train"], rows["eval"], stats["eval"] if has_eval else None)
+    training_ids = list(dict.fromkeys(tuple(e.input_ids) for e in examples["train"]))[:MAX_TRAINING_RECORDS]
+    evals = stats["eval"] if has_eval else None
+    return PreparedData(rows["train"], stats["train"], rows["eval"], evals, [list(ids) for ids in training_ids])
 
 
 def load_data(tokenizer, cfg: Config, run_root: Path) -> PreparedData:
-    """Training and eval rows; raises DataError before anything is written (held-out data included)."""
+    """Training and eval rows, and the held-out records; DataError before anything is written."""
     data = load_datasets(tokenizer, cfg.data)
-    if cfg.export.enabled and cfg.verify.heldout_files:  # fail now, not after training, on bad held-out data
-        heldout_texts(tokenizer, cfg.verify.heldout_files, cfg.data.system_message, cfg.verify.max_heldout_records)
+    if cfg.export.enabled:  # read now: bad held-out data fails before training, not after
+        data = data._replace(heldout=heldout_records(tokenizer, cfg))
     skipped = len(data.train_stats.skipped) + (len(data.eval_stats.skipped) if data.eval_stats else 0)
     if skipped:
         log.warning(

@@ -1,34 +1,46 @@
-"""One night, top to bottom: lock -> recover -> fingerprint -> (unchanged: exit 0) -> candidate -> gates ->
-promote or reject -> report -> retention. And the other verbs: status, rollback, prune.
+"""One night, top to bottom, and the other verbs: status, rollback, prune.
 
-Every decision is appended to the registry before it is reported; the job lock makes the nightly job,
-`rollback` and `prune` exclusive (a second one exits 75 naming the holder).
+    job lock -> record a publication a crash left unrecorded -> fingerprint -> the live model (the champion) was
+    trained on the same: exit 0 -> tonight's candidate: trained, exported and verified as `python -m train` does
+    (train.run, not published) -> scores of candidate and champion -> gates -> publish (core/releases.py, the
+    same as every promotion) or reject -> registry line -> report -> retention
+
+The champion is whatever release of export.name is live, whoever published it: a plain `python -m train` of the
+same name replaces the champion, and the next night is gated against that model. Every decision is appended to
+the registry (models/finetuned/registry.jsonl) before it is reported; the job lock makes `run`, `rollback` and
+`prune` exclusive (a second one exits 75 naming the holder).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
 from typing import Any
 
+from convert.export import publish_run
+from convert.ggufs import gguf_filename
+from core import releases
 from core.config import Config
-from core.errors import PipelineError, Preempted, exit_status
-from core.files import atomic_write_json
+from core.errors import PipelineError, Preempted, RunError, exit_status
+from core.files import append_line, atomic_write_json, read_lines
+from core.gates import summary
 from core.locks import hold_lock
-from train.nightly import promote, registry
+from core.runfolder import Layout, Manifest
 from train.nightly.fingerprint import Fingerprint, fingerprint
-from train.nightly.gates import as_records, evaluate_gates, summary
-from train.nightly.places import Places
 from train.nightly.report import status_json, status_text, write_report
 from train.nightly.retention import CANDIDATE_FILE, prune
+from train.nightly.scores import EvalSet, eval_paths, gates, jsonable, load_eval_set, score_model
+from train.run import run as train_run
 
 log = logging.getLogger(__name__)
 
 EXIT_REJECTED = 7  # the candidate failed a gate; the champion stays live (docs/nightly.md)
+BY = "python -m train.nightly"
 
 
 class GateRejected(PipelineError):
@@ -41,132 +53,192 @@ class GateRejected(PipelineError):
 
 
 @contextmanager
-def job_lock(places: Places, verb: str) -> Iterator[registry.History]:
-    """The nightly job's lock, with any interrupted promotion finished first; yields the registry replayed."""
-    with hold_lock(places.lock, f"the nightly job of {places.models}", f"nightly {verb}"):
-        history = registry.load(places.registry)
-        if promote.recover(places, history):
-            history = registry.load(places.registry)
-        yield history
+def job_lock(cfg: Config, layout: Layout, verb: str) -> Iterator[None]:
+    """The nightly job's lock; a publication that a crash left unrecorded is recorded first."""
+    with hold_lock(layout.nightly / ".lock", f"the nightly job of {layout.models}", f"nightly {verb}"):
+        live = releases.live(layout.gguf_dir, cfg.export.name)
+        decided = (live.record.get("nightly") if live else None) or {}
+        if decided and not any(r.get("time") == decided["time"] for r in read_lines(layout.registry)):
+            append_line(layout.registry, decided | {"recovered": releases.now()})
+            log.info(f"recovered: {decided['run']} had been published when the job stopped; recorded")
+        yield
+
+
+def stamp(record: dict[str, Any]) -> dict[str, Any]:
+    return {"time": releases.now(), "host": socket.gethostname(), **record}
 
 
 # ----------------------------------------------------------------------------- one night
 
 
-def unchanged(history: registry.History, fp: Fingerprint) -> str | None:
-    """Why tonight need not train, or None: the champion, or a champion rolled back, was trained on the same."""
-    champion = history.champion
-    if champion is not None and champion.record["fingerprint"] == fp.digest:
-        return f"unchanged since {champion.run}: same data, config, base model and code (fingerprint {fp.short})"
-    back = history.rolled_back.get(fp.digest)
+def unchanged(cfg: Config, layout: Layout, fp: Fingerprint) -> str | None:
+    """Why tonight need not train, or None: the live model, or one rolled back, was trained on the same."""
+    live = releases.live(layout.gguf_dir, cfg.export.name)
+    if live is not None and live.record.get("fingerprint") == fp.digest:
+        return f"unchanged since {live.run}: same data, config, base model and code (fingerprint {fp.short})"
+    history = releases.history(layout.gguf_dir, cfg.export.name)
+    fingerprint_of = {h["release"]: h.get("fingerprint") for h in history if h["event"] == "publish"}
+    rolled_back: dict[str, dict[str, Any]] = {}
+    for h in history:
+        if h["event"] == "publish":
+            rolled_back.pop(h.get("fingerprint") or "", None)
+        elif fingerprint_of.get(h["was"]):
+            rolled_back[fingerprint_of[h["was"]]] = h
+    back = rolled_back.get(fp.digest)
     if back is not None:
         return (
-            f"unchanged since {back['from_run']}, which was rolled back at {back['time']}: not trained or promoted "
-            f"again until the data, config, base model or code change (fingerprint {fp.short})"
+            f"unchanged since {back['was']}, which was rolled back at {back['time']}: not trained or promoted again "
+            f"until the data, config, base model or code change (fingerprint {fp.short})"
         )
     return None
 
 
-def candidate_name(cfg: Config, places: Places, fp: Fingerprint, today: date) -> str:
+def candidate_name(cfg: Config, layout: Layout, fp: Fingerprint, today: date) -> str:
     """<prefix>-YYYY-MM-DD-<fp>; an earlier candidate of the same fingerprint is resumed under its own name."""
-    for folder in sorted(places.outputs.glob(f"{cfg.nightly.run_prefix}-*-{fp.short}"), reverse=True):
+    for folder in sorted(layout.outputs.glob(f"{cfg.nightly.run_prefix}-*-{fp.short}"), reverse=True):
         meta = folder / CANDIDATE_FILE
         if meta.is_file() and json.loads(meta.read_text()).get("fingerprint") == fp.digest:
             return folder.name
     return f"{cfg.nightly.run_prefix}-{today:%Y-%m-%d}-{fp.short}"
 
 
-def candidate_stage():
-    """train.nightly.candidate, imported when a night trains: it imports torch and transformers (seconds)."""
-    from train.nightly import candidate  # noqa: PLC0415 (an unchanged night exits before this import)
+def candidate_config(cfg: Config, run: str) -> Config:
+    """The config the candidate is made with: its own run name, no base export (the base does not change with the
+    data; `python -m train` exports it), and the eval set first in its verification's held-out set, so that
+    verification scores every eval record and the scores are read from it, not computed again."""
+    c = cfg.model_copy(deep=True)
+    c.run_name = run
+    c.export.enabled = True
+    c.export.export_base = False
+    c.verify.heldout_files = eval_paths(cfg)
+    c.verify.max_heldout_records = max(cfg.verify.max_heldout_records, cfg.nightly.max_eval_records)
+    return c
 
-    return candidate
+
+def verified(folder: Path, file: str) -> dict[str, Any] | None:
+    """The report of one published file name in a run's verify.json (its per-record losses), if there is one."""
+    try:
+        reports = json.loads((folder / "verify.json").read_text())["files"]
+    except (OSError, ValueError, KeyError):
+        return None
+    return next((r for r in reports if Path(r["path"]).name == file), None)
 
 
-def decide(cfg: Config, places: Places, run: str, fp: Fingerprint, history: registry.History) -> dict[str, Any]:
-    """Build and score the candidate, apply the gates: the registry line of the decision (not yet written)."""
-    champion = history.champion
-    stage = candidate_stage()
-    c = stage.build_and_score(cfg, places, run, champion.run if champion else None)
-    gates = evaluate_gates(c.scores, c.champion_scores, cfg.nightly, bool(c.eval_set.tasks))
-    passed = all(g.passed for g in gates)
-    return registry.stamp(
+def scores_of(layout: Layout, run: str, model_dir: Path, gguf: Path, eval_set: EvalSet, cfg: Config) -> dict:
+    """A run's scores on this eval set, computed once: <nightly state>/scores/<run>.<eval set digest>.json."""
+    path = layout.nightly / "scores" / f"{run}.{eval_set.digest[:16]}.json"
+    if path.is_file():
+        log.info(f"scores of {run} on eval set {eval_set.digest[:16]}: cached ({path})")
+        return json.loads(path.read_text())
+    for p in (model_dir, gguf):
+        if not p.exists():
+            raise RunError(
+                f"cannot score {run}: {p} is missing.\n  fix: restore it, or make another model live "
+                f"(python -m train.nightly rollback)"
+            )
+    default = gguf_filename(cfg.export.name, cfg.export.default_quant, cfg.export.default_quant)
+    log.info(f"scoring {run} on the eval set ({len(eval_set.tasks)} task checks)")
+    scores = jsonable(score_model(model_dir, gguf, eval_set, cfg, verified(layout.run(run).root, default)))
+    atomic_write_json(path, scores)
+    return scores
+
+
+def build(c: Config) -> Manifest:
+    """Train (or resume) + export + verify the candidate; one already exported is not touched."""
+    manifest = Layout.of(c).run(c.run_name).read_manifest_or_none()
+    if manifest is not None and manifest.status in ("exported", "complete"):
+        log.info(f"candidate {c.run_name} is already trained, exported and verified; not retrained")
+        return manifest
+    done = train_run(c, publish=False)
+    assert done is not None  # not a dry run
+    return done
+
+
+def decide(cfg: Config, layout: Layout, run: str, fp: Fingerprint) -> tuple[dict[str, Any], Manifest, Config]:
+    """Build and score the candidate and the champion, apply the gates: the registry line of the decision (not yet
+    written), the candidate's manifest and config."""
+    eval_set = load_eval_set(cfg)  # before training: a broken eval set fails in seconds, not after hours
+    c = candidate_config(cfg, run)
+    manifest = build(c)
+    tuned = manifest.artifacts["gguf"]["finetuned"]["files"]
+    default = tuned[cfg.export.default_quant]
+    scores = scores_of(layout, run, Path(manifest.artifacts["merged"]["path"]), Path(default["path"]), eval_set, cfg)
+    champion = releases.live(layout.gguf_dir, cfg.export.name)
+    champion_scores = None
+    if champion is not None and champion.run != run:
+        champion_gguf = champion.folder / default["file"]
+        champion_scores = scores_of(
+            layout, champion.run, layout.final_model(champion.run), champion_gguf, eval_set, cfg
+        )
+    checks = gates(scores, champion_scores, cfg.nightly, bool(eval_set.tasks))
+    passed = all(g.passed for g in checks)
+    record = stamp(
         {
             "event": "night",
             "decision": "promoted" if passed else "rejected",
             "run": run,
             "fingerprint": fp.digest,
             "fingerprint_parts": fp.part_digests,
-            "changed": fp.changed_since(champion.record.get("fingerprint_parts") if champion else None),
+            "changed": fp.changed_since(
+                (champion.record.get("nightly") or {}).get("fingerprint_parts") if champion else None
+            ),
             "champion_before": champion.run if champion else None,
-            "eval_set": c.eval_set.digest[:16],
-            "scores": {"candidate": c.scores, "champion": c.champion_scores},
-            "gates": as_records(gates),
-            "reason": summary(gates),
-            "files": c.files,
-            "sources": {name: str(p) for name, p in c.sources.items()},
+            "eval_set": eval_set.digest[:16],
+            "scores": {"candidate": scores, "champion": champion_scores},
+            "gates": [g.to_json() for g in checks],
+            "reason": summary(checks),
+            "files": {e["file"]: {"quant": q, "size": e["size"], "sha256": e["sha256"]} for q, e in tuned.items()},
             "exit_code": 0 if passed else EXIT_REJECTED,
         }
     )
+    return record, manifest, c
 
 
-def _failed(places: Places, run: str, fp: Fingerprint, e: BaseException) -> None:
-    code, message = exit_status(e) or (1, f"{type(e).__name__}: {e}")
-    decision = "interrupted" if isinstance(e, (Preempted, KeyboardInterrupt)) else "failed"  # rerun resumes
-    record = {"event": "night", "decision": decision, "run": run, "fingerprint": fp.digest, "exit_code": code}
-    registry.append(places.registry, registry.stamp(record | {"reason": message.splitlines()[0]}))
-
-
-def train_and_decide(
-    cfg: Config, places: Places, fp: Fingerprint, history: registry.History, today: date
-) -> dict[str, Any]:
-    """Tonight's candidate built, scored, gated, and promoted or recorded as rejected; any failure recorded."""
-    run = candidate_name(cfg, places, fp, today)
-    if history.champion is None:
-        log.info(f"tonight's candidate: {run} (no champion yet)")
-    else:
-        changed = fp.changed_since(history.champion.record.get("fingerprint_parts"))
-        log.info(
-            f"tonight's candidate: {run} (changed since the champion {history.champion.run}: {', '.join(changed)})"
-        )
-    meta = places.run_folder(run) / CANDIDATE_FILE
+def train_and_decide(cfg: Config, layout: Layout, fp: Fingerprint, today: date) -> dict[str, Any]:
+    """Tonight's candidate built, scored, gated, and published or recorded as rejected; any failure recorded."""
+    run = candidate_name(cfg, layout, fp, today)
+    champion = releases.live(layout.gguf_dir, cfg.export.name)
+    log.info(f"tonight's candidate: {run}" + (f" (the live model: {champion.run})" if champion else " (none is live)"))
+    meta = layout.run(run).root / CANDIDATE_FILE
     if not meta.is_file():
-        atomic_write_json(meta, {"fingerprint": fp.digest, "parts": fp.parts, "created": registry.now()})
+        atomic_write_json(meta, {"fingerprint": fp.digest, "parts": fp.parts, "created": releases.now()})
     try:
-        record = decide(cfg, places, run, fp, history)
+        record, manifest, c = decide(cfg, layout, run, fp)
         if record["decision"] == "promoted":
-            promote.promote(places, record, {name: Path(p) for name, p in record["sources"].items()})
-        else:
-            registry.append(places.registry, record)
+            publish_run(c, layout.run(run), manifest, BY, {"fingerprint": fp.digest, "nightly": record})
+            releases.reached("before_record")
+        append_line(layout.registry, record)
     except BaseException as e:
-        if places.journal.is_file():  # a promotion that raised: finish it (switched) or undo it, now
-            promote.recover(places, registry.load(places.registry))
-        if promote.live_run(places) != run:
-            _failed(places, run, fp, e)
+        live = releases.live(layout.gguf_dir, cfg.export.name)
+        if live is None or live.run != run:  # a failure after the switch is recorded by job_lock next time
+            code, message = exit_status(e) or (1, f"{type(e).__name__}: {e}")
+            decision = "interrupted" if isinstance(e, (Preempted, KeyboardInterrupt)) else "failed"  # rerun resumes
+            line = {"event": "night", "decision": decision, "run": run, "fingerprint": fp.digest, "exit_code": code}
+            append_line(layout.registry, stamp(line | {"reason": message.splitlines()[0]}))
         raise
     return record
 
 
 def run_night(cfg: Config, today: date) -> int:
-    places = Places.of(cfg)
-    with job_lock(places, "run") as history:
+    layout = Layout.of(cfg)
+    with job_lock(cfg, layout, "run"):
         fp = fingerprint(cfg)
-        why = unchanged(history, fp)
+        why = unchanged(cfg, layout, fp)
         if why is not None:
-            champion = history.champion.run if history.champion else None
-            skipped = {"event": "night", "decision": "unchanged", "fingerprint": fp.digest, "champion": champion}
-            registry.append(places.registry, registry.stamp(skipped | {"reason": why, "exit_code": 0}))
+            live = releases.live(layout.gguf_dir, cfg.export.name)
+            line = {"event": "night", "decision": "unchanged", "fingerprint": fp.digest, "champion": live and live.run}
+            append_line(layout.registry, stamp(line | {"reason": why, "exit_code": 0}))
             log.info(why)
             return 0
-        record = train_and_decide(cfg, places, fp, history, today)
-        run = record["run"]
-        history = registry.load(places.registry)
-        report = write_report(places.run_folder(run), record, history)
-        prune(places, history, cfg.nightly)
+        record = train_and_decide(cfg, layout, fp, today)
+        report = write_report(layout.run(record["run"]).root, record, read_lines(layout.registry))
+        prune(cfg, layout)
+    run = record["run"]
     if record["decision"] != "promoted":
         raise GateRejected(f"{run}: {record['reason']}; {record['champion_before']} stays live (report: {report})")
     log.info(f"promoted: {run}: {record['reason']} (report: {report})")
-    log.info(f"live: {places.gguf_dir / next(iter(record['files']))} is now {run}")
+    default = gguf_filename(cfg.export.name, cfg.export.default_quant, cfg.export.default_quant)
+    log.info(f"live: {layout.gguf_dir / default} is now {run}'s")
     return 0
 
 
@@ -174,27 +246,33 @@ def run_night(cfg: Config, today: date) -> int:
 
 
 def show_status(cfg: Config, as_json: bool, nights: int) -> int:
-    places = Places.of(cfg)
-    history = registry.load(places.registry)
+    layout = Layout.of(cfg)
     if as_json:
-        print(json.dumps(status_json(places, history, nights), indent=2))
+        print(json.dumps(status_json(cfg, layout, nights), indent=2))
     else:
-        log.info(status_text(places, history, nights))
+        log.info(status_text(cfg, layout, nights))
     return 0
 
 
 def roll_back(cfg: Config) -> int:
-    places = Places.of(cfg)
-    with job_lock(places, "rollback") as history:
-        record = promote.rollback(places, history)
-    log.info(f"rolled back: {record['run']} is live again (was {record['from_run']}); recorded in {places.registry}")
+    """Make the model that was live before the current one live again, byte for byte, and record it."""
+    layout = Layout.of(cfg)
+    with job_lock(cfg, layout, "rollback"):
+        live_ids = releases.stack(layout.gguf_dir, cfg.export.name)
+        if len(live_ids) < 2:
+            only = f"the only model published is {live_ids[-1]}" if live_ids else "nothing has been published"
+            raise RunError(f"no previous model to roll back to: {only} ({layout.gguf_dir}/{cfg.export.name}.gguf)")
+        current = live_ids[-1]
+        back = releases.publish(layout.gguf_dir, cfg.export.name, "rollback", rollback_to=live_ids[-2])
+        append_line(layout.registry, stamp({"event": "rollback", "run": back.run, "from_run": current}))
+    log.info(f"rolled back: {back.run} is live again (was {current}); recorded in {layout.registry}")
     return 0
 
 
 def run_prune(cfg: Config, dry_run: bool) -> int:
-    places = Places.of(cfg)
-    with job_lock(places, "prune") as history:
-        deleted = prune(places, history, cfg.nightly, dry_run=dry_run)
+    layout = Layout.of(cfg)
+    with job_lock(cfg, layout, "prune"):
+        deleted = prune(cfg, layout, dry_run=dry_run)
     if not deleted:
         log.info("retention: nothing to delete")
     return 0

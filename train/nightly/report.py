@@ -9,10 +9,11 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from core.files import atomic_write_text, sha256_file
-from train.nightly.places import Places
-from train.nightly.promote import live_run
-from train.nightly.registry import History
+from core import releases
+from core.config import Config
+from core.files import atomic_write_text, read_lines
+from core.gates import Gate, table
+from core.runfolder import Layout
 
 SHOWN = ("hf_loss", "gguf_loss", "quant_gap", "task_accuracy", "hf_perplexity", "gguf_perplexity")
 
@@ -43,9 +44,9 @@ def _number(x: Any) -> float:
     return float(x) if isinstance(x, (int, float)) else float("nan")  # "nan" and None plot as gaps
 
 
-def plot_history(history: History, out: Path) -> Path | None:
+def plot_history(lines: list[dict[str, Any]], out: Path) -> Path | None:
     """nightly_scores.png: each decided night's candidate losses; promoted nights filled, the others hollow."""
-    nights = [r for r in history.nights(60) if r.get("decision") in ("promoted", "rejected")]
+    nights = [r for r in lines if r.get("event") == "night" and r.get("decision") in ("promoted", "rejected")][-60:]
     if not nights:
         return None
     fig = Figure(figsize=(8, 4), dpi=100)  # no pyplot: no global state, no GUI backend to pick
@@ -72,15 +73,6 @@ def plot_history(history: History, out: Path) -> Path | None:
     return out
 
 
-def gate_table(record: dict[str, Any]) -> list[str]:
-    rows = ["| gate | value | limit | result |", "|---|---|---|---|"]
-    for g in record.get("gates", []):
-        rows.append(
-            f"| {g['name']} | {_fmt(g['value'])} | {_fmt(g['threshold'])} | {'pass' if g['passed'] else 'FAIL'} |"
-        )
-    return rows
-
-
 def score_table(record: dict[str, Any]) -> list[str]:
     cand, champ = record["scores"]["candidate"], record["scores"].get("champion") or {}
     rows = [
@@ -95,9 +87,13 @@ def score_table(record: dict[str, Any]) -> list[str]:
     return rows
 
 
-def write_report(folder: Path, record: dict[str, Any], history: History) -> Path:
-    """nightly.md (decision, gates, scores, the last nights) and nightly_scores.png in the run folder."""
-    png = plot_history(history, folder / "nightly_scores.png")
+def write_report(folder: Path, record: dict[str, Any], lines: list[dict[str, Any]]) -> Path:
+    """nightly.md (decision, gates, scores, the last nights) and nightly_scores.png in the run folder; `lines`: the
+    registry, this night's line included."""
+    png = plot_history(lines, folder / "nightly_scores.png")
+    gates = [
+        Gate(g["name"], g["value"] if g["value"] != "nan" else None, g["threshold"], g["op"]) for g in record["gates"]
+    ]
     lines = [
         f"# Nightly {record['run']}: {record['decision']}",
         "",
@@ -113,7 +109,7 @@ def write_report(folder: Path, record: dict[str, Any], history: History) -> Path
         "",
         "## Gates",
         "",
-        *gate_table(record),
+        *table(gates),
         "",
         "## Scores",
         "",
@@ -122,7 +118,7 @@ def write_report(folder: Path, record: dict[str, Any], history: History) -> Path
         "## Last nights",
         "",
         "```",
-        *[night_line(r) for r in history.events(14)],
+        *[night_line(r) for r in lines[-14:]],
         "```",
     ]
     if png:
@@ -135,47 +131,41 @@ def write_report(folder: Path, record: dict[str, Any], history: History) -> Path
 # ----------------------------------------------------------------------------- status
 
 
-def live_file_checks(places: Places, files: dict[str, dict[str, Any]]) -> list[str]:
+def status_text(cfg: Config, layout: Layout, nights: int = 7) -> str:
+    """What applications load now (the live release of export.name: whose, since when, its scores, whether its
+    files are intact), what a rollback returns to, and the last nights."""
+    name = cfg.export.name
+    live = releases.live(layout.gguf_dir, name)
     lines = []
-    for name, entry in files.items():
-        p = places.gguf_dir / name
-        ok = p.is_file() and sha256_file(p) == entry["sha256"]
-        state = "ok" if ok else "NOT the champion's file (missing, or replaced outside the nightly job)"
-        lines.append(f"    {p}  {entry['quant']}  {entry['size']:,} bytes  sha256 {entry['sha256'][:12]}  {state}")
-    return lines
-
-
-def status_text(places: Places, history: History, nights: int = 7) -> str:
-    champion = history.champion
-    if champion is None:
-        lines = [f"live:      no champion yet (registry {places.registry})"]
+    if live is None:
+        lines.append(f"live:      nothing published as {layout.gguf_dir / name}.gguf yet (registry {layout.registry})")
     else:
-        r = champion.record
-        lines = [
-            f"live:      {champion.run}, since {champion.live_since}",
-            f"           fingerprint {r['fingerprint'][:16]}, eval set {r['eval_set']}",
-            f"scores:    {scores_line(r['scores']['candidate'])}",
-            "files:",
-            *live_file_checks(places, r["files"]),
+        since = next(
+            (h["time"] for h in reversed(releases.history(layout.gguf_dir, name)) if h["release"] == live.id), "?"
+        )
+        decided = live.record.get("nightly") or {}
+        problems = live.problems()
+        lines += [
+            f"live:      {live.run}, since {since}, published by {live.record.get('by', '?')}",
+            f"scores:    {scores_line((decided.get('scores') or {}).get('candidate'))}",
+            f"files:     {live.folder} ({len(live.files)} files, "
+            + ("intact)" if not problems else "NOT the files published: " + "; ".join(problems) + ")"),
         ]
-        if live_run(places) != champion.run:
-            lines.append(f"WARNING:   {places.live} does not point at .releases/{champion.run}")
-    previous = history.previous
-    lines.append(f"rollback:  {previous.run if previous else 'none (no previous champion)'}")
-    if places.journal.is_file():
-        lines.append(f"pending:   an interrupted promotion ({places.journal}); the next command finishes it")
-    lines += ["last nights (newest first):", *[f"  {night_line(r)}" for r in reversed(history.events(nights))]]
+    stack = releases.stack(layout.gguf_dir, name)
+    lines.append(f"rollback:  {stack[-2] if len(stack) > 1 else 'none (no previous model)'}")
+    events = read_lines(layout.registry)[-nights:]
+    lines += ["last nights (newest first):", *[f"  {night_line(r)}" for r in reversed(events)]]
     return "\n".join(lines)
 
 
-def status_json(places: Places, history: History, nights: int = 7) -> dict[str, Any]:
-    champion, previous = history.champion, history.previous
+def status_json(cfg: Config, layout: Layout, nights: int = 7) -> dict[str, Any]:
+    live = releases.live(layout.gguf_dir, cfg.export.name)
+    stack = releases.stack(layout.gguf_dir, cfg.export.name)
     return {
-        "live": champion.run if champion else None,
-        "live_since": champion.live_since if champion else None,
-        "scores": champion.record["scores"]["candidate"] if champion else None,
-        "live_link": live_run(places),
-        "rollback_to": previous.run if previous else None,
-        "pending_promotion": places.journal.is_file(),
-        "last_events": history.events(nights),
+        "live": live.run if live else None,
+        "release": live.id if live else None,
+        "scores": ((live.record.get("nightly") or {}).get("scores") or {}).get("candidate") if live else None,
+        "files_intact": not live.problems() if live else None,
+        "rollback_to": stack[-2] if len(stack) > 1 else None,
+        "last_events": read_lines(layout.registry)[-nights:],
     }

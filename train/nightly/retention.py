@@ -1,11 +1,11 @@
-"""What the nightly job keeps: the champion, the previous nightly.keep_champions champions (what `rollback`
-returns to), and the nightly.keep_candidates most recent other nightly runs. The rest of each nightly run
-is deleted: outputs/<run>/, models/finetuned/{adapters,final_models}/<run>/, models/gguf/.releases/<run>/
-and its cached scores. The registry lines stay (they are the history); runs the nightly job did not make
-(no outputs/<run>/nightly.json and no registry line) are never touched, nor is anything live.
+"""What the nightly job keeps: the live model, the nightly.keep_champions models live before it (what `rollback`
+returns to), and the nightly.keep_candidates most recent other nightly runs. The rest of each nightly run is
+deleted: outputs/<run>/, models/finetuned/{adapters,final_models}/<run>/, its releases and cached scores. Registry
+lines stay (they are the history); what the nightly job did not make (no outputs/<run>/nightly.json, no registry
+line, a release another command published) is never touched, nor is anything live.
 
-A folder is first renamed to .<name>.deleting, then removed: a crash mid-way leaves a name no run
-resolves, and the next prune finishes it.
+A folder is first renamed to .<name>.deleting, then removed: a crash midway leaves a name no run resolves, and the
+next prune finishes it.
 """
 
 from __future__ import annotations
@@ -13,65 +13,67 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from datetime import datetime, timezone
 from pathlib import Path
 
-from core.config import NightlySection
+from core import releases
+from core.config import Config
 from core.errors import LockHeld
+from core.files import read_lines
 from core.locks import hold_lock
-from train.nightly.places import RUN_NAME, Places
-from train.nightly.promote import live_run
-from train.nightly.registry import History
+from core.runfolder import RUN_NAME, Layout
 
 log = logging.getLogger(__name__)
 
 CANDIDATE_FILE = "nightly.json"  # in outputs/<run>/: the fingerprint the candidate trains on
+BY = "python -m train.nightly"
 
 
-def nightly_runs(places: Places, history: History) -> list[str]:
+def nightly_runs(layout: Layout) -> list[str]:
     """Runs the nightly job made, oldest first: the registry's, then unrecorded candidates (interrupted)."""
-    recorded = [r for r in history.runs() if RUN_NAME.match(r)]
-    found = sorted(p.parent.name for p in places.outputs.glob(f"*/{CANDIDATE_FILE}"))
-    return list(dict.fromkeys(recorded + [r for r in found if r not in recorded]))
+    recorded = [r["run"] for r in read_lines(layout.registry) if r.get("event") == "night" and r.get("run")]
+    found = sorted(p.parent.name for p in layout.outputs.glob(f"*/{CANDIDATE_FILE}"))
+    return [r for r in dict.fromkeys(recorded + found) if RUN_NAME.match(r)]
 
 
-def _when(stamp: object) -> datetime:
-    try:
-        return datetime.strptime(str(stamp), "%Y-%m-%dT%H:%M:%S%z")
-    except ValueError:
-        return datetime.min.replace(tzinfo=timezone.utc)  # unknown: the oldest
-
-
-def last_activity(places: Places, history: History, run: str) -> datetime:
+def last_activity(layout: Layout, run: str) -> str:
     """When the run was last decided on (its latest registry line), or created (outputs/<run>/nightly.json)."""
-    times = [_when(r.get("time")) for r in history.records if r.get("run") == run]
+    times = [r["time"] for r in read_lines(layout.registry) if r.get("run") == run and r.get("time")]
     if times:
         return max(times)
     try:
-        return _when(json.loads((places.run_folder(run) / CANDIDATE_FILE).read_text()).get("created"))
+        return json.loads((layout.run(run).root / CANDIDATE_FILE).read_text()).get("created") or ""
     except (OSError, ValueError):
-        return _when(None)
+        return ""  # unknown: the oldest
 
 
-def kept_runs(places: Places, history: History, cfg: NightlySection) -> set[str]:
-    champions = list(dict.fromkeys(c.run for c in reversed(history.champions)))[: 1 + cfg.keep_champions]
-    live = live_run(places)
-    protected = set(champions) | ({live} if live else set())
-    if places.journal.is_file():  # a promotion to finish: keep what it names
-        protected.add(json.loads(places.journal.read_text())["run"])
-    runs = [run for run in nightly_runs(places, history) if run not in protected]
-    others = sorted(runs, key=lambda run: last_activity(places, history, run))
-    return protected | set(others[len(others) - cfg.keep_candidates :] if cfg.keep_candidates else [])
+def kept(cfg: Config, layout: Layout) -> tuple[set[str], set[str]]:
+    """(releases kept, runs kept): the live release and the keep_champions before it, their runs, and the most
+    recent keep_candidates other nightly runs."""
+    stack = list(dict.fromkeys(reversed(releases.stack(layout.gguf_dir, cfg.export.name))))
+    live = releases.live(layout.gguf_dir, cfg.export.name)
+    kept_releases = set(stack[: 1 + cfg.nightly.keep_champions]) | ({live.id} if live else set())
+    found = (releases.release(layout.gguf_dir, cfg.export.name, i) for i in kept_releases)
+    kept_runs = {r.run for r in found if r is not None}
+    others = sorted((r for r in nightly_runs(layout) if r not in kept_runs), key=lambda r: last_activity(layout, r))
+    recent = others[len(others) - cfg.nightly.keep_candidates :] if cfg.nightly.keep_candidates else []
+    return kept_releases, kept_runs | set(recent)
 
 
-def paths_of(places: Places, run: str) -> list[Path]:
-    return [
-        places.run_folder(run),
-        places.final_model(run),
-        places.adapter(run),
-        places.release(run),
-        *places.scores.glob(f"{run}.*.json"),
-    ]
+def doomed(cfg: Config, layout: Layout) -> dict[Path, str]:
+    """What retention deletes, each path with its run: every path of each nightly run not kept, and the nightly job's
+    releases not kept."""
+    kept_releases, kept_runs = kept(cfg, layout)
+    paths: dict[Path, str] = {}
+    for run in nightly_runs(layout):
+        if run not in kept_runs:
+            for p in [layout.run(run).root, layout.final_model(run), layout.adapter(run)]:
+                paths[p] = run
+            paths |= dict.fromkeys(sorted((layout.nightly / "scores").glob(f"{run}.*.json")), run)
+    for release_id in releases.release_ids(layout.gguf_dir, cfg.export.name):
+        found = releases.release(layout.gguf_dir, cfg.export.name, release_id)
+        if found is not None and found.id not in kept_releases and found.record.get("by") == BY:
+            paths[found.folder] = found.run
+    return {p: run for p, run in paths.items() if p.exists()}
 
 
 def in_use(folder: Path) -> bool:
@@ -85,41 +87,29 @@ def in_use(folder: Path) -> bool:
         return True
 
 
-def _delete(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        doomed = path.with_name(f".{path.name}.deleting")
-        path.rename(doomed)
-        shutil.rmtree(doomed)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def _finish_interrupted(places: Places) -> None:
-    parents = [places.outputs, places.final_model("x").parent, places.adapter("x").parent, places.releases]
-    for parent in parents:
-        for p in parent.glob(".*.deleting") if parent.is_dir() else []:
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def prune(places: Places, history: History, cfg: NightlySection, dry_run: bool = False) -> list[Path]:
+def prune(cfg: Config, layout: Layout, dry_run: bool = False) -> list[Path]:
     """Delete what retention does not keep; return the paths deleted (or that would be, with dry_run)."""
-    keep = kept_runs(places, history, cfg)
-    if not dry_run:
-        _finish_interrupted(places)
-    deleted = []
-    for run in nightly_runs(places, history):
-        if run in keep:
-            continue
-        doomed = [p for p in paths_of(places, run) if p.exists() or p.is_symlink()]
-        if dry_run or not doomed:
-            deleted += doomed
-            continue
-        if in_use(places.run_folder(run)):
-            log.warning(f"warning: not deleting {run}: a process holds {places.run_folder(run) / '.lock'}")
-            continue
-        for p in doomed:
-            _delete(p)
-        deleted += doomed
+    paths = doomed(cfg, layout)
+    if dry_run:
+        if paths:
+            log.info("retention: would delete " + ", ".join(str(p) for p in paths))
+        return list(paths)
+    for parent in {p.parent for p in paths}:  # what an interrupted prune left
+        for p in parent.glob(".*.deleting"):
+            shutil.rmtree(p, ignore_errors=True)
+    busy = {run for run in set(paths.values()) if in_use(layout.run(run).root)}
+    for run in busy:
+        log.warning(f"warning: not deleting {run}: a process holds {layout.run(run).root / '.lock'}")
+    deleted = [p for p, run in paths.items() if run not in busy]
+    for p in deleted:
+        if p.parent.parent == layout.gguf_dir / releases.RELEASES:
+            releases.discard(layout.gguf_dir, cfg.export.name, p.name)
+        elif p.is_dir():
+            gone = p.with_name(f".{p.name}.deleting")
+            p.rename(gone)
+            shutil.rmtree(gone)
+        else:
+            p.unlink()
     if deleted:
-        log.info(f"retention: {'would delete' if dry_run else 'deleted'} " + ", ".join(str(p) for p in deleted))
+        log.info("retention: deleted " + ", ".join(str(p) for p in deleted))
     return deleted

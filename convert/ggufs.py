@@ -1,0 +1,100 @@
+"""One HF model's GGUF files: float GGUF -> (importance matrix) -> quants -> verification, in a work folder.
+
+The float GGUF is written straight in export.float_type (bf16 for a bf16 base: exact, and half an f32 file's
+bytes), with the run's provenance keys written by the converter itself; every quant is made from it. Every file
+is scored against the HF model (convert/verify.py). A failed gate raises VerificationFailed and leaves the files
+for inspection; an export stopped for any other reason (SIGINT/SIGTERM, a tool failing) removes its work files.
+The run's export stage (convert/export.py) calls this for the fine-tuned and the base model.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import AutoTokenizer
+
+from convert.imatrix import compute_imatrix
+from convert.llamacpp import convert_hf_to_gguf, quantize
+from convert.verify import FileReport, VerificationFailed, verify_files
+from core.quants import QUANTS, float_gguf_type
+from core.records.heldout import HeldOut
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelGGUFs:
+    name: str  # the file stem: <name>.gguf is the default quant, <name>.<quant>.gguf the others
+    float_type: str  # the float GGUF converted first: the quants' source and reference
+    files: dict[str, Path] = field(default_factory=dict)  # quant -> verified GGUF in the work folder
+    reports: list[FileReport] = field(default_factory=list)
+
+
+def remove_work_files(work_dir: Path, name: str) -> None:
+    """The GGUFs (finished or partial, the importance matrix too) of an export of `name` in its work folder;
+    convert.log stays."""
+    for p in work_dir.glob(f"*{name}.*"):
+        if p.is_file() and (p.suffix in (".gguf", ".tmp")):
+            p.unlink()
+
+
+def gguf_filename(name: str, quant: str, default_quant: str) -> str:
+    """<name>.gguf for the quant applications load by default, <name>.<quant>.gguf for the others."""
+    return f"{name}.gguf" if quant == default_quant else f"{name}.{quant}.gguf"
+
+
+def export_ggufs(
+    model_dir: Path,
+    name: str,
+    export_cfg,
+    verify_cfg,
+    work_dir: Path,
+    provenance: dict[str, str],
+    heldout: list[HeldOut],
+    training: list[list[int]],
+) -> ModelGGUFs:
+    """Convert one HF folder to every configured GGUF type in work_dir and verify all.
+
+    heldout: held-out records, scored in full; training: the run's training records (token ids), the importance
+    matrix's calibration text and the scored set's filler up to verify.min_scored_tokens.
+    Raises VerificationFailed if a gate fails (the files stay for inspection); any other stop removes them."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    remove_work_files(work_dir, name)  # an earlier attempt's files are not this attempt's
+    log_path = work_dir / "convert.log"
+    float_type = float_gguf_type(export_cfg.float_type, export_cfg.quants, model_dir)
+    source = work_dir / f"{name}.{float_type}.gguf"
+    files = {float_type: source}
+    try:
+        log.info(f"  converting -> {source.name} (llama.cpp convert_hf_to_gguf.py; log: {log_path})")
+        convert_hf_to_gguf(model_dir, source, float_type, log_path, model_name=name, metadata=provenance)
+        imatrix = None
+        if export_cfg.imatrix and any(not QUANTS[q].is_float and q != "q8_0" for q in export_cfg.quants):
+            calibration = training or [r.ids for r in heldout]
+            log.info(f"  importance matrix from {len(calibration)} record(s) (llama-imatrix; log: {log_path})")
+            tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+            text = [tokenizer.decode(ids[1:]) for ids in calibration]  # llama-imatrix tokenizes its text file itself
+            imatrix = compute_imatrix(source, text, work_dir / f"{name}.imatrix.gguf", log_path)
+        for quant in export_cfg.quants:
+            if quant != float_type:
+                files[quant] = work_dir / f"{name}.{quant}.gguf"
+                log.info(f"  quantizing -> {files[quant].name}" + (" (importance matrix)" if imatrix else ""))
+                weights = None if QUANTS[quant].is_float else imatrix
+                quantize(source, files[quant], quant, export_cfg.token_embedding_type, log_path, imatrix=weights)
+        log.info(f"  verifying {len(files)} file(s) against the HF model, one at a time")
+        reports = verify_files(
+            model_dir,
+            list(files.items()),
+            verify_cfg,
+            heldout,
+            log_path,
+            fallback=training,
+            scratch_dir=work_dir,  # the reference's logits between files (2.1 GB at 2,048 positions), unnamed
+        )
+    except BaseException:
+        remove_work_files(work_dir, name)
+        raise
+    if not all(r.passed for r in reports):
+        raise VerificationFailed(reports)
+    return ModelGGUFs(name, float_type, files, reports)
