@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml constraints.txt scripts/fetch_llama_cpp.sh scripts/buil
 	touch $@
 
 tiny-model: setup  ## build the tiny offline Gemma 2 into models/.cache (idempotent)
-	$(PY) -m train.tiny_model
+	$(PY) -m scripts.tiny_model
 
 demo: tiny-model  ## train + export + verify on the tiny model (configs/demo.yaml)
 	$(PY) -m train --config configs/demo.yaml

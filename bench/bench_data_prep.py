@@ -8,7 +8,7 @@ Both sides start from the same JSONL file and end with input_ids and labels, los
 - TRL: datasets.load_dataset("json") + SFTTrainer._prepare_dataset with assistant_only_loss=True, TRL's path
   for conversational data (apply_chat_template per record with assistant masks, labels, truncation). TRL needs
   {% generation %} markers for that, so its copy of the gemma template gets them around each assistant turn.
-Both use the tiny model's Gemma tokenizer (python -m train.tiny_model builds it) and the same num_proc. The
+Both use the tiny model's Gemma tokenizer (python -m scripts.tiny_model builds it) and the same num_proc. The
 script also compares the two results record by record: identical ids and labels mean the same work was done.
 """
 
@@ -66,12 +66,12 @@ def make_records(n: int, seed: int = 0) -> list[dict]:
 
 def tiny_model_path():
     from core.hub import ModelNotFoundError, resolve_model
-    from train.tiny_model import TINY_REPO_ID
+    from scripts.tiny_model import TINY_REPO_ID
 
     try:
         return resolve_model(TINY_REPO_ID).path
     except ModelNotFoundError:
-        subprocess.run([sys.executable, "-m", "train.tiny_model"], cwd=ROOT, check=True)
+        subprocess.run([sys.executable, "-m", "scripts.tiny_model"], cwd=ROOT, check=True)
         return resolve_model(TINY_REPO_ID).path
 
 

@@ -5,7 +5,7 @@
 
 The model: google/gemma-2-2b's exact architecture (26 layers, hidden 2304, intermediate 9216, 8 heads, 4 KV heads,
 head_dim 256, vocab 256000, softcaps 50/30, sliding window 4096, tied embeddings; 2.6B parameters) with seeded
-random weights in bf16 safetensors and the tiny model's tokenizer (train/tiny_model.py; its ids fit the 256k vocab).
+random weights in bf16 safetensors and the tiny model's tokenizer (scripts/tiny_model.py; its ids fit the 256k vocab).
 It is a real Hugging Face cache entry, built once (~1-2 min, 5.2 GB) and reused:
 
     ~/.cache/gemma-lora-bench/hub/models--bench--gemma-2-2b-random      (HF_HOME=~/.cache/gemma-lora-bench,
@@ -66,7 +66,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from train.__main__ import memory_size  # noqa: E402 (the repository root is on the path from here)
-from train.tiny_model import GEMMA_2_2B_CONFIG  # noqa: E402
+from scripts.tiny_model import GEMMA_2_2B_CONFIG  # noqa: E402
 
 CACHE = Path(os.environ.get("GEMMA_LORA_BENCH_CACHE") or Path.home() / ".cache" / "gemma-lora-bench")
 REPO_ID = "bench/gemma-2-2b-random"
@@ -478,7 +478,7 @@ def build_model(out: Path, seed: int) -> None:
     from transformers import Gemma2Config, Gemma2ForCausalLM, GenerationConfig  # noqa: PLC0415
 
     from core.hub import resolve_model  # noqa: PLC0415
-    from train.tiny_model import TINY_REPO_ID, TURN_MARKER_IDS  # noqa: PLC0415
+    from scripts.tiny_model import TINY_REPO_ID, TURN_MARKER_IDS  # noqa: PLC0415
 
     config = Gemma2Config(**GEMMA_2_2B, dtype="bfloat16")
     config.architectures = ["Gemma2ForCausalLM"]
@@ -615,7 +615,7 @@ def ensure_model(rebuild: bool, logs: Path) -> Path:
         return snapshot
     tiny_home = ROOT / "models" / ".cache" / "huggingface"  # where `make tiny-model` puts it; build_model reads it
     if not (tiny_home / "hub" / "models--tiny-gemma--gemma-2-tiny").is_dir():
-        subprocess.run([sys.executable, "-m", "train.tiny_model", "--hf-home", str(tiny_home)], cwd=ROOT, check=True)
+        subprocess.run([sys.executable, "-m", "scripts.tiny_model", "--hf-home", str(tiny_home)], cwd=ROOT, check=True)
     print(f"model: building {REPO_ID} (2.6B parameters, bf16, ~5.2 GB) into {CACHE} ...")
     run_stage(
         "setup",
@@ -812,7 +812,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def build_into_cache() -> None:
     """--build-model: stage the files, then store them the way huggingface_hub lays out a download."""
-    from train.tiny_model import store_in_hub_cache  # noqa: PLC0415 (child process)
+    from scripts.tiny_model import store_in_hub_cache  # noqa: PLC0415 (child process)
 
     staging = CACHE / ".staging"
     shutil.rmtree(staging, ignore_errors=True)

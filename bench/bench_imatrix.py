@@ -3,7 +3,7 @@
     python bench/bench_imatrix.py [--model HF_DIR] [--calibration N] [--max-tokens N] [--float-type bf16]
                                   [--max-positions N]
 
-The model is the tiny Gemma 2 (python -m train.tiny_model builds it into a temporary HF_HOME), or --model, any Gemma
+The model is the tiny Gemma 2 (python -m scripts.tiny_model builds it into a temporary HF_HOME), or --model, any Gemma
 2 HF folder (bench/bench_export.py's full-shape one: there use --float-type bf16 and smaller --max-tokens and
 --max-positions, e.g. 2048 each: calibration and scoring are forward passes of the 2B on the CPU). Both quants are
 made from the same float GGUF (f32 unless --float-type) with the same llama.cpp quantizer and token_embd at q8_0
@@ -43,7 +43,7 @@ DATA = ROOT / "data" / "demo"
 
 def tiny_model(home: Path) -> Path:
     subprocess.run(
-        [sys.executable, "-m", "train.tiny_model", "--hf-home", str(home), "--data", str(DATA / "chat.jsonl")],
+        [sys.executable, "-m", "scripts.tiny_model", "--hf-home", str(home), "--data", str(DATA / "chat.jsonl")],
         cwd=ROOT,
         check=True,
         capture_output=True,
@@ -125,7 +125,7 @@ def main() -> int:
         quantize(f32, calibrated, "q4_k_m", "q8_0", log, imatrix=imatrix)
         a, b = score(f32, [plain, calibrated], evaluation, args.max_positions)
         size_a, size_b = plain.stat().st_size, calibrated.stat().st_size
-    name = args.model or "tiny Gemma 2 (train.tiny_model)"
+    name = args.model or "tiny Gemma 2 (scripts.tiny_model)"
     print(f"model: {name}; calibration: {len(calibration)} records; scored: {a['n']} positions of "
           f"{len(evaluation)} unseen records; llama-imatrix {t_imatrix:.1f} s")  # fmt: skip
     print(f"{'q4_k_m':<18} {'bytes':>10} {'mean KLD':>10} {'p99 KLD':>10} {'same top-1':>10}")

@@ -60,7 +60,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from train.tiny_model import GEMMA_2_2B_CONFIG  # noqa: E402 (the repository root is on the path from here)
+from scripts.tiny_model import GEMMA_2_2B_CONFIG  # noqa: E402 (the repository root is on the path from here)
 
 GEMMA_2_2B = GEMMA_2_2B_CONFIG
 TINY = dict(
@@ -744,7 +744,7 @@ def data_file(workdir: Path, full: bool) -> Path:
 
 def default_tokenizer() -> Path:
     from core.hub import resolve_model
-    from train.tiny_model import TINY_REPO_ID
+    from scripts.tiny_model import TINY_REPO_ID
 
     return resolve_model(TINY_REPO_ID).path
 

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+from pathlib import Path
 
-from convert.inputs import cmd_info, verify_inputs
-from core.config import load_config
-from core.errors import cli_exit
+from convert.llamacpp import read_metadata
+from core.config import Config, load_config
+from core.errors import PathError, RunError, cli_exit
 from core.hub import configure_cache_env
 from core.log import setup_cli_logging
+from core.paths import require_dir, user_path
+from core.quants import QUANTS, quant_of_file_type
+
+log = logging.getLogger("convert")  # run as __main__: our handlers are on the package loggers
 
 EPILOG = """\
 examples:
@@ -47,18 +53,54 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _command(args: argparse.Namespace) -> int:
-    """Every input is checked (convert.inputs: paths, GGUF files, config) before the verbs import transformers:
-    a mistake is reported at once, and `info` never needs them."""
+    """Every input is checked (paths, GGUF files, config) before the verbs import transformers: a mistake is
+    reported at once, and `info` never needs them."""
     if args.command == "info":
         return cmd_info(args)
     if args.command == "verify":
-        inputs = verify_inputs(args)
+        cfg = load_config(args.config) if args.config else Config()
+        model, report = hf_model_dir(args.model), report_path(args.report)
+        files = [(quant_of(Path(p)), user_path(p)) for p in args.gguf]
     else:
         cfg = load_config(args.config, args.overrides)
     # Imported only now: transformers and huggingface_hub read the cache variables once, at import time.
     from convert.commands import cmd_export, cmd_verify  # noqa: PLC0415
 
-    return cmd_verify(inputs) if args.command == "verify" else cmd_export(cfg)
+    return cmd_verify(cfg, model, files, report) if args.command == "verify" else cmd_export(cfg)
+
+
+def quant_of(path: Path) -> str:
+    """Our quant name for a GGUF, from its general.file_type (llama_ftype)."""
+    ftype = read_metadata(path).get("general.file_type", 0)  # absent means all-f32
+    quant = quant_of_file_type(ftype) if isinstance(ftype, int) else None
+    if quant is None:
+        raise RunError(f"{path}: file type {ftype} is not one this pipeline exports ({', '.join(QUANTS)})")
+    return quant
+
+
+def hf_model_dir(path: str) -> Path:
+    """--model: a Hugging Face model folder (config.json, weights, tokenizer)."""
+    folder = require_dir(path, "--model", "give the merged model's folder, e.g. models/finetuned/final_models/<run>")
+    if not (folder / "config.json").is_file():
+        raise PathError(f"--model {path}: has no config.json, so it is not a Hugging Face model folder")
+    return folder
+
+
+def report_path(path: str | None) -> Path | None:
+    """--report: a file to write; its folder must exist (checked before minutes of verification)."""
+    if path is None:
+        return None
+    target = user_path(path)
+    require_dir(target.parent, "--report's folder", "create it first, or write the report elsewhere")
+    if target.is_dir():
+        raise PathError(f"--report {path}: is a folder; name a file such as {target / 'verify.json'}")
+    return target
+
+
+def cmd_info(args) -> int:
+    for key, value in read_metadata(Path(args.gguf)).items():
+        log.info(f"{key}: {value}")
+    return 0
 
 
 if __name__ == "__main__":

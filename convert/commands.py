@@ -1,14 +1,14 @@
-"""The verbs of `python -m convert` that load models: export a trained run, verify GGUF files (convert/inputs.py
-checks their inputs first; `info` lives there)."""
+"""The verbs of `python -m convert` that load models: export a trained run, verify GGUF files (convert/__main__.py
+checks their inputs first; `info` needs no model and lives there)."""
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from transformers import AutoTokenizer
 
 from convert.export import export_run, publish_run, scored_inputs, vouched_adapter
-from convert.inputs import VerifyInputs
 from convert.summary import print_summary
 from convert.verify import to_json, to_table, verify_files
 from core.config import Config
@@ -35,8 +35,7 @@ def cmd_export(cfg: Config) -> int:
     return 0
 
 
-def cmd_verify(inputs: VerifyInputs) -> int:
-    cfg, model, files, report = inputs.cfg, inputs.model, inputs.files, inputs.report
+def cmd_verify(cfg: Config, model: Path, files: list[tuple[str, Path]], report: Path | None) -> int:
     heldout = heldout_records(AutoTokenizer.from_pretrained(str(model)), cfg)
     reports = verify_files(model, files, cfg.verify, heldout)
     log.info(to_table(reports))

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import llama_cpp
 
-from convert.llamacpp import native_output_to, run_child
+from convert.llamacpp import run_child
+from convert.score import native_output_to
 from convert.tools import tool
 from core.errors import InvalidInput, LlamaCppError
 

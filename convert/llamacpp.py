@@ -8,7 +8,6 @@ matrix) are built from that sdist too. convert/tools.py finds each piece and che
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import json
 import os
@@ -21,7 +20,7 @@ import llama_cpp
 from convert.gguf_header import read_header
 from convert.tools import tool, tree
 from convert.tools import version_info as version_info  # re-exported: callers import it from here
-from core.errors import LlamaCppError, raise_if_interrupted
+from core.errors import LlamaCppError
 from core.paths import require_file
 from core.quants import QUANTS
 
@@ -88,30 +87,6 @@ def run_child(cmd: list[str], log_path: Path | None, cwd: Path | None = None, en
             proc.kill()
             proc.wait()
             raise
-
-
-@contextlib.contextmanager
-def native_output_to(log_path: Path | None):
-    """Send what C code prints on stdout/stderr (llama.cpp's load and quantize logs, which ignore
-    verbose=False in places) to a log file, or discard it when log_path is None.
-
-    On leaving, a SIGINT/SIGTERM that arrived during the native call is raised: llama.cpp's log callback runs
-    Python code, where the signal's exception was raised and then discarded by ctypes."""
-    log_path = log_path or Path(os.devnull)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = [os.dup(1), os.dup(2)]
-    with open(log_path, "ab") as log:
-        os.dup2(log.fileno(), 1)
-        os.dup2(log.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            for fd in saved:
-                os.close(fd)
-    raise_if_interrupted()
 
 
 def quantize_in_process(src: Path, dst: Path, quant: str, token_embedding_type: str | None = None) -> int:

@@ -22,7 +22,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from core.errors import RunError, signals_deferred
+from core import signals
+from core.errors import RunError
 from core.files import move_dir_into_place
 from core.tokenizer import save_tokenizer
 
@@ -99,7 +100,7 @@ def merge_file(src: Path, dst: Path, deltas: dict[str, tuple[torch.Tensor, torch
         for name in names:
             lora = deltas.get(name)
             merged += lora is not None
-            with signals_deferred():  # a signal inside get_tensor would surface as a ValueError
+            with signals.deferred():  # a signal inside get_tensor would surface as a ValueError
                 tensor = st.get_tensor(name)
             _write_tensor(out, merged_tensor(tensor, lora, scaling))
     return merged

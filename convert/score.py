@@ -33,7 +33,8 @@ import torch
 from tqdm import tqdm
 
 from convert.reference import SCRATCH_BUDGET, Reference
-from core.errors import LlamaCppError, PipelineError, signals_deferred
+from core import signals
+from core.errors import LlamaCppError, PipelineError
 from core.records.render import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ def native_output_to(log_path: Path | None) -> Iterator[None]:
     sys.stdout.flush()
     sys.stderr.flush()
     saved = [os.dup(1), os.dup(2)]
-    with signals_deferred(), open(log_path, "ab") as out:
+    with signals.deferred(), open(log_path, "ab") as out:
         os.dup2(out.fileno(), 1)
         os.dup2(out.fileno(), 2)
         try:

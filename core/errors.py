@@ -12,9 +12,11 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
+
+from core import signals
+from core.signals import Interrupted
 
 log = logging.getLogger(__name__)
 
@@ -138,73 +140,6 @@ class LockHeld(RunStopped):
         )
 
 
-class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM outside the training loop (inside it, train.callbacks.StopOnSignal finishes the step).
-
-    A KeyboardInterrupt, not an Exception: `except Exception` never swallows it, while every `finally` and
-    `except BaseException` on the way out runs, so work files are removed and nothing is half-promoted."""
-
-    def __init__(self, signum: int):
-        self.signum = signum
-        self.exit_code = 128 + signum
-        super().__init__(f"stopped by {signal.Signals(signum).name}")
-
-
-# Signals seen by the CLI's handler. ctypes discards an exception raised in a Python callback of native code
-# (llama.cpp's log callback), so a signal that arrives then would be lost: raise_if_interrupted() re-raises it.
-_signals_received: list[int] = []
-
-
-def _raise_interrupted(signum: int, frame: object) -> None:
-    _signals_received.append(signum)
-    raise Interrupted(signum)
-
-
-def raise_if_interrupted() -> None:
-    """Raise Interrupted if a signal arrived while native code ran (its exception may have been discarded)."""
-    if _signals_received:
-        raise Interrupted(_signals_received[-1])
-
-
-@contextmanager
-def _stop_signals_handled_by(handler) -> Iterator[None]:
-    """SIGINT and SIGTERM go to `handler` for the block, then to the handlers before it again."""
-    try:
-        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    except ValueError:  # not the main thread: signals stay with whoever handles them
-        previous = {}
-    try:
-        yield
-    finally:
-        for signum, before in previous.items():
-            signal.signal(signum, before)
-
-
-@contextmanager
-def signals_as_exceptions() -> Iterator[None]:
-    """SIGINT and SIGTERM raise Interrupted (exit 130/143) in the main thread for the duration of the block."""
-    with _stop_signals_handled_by(_raise_interrupted):
-        yield
-
-
-@contextmanager
-def signals_deferred() -> Iterator[None]:
-    """SIGINT and SIGTERM arriving inside the block take effect as it ends, through the handler in place before it.
-
-    For native code that calls back into Python: an exception raised by a signal handler in the middle of
-    safetensors' get_tensor comes out as an unrelated ValueError (seen: Ctrl-C during the merge gave a traceback
-    and exit 1 instead of exit 130)."""
-    got: list[int] = []
-
-    def record(signum: int, frame: object) -> None:
-        got.append(signum)
-
-    with _stop_signals_handled_by(record):
-        yield
-    if got:
-        signal.raise_signal(got[0])
-
-
 def _os_error_status(e: OSError) -> tuple[int, str] | None:
     """A file system refusing a path the user gave (permissions, read-only, a file where a folder belongs)."""
     where = e.filename
@@ -245,9 +180,9 @@ def cli_exit(call: Callable[[], object]) -> int:
     Native code that calls back into Python (safetensors, tokenizers, llama.cpp's log callback) can turn the
     handler's Interrupted into an unrelated error; any error that escapes after a stop signal arrived is
     therefore the stop, not a bug."""
-    signals_before = len(_signals_received)
+    signals_before = signals.received()
     try:
-        with signals_as_exceptions():
+        with signals.handled():
             result = call()
             sys.stdout.flush()
     except BrokenPipeError:
@@ -255,9 +190,10 @@ def cli_exit(call: Callable[[], object]) -> int:
         return 0
     except BaseException as e:
         status = exit_status(e)
-        if status is None and len(_signals_received) > signals_before:
+        signum = signals.last()
+        if status is None and signals.received() > signals_before and signum is not None:
             log.debug("error raised while stopping for a signal", exc_info=e)
-            status = exit_status(Interrupted(_signals_received[-1]))
+            status = exit_status(Interrupted(signum))
         if status is None:
             raise
         log.error(status[1])

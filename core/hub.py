@@ -80,6 +80,6 @@ def resolve_model(name_or_path: str, revision: str = "main", hf_home: Path | Non
             f"  fix: on a machine with network access (and the model's licence accepted), run\n"
             f"       HF_HOME={hub.parent.resolve()} hf download {name_or_path} --revision {revision}\n"
             f"     then copy {hub.parent} here (or into the training_models_cache volume).\n"
-            f"  For the offline demo model, run: python -m train.tiny_model"
+            f"  For the offline demo model, run: python -m scripts.tiny_model"
         )
     return ResolvedModel(snapshot, name_or_path, commit)

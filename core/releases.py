@@ -138,7 +138,7 @@ def publish(
         reached("before_switch")
         _switch(gguf_dir, name, new)
         line = {"time": now(), "event": event, "release": new.id, "run": new.run, "was": was.id if was else None}
-        line |= {k: new.record[k] for k in ("by", "fingerprint") if k in new.record}
+        line |= {k: new.record[k] for k in ("by", "inputs") if k in new.record}
         append_line(releases_dir(gguf_dir, name) / HISTORY, line)
     return new
 

@@ -210,7 +210,7 @@ OUT_DIR=$(volume_dir training_checkpoints)
 say "1. training profile: the demo trains, exports and verifies under a read-only root"
 export TRAIN_DATA_DIR=./data
 timed "tiny model into the cache volume (training-dev run)" \
-    compose --profile training-dev run --rm training-dev python -m train.tiny_model || fail "train.tiny_model"
+    compose --profile training-dev run --rm training-dev python -m scripts.tiny_model || fail "scripts.tiny_model"
 full_config=$(demo_config smoke-full)
 TRAIN_CONFIG=$full_config timed "training up (train, export, verify)" \
     compose --profile training up --no-build || true

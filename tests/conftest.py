@@ -46,9 +46,9 @@ def tok(hf_home: Path):
 
 
 def build_tiny_model(home: Path) -> Path:
-    """`python -m train.tiny_model --hf-home home`, as a user runs it; returns home."""
+    """`python -m scripts.tiny_model --hf-home home`, as a user runs it; returns home."""
     subprocess.run(
-        [sys.executable, "-m", "train.tiny_model", "--hf-home", str(home), "--data", str(DEMO_DATA)],
+        [sys.executable, "-m", "scripts.tiny_model", "--hf-home", str(home), "--data", str(DEMO_DATA)],
         cwd=ROOT,
         check=True,
         capture_output=True,

@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import os
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ import torch
 from matplotlib.figure import Figure
 from transformers import TrainerCallback
 
+from core import signals
 from core.errors import NonFiniteLoss, Preempted
 from core.files import atomic_write_text
 from train import distributed
@@ -193,9 +193,10 @@ class StopOnSignal(TrainerCallback):
     """SIGTERM/SIGINT (docker stop, a scheduler's preemption, Ctrl-C): finish the optimizer step in
     progress, log, save and commit a checkpoint, stop, and raise Preempted (exit 128 + signal number).
 
-    The time to exit is bounded by one optimizer step plus one checkpoint save (plus an evaluation if
-    one falls due on that step). A second signal meanwhile stops the process at once: the checkpoint
-    being written stays uncommitted and the resume uses the previous commit.
+    train.trainer.fit defers stop signals around the training loop (core/signals.py); this callback asks at each
+    step's end whether one is pending. The time to exit is bounded by one optimizer step plus one checkpoint save
+    (plus an evaluation if one falls due on that step). A second signal meanwhile stops the process at once: the
+    checkpoint being written stays uncommitted and the resume uses the previous commit.
     Keep this callback last: it raises from on_train_end once the others have closed their files.
 
     Under several ranks a signal may reach one rank only (or each at a different moment): what each rank received
@@ -203,29 +204,12 @@ class StopOnSignal(TrainerCallback):
     Preempted with the same signal (the highest number when they differ).
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
     def __init__(self) -> None:
-        self.received: int | None = None  # by this process
         self.stopping: int = 0  # by any rank, as of the last step boundary
-        self._previous: dict[int, Any] = {}
 
     def _any_rank_received(self) -> int:
-        self.stopping = distributed.all_reduce_max(self.stopping or self.received or 0)
+        self.stopping = distributed.all_reduce_max(self.stopping or signals.pending() or 0)
         return self.stopping
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        try:
-            self._previous = {s: signal.signal(s, self._on_signal) for s in self.SIGNALS}
-        except ValueError:  # not the main thread: signals cannot be handled here
-            self._previous = {}
-
-    def _on_signal(self, signum, frame):
-        if self.received is not None:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        self.received = signum
 
     def on_step_end(self, args, state, control, **kwargs):
         if self._any_rank_received():
@@ -238,8 +222,6 @@ class StopOnSignal(TrainerCallback):
             control.should_training_stop = True
 
     def on_train_end(self, args, state, control, **kwargs):
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous = {}
         if self._any_rank_received():
+            signals.take()  # acted on here: Preempted, not Interrupted
             raise Preempted(self.stopping, state.global_step, newest_committed(Path(args.output_dir)))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import socket
 import sys
 import time
@@ -27,6 +26,7 @@ from typing import Any, NoReturn, TypeVar
 import torch
 import torch.distributed as dist
 
+from core import signals
 from core.errors import RunError, exit_status
 
 log = logging.getLogger(__name__)
@@ -187,8 +187,7 @@ def leave_after_main(e: BaseException) -> NoReturn:
     why it stops and exits with os._exit, which no late signal handler can turn into another status. It has
     nothing of its own to flush: rank 0 wrote everything the run keeps."""
     code = exit_code_of(e)
-    for s in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(s, signal.SIG_IGN)
+    signals.ignore()
     if _main_at is not None and _main_at[0] == socket.gethostname():
         deadline = time.monotonic() + LEAVE_WAIT_S
         while time.monotonic() < deadline and _alive(_main_at[1]):

@@ -34,7 +34,7 @@ from train.device import Placement, placement
 from train.diskspace import preflight
 from train.memory import memory_plan
 from train.model import build_model, load_tokenizer
-from train.record import record_training, start_manifest
+from train.manifest import record_training, start_manifest
 from train.report import check_complete_run_config, describe_plan, finished_summary, trained_line
 from train.resume import prepare_run_folder
 from train.trainer import build_trainer, fit, save_adapter

@@ -8,9 +8,10 @@ import signal
 from torch._dynamo.exc import BackendCompilerFailed
 from torch._inductor.exc import InductorError
 
-from core.errors import DiskSpaceError, Interrupted, NonFiniteLoss, Preempted, RunError, RunStopped
+from core.errors import DiskSpaceError, NonFiniteLoss, Preempted, RunError, RunStopped
 from core.files import human_size
 from core.runfolder import Manifest, RunFolder
+from core.signals import Interrupted
 from train.checkpoint import newest_committed, remove_partial
 from train.diskspace import free_bytes, is_disk_full
 

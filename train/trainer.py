@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import TrainOutput
 
+from core import signals
 from core.config import Config
 from core.errors import NonFiniteLoss, Preempted, RunError
 from core.files import atomic_replace_dir
@@ -148,7 +149,8 @@ def fit(trainer: Trainer, resume: Path | None, folder: RunFolder, manifest: Mani
             log.info(f"{resume.name} holds the run's last step: nothing left to train")
             set_peft_model_state_dict(trainer.model, load_file(resume / "adapter_model.safetensors"))
             return TrainOutput(step_of(resume) or 0, None, {})  # type: ignore[arg-type]  # nothing trained in this process
-        return trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        with signals.handled(), signals.deferred():  # StopOnSignal stops at a step's end, with a checkpoint
+            return trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except BaseException as e:
         together = isinstance(e, (Preempted, NonFiniteLoss))  # raised by every rank at the same step
         if not distributed.is_main():

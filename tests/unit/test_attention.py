@@ -10,7 +10,7 @@ from transformers import Gemma2Config, Gemma2ForCausalLM
 
 from core.config import ConfigError, load_config
 from train.data import collate
-from train.tiny_model import TINY_CONFIG
+from scripts.tiny_model import TINY_CONFIG
 
 VOCAB = 320
 

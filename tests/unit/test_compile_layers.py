@@ -23,13 +23,13 @@ from core.config import ConfigError, load_config
 from core.errors import RunError
 from core.runfolder import RunFolder
 from train.model import compile_layers
-from train.tiny_model import TINY_CONFIG
+from scripts.tiny_model import TINY_CONFIG
 from train.trainer import training_arguments
 
 VOCAB = 512
 LAYERS = TINY_CONFIG["num_hidden_layers"]
 SEQ = 24  # longer than the sliding window (16): the sliding layers' mask differs from the full layers'
-# the demo model's shapes and softcaps (train/tiny_model.py), a smaller vocabulary and window
+# the demo model's shapes and softcaps (scripts/tiny_model.py), a smaller vocabulary and window
 SHAPE: dict[str, Any] = dict(TINY_CONFIG, vocab_size=VOCAB, sliding_window=16, attn_implementation="eager")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -18,7 +18,7 @@ from transformers import Gemma2Config, Gemma2ForCausalLM
 from core.records.render import IGNORE_INDEX
 from train.data import collate
 from train.loss import enable_fused_lm_head
-from train.tiny_model import TINY_CONFIG
+from scripts.tiny_model import TINY_CONFIG
 
 VOCAB = 384
 BOS = 2

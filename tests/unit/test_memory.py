@@ -16,7 +16,7 @@ from core.config import Config
 from train.device import Placement
 from train.loss import enable_fused_lm_head
 from train.memory import PeakMemory, describe, estimate_step_memory
-from train.tiny_model import TINY_CONFIG
+from scripts.tiny_model import TINY_CONFIG
 
 SHAPE = dict(TINY_CONFIG, vocab_size=8192, num_hidden_layers=2)
 BATCH, SEQ = 2, 256

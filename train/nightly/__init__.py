@@ -2,7 +2,7 @@
 
 __main__.py     the CLI: run, status, rollback, prune; exit codes
 night.py        one night, top to bottom, and the other verbs
-fingerprint.py  what would be trained, as one sha256 (seconds, no torch)
+inputs.py       what a night would train on, as one sha256 (seconds, no torch)
 scores.py       the eval set, each model's scores on it (convert/score.py), the gates
 report.py       outputs/<run>/nightly.md + nightly_scores.png, and `status`
 retention.py    what is kept and what is deleted

@@ -19,9 +19,9 @@ examples:
   python -m train.nightly prune --config configs/gemma2b_lora.yaml --dry-run
 
 what `run` does (docs/nightly.md):
-  take the job lock -> finish an interrupted promotion -> fingerprint the data, config, base revision and
+  take the job lock -> record a publication a crash left unrecorded -> hash the data, config, base and
   code -> the champion was trained on the same: exit 0 ("unchanged since <run>") -> train, export and
-  verify the candidate <prefix>-YYYY-MM-DD-<fingerprint> (resuming it if an earlier night was interrupted)
+  verify the candidate <prefix>-YYYY-MM-DD-<inputs> (resuming it if an earlier night was interrupted)
   -> score candidate and champion on the fixed eval set (HF loss, llama.cpp loss on the GGUF that ships,
   task checks) -> gates (config section `nightly`) -> promote atomically or reject -> registry line
   (models/finetuned/registry.jsonl) -> report (outputs/<run>/nightly.md) -> retention

@@ -1,6 +1,6 @@
 """One night, top to bottom, and the other verbs: status, rollback, prune.
 
-    job lock -> record a publication a crash left unrecorded -> fingerprint -> the live model (the champion) was
+    job lock -> record a publication a crash left unrecorded -> the night's inputs -> the live model (the champion) was
     trained on the same: exit 0 -> tonight's candidate: trained, exported and verified as `python -m train` does
     (train.run, not published) -> scores of candidate and champion -> gates -> publish (core/releases.py, the
     same as every promotion) or reject -> registry line -> report -> retention
@@ -31,7 +31,7 @@ from core.files import append_line, atomic_write_json, read_lines
 from core.gates import summary
 from core.locks import hold_lock
 from core.runfolder import Layout, Manifest
-from train.nightly.fingerprint import Fingerprint, fingerprint
+from train.nightly.inputs import NightInputs, night_inputs
 from train.nightly.report import status_json, status_text, write_report
 from train.nightly.retention import CANDIDATE_FILE, prune
 from train.nightly.scores import EvalSet, eval_paths, gates, jsonable, load_eval_set, score_model
@@ -71,33 +71,33 @@ def stamp(record: dict[str, Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- one night
 
 
-def unchanged(cfg: Config, layout: Layout, fp: Fingerprint) -> str | None:
+def unchanged(cfg: Config, layout: Layout, fp: NightInputs) -> str | None:
     """Why tonight need not train, or None: the live model, or one rolled back, was trained on the same."""
     live = releases.live(layout.gguf_dir, cfg.export.name)
-    if live is not None and live.record.get("fingerprint") == fp.digest:
-        return f"unchanged since {live.run}: same data, config, base model and code (fingerprint {fp.short})"
+    if live is not None and live.record.get("inputs") == fp.digest:
+        return f"unchanged since {live.run}: same data, config, base model and code (inputs {fp.short})"
     history = releases.history(layout.gguf_dir, cfg.export.name)
-    fingerprint_of = {h["release"]: h.get("fingerprint") for h in history if h["event"] == "publish"}
+    inputs_of = {h["release"]: h.get("inputs") for h in history if h["event"] == "publish"}
     rolled_back: dict[str, dict[str, Any]] = {}
     for h in history:
         if h["event"] == "publish":
-            rolled_back.pop(h.get("fingerprint") or "", None)
-        elif fingerprint_of.get(h["was"]):
-            rolled_back[fingerprint_of[h["was"]]] = h
+            rolled_back.pop(h.get("inputs") or "", None)
+        elif inputs_of.get(h["was"]):
+            rolled_back[inputs_of[h["was"]]] = h
     back = rolled_back.get(fp.digest)
     if back is not None:
         return (
             f"unchanged since {back['was']}, which was rolled back at {back['time']}: not trained or promoted again "
-            f"until the data, config, base model or code change (fingerprint {fp.short})"
+            f"until the data, config, base model or code change (inputs {fp.short})"
         )
     return None
 
 
-def candidate_name(cfg: Config, layout: Layout, fp: Fingerprint, today: date) -> str:
-    """<prefix>-YYYY-MM-DD-<fp>; an earlier candidate of the same fingerprint is resumed under its own name."""
+def candidate_name(cfg: Config, layout: Layout, fp: NightInputs, today: date) -> str:
+    """<prefix>-YYYY-MM-DD-<fp>; an earlier candidate of the same inputs is resumed under its own name."""
     for folder in sorted(layout.outputs.glob(f"{cfg.nightly.run_prefix}-*-{fp.short}"), reverse=True):
         meta = folder / CANDIDATE_FILE
-        if meta.is_file() and json.loads(meta.read_text()).get("fingerprint") == fp.digest:
+        if meta.is_file() and json.loads(meta.read_text()).get("inputs") == fp.digest:
             return folder.name
     return f"{cfg.nightly.run_prefix}-{today:%Y-%m-%d}-{fp.short}"
 
@@ -154,7 +154,7 @@ def build(c: Config) -> Manifest:
     return done
 
 
-def decide(cfg: Config, layout: Layout, run: str, fp: Fingerprint) -> tuple[dict[str, Any], Manifest, Config]:
+def decide(cfg: Config, layout: Layout, run: str, fp: NightInputs) -> tuple[dict[str, Any], Manifest, Config]:
     """Build and score the candidate and the champion, apply the gates: the registry line of the decision (not yet
     written), the candidate's manifest and config."""
     eval_set = load_eval_set(cfg)  # before training: a broken eval set fails in seconds, not after hours
@@ -177,10 +177,10 @@ def decide(cfg: Config, layout: Layout, run: str, fp: Fingerprint) -> tuple[dict
             "event": "night",
             "decision": "promoted" if passed else "rejected",
             "run": run,
-            "fingerprint": fp.digest,
-            "fingerprint_parts": fp.part_digests,
+            "inputs": fp.digest,
+            "inputs_parts": fp.part_digests,
             "changed": fp.changed_since(
-                (champion.record.get("nightly") or {}).get("fingerprint_parts") if champion else None
+                (champion.record.get("nightly") or {}).get("inputs_parts") if champion else None
             ),
             "champion_before": champion.run if champion else None,
             "eval_set": eval_set.digest[:16],
@@ -194,18 +194,18 @@ def decide(cfg: Config, layout: Layout, run: str, fp: Fingerprint) -> tuple[dict
     return record, manifest, c
 
 
-def train_and_decide(cfg: Config, layout: Layout, fp: Fingerprint, today: date) -> dict[str, Any]:
+def train_and_decide(cfg: Config, layout: Layout, fp: NightInputs, today: date) -> dict[str, Any]:
     """Tonight's candidate built, scored, gated, and published or recorded as rejected; any failure recorded."""
     run = candidate_name(cfg, layout, fp, today)
     champion = releases.live(layout.gguf_dir, cfg.export.name)
     log.info(f"tonight's candidate: {run}" + (f" (the live model: {champion.run})" if champion else " (none is live)"))
     meta = layout.run(run).root / CANDIDATE_FILE
     if not meta.is_file():
-        atomic_write_json(meta, {"fingerprint": fp.digest, "parts": fp.parts, "created": releases.now()})
+        atomic_write_json(meta, {"inputs": fp.digest, "parts": fp.parts, "created": releases.now()})
     try:
         record, manifest, c = decide(cfg, layout, run, fp)
         if record["decision"] == "promoted":
-            publish_run(c, layout.run(run), manifest, BY, {"fingerprint": fp.digest, "nightly": record})
+            publish_run(c, layout.run(run), manifest, BY, {"inputs": fp.digest, "nightly": record})
             releases.reached("before_record")
         append_line(layout.registry, record)
     except BaseException as e:
@@ -213,7 +213,7 @@ def train_and_decide(cfg: Config, layout: Layout, fp: Fingerprint, today: date) 
         if live is None or live.run != run:  # a failure after the switch is recorded by job_lock next time
             code, message = exit_status(e) or (1, f"{type(e).__name__}: {e}")
             decision = "interrupted" if isinstance(e, (Preempted, KeyboardInterrupt)) else "failed"  # rerun resumes
-            line = {"event": "night", "decision": decision, "run": run, "fingerprint": fp.digest, "exit_code": code}
+            line = {"event": "night", "decision": decision, "run": run, "inputs": fp.digest, "exit_code": code}
             append_line(layout.registry, stamp(line | {"reason": message.splitlines()[0]}))
         raise
     return record
@@ -222,11 +222,11 @@ def train_and_decide(cfg: Config, layout: Layout, fp: Fingerprint, today: date) 
 def run_night(cfg: Config, today: date) -> int:
     layout = Layout.of(cfg)
     with job_lock(cfg, layout, "run"):
-        fp = fingerprint(cfg)
+        fp = night_inputs(cfg)
         why = unchanged(cfg, layout, fp)
         if why is not None:
             live = releases.live(layout.gguf_dir, cfg.export.name)
-            line = {"event": "night", "decision": "unchanged", "fingerprint": fp.digest, "champion": live and live.run}
+            line = {"event": "night", "decision": "unchanged", "inputs": fp.digest, "champion": live and live.run}
             append_line(layout.registry, stamp(line | {"reason": why, "exit_code": 0}))
             log.info(why)
             return 0

@@ -99,7 +99,7 @@ def write_report(folder: Path, record: dict[str, Any], lines: list[dict[str, Any
         "",
         f"{record['reason']}",
         "",
-        f"- fingerprint `{record['fingerprint'][:16]}`; "
+        f"- inputs `{record['inputs'][:16]}`; "
         + (
             f"changed since the champion: {', '.join(record['changed'])}"
             if record["champion_before"]

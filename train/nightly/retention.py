@@ -24,7 +24,7 @@ from core.runfolder import RUN_NAME, Layout
 
 log = logging.getLogger(__name__)
 
-CANDIDATE_FILE = "nightly.json"  # in outputs/<run>/: the fingerprint the candidate trains on
+CANDIDATE_FILE = "nightly.json"  # in outputs/<run>/: the inputs the candidate trains on
 BY = "python -m train.nightly"
 
 

@@ -1,4 +1,5 @@
-"""What a night would train, as one sha256: the data, the config, the base model, the code.
+"""A night's inputs, as one sha256: the data, the config, the base model, the code. The same inputs as the live
+model's: nothing to train tonight.
 
 Computed in seconds, before anything heavy is imported, so that an unchanged night exits at once:
 
@@ -7,8 +8,9 @@ Computed in seconds, before anything heavy is imported, so that an unchanged nig
             the manifest records (train.data) would need the tokenizer and a pass over every record
             (minutes on large data); it is fully determined by these bytes, the config, the base revision
             (the tokenizer) and the code, all of which are in here.
-    config  the resolved config, less what does not change the model: run_name, paths, and the nightly
-            section (gates and retention are decisions about a model, not inputs to it), export.gguf_dir
+    config  the keys that shape the trained weights and the exported files (core.config.FINGERPRINTED): not
+            where files go, not how a model is judged (gates and retention decide about a model, they are not
+            inputs to it)
     base    the base model's repo id and resolved commit (a local folder: the sha256 of its files)
     code    the tracked package versions, the llama.cpp release and commit, the project's git commit
 """
@@ -29,17 +31,17 @@ from core.provenance import git_commit, package_versions
 
 
 @dataclass(frozen=True)
-class Fingerprint:
+class NightInputs:
     digest: str  # sha256 over the four parts
     parts: dict[str, Any]  # data, config, base, code
-    part_digests: dict[str, str]  # sha256 per part: what changed since another fingerprint
+    part_digests: dict[str, str]  # sha256 per part: what changed since another night's
 
     @property
     def short(self) -> str:
         return self.digest[:8]
 
     def changed_since(self, other: dict[str, str] | None) -> list[str]:
-        """The parts that differ from another fingerprint's part digests (all, when it has none)."""
+        """The parts that differ from another night's part digests (all, when it has none)."""
         return [k for k, v in self.part_digests.items() if (other or {}).get(k) != v]
 
 
@@ -83,7 +85,7 @@ def code_part() -> dict[str, Any]:
     return {"packages": package_versions(), "llama_cpp": version_info(), "git_commit": git_commit()}
 
 
-def fingerprint(cfg: Config) -> Fingerprint:
+def night_inputs(cfg: Config) -> NightInputs:
     parts = {"data": data_part(cfg), "config": config_part(cfg), "base": base_part(cfg), "code": code_part()}
     part_digests = {k: _digest(v) for k, v in parts.items()}
-    return Fingerprint(_digest(part_digests), parts, part_digests)
+    return NightInputs(_digest(part_digests), parts, part_digests)

@@ -9,7 +9,7 @@ the code path the real model does: `from_pretrained("tiny-gemma/gemma-2-tiny")` 
 
 Deterministic: the same seed gives the same bytes and therefore the same revision hash.
 
-    python -m train.tiny_model [--cache-dir models/.cache/huggingface] [--seed 0] [--force]
+    python -m scripts.tiny_model [--cache-dir models/.cache/huggingface] [--seed 0] [--force]
 """
 
 from __future__ import annotations
@@ -229,7 +229,7 @@ def build(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m train.tiny_model",
+        prog="python -m scripts.tiny_model",
         description="Build the tiny offline Gemma 2 used by the demo and the tests into the HF cache.",
     )
     parser.add_argument(
