@@ -1,15 +1,21 @@
-"""Shared fixtures: the tiny Gemma 2 in a private HF cache, and the real CLIs run as subprocesses."""
+"""Shared fixtures: the tiny Gemma 2 in a private HF cache, one trained and exported run (the golden run) that
+tests copy before they change it, and the real CLIs, run in forks of a server that imported them once.
+
+Session fixtures built here are built once for the whole session, also under pytest-xdist: the first worker
+builds them under a lock, the others wait and reuse the folder (`shared`)."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from filelock import FileLock
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_DATA = ROOT / "data" / "demo" / "chat.jsonl"
@@ -27,10 +33,92 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
     )
 
 
+def shared(tmp_path_factory, name: str, build) -> Path:
+    """A folder `build(folder)` fills once per test session, whichever worker asks first; the others wait on the
+    lock and reuse it (xdist workers' base folders are siblings under one session folder)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    folder = root / name
+    with FileLock(str(folder) + ".lock"):
+        if not (folder / ".built").is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            (folder / ".built").touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def hf_home(tmp_path_factory) -> Path:
-    """A fresh HF_HOME holding only the tiny model, built through its real CLI."""
-    return build_tiny_model(tmp_path_factory.mktemp("hf_home"))
+    """A fresh HF_HOME holding only the tiny model, built through its real command."""
+    return shared(tmp_path_factory, "hf_home", build_tiny_model)
+
+
+# The golden run: the demo's shape at a test's size. Trained for 40 steps and exported (f16, q8_0 as the default,
+# q4_k_m, the base model, the adapter GGUF), with every path relative to its workspace.
+GOLDEN_RUN = "golden"
+GOLDEN_STEPS = 40
+
+
+def golden_config(**sections) -> dict:
+    cfg = {
+        "run_name": GOLDEN_RUN,
+        "model": {"name_or_path": TINY_REPO, "dtype": "float32"},
+        "data": {"train_files": [str(DEMO_DATA)], "max_seq_length": 128},
+        "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
+        "training": {
+            "max_steps": GOLDEN_STEPS,
+            "per_device_train_batch_size": 8,
+            "learning_rate": 3e-3,
+            "warmup_steps": 4,
+            "logging_steps": 5,
+            "save_steps": 20,
+            "report_to": [],
+            "seed": 7,
+        },
+        "export": {"quants": ["f16", "q8_0", "q4_k_m"], "default_quant": "q8_0", "gguf_dir": "models/gguf"},
+        "verify": {"heldout_files": [str(DEMO_HELDOUT)], "max_heldout_records": 4},
+        "paths": {"output_dir": "outputs", "models_dir": "models"},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            cfg.setdefault(key, {}).update(value)
+        else:
+            cfg[key] = value
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def golden(hf_home: Path, tmp_path_factory) -> Path:
+    """The golden run's workspace (config.yaml, outputs/, models/): read it, never change it (`workspace` copies)."""
+
+    def build(ws: Path) -> None:
+        (ws / "config.yaml").write_text(yaml.safe_dump(golden_config(), sort_keys=False))
+        res = run_cli("train", ["--config", "config.yaml"], ws, hf_home)
+        (ws / "train.out").write_text(res.stdout + res.stderr)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+
+    return shared(tmp_path_factory, "golden", build)
+
+
+@pytest.fixture
+def workspace(golden: Path, tmp_path: Path) -> Path:
+    """A copy of the golden run's workspace, the test's to change."""
+    return copy_workspace(golden, tmp_path / "ws")
+
+
+def copy_workspace(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, symlinks=True)  # the live names and pointers are relative symlinks
+    return dst
+
+
+@pytest.fixture(scope="session")
+def cli(hf_home: Path, tmp_path_factory):
+    """The real CLIs, each call a fork of a server that imported them once (CliServer)."""
+    server = CliServer(hf_home, ROOT, tmp_path_factory.mktemp("cli_output"))
+    yield server
+    server.close()
 
 
 @pytest.fixture(scope="module")

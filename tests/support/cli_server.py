@@ -29,9 +29,11 @@ configure_cache_env()  # as both CLIs' main() does before importing transformers
 from convert.__main__ import main as convert_main  # noqa: E402
 from convert.commands import cmd_export  # noqa: E402, F401 (the heavy imports the verbs make on first use)
 from train.__main__ import main as train_main  # noqa: E402
+from train.nightly.__main__ import main as nightly_main  # noqa: E402
+from train.nightly.night import run_night  # noqa: E402, F401
 from train.run import run  # noqa: E402, F401
 
-MAINS = {"train": train_main, "convert": convert_main}
+MAINS = {"train": train_main, "convert": convert_main, "train.nightly": nightly_main}
 
 
 def _child(request: dict) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from convert.pipeline import vouched_adapter
+from convert.export import vouched_adapter
 from core.config import Config, ConfigError, load_config, parse_yaml, to_yaml
 from core.errors import EXIT_INVALID, Interrupted, PathError, RunError, cli_exit, exit_status
 from core.files import atomic_replace_dir, move_dir_into_place, record_files
@@ -110,9 +110,9 @@ sys.exit(cli_exit(work))
 
 
 def test_an_error_that_native_code_makes_of_a_signal_still_exits_as_the_signal(monkeypatch):
-    from core import errors
+    from core import signals
 
-    monkeypatch.setattr(errors, "_signals_received", [])
+    monkeypatch.setattr(signals, "_received", [])
 
     def native_read():  # what safetensors' get_tensors did when Ctrl-C landed inside it
         try:
@@ -178,24 +178,29 @@ def test_export_refuses_an_adapter_the_run_folder_does_not_vouch_for(tmp_path: P
         vouched_adapter(paths)
 
 
-def test_a_signal_inside_signals_deferred_takes_effect_as_the_block_ends(monkeypatch):
+def test_a_signal_inside_a_deferred_block_takes_effect_as_the_block_ends(monkeypatch):
     import os
 
-    from core import errors
-    from core.errors import signals_as_exceptions, signals_deferred
+    from core import signals
 
-    # the handler records each signal process-wide (raise_if_interrupted reads it): keep this test's to itself
-    monkeypatch.setattr(errors, "_signals_received", [])
+    # the handler records each signal process-wide: keep this test's to itself
+    monkeypatch.setattr(signals, "_received", [])
+    monkeypatch.setattr(signals, "_pending", None)
 
     reached = []
-    with signals_as_exceptions(), pytest.raises(Interrupted) as stopped:
-        with signals_deferred():
+    with signals.handled(), pytest.raises(Interrupted) as stopped:
+        with signals.deferred():
             os.kill(os.getpid(), signal.SIGTERM)
             reached.append("rest of the block")  # the native call's caller finishes its step first
         reached.append("after the block")
     assert reached == ["rest of the block"] and stopped.value.exit_code == 143
-    with signals_as_exceptions():
+    assert signals.pending() is None  # raised once, then gone
+    with signals.handled():
+        with signals.deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            assert signals.take() == signal.SIGINT  # acted on inside (training stopped for it): not raised again
         outer = signal.getsignal(signal.SIGTERM)
-        with signals_deferred():
+        with signals.deferred():
             pass  # no signal: nothing raised
-        assert signal.getsignal(signal.SIGTERM) is outer  # the handler in place before is back
+        assert signal.getsignal(signal.SIGTERM) is outer
+    assert signal.getsignal(signal.SIGTERM) is not signals._handle  # the handler in place before is back

@@ -84,7 +84,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_the_graph_is_read_from_the_source():
     graph = import_graph()
     assert "core.errors" in graph["core.config"]
-    assert "convert.pipeline" in graph["train.run"]  # train calls the export stage
+    assert "convert.export" in graph["train.run"]  # train calls the export stage
     assert "train.run" in graph["train.__main__"]  # a function-local import counts too
 
 
@@ -127,7 +127,7 @@ def test_the_trainer_loads_without_llama_cpp():
     code = (
         "import sys\n"
         "import train.data, train.device, train.loss, train.model, train.trainer, train.callbacks, train.checkpoint\n"
-        "loaded = sorted(m for m in sys.modules if m.split('.')[0] == 'llama_cpp' or m == 'convert.verify')\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] == 'llama_cpp' or m == 'convert.score')\n"
         "print(loaded)\n"
         "sys.exit(1 if loaded else 0)\n"
     )

@@ -1,4 +1,5 @@
-"""The adapter GGUF on the base GGUF gives the merged model's logits (llama.cpp on both sides), or is not kept."""
+"""The adapter GGUF on the base GGUF gives the merged HF model's logits (or, without a base GGUF, the merged GGUF
+minus the adapter gives the base model's), or it is not kept."""
 
 from __future__ import annotations
 
@@ -36,24 +37,26 @@ def base_and_adapter(hf_home: Path, tok, tmp_path: Path, rslora: bool) -> tuple[
     return base_dir, adapter_dir
 
 
-def heldout_texts(tok) -> list[str]:
+def heldout_ids(tok) -> list[list[int]]:
     rows = [json.loads(line) for line in DEMO_HELDOUT.read_text().splitlines() if line.strip()]
-    return [tok.apply_chat_template(r["messages"], tokenize=False).removeprefix(tok.bos_token) for r in rows]
+    texts = [tok.apply_chat_template(r["messages"], tokenize=False) for r in rows]
+    return [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 
 @pytest.mark.parametrize("rslora, with_base_gguf", [(False, True), (True, False)])
 def test_adapter_gguf_reproduces_the_merged_model(hf_home, tok, tmp_path, rslora, with_base_gguf):
-    """On the base GGUF (base + adapter vs the merged GGUF), or without one (merged GGUF - adapter vs the HF base)."""
+    """On the base GGUF (base + adapter vs the merged HF model), or without one (merged GGUF - adapter vs the HF base)."""
     base_dir, adapter_dir = base_and_adapter(hf_home, tok, tmp_path, rslora)
     merged_gguf = tmp_path / "merged.f32.gguf"
-    convert_hf_to_gguf(merge_adapter(base_dir, adapter_dir, tmp_path / "merged"), merged_gguf, "f32")
+    merged_dir = merge_adapter(base_dir, adapter_dir, tmp_path / "merged")
+    convert_hf_to_gguf(merged_dir, merged_gguf, "f32")
     base_gguf = None
     if with_base_gguf:
         base_gguf = tmp_path / "base.f32.gguf"
         convert_hf_to_gguf(base_dir, base_gguf, "f32")
     out = tmp_path / "export" / "m.lora.gguf"
     report = export_lora_gguf(
-        adapter_dir, base_dir, merged_gguf, out, heldout_texts(tok), tmp_path / "log", base_gguf=base_gguf
+        adapter_dir, base_dir, merged_dir, merged_gguf, out, heldout_ids(tok), tmp_path / "log", base_gguf=base_gguf
     )
     print(report.describe())
     assert report.passed, report.describe()
@@ -74,7 +77,14 @@ def test_an_adapter_that_does_not_reproduce_the_merged_model_is_not_kept(hf_home
     out = tmp_path / "export" / "m.lora.gguf"
     # "merged" = the base itself: what a converter that dropped the adapter's delta would verify against
     report = export_lora_gguf(
-        adapter_dir, base_dir, base_gguf, out, heldout_texts(tok), None, base_gguf=base_gguf if with_base_gguf else None
+        adapter_dir,
+        base_dir,
+        base_dir,
+        base_gguf,
+        out,
+        heldout_ids(tok),
+        None,
+        base_gguf=base_gguf if with_base_gguf else None,
     )
     assert not report.passed
     assert report.measures["kld"] > 10 * max(LORA_MAX_KLD.values()), report.describe()

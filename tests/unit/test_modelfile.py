@@ -67,15 +67,15 @@ def template_of(modelfile: str) -> str:
 
 @pytest.mark.parametrize("name", CONVERSATIONS)
 def test_written_modelfile_renders_like_the_chat_template(tok, tmp_path, name):
-    gguf = tmp_path / "gemma_2b_finetuned.q8_0.gguf"
-    path = write_modelfile(gguf, tok)
-    assert path == tmp_path / "gemma_2b_finetuned.q8_0.Modelfile"
+    gguf = tmp_path / "gemma_2b_finetuned.q8_0.gguf"  # a work file, published as <name>.gguf (the default quant)
+    path = write_modelfile(gguf, "gemma_2b_finetuned.gguf", tok)
+    assert path == tmp_path / "gemma_2b_finetuned.Modelfile"
     messages = CONVERSATIONS[name]
     assert go_render(template_of(path.read_text()), messages) == jinja_render(tok, messages)
 
 
 def test_modelfile_points_at_its_gguf_and_stops_on_the_turn_marker(tok, tmp_path):
-    text = write_modelfile(tmp_path / "m.gguf", tok).read_text()
+    text = write_modelfile(tmp_path / "m.q4_k_m.gguf", "m.gguf", tok).read_text()
     lines = [line for line in text.splitlines() if line and not line.startswith("#")]
     assert lines[0] == "FROM ./m.gguf"
     assert lines[-1] == 'PARAMETER stop "<end_of_turn>"'

@@ -11,8 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from convert.verify import CHUNK, HF_REFERENCE, FileReport, Gate, recommend, scored_set, verify_files, windows_of
+from convert.score import CHUNK, Sequence, windows
+from convert.verify import HF_REFERENCE, FileReport, recommend, scored_set, verify_files
 from core.config import Config
+from core.gates import at_most
+from core.records.heldout import HeldOut
+from core.records.render import IGNORE_INDEX
 from tests.conftest import GEMMA_TEMPLATE, TINY_REPO
 
 PROVENANCE = {"finetune.run_name": "t", "finetune.adapter_sha256": ""}  # an empty value is kept too
@@ -74,15 +78,32 @@ def _lsm(x: np.ndarray) -> np.ndarray:
     return x - x.max(-1, keepdims=True) - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True))
 
 
+def _heldout(tok, n: int) -> list[HeldOut]:
+    """n records with a supervised answer each, one longer than a window."""
+    out = []
+    for i in range(n):
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": f"Question {i}?"}], tokenize=False, add_generation_prompt=True
+        )
+        prompt = tok(text, add_special_tokens=False)["input_ids"]
+        assert prompt[0] == tok.bos_token_id
+        answer = tok(f"Answer number {i}. " * (40 if i == 0 else 2) + "<end_of_turn>\n", add_special_tokens=False)
+        ids = list(prompt) + answer["input_ids"]
+        out.append(HeldOut(f"heldout:{i}", ids, [IGNORE_INDEX] * len(prompt) + answer["input_ids"]))
+    return out
+
+
 def test_chunked_scoring_equals_the_whole_array_computation(exported, tok, monkeypatch, tmp_path):
     import convert.verify as verify
 
     files = exported["files"]
     cfg = _verify_cfg(min_scored_tokens=700)
-    fallback = [f"record {i}: " + "the backup finished and every snapshot verified. " * 30 for i in range(10)]
+    heldout = _heldout(tok, 3)
+    text = [f"record {i}: " + "the backup finished and every snapshot verified. " * 30 for i in range(10)]
+    fallback = [tok(t)["input_ids"] for t in text]
     open_now, most_open = [], []  # GGUFs mapped at once: one (the point of scoring file by file)
 
-    class Counted(verify.GGUFRunner):
+    class Counted(verify.GGUF):
         def __init__(self, *a, **kw):
             super().__init__(*a, **kw)
             open_now.append(self)
@@ -92,7 +113,7 @@ def test_chunked_scoring_equals_the_whole_array_computation(exported, tok, monke
             super().close()
             open_now.remove(self)
 
-    monkeypatch.setattr(verify, "GGUFRunner", Counted)
+    monkeypatch.setattr(verify, "GGUF", Counted)
     computed = []  # the reference's logits chunks: computed for the first file, read back for the second
     logits_of = verify.Reference.logits_of
     monkeypatch.setattr(
@@ -104,8 +125,8 @@ def test_chunked_scoring_equals_the_whole_array_computation(exported, tok, monke
         exported["model"],
         [("f32", files["f32"]), ("q4_k_m", files["q4_k_m"])],
         cfg,
-        [],
-        fallback_texts=fallback,
+        heldout,
+        fallback=fallback,
         scratch_dir=scratch,
     )
     assert most_open == [1, 1] and not open_now
@@ -113,24 +134,38 @@ def test_chunked_scoring_equals_the_whole_array_computation(exported, tok, monke
     assert not list(scratch.iterdir())  # the scratch file had no name
     f32, q4 = reports
     assert f32.reference == q4.reference == HF_REFERENCE
-    scored = scored_set(tok, list(cfg.prompts), [], fallback, 700, WINDOW)
-    assert max(len(s) for s in scored.sequences) == WINDOW > CHUNK and WINDOW % CHUNK  # chunk boundaries crossed
+    scored = scored_set(tok, list(cfg.prompts), heldout, fallback, 700, WINDOW)
+    assert max(len(s.ids) for s in scored.sequences) == WINDOW > CHUNK and WINDOW % CHUNK  # chunk boundaries crossed
     assert f32.measures["positions"] == q4.measures["positions"] == scored.positions >= 700
 
-    # independently: whole-sequence logits, KL(HF model || q4_k_m GGUF) over all positions, q4's perplexity
-    hf_logits, q4_logits = _whole_array(exported["model"], files["q4_k_m"], scored.sequences)
+    # independently: whole-sequence logits, KL(HF model || q4_k_m GGUF) over all positions, q4's perplexity, and
+    # each held-out record's loss on its supervised tokens through both models
+    sequences = [s.ids for s in scored.sequences]
+    hf_logits, q4_logits = _whole_array(exported["model"], files["q4_k_m"], sequences)
     kld, hits, nll = [], 0, []
-    for ids, p, q in zip(scored.sequences, hf_logits, q4_logits, strict=True):
-        lp, lq = _lsm(p), _lsm(q)
+    loss: dict[str, list[float]] = {}
+    hf_loss: dict[str, list[float]] = {}
+    for seq, p, q in zip(scored.sequences, hf_logits, q4_logits, strict=True):
+        ids, lp, lq = seq.ids, _lsm(p), _lsm(q)
         kld.append((np.exp(lp) * (lp - lq)).sum(-1))
         hits += int((p.argmax(-1) == q.argmax(-1)).sum())
         nll += [-lq[i, ids[i + 1]] for i in range(len(ids) - 1)]
+        for into, logp in ((loss, lq), (hf_loss, lp)):
+            sup = [i for i in range(len(ids) - 1) if seq.labels is not None and seq.labels[i + 1] != IGNORE_INDEX]
+            if seq.record is not None:
+                total = into.setdefault(seq.record, [0.0, 0])
+                total[0] += -sum(logp[i, ids[i + 1]] for i in sup)
+                total[1] += len(sup)
     kld_all = np.concatenate(kld)
     m = q4.measures
     assert m["kld"] == pytest.approx(kld_all.mean(), rel=2e-3) and m["kld"] > 1e-4
     assert m["kld_p99"] == pytest.approx(np.percentile(kld_all, 99), rel=2e-3)
     assert m["top1_all"] == pytest.approx(hits / len(kld_all), abs=2 / len(kld_all))
     assert m["ppl"] == pytest.approx(math.exp(np.mean(nll)), rel=1e-3)
+    assert sorted(q4.losses) == sorted(r.key for r in heldout) and len(heldout[0].ids) > WINDOW  # windowed, kept
+    for key, (total, count) in loss.items():
+        assert q4.losses[key][1] == count > 0 and q4.losses[key][0] == pytest.approx(total, rel=1e-4)
+        assert q4.reference_losses[key][0] == pytest.approx(hf_loss[key][0], rel=1e-4)
     assert f32.measures["nmse"] < 1e-4 and f32.measures["top1"] == 1.0 and f32.measures["kld"] < 1e-5
     assert m["size"] == files["q4_k_m"].stat().st_size
     assert 4.5 < m["bits_per_weight"] < f32.measures["bits_per_weight"] / 4  # whole file x 8 / parameters
@@ -147,7 +182,7 @@ def test_quants_alone_are_scored_against_the_hf_model(exported):
 def test_too_little_data_is_reported_and_gated_on_what_there_is(exported):
     files = exported["files"]
     cfg = _verify_cfg(min_scored_tokens=100_000)
-    reports = verify_files(exported["model"], [("f32", files["f32"]), ("q8_0", files["q8_0"])], cfg, ["Hi there."])
+    reports = verify_files(exported["model"], [("f32", files["f32"]), ("q8_0", files["q8_0"])], cfg, [])
     for r in reports:
         assert r.passed and 0 < r.measures["positions"] < 100_000
         assert any("short of verify.min_scored_tokens=100000" in n for n in r.notes), r.notes
@@ -155,31 +190,29 @@ def test_too_little_data_is_reported_and_gated_on_what_there_is(exported):
 
 def test_scored_set_windows_and_fallback(tok):
     bos = tok.bos_token_id
-    assert windows_of([bos, *range(10, 20)], bos, 4) == [
-        [bos, 10, 11, 12],
-        [bos, 13, 14, 15],
-        [bos, 16, 17, 18],
-        [bos, 19],
-    ]
-    long_text = "word " * 80
-    fallback = [f"training record {i}" for i in range(1000)]
-    s = scored_set(tok, ["Hi"], [long_text], fallback, 900, 64)
-    assert all(w[0] == bos and len(w) <= 64 for w in s.windows)
-    body = tok(long_text, add_special_tokens=False)["input_ids"]
-    long_windows = windows_of([bos, *body], bos, 64)
-    assert s.windows[: len(long_windows)] == long_windows  # the held-out text first, in windows
-    assert sum(len(w) - 1 for w in long_windows) == len(body) > 64  # nothing cut
+    cut = windows(Sequence([bos, *range(10, 20)], [IGNORE_INDEX, *range(110, 120)], "r"), bos, 4)
+    assert [w.ids for w in cut] == [[bos, 10, 11, 12], [bos, 13, 14, 15], [bos, 16, 17, 18], [bos, 19]]
+    assert [w.labels for w in cut][:2] == [[IGNORE_INDEX, 110, 111, 112], [IGNORE_INDEX, 113, 114, 115]]
+    assert {w.record for w in cut} == {"r"}
+    body = tok("word " * 80, add_special_tokens=False)["input_ids"]
+    long_record = HeldOut("h:1", [bos, *body], [IGNORE_INDEX, *body])
+    fallback = [tok(f"training record {i}")["input_ids"] for i in range(1000)]
+    s = scored_set(tok, ["Hi"], [long_record], fallback, 900, 64)
+    assert all(w.ids[0] == bos and len(w.ids) <= 64 for w in s.windows)
+    long_windows = windows(Sequence(long_record.ids, long_record.labels, long_record.key), bos, 64)
+    assert s.windows[: len(long_windows)] == long_windows  # the held-out record first, in windows
+    assert sum(len(w.ids) - 1 for w in long_windows) == len(body) > 64  # nothing cut
     assert s.positions >= 900 and not s.short
     used = s.sources["training data"]
-    assert used < sum(len(tok(t)["input_ids"]) for t in fallback)  # fallback stops once the minimum is reached
+    assert used < sum(len(ids) for ids in fallback)  # fallback stops once the minimum is reached
     assert s.positions - used < 900  # and was needed
-    enough = scored_set(tok, ["Hi"], [long_text] * 10, fallback, 900, 64)
+    enough = scored_set(tok, ["Hi"], [long_record] * 10, fallback, 900, 64)
     assert "training data" not in enough.sources  # held-out data alone reaches the minimum
 
 
 def _report(name: str, quant: str, size: int, kld: float, passed: bool = True) -> FileReport:
     r = FileReport(name, quant, measures={"size": size, "kld": kld})
-    r.gates.append(Gate("kld", kld, 1.0, passed))
+    r.gates.append(at_most("kld", kld, 1.0 if passed else 0.0))
     return r
 
 
@@ -230,7 +263,7 @@ def _same(got, expected) -> bool:
 
 
 def test_reference_chunks_are_computed_once_and_read_back(tmp_path):
-    from convert.verify import ReferenceChunks
+    from convert.score import ReferenceChunks
 
     fake = FakeReference([5, 4, 3])  # chunks of 4: 4+1, 4, 3
     cached = ReferenceChunks(fake, 4, tmp_path)
@@ -241,7 +274,7 @@ def test_reference_chunks_are_computed_once_and_read_back(tmp_path):
 
 
 def test_short_chunks_are_computed_together_up_to_a_chunk_of_rows(tmp_path):
-    from convert.verify import ReferenceChunks
+    from convert.score import ReferenceChunks
 
     fake = FakeReference([1, 2, 1, 5, 3])  # chunks of 4: 1, 2, 1 | 4 | 1, 3
     cached = ReferenceChunks(fake, 4, tmp_path)
@@ -258,7 +291,7 @@ def test_short_chunks_are_computed_together_up_to_a_chunk_of_rows(tmp_path):
 
 
 def test_reference_chunks_past_the_budget_are_recomputed(tmp_path):
-    from convert.verify import ReferenceChunks
+    from convert.score import ReferenceChunks
 
     fake = FakeReference([5, 4, 3])
     row = 11 * 4  # bytes per position
@@ -271,7 +304,7 @@ def test_reference_chunks_past_the_budget_are_recomputed(tmp_path):
 
 
 def test_reference_chunks_recompute_when_the_scratch_file_fails(tmp_path, caplog):
-    from convert.verify import ReferenceChunks
+    from convert.score import ReferenceChunks
 
     fake = FakeReference([2, 3])
     cached = ReferenceChunks(fake, 4, tmp_path)
@@ -296,7 +329,7 @@ def test_reference_chunks_recompute_when_the_scratch_file_fails(tmp_path, caplog
 
 @pytest.mark.parametrize("noise", [1e-3, 0.5])  # KLD ~1e-7 (an f16 file's size) and ~0.1 (a coarse quant's)
 def test_tally_measures_equal_the_float64_definitions(noise):
-    from convert.verify import Block, Tally
+    from convert.score import Block, Tally
 
     rng = np.random.default_rng(0)
     rows, vocab = 40, 5000
@@ -307,9 +340,11 @@ def test_tally_measures_equal_the_float64_definitions(noise):
     got[5, ref[5].argmax()] -= 40.0  # one row whose top-1 moves
     next_ids = rng.integers(0, vocab, rows)
     next_ids[::9] = -1  # rows without a next token (last of a text)
+    supervised = np.where(np.arange(rows) % 3 == 0, next_ids, -1)  # a third of them carry a loss
     tally = Tally()
     for a in range(0, rows, 16):
-        tally.add_block(Block.of(ref[a : a + 16]), Block.of(got[a : a + 16]), next_ids[a : a + 16])
+        rows_ = slice(a, a + 16)
+        tally.add_block(Block.of(ref[rows_]), Block.of(got[rows_]), next_ids[rows_], supervised[rows_], "r")
 
     lp, lq = _lsm(ref), _lsm(got)
     kld = (np.exp(lp) * (lp - lq)).sum(-1)
@@ -320,12 +355,14 @@ def test_tally_measures_equal_the_float64_definitions(noise):
     assert m["top1_all"] == (ref.argmax(-1) == got.argmax(-1)).mean() < 1
     assert m["ppl"] == pytest.approx(math.exp(-lq[has, next_ids[has]].mean()), rel=1e-12)
     assert tally.nll_count == has.sum() < rows
+    sup = supervised >= 0
+    assert tally.loss["r"][1] == sup.sum() and tally.loss["r"][0] == pytest.approx(-lq[sup, supervised[sup]].sum())
 
 
 def test_scoring_many_blocks_does_not_grow_the_heap():
     """Per-block results kept as tensors pinned the malloc heap under the blocks' ~30 MB temporaries: RSS grew by
     ~30 MB a block at the 2B's vocabulary (a 9 GiB export peak). Kept as Python floats, the heap is reused."""
-    from convert.verify import Block, Tally
+    from convert.score import Block, Tally
 
     def rss() -> int:
         return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -334,10 +371,11 @@ def test_scoring_many_blocks_does_not_grow_the_heap():
     ref = rng.standard_normal((16, 256_000)).astype(np.float32)
     got = ref + np.float32(1e-3)
     next_ids = rng.integers(0, 256_000, 16)
+    none = np.full(16, -1)
     tally = Tally()
     for _ in range(5):  # the allocator's steady state
-        tally.add_block(Block.of(ref), Block.of(got), next_ids)
+        tally.add_block(Block.of(ref), Block.of(got), next_ids, none, None)
     before = rss()
     for _ in range(60):  # kept tensors: ~1.9 GB more; kept floats: -0.1 to +0.3 GB (the heap's own slack), measured
-        tally.add_block(Block.of(ref), Block.of(got), next_ids)
+        tally.add_block(Block.of(ref), Block.of(got), next_ids, none, None)
     assert rss() - before < 600 << 20 and tally.measures()["positions"] == 65 * 16
