@@ -10,6 +10,7 @@ from pathlib import Path
 from convert.llamacpp import read_metadata
 from core.config import Config, load_config
 from core.errors import PathError, RunError, cli_exit
+from core.files import human_size
 from core.hub import configure_cache_env
 from core.log import setup_cli_logging
 from core.paths import require_dir, user_path
@@ -98,8 +99,14 @@ def report_path(path: str | None) -> Path | None:
 
 
 def cmd_info(args) -> int:
-    for key, value in read_metadata(Path(args.gguf)).items():
+    """Every scalar and string of the GGUF's metadata (arrays by their length), its file type by name and its size."""
+    path = Path(args.gguf)
+    meta = read_metadata(path)
+    for key, value in meta.items():
+        if key == "general.file_type" and isinstance(value, int):
+            value = f"{value} ({quant_of_file_type(value) or 'a type this pipeline does not export'})"
         log.info(f"{key}: {value}")
+    log.info(f"file size: {human_size(path.stat().st_size)} ({path.stat().st_size:,} bytes)")
     return 0
 
 

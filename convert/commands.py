@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 def cmd_export(cfg: Config) -> int:
     paths = RunFolder.of(cfg)
     base = resolve_model(cfg.model.name_or_path, cfg.model.revision)
+    vouched_adapter(paths)  # before the lock: a run that never trained gets no folder (and no .lock) made for it
     with paths.locked():  # not while `train` writes it
         manifest = vouched_adapter(paths)  # only what the run folder vouches for may be published
         manifest.status = "exporting"

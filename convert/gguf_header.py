@@ -175,7 +175,11 @@ def read_header(path: Path) -> GGUFHeader:
                 return parse(mapped)
         except (GGUFFormatError, ValueError) as e:  # ValueError: mmap of an empty file
             damaged = f.read(4) == MAGIC
-            what = "truncated or damaged (its header is a GGUF's)" if damaged else "not a GGUF file (wrong magic)"
-            raise InvalidInput(
-                f"{path}: {what}: {e}.\n  fix: export it again (python -m convert export --config ...)"
-            ) from None
+            if damaged:  # a GGUF cut short or overwritten: what made it can make it again
+                what, fix = (
+                    "truncated or damaged (its header is a GGUF's)",
+                    "export it again (python -m convert export)",
+                )
+            else:
+                what, fix = "not a GGUF file (wrong magic)", "give the path of a .gguf file that llama.cpp wrote"
+            raise InvalidInput(f"{path}: {what}: {e}.\n  fix: {fix}") from None

@@ -577,6 +577,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
         else:
             got = e.get("input")
             shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            if got is None:  # `key=` on the command line sets null
+                shown = f" (got nothing: give a value, {where}=..., or leave the key out for its default)"
             lines.append(f"  - {where}: {e['msg']}{shown}")
     return "\n".join([f"invalid config {source}: {len(lines)} problem(s)"] + lines)
 

@@ -8,6 +8,7 @@ turn exceptions (and SIGINT/SIGTERM, and a closed stdout) into exit statuses.
 from __future__ import annotations
 
 import errno
+import shlex
 import logging
 import os
 import signal
@@ -28,6 +29,32 @@ EXIT_DISK_SPACE = 6
 EXIT_LOCKED = 75  # EX_TEMPFAIL (sysexits.h): "temporary failure, the user is invited to retry"
 EXIT_SIGINT = 128 + signal.SIGINT
 EXIT_SIGTERM = 128 + signal.SIGTERM
+
+
+# The command that continues this process's work, in the hints a stop prints. A CLI names itself
+# (set_resume_command); "the same command" is right only where rerunning it verbatim loses nothing.
+_resume_command = "the same command"
+
+
+def set_resume_command(argv: list[str]) -> None:
+    """`python -m train` names the command that resumes it: its own, without --fresh (which would discard the
+    checkpoints just committed) and without --resume-from (which would set the newer ones aside)."""
+    global _resume_command
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--fresh" or arg.startswith("--resume-from="):
+            continue
+        elif arg == "--resume-from":
+            skip = True
+        else:
+            kept.append(arg)
+    _resume_command = "`" + shlex.join(["python", "-m", "train", *kept]) + "`"
+
+
+def resume_command() -> str:
+    return _resume_command
 
 
 class PipelineError(RuntimeError):
@@ -90,7 +117,7 @@ class Preempted(RunStopped):
         self.exit_code = 128 + signum
         where = f"{checkpoint.name} is committed" if checkpoint else "no checkpoint could be committed"
         super().__init__(
-            f"stopped by {signal.Signals(signum).name} after step {step}; {where}.\n  run the same command to resume"
+            f"stopped by {signal.Signals(signum).name} after step {step}; {where}.\n  to resume: {resume_command()}"
         )
 
     def cli_message(self) -> str:  # not an error: the run stopped as asked and can resume
@@ -108,7 +135,7 @@ class NonFiniteLoss(RunStopped):
             f"non-finite training signal at step {step}: loss {details['loss']}, gradient norm "
             f"{details['grad_norm']}. The optimizer step was NOT applied; no checkpoint was written for it.\n"
             f"  fix: lower training.learning_rate, check the data around this step, or use bf16 instead of "
-            f"fp16; then run the same command to resume from the last committed checkpoint, or --fresh"
+            f"fp16; then {resume_command()} resumes from the last committed checkpoint (or add --fresh to start over)"
         )
 
 
@@ -156,7 +183,7 @@ def exit_status(e: BaseException) -> tuple[int, str] | None:
     if isinstance(e, PipelineError):
         return e.exit_code, e.cli_message()
     if isinstance(e, Interrupted):
-        return e.exit_code, f"{e}; nothing was promoted by the unfinished stage. Run the same command to continue"
+        return e.exit_code, f"{e}; nothing was published by the unfinished stage. To continue: {resume_command()}"
     if isinstance(e, KeyboardInterrupt):  # SIGINT before the handler was installed
         return EXIT_SIGINT, "interrupted"
     if isinstance(e, OSError):

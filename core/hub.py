@@ -74,12 +74,33 @@ def resolve_model(name_or_path: str, revision: str = "main", hf_home: Path | Non
         commit = ref.read_text().strip() if ref.is_file() else None
     snapshot = repo_dir / "snapshots" / commit if commit else None
     if snapshot is None or not (snapshot / "config.json").exists():
+        built_here = BUILT_LOCALLY.get(name_or_path)
+        if built_here:
+            fix = f"it is built on this machine, not downloaded: {built_here} (from the project's root folder)"
+        else:
+            fix = (
+                f"on a machine with network access (and the model's licence accepted), run\n"
+                f"       HF_HOME={hub.parent.resolve()} hf download {name_or_path} --revision {revision}\n"
+                f"     then copy {hub.parent} here (or into the training_models_cache volume)"
+            )
         raise ModelNotFoundError(
             f"model '{name_or_path}' (revision {revision}) is not in the Hugging Face cache.\n"
-            f"  searched: {repo_dir.resolve()}\n"
-            f"  fix: on a machine with network access (and the model's licence accepted), run\n"
-            f"       HF_HOME={hub.parent.resolve()} hf download {name_or_path} --revision {revision}\n"
-            f"     then copy {hub.parent} here (or into the training_models_cache volume).\n"
-            f"  For the offline demo model, run: python -m scripts.tiny_model"
+            f"  searched: {repo_dir.resolve()} ({where_relative_paths_start()})\n  fix: {fix}"
         )
     return ResolvedModel(snapshot, name_or_path, commit)
+
+
+# Models that no hub serves as they are: they are built into the cache by a command of this project.
+BUILT_LOCALLY = {
+    "tiny-gemma/gemma-2-tiny": "python -m scripts.tiny_model",  # random init, offline (scripts/tiny_model.py)
+}
+
+
+def where_relative_paths_start() -> str:
+    """Where relative paths (the caches, outputs/, data files) start, and the project root when that is elsewhere:
+    every command runs from the project's root folder."""
+    here = Path.cwd()
+    root = Path(__file__).resolve().parent.parent
+    if here == root or (here / "models").is_dir() or not (root / "pyproject.toml").is_file():  # an installed package
+        return f"relative paths start at {here}"
+    return f"relative paths start at {here}, not at the project's root folder {root}: run commands from there"

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 
 STOP = (signal.SIGINT, signal.SIGTERM)
 
+
 class Interrupted(KeyboardInterrupt):
     """A stop signal, raised where the process was (exit 128 + signal number).
 

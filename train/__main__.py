@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from core.config import commented_defaults, load_config
-from core.errors import cli_exit
+from core.errors import cli_exit, set_resume_command
 from core.hub import configure_cache_env
 from core.log import setup_cli_logging
 
@@ -36,7 +36,8 @@ exit codes:
   5    non-finite loss or gradient norm: stopped before applying it (last commit kept)
   6    not enough disk space (preflight), or the disk filled up during a save (last commit kept)
   75   the run folder or a promotion target is locked by another process (named in the message)
-  130  stopped by SIGINT, 143 stopped by SIGTERM: step finished, checkpoint committed; rerun resumes
+  130  stopped by SIGINT, 143 stopped by SIGTERM: step finished, checkpoint committed; the printed command
+       resumes (the same one without --fresh or --resume-from)
 """
 
 
@@ -104,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         return cli_exit(lambda: print(commented_defaults()))
     setup_cli_logging()
     configure_cache_env()
+    set_resume_command(sys.argv[1:] if argv is None else argv)
     return cli_exit(lambda: _train(args))
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from core.files import atomic_write_json, differences, fsync_dir, record_files
+from core.paths import what_is
 
 log = logging.getLogger(__name__)
 
@@ -157,19 +158,15 @@ def reject(folder: Path, why: str) -> Path:
     return dest
 
 
-def choose_resume(checkpoints: Path, world_size: int = 1) -> Path | None:
-    """The newest checkpoint whose commit record verifies; newer ones that do not are rejected."""
-    for folder in reversed(checkpoint_dirs(checkpoints)):
-        problems = verify_checkpoint(folder, world_size)
-        if not problems:
-            return folder
-        reject(folder, "; ".join(problems))
-    return None
-
-
 def check_explicit(folder: Path, world_size: int = 1) -> None:
     """An explicitly requested checkpoint must verify; otherwise fail naming the file."""
-    if not folder.is_dir() or step_of(folder) is None:
+    if not folder.is_dir():
+        committed = [c.name for c in checkpoint_dirs(folder.parent) if (c / COMMIT_FILE).is_file()]
+        raise CheckpointError(
+            f"--resume-from {folder}: is {what_is(folder)}; this run's committed checkpoints: "
+            f"{', '.join(committed) or 'none'}"
+        )
+    if step_of(folder) is None:
         raise CheckpointError(f"--resume-from {folder}: not a checkpoint-N folder")
     problems = verify_checkpoint(folder, world_size)
     if problems:

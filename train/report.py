@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 def describe_plan(cfg: Config, paths: RunFolder, base: ResolvedModel, data: PreparedData, example: str) -> str:
     lines = [
-        "dry run: config, model and data are valid; nothing was written.",
+        "dry run: config, model, data and trainer settings are valid; nothing was written.",
         "",
         "--- resolved config",
         to_yaml(cfg).rstrip(),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.config import RESUME, Config, changed_keys, load_config, to_yaml
@@ -16,12 +17,12 @@ from train.checkpoint import (
     CheckpointError,
     check_explicit,
     checkpoint_dirs,
-    choose_resume,
     identity_mismatches,
     newest_committed,
     read_record,
     reject,
     step_of,
+    verify_checkpoint,
 )
 
 log = logging.getLogger(__name__)
@@ -77,19 +78,27 @@ def _check_world_size(folder: RunFolder, cfg: Config, checkpoint: Path | None, w
     )
 
 
-def prepare_run_folder(
-    folder: RunFolder, cfg: Config, fresh: bool, identity: dict, resume_from: Path | None = None
-) -> Path | None:
-    """Create or reuse the run folder; return the verified checkpoint to resume from, if any.
+@dataclass
+class ResumePlan:
+    """What a run would resume from, and the checkpoints it would set aside (moved to rejected/, with why)."""
 
-    Resuming is refused when a config key that shapes the weights (core.config.RESUME) or the identity of
-    what is trained (base model and revision, data fingerprint, LoRA shape) differs from the run's.
-    """
+    checkpoint: Path | None
+    set_aside: list[tuple[Path, str]] = field(default_factory=list)
+
+    def describe(self) -> str:
+        step = f"resume from {self.checkpoint.name}" if self.checkpoint else "train from step 0"
+        aside = [f"\n    would set aside {p.name}: {why}" for p, why in self.set_aside]
+        return step + "".join(aside)
+
+
+def plan_resume(
+    folder: RunFolder, cfg: Config, fresh: bool, identity: dict, resume_from: Path | None = None
+) -> ResumePlan:
+    """What prepare_run_folder would do, changing nothing: RunError when resuming would be refused (a config key
+    that shapes the weights, core.config.RESUME, or the identity of what is trained: base model and revision, data
+    fingerprint, LoRA shape, differs from the run's; another number of processes)."""
     if fresh:
-        # The manifest goes first: from here until training ends, nothing in this folder vouches for an adapter,
-        # so `python -m convert export` refuses the one an earlier run promoted (convert.pipeline.vouched_adapter).
-        folder.manifest.unlink(missing_ok=True)
-        _empty(folder)
+        return ResumePlan(None)
     # A run that never committed a checkpoint has nothing a changed config could corrupt (it failed before its
     # first save, e.g. on a setting the dry run now catches): it starts over with the corrected config.
     if folder.config.is_file() and newest_committed(folder.checkpoints) is not None:
@@ -100,28 +109,46 @@ def prepare_run_folder(
                 f"with these changes is unsafe:\n    " + "\n    ".join(changed) + "\n" + _fix(folder, cfg)
             )
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    resume: Path | None
+    plan = ResumePlan(None)
     if resume_from is not None:
         _check_world_size(folder, cfg, resume_from.resolve(), world_size)
-        resume = _explicit_checkpoint(folder, resume_from, world_size)
+        plan.checkpoint = _explicit_checkpoint(folder, resume_from, world_size)
+        later = [c for c in checkpoint_dirs(folder.checkpoints) if (step_of(c) or 0) > (step_of(plan.checkpoint) or 0)]
+        plan.set_aside = [(c, f"newer than the requested --resume-from {plan.checkpoint.name}") for c in later]
     else:
         _check_world_size(folder, cfg, newest_committed(folder.checkpoints), world_size)
-        resume = choose_resume(folder.checkpoints, world_size) if folder.checkpoints.is_dir() else None
-    if resume is not None:
-        record = read_record(resume) or {}  # a chosen checkpoint has verified, so its record is readable
+        for checkpoint in reversed(checkpoint_dirs(folder.checkpoints)):  # the newest that verifies
+            problems = verify_checkpoint(checkpoint, world_size)
+            if not problems:
+                plan.checkpoint = checkpoint
+                break
+            plan.set_aside.append((checkpoint, "; ".join(problems)))
+    if plan.checkpoint is not None:
+        record = read_record(plan.checkpoint) or {}  # a chosen checkpoint has verified, so its record is readable
         mismatches = identity_mismatches(record.get("identity", {}), identity)
         if mismatches:
             raise RunError(
-                f"{resume} cannot be resumed by this run: what it was trained on has changed:\n    "
+                f"{plan.checkpoint} cannot be resumed by this run: what it was trained on has changed:\n    "
                 + "\n    ".join(mismatches)
                 + "\n"
                 + _fix(folder, cfg)
             )
-    resumed_step = (step_of(resume) or 0) if resume else 0
-    if resume_from is not None and resume is not None:  # the abandoned branch must not be picked up later
-        for later in [c for c in checkpoint_dirs(folder.checkpoints) if (step_of(c) or 0) > resumed_step]:
-            reject(later, f"newer than the requested --resume-from {resume.name}")
-    trim_metrics(folder.metrics, resumed_step)
+    return plan
+
+
+def prepare_run_folder(
+    folder: RunFolder, cfg: Config, fresh: bool, identity: dict, resume_from: Path | None = None
+) -> Path | None:
+    """Create or reuse the run folder as plan_resume says; return the verified checkpoint to resume from, if any."""
+    if fresh:
+        # The manifest goes first: from here until training ends, nothing in this folder vouches for an adapter,
+        # so `python -m convert export` refuses the one an earlier run published (convert.export.vouched_adapter).
+        folder.manifest.unlink(missing_ok=True)
+        _empty(folder)
+    plan = plan_resume(folder, cfg, False, identity, resume_from)
+    for checkpoint, why in plan.set_aside:  # never resumed from by accident later; kept, not deleted
+        reject(checkpoint, why)
+    trim_metrics(folder.metrics, (step_of(plan.checkpoint) or 0) if plan.checkpoint else 0)
     folder.root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(folder.config, to_yaml(cfg))
-    return resume
+    return plan.checkpoint

@@ -32,11 +32,11 @@ from train import distributed
 from train.data import PreparedData, load_data, show_example
 from train.device import Placement, placement
 from train.diskspace import preflight
+from train.manifest import record_training, start_manifest
 from train.memory import memory_plan
 from train.model import build_model, load_tokenizer
-from train.manifest import record_training, start_manifest
 from train.report import check_complete_run_config, describe_plan, finished_summary, trained_line
-from train.resume import prepare_run_folder
+from train.resume import plan_resume, prepare_run_folder
 from train.trainer import build_trainer, fit, save_adapter
 from train.validate import validate_training_setup
 
@@ -61,7 +61,7 @@ def run(
     folder = RunFolder.of(cfg)
     if dry_run:
         if distributed.is_main():  # under a launcher one plan is enough
-            dry_run_plan(cfg, folder, fresh, gpu_memory)
+            dry_run_plan(cfg, folder, fresh, resume_from, gpu_memory)
         return None
     if not distributed.world().distributed:
         with folder.locked():
@@ -79,18 +79,26 @@ def run(
         distributed.leave_after_main(e)
 
 
-def dry_run_plan(cfg: Config, folder: RunFolder, fresh: bool = False, gpu_memory: int | None = None) -> None:
-    previous = None if fresh else folder.read_manifest_or_none()
-    if previous is not None and previous.status == "complete":  # the real command would only report it
-        check_complete_run_config(folder, cfg)
-        log.info(f"run {cfg.run_name} is complete: the command would report it and write nothing (--fresh retrains)")
+def dry_run_plan(
+    cfg: Config, folder: RunFolder, fresh: bool = False, resume_from: Path | None = None, gpu_memory: int | None = None
+) -> None:
+    """Every check the real command makes (config, model, data, trainer settings), in whatever state the run folder
+    is; then what the command would do: train, resume from a checkpoint, publish, report a complete run, or refuse
+    (RunError, exit 2, as the real command would). Writes nothing and takes no lock."""
+    inputs = _inputs(cfg, folder)
+    validate_training_setup(cfg, folder, inputs.base, bool(inputs.data.evals))
+    example = show_example(inputs.tokenizer, inputs.data.train_stats.sample or inputs.data.train[0])
+    log.info(describe_plan(cfg, folder, inputs.base, inputs.data, example))
+    log.info("\n".join(memory_plan(inputs.base.path, cfg, placement(cfg, for_card=gpu_memory is not None), gpu_memory)))
+    previous = None if fresh or resume_from is not None else folder.read_manifest_or_none()
+    if previous is not None and previous.status in ("exported", "complete"):
+        check_complete_run_config(folder, cfg)  # the real command's refusal, raised as it would be
+        what = "publish its verified export, then report it" if previous.status == "exported" else "report it"
+        log.info(f"--- the command would: {what}: run {cfg.run_name} is {previous.status} (--fresh retrains)")
         return
-    base = resolve_model(cfg.model.name_or_path, cfg.model.revision)
-    tokenizer = load_tokenizer(base, cfg)
-    data = load_data(tokenizer, cfg, folder.root)
-    validate_training_setup(cfg, folder, base, bool(data.evals))
-    log.info(describe_plan(cfg, folder, base, data, show_example(tokenizer, data.train_stats.sample or data.train[0])))
-    log.info("\n".join(memory_plan(base.path, cfg, placement(cfg, for_card=gpu_memory is not None), gpu_memory)))
+    plan = plan_resume(folder, cfg, fresh, inputs.identity, resume_from)
+    discard = f"discard {folder.root} and " if fresh and folder.root.exists() else ""
+    log.info(f"--- the command would: {discard}{plan.describe()}")
 
 
 @dataclass

@@ -8,7 +8,7 @@ import signal
 from torch._dynamo.exc import BackendCompilerFailed
 from torch._inductor.exc import InductorError
 
-from core.errors import DiskSpaceError, NonFiniteLoss, Preempted, RunError, RunStopped
+from core.errors import DiskSpaceError, NonFiniteLoss, Preempted, RunError, RunStopped, resume_command
 from core.files import human_size
 from core.runfolder import Manifest, RunFolder
 from core.signals import Interrupted
@@ -51,12 +51,12 @@ def training_stopped(e: BaseException, folder: RunFolder, manifest: Manifest, st
         f"the disk filled up during training after step {step}: {e}\n  "
         + (f"removed the partial {partial}; " if partial else "")
         + (
-            f"the last committed checkpoint, {last.name}, is intact and the next run resumes from it.\n"
+            f"the last committed checkpoint, {last.name}, is intact and a rerun resumes from it.\n"
             if last
             else "no checkpoint had been committed yet.\n"
         )
-        + f"  fix: free space at {folder.root} ({human_size(free_bytes(folder.root))} free now), then run the "
-        f"same command"
+        + f"  fix: free space at {folder.root} ({human_size(free_bytes(folder.root))} free now), then "
+        f"{resume_command()}"
     )
 
 
@@ -67,5 +67,5 @@ def _compile_failed(e: BaseException, last: str | None) -> RunError:
         f"torch.compile failed while building the training step's kernels: {cause}\n"
         "  fix: inductor needs a working C/C++ compiler (gcc, g++; the CXX variable names another) and, on CUDA, "
         "Triton; or set training.torch_compile: false to train without compiling (slower). "
-        + (f"The next run resumes from {last}." if last else "No checkpoint had been committed yet.")
+        + (f"Then {resume_command()} resumes from {last}." if last else "No checkpoint had been committed yet.")
     )

@@ -28,12 +28,11 @@ from train.checkpoint import (
     CheckpointError,
     apply_retention,
     check_explicit,
-    choose_resume,
     commit_checkpoint,
     verify_checkpoint,
 )
 from train.diskspace import Write, check_free_space, gguf_bytes, is_disk_full, tensor_counts
-from train.resume import prepare_run_folder
+from train.resume import plan_resume, prepare_run_folder
 
 TRAINER_FILES = [
     "adapter_model.safetensors",
@@ -98,15 +97,25 @@ def test_a_step_mismatch_between_folder_and_trainer_state_is_caught(tmp_path):
     assert "global_step 6 does not match" in verify_checkpoint(moved)[0]
 
 
-def test_choose_resume_takes_the_newest_good_checkpoint_and_rejects_newer_bad_ones(tmp_path, caplog):
-    checkpoints = tmp_path / "run" / "checkpoints"
+def test_a_resume_takes_the_newest_good_checkpoint_and_sets_newer_bad_ones_aside(tmp_path, caplog):
+    cfg = Config.model_validate({"run_name": "run", "paths": {"output_dir": str(tmp_path)}})
+    folder = RunFolder.of(cfg)
+    checkpoints = folder.checkpoints
     fake_checkpoint(checkpoints, 2)
     fake_checkpoint(checkpoints, 4)
     fake_checkpoint(checkpoints, 6, commit=False)
     bad = fake_checkpoint(checkpoints, 8)
     (bad / "adapter_model.safetensors").unlink()
+    identity = {"data_fingerprint": "abc"}
+    plan = plan_resume(folder, cfg, False, identity)  # what the dry run says: nothing moved yet
+    assert plan.checkpoint == checkpoints / "checkpoint-4" and [p.name for p, _ in plan.set_aside] == [
+        "checkpoint-8",
+        "checkpoint-6",
+    ]
+    assert "resume from checkpoint-4" in plan.describe() and "would set aside checkpoint-8" in plan.describe()
+    assert len(list(checkpoints.iterdir())) == 4
     with caplog.at_level(logging.INFO):
-        assert choose_resume(checkpoints) == checkpoints / "checkpoint-4"
+        assert prepare_run_folder(folder, cfg, False, identity) == checkpoints / "checkpoint-4"
     assert caplog.messages == [
         f"warning: skipping checkpoint-8: {bad / 'adapter_model.safetensors'}: missing; moved to "
         f"{tmp_path / 'run' / 'rejected' / 'checkpoint-8'}",
