@@ -30,11 +30,11 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from convert.reference import SCRATCH_BUDGET, Reference
 from core import signals
 from core.errors import LlamaCppError, PipelineError
+from core.log import progress
 from core.records.render import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -415,7 +415,7 @@ def score(chunks: Iterator[tuple[int, np.ndarray]], sequences: list[Sequence], g
     their last position's logits are compared raw too (NMSE)."""
     tally, ref_tally = Tally(), Tally()
     t_prev, pos = -1, 0
-    progress = tqdm(total=sum(len(s.ids) for s in sequences), desc=f"score {gguf.path.name}", unit="tok")
+    bar = progress(sum(len(s.ids) for s in sequences), f"score {gguf.path.name}", "tokens")
     for t, ref in chunks:
         seq = sequences[t]
         if t != t_prev:
@@ -432,8 +432,8 @@ def score(chunks: Iterator[tuple[int, np.ndarray]], sequences: list[Sequence], g
         if t < prompts and pos + n == len(seq.ids):  # this chunk holds the prompt's last position
             tally.add_last(ref[-1], got[-1])
         pos += n
-        progress.update(n)
-    progress.close()
+        bar.update(n)
+    bar.close()
     return tally, ref_tally
 
 

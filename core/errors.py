@@ -8,9 +8,9 @@ turn exceptions (and SIGINT/SIGTERM, and a closed stdout) into exit statuses.
 from __future__ import annotations
 
 import errno
-import shlex
 import logging
 import os
+import shlex
 import signal
 import sys
 from collections.abc import Callable

@@ -7,11 +7,16 @@ user pipes or greps). Libraries and tests that import the modules get no handler
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import time
+
+from tqdm import tqdm
 
 from core.errors import stdout_gone
 
 PACKAGES = ("core", "train", "convert")
+log = logging.getLogger(__name__)
 
 
 class _BelowError(logging.Filter):
@@ -47,3 +52,38 @@ def setup_cli_logging(level: int = logging.INFO) -> None:
     # import, that it cannot download an optional kernel from the Hub (bitsandbytes/backends/cpu/ops.py). Offline
     # that is always so and changes nothing: its own fallback runs. Errors still show.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    if not on_terminal():
+        # Progress bars redraw one line with carriage returns: in a file or a pipe that is one line of thousands of
+        # characters. The libraries' bars go (their own switches, read when they are imported, which is after
+        # this); ours and the Trainer's print a line per interval instead (progress(), train.trainer).
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # huggingface_hub and transformers' loading
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
+
+def on_terminal() -> bool:
+    """Whether progress goes to a terminal (bars) or to a file or pipe (a line per interval)."""
+    return sys.stderr.isatty()
+
+
+class _Lines:
+    """A progress 'bar' for files and pipes: one log line every INTERVAL seconds and one at the end."""
+
+    INTERVAL = 30.0
+
+    def __init__(self, total: int, desc: str, unit: str):
+        self.total, self.desc, self.unit, self.n = total, desc, unit, 0
+        self.start = self.last = time.monotonic()
+
+    def update(self, n: int) -> None:
+        self.n += n
+        if time.monotonic() - self.last >= self.INTERVAL:
+            self.last = time.monotonic()
+            log.info(f"{self.desc}: {self.n:,}/{self.total:,} {self.unit} ({self.n / max(self.total, 1):.0%})")
+
+    def close(self) -> None:
+        log.info(f"{self.desc}: {self.n:,} {self.unit} in {time.monotonic() - self.start:.0f} s")
+
+
+def progress(total: int, desc: str, unit: str = "it"):
+    """A bar (tqdm) on a terminal; elsewhere a line per interval. Both: update(n), close()."""
+    return tqdm(total=total, desc=desc, unit=unit) if on_terminal() else _Lines(total, desc, unit)

@@ -19,6 +19,7 @@ from core import signals
 from core.config import Config
 from core.errors import NonFiniteLoss, Preempted, RunError
 from core.files import atomic_replace_dir
+from core.log import on_terminal
 from core.runfolder import Manifest, RunFolder
 from core.tokenizer import save_tokenizer
 from train import distributed
@@ -74,6 +75,7 @@ def training_arguments(cfg: Config, folder: RunFolder, evaluating: bool) -> Trai
         data_seed=t.seed,
         remove_unused_columns=False,  # our dataset is already input_ids/labels
         logging_nan_inf_filter=False,  # a NaN must show in the logs, never be hidden
+        disable_tqdm=not on_terminal(),  # in a file or pipe the Trainer prints each logged step's line instead
         # transformers 5.24's names (gradient_checkpointing* still work, with a FutureWarning on every run)
         activation_checkpointing=bool(t.activation_checkpointing),
         activation_checkpointing_kwargs={"use_reentrant": False, "offload": t.activation_checkpointing == "offload"}
