@@ -15,6 +15,7 @@ from core.config import Config
 from core.errors import EXIT_VERIFICATION
 from core.files import atomic_write_json
 from core.hub import resolve_model
+from core.locks import publisher_lock
 from core.records.heldout import heldout_records
 from core.runfolder import RunFolder
 
@@ -25,7 +26,8 @@ def cmd_export(cfg: Config) -> int:
     paths = RunFolder.of(cfg)
     base = resolve_model(cfg.model.name_or_path, cfg.model.revision)
     vouched_adapter(paths)  # before the lock: a run that never trained gets no folder (and no .lock) made for it
-    with paths.locked():  # not while `train` writes it
+    gguf_dir = Path(cfg.export.gguf_dir)
+    with paths.locked(), publisher_lock(gguf_dir, cfg.export.name, cfg.run_name, exclusive=False):
         manifest = vouched_adapter(paths)  # only what the run folder vouches for may be published
         manifest.status = "exporting"
         paths.write_manifest(manifest)

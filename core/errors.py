@@ -158,7 +158,7 @@ class LockHeld(RunStopped):
                 f"since {holder.get('since')})"
             )
             if holder.get("pid")
-            else "another process (holder not recorded yet)"
+            else holder.get("who", "another process (holder not recorded yet)")
         )
         super().__init__(
             f"{what} is in use by {who}; lock file {lock_file}.\n"

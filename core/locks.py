@@ -13,6 +13,7 @@ machine its own `paths.output_dir`.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
@@ -82,3 +83,43 @@ def promotion_lock(target: Path, run_name: str, wait_s: float = PROMOTION_WAIT_S
     In a hidden folder of the target's own folder, not beside the artifacts: what ships (models/gguf, a volume
     the application mounts) holds only what a consumer loads, and containers sharing the volume share the lock."""
     return hold_lock(target.parent / ".locks" / f"{target.name}.lock", f"promotion target {target}", run_name, wait_s)
+
+
+@contextmanager
+def publisher_lock(gguf_dir: Path, name: str, run_name: str, exclusive: bool) -> Iterator[None]:
+    """Held for a whole run by what will publish `name` (models/gguf/<name>.gguf): shared by `python -m train` and
+    `python -m convert export` (runs of one name may overlap; promotion_lock serializes their publications),
+    exclusive by the nightly job, which gates its candidate against the live model and must not have it replaced
+    meanwhile (rollback and prune change what is live too). The other kind gets LockHeld at once: a nightly job
+    started during a manual training of the same name is refused, and the other way round.
+
+    flock directly (filelock has no shared lock); the holder recorded is the exclusive one's."""
+    path = gguf_dir / ".locks" / f"{name}.publishers.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            shared = {
+                "who": "a run that will publish it (python -m train or convert export; its run folder's .lock names it)"
+            }
+            holder = shared if exclusive else read_holder(path)
+            raise LockHeld(f"{gguf_dir / name}.gguf (what publishes it)", path, holder) from None
+        if exclusive:
+            _write_holder(
+                path,
+                {
+                    "pid": os.getpid(),
+                    "run_name": run_name,
+                    "host": socket.gethostname(),
+                    "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                },
+            )
+        try:
+            yield
+        finally:
+            if exclusive:
+                _write_holder(path, None)
+    finally:
+        os.close(fd)  # the lock goes with the descriptor (and with the process, however it ends)

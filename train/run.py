@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import ExitStack
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -26,7 +26,7 @@ from core.config import Config
 from core.errors import NonFiniteLoss, Preempted, RunError
 from core.files import atomic_replace_dir
 from core.hub import ResolvedModel, resolve_model
-from core.locks import promotion_lock
+from core.locks import promotion_lock, publisher_lock
 from core.runfolder import Manifest, RunFolder
 from train import distributed
 from train.data import PreparedData, load_data, show_example
@@ -64,19 +64,26 @@ def run(
             dry_run_plan(cfg, folder, fresh, resume_from, gpu_memory)
         return None
     if not distributed.world().distributed:
-        with folder.locked():
+        with folder.locked(), publishing(cfg, publish):
             return _run(cfg, folder, fresh, resume_from, None, publish)
     where = placement(cfg)  # every rank alike: the process group's backend depends on it
     w = distributed.init(where.cuda)
     if w.main:
         with ExitStack() as held:
-            distributed.on_main(lambda: held.enter_context(folder.locked()))
+            distributed.on_main(lambda: [held.enter_context(c) for c in (folder.locked(), publishing(cfg, publish))])
             return _run(cfg, folder, fresh, resume_from, where, publish)
     try:
         distributed.on_main(lambda: None)  # rank 0 takes the lock
         return _run(cfg, folder, fresh, resume_from, where, publish)
     except (distributed.FollowsMain, Preempted, NonFiniteLoss) as e:  # rank 0 stops too, with the same status
         distributed.leave_after_main(e)
+
+
+def publishing(cfg: Config, publish: bool) -> AbstractContextManager:
+    """A run that will publish export.name holds its publisher lock (shared; the nightly job's is exclusive)."""
+    if not (publish and cfg.export.enabled):
+        return nullcontext()
+    return publisher_lock(Path(cfg.export.gguf_dir), cfg.export.name, cfg.run_name, exclusive=False)
 
 
 def dry_run_plan(

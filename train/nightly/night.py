@@ -29,11 +29,11 @@ from core.config import Config
 from core.errors import PipelineError, Preempted, RunError, exit_status
 from core.files import append_line, atomic_write_json, read_lines
 from core.gates import summary
-from core.locks import hold_lock
+from core.locks import publisher_lock
 from core.runfolder import Layout, Manifest
 from train.nightly.inputs import NightInputs, night_inputs
 from train.nightly.report import status_json, status_text, write_report
-from train.nightly.retention import CANDIDATE_FILE, prune
+from train.nightly.retention import CANDIDATE_FILE, prune, registry
 from train.nightly.scores import EvalSet, eval_paths, gates, jsonable, load_eval_set, score_model
 from train.run import run as train_run
 
@@ -54,8 +54,9 @@ class GateRejected(PipelineError):
 
 @contextmanager
 def job_lock(cfg: Config, layout: Layout, verb: str) -> Iterator[None]:
-    """The nightly job's lock; a publication that a crash left unrecorded is recorded first."""
-    with hold_lock(layout.nightly / ".lock", f"the nightly job of {layout.models}", f"nightly {verb}"):
+    """The nightly job's lock: export.name's publisher lock, exclusive (core.locks.publisher_lock: no other nightly
+    verb and no `python -m train` of the same name meanwhile). A publication a crash left unrecorded is recorded."""
+    with publisher_lock(layout.gguf_dir, cfg.export.name, f"nightly {verb}", exclusive=True):
         live = releases.live(layout.gguf_dir, cfg.export.name)
         decided = (live.record.get("nightly") if live else None) or {}
         if decided and not any(r.get("time") == decided["time"] for r in read_lines(layout.registry)):
@@ -64,8 +65,9 @@ def job_lock(cfg: Config, layout: Layout, verb: str) -> Iterator[None]:
         yield
 
 
-def stamp(record: dict[str, Any]) -> dict[str, Any]:
-    return {"time": releases.now(), "host": socket.gethostname(), **record}
+def stamp(cfg: Config, record: dict[str, Any]) -> dict[str, Any]:
+    """A registry line: when, where, and which name's night (one registry serves every name under models/)."""
+    return {"time": releases.now(), "host": socket.gethostname(), "name": cfg.export.name, **record}
 
 
 # ----------------------------------------------------------------------------- one night
@@ -173,6 +175,7 @@ def decide(cfg: Config, layout: Layout, run: str, fp: NightInputs) -> tuple[dict
     checks = gates(scores, champion_scores, cfg.nightly, bool(eval_set.tasks))
     passed = all(g.passed for g in checks)
     record = stamp(
+        cfg,
         {
             "event": "night",
             "decision": "promoted" if passed else "rejected",
@@ -189,7 +192,7 @@ def decide(cfg: Config, layout: Layout, run: str, fp: NightInputs) -> tuple[dict
             "reason": summary(checks),
             "files": {e["file"]: {"quant": q, "size": e["size"], "sha256": e["sha256"]} for q, e in tuned.items()},
             "exit_code": 0 if passed else EXIT_REJECTED,
-        }
+        },
     )
     return record, manifest, c
 
@@ -201,7 +204,9 @@ def train_and_decide(cfg: Config, layout: Layout, fp: NightInputs, today: date) 
     log.info(f"tonight's candidate: {run}" + (f" (the live model: {champion.run})" if champion else " (none is live)"))
     meta = layout.run(run).root / CANDIDATE_FILE
     if not meta.is_file():
-        atomic_write_json(meta, {"inputs": fp.digest, "parts": fp.parts, "created": releases.now()})
+        atomic_write_json(
+            meta, {"inputs": fp.digest, "name": cfg.export.name, "parts": fp.parts, "created": releases.now()}
+        )
     try:
         record, manifest, c = decide(cfg, layout, run, fp)
         if record["decision"] == "promoted":
@@ -214,7 +219,7 @@ def train_and_decide(cfg: Config, layout: Layout, fp: NightInputs, today: date) 
             code, message = exit_status(e) or (1, f"{type(e).__name__}: {e}")
             decision = "interrupted" if isinstance(e, (Preempted, KeyboardInterrupt)) else "failed"  # rerun resumes
             line = {"event": "night", "decision": decision, "run": run, "inputs": fp.digest, "exit_code": code}
-            append_line(layout.registry, stamp(line | {"reason": message.splitlines()[0]}))
+            append_line(layout.registry, stamp(cfg, line | {"reason": message.splitlines()[0]}))
         raise
     return record
 
@@ -227,15 +232,16 @@ def run_night(cfg: Config, today: date) -> int:
         if why is not None:
             live = releases.live(layout.gguf_dir, cfg.export.name)
             line = {"event": "night", "decision": "unchanged", "inputs": fp.digest, "champion": live and live.run}
-            append_line(layout.registry, stamp(line | {"reason": why, "exit_code": 0}))
+            append_line(layout.registry, stamp(cfg, line | {"reason": why, "exit_code": 0}))
             log.info(why)
             return 0
         record = train_and_decide(cfg, layout, fp, today)
-        report = write_report(layout.run(record["run"]).root, record, read_lines(layout.registry))
+        report = write_report(layout.run(record["run"]).root, record, registry(layout, cfg.export.name))
         prune(cfg, layout)
     run = record["run"]
     if record["decision"] != "promoted":
-        raise GateRejected(f"{run}: {record['reason']}; {record['champion_before']} stays live (report: {report})")
+        live = f"{layout.gguf_dir / cfg.export.name}.gguf stays {record['champion_before']}'s"
+        raise GateRejected(f"{run}: {record['reason']}; {live} (report: {report})")
     log.info(f"promoted: {run}: {record['reason']} (report: {report})")
     default = gguf_filename(cfg.export.name, cfg.export.default_quant, cfg.export.default_quant)
     log.info(f"live: {layout.gguf_dir / default} is now {run}'s")
@@ -264,7 +270,7 @@ def roll_back(cfg: Config) -> int:
             raise RunError(f"no previous model to roll back to: {only} ({layout.gguf_dir}/{cfg.export.name}.gguf)")
         current = live_ids[-1]
         back = releases.publish(layout.gguf_dir, cfg.export.name, "rollback", rollback_to=live_ids[-2])
-        append_line(layout.registry, stamp({"event": "rollback", "run": back.run, "from_run": current}))
+        append_line(layout.registry, stamp(cfg, {"event": "rollback", "run": back.run, "from_run": current}))
     log.info(f"rolled back: {back.run} is live again (was {current}); recorded in {layout.registry}")
     return 0
 

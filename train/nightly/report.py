@@ -11,9 +11,10 @@ from matplotlib.figure import Figure
 
 from core import releases
 from core.config import Config
-from core.files import atomic_write_text, read_lines
+from core.files import atomic_write_text
 from core.gates import Gate, table
 from core.runfolder import Layout
+from train.nightly.retention import registry
 
 SHOWN = ("hf_loss", "gguf_loss", "quant_gap", "task_accuracy", "hf_perplexity", "gguf_perplexity")
 
@@ -153,7 +154,7 @@ def status_text(cfg: Config, layout: Layout, nights: int = 7) -> str:
         ]
     stack = releases.stack(layout.gguf_dir, name)
     lines.append(f"rollback:  {stack[-2] if len(stack) > 1 else 'none (no previous model)'}")
-    events = read_lines(layout.registry)[-nights:]
+    events = registry(layout, name)[-nights:]
     lines += ["last nights (newest first):", *[f"  {night_line(r)}" for r in reversed(events)]]
     return "\n".join(lines)
 
@@ -167,5 +168,5 @@ def status_json(cfg: Config, layout: Layout, nights: int = 7) -> dict[str, Any]:
         "scores": ((live.record.get("nightly") or {}).get("scores") or {}).get("candidate") if live else None,
         "files_intact": not live.problems() if live else None,
         "rollback_to": stack[-2] if len(stack) > 1 else None,
-        "last_events": read_lines(layout.registry)[-nights:],
+        "last_events": registry(layout, cfg.export.name)[-nights:],
     }

@@ -28,10 +28,21 @@ CANDIDATE_FILE = "nightly.json"  # in outputs/<run>/: the inputs the candidate t
 BY = "python -m train.nightly"
 
 
-def nightly_runs(layout: Layout) -> list[str]:
+def registry(layout: Layout, name: str) -> list[dict]:
+    """The registry's lines about export.name's nights (one registry serves every name under models/)."""
+    return [r for r in read_lines(layout.registry) if r.get("name", name) == name]
+
+
+def nightly_runs(layout: Layout, name: str) -> list[str]:
     """Runs the nightly job made, oldest first: the registry's, then unrecorded candidates (interrupted)."""
-    recorded = [r["run"] for r in read_lines(layout.registry) if r.get("event") == "night" and r.get("run")]
-    found = sorted(p.parent.name for p in layout.outputs.glob(f"*/{CANDIDATE_FILE}"))
+    recorded = [r["run"] for r in registry(layout, name) if r.get("event") == "night" and r.get("run")]
+    found = []
+    for meta in sorted(layout.outputs.glob(f"*/{CANDIDATE_FILE}")):
+        try:
+            if json.loads(meta.read_text()).get("name", name) == name:
+                found.append(meta.parent.name)
+        except (OSError, ValueError):
+            found.append(meta.parent.name)  # unreadable: an interrupted write of ours
     return [r for r in dict.fromkeys(recorded + found) if RUN_NAME.match(r)]
 
 
@@ -54,7 +65,9 @@ def kept(cfg: Config, layout: Layout) -> tuple[set[str], set[str]]:
     kept_releases = set(stack[: 1 + cfg.nightly.keep_champions]) | ({live.id} if live else set())
     found = (releases.release(layout.gguf_dir, cfg.export.name, i) for i in kept_releases)
     kept_runs = {r.run for r in found if r is not None}
-    others = sorted((r for r in nightly_runs(layout) if r not in kept_runs), key=lambda r: last_activity(layout, r))
+    others = sorted(
+        (r for r in nightly_runs(layout, cfg.export.name) if r not in kept_runs), key=lambda r: last_activity(layout, r)
+    )
     recent = others[len(others) - cfg.nightly.keep_candidates :] if cfg.nightly.keep_candidates else []
     return kept_releases, kept_runs | set(recent)
 
@@ -64,7 +77,7 @@ def doomed(cfg: Config, layout: Layout) -> dict[Path, str]:
     releases not kept."""
     kept_releases, kept_runs = kept(cfg, layout)
     paths: dict[Path, str] = {}
-    for run in nightly_runs(layout):
+    for run in nightly_runs(layout, cfg.export.name):
         if run not in kept_runs:
             for p in [layout.run(run).root, layout.final_model(run), layout.adapter(run)]:
                 paths[p] = run
