@@ -79,7 +79,7 @@ def resolve_model(name_or_path: str, revision: str = "main", hf_home: Path | Non
     if snapshot is None or not (snapshot / "config.json").exists():
         built_here = BUILT_LOCALLY.get(name_or_path)
         if built_here:
-            fix = f"it is built on this machine, not downloaded: {built_here} (from the project's root folder)"
+            fix = f"build it on this machine: {built_here} (from the project's root folder)"
         else:
             fix = (
                 f"on a machine with network access (and the model's licence accepted), run\n"
