@@ -123,12 +123,9 @@ def converted_gguf(snapshot: Path, tmp_path_factory) -> Path:
 
 
 def vocab_only(path: Path):
-    import llama_cpp
+    from convert.score import GGUF
 
-    from convert.llamacpp import native_output_to
-
-    with native_output_to(None):
-        return llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    return GGUF(path, vocab_only=True)
 
 
 def gguf_fields(path: Path) -> dict:
@@ -244,7 +241,7 @@ def test_tokenizer_matches_llama_cpp_on_the_original_gguf(tokenizer, original_gg
     for text in probes():
         for bos in (True, False):
             hf = tokenizer(text, add_special_tokens=bos)["input_ids"]
-            cpp = llm.tokenize(text.encode("utf-8"), add_bos=bos, special=True)
+            cpp = llm.tokenize(text, bos)
             assert hf == cpp, (text, bos)
     # the ids a bug would change, literally
     assert tokenizer("<start_of_turn>", add_special_tokens=False)["input_ids"] == [105]
@@ -286,32 +283,27 @@ def test_converter_gives_back_the_original_vocabulary(original_gguf: Path, conve
     old, new = vocab_only(original_gguf), vocab_only(converted_gguf)
     for text in probes():
         for bos in (True, False):
-            assert new.tokenize(text.encode(), add_bos=bos, special=True) == old.tokenize(
-                text.encode(), add_bos=bos, special=True
-            ), text
+            assert new.tokenize(text, bos) == old.tokenize(text, bos), text
 
 
 def test_converted_gguf_logits_match_the_hf_model(model, tokenizer, converted_gguf: Path, original_gguf: Path):
     """Last-token logits, verify's measure (NMSE = MSE / Var(HF), top-1), of the f32 round trip against the entry
     in transformers; the original Q4_K_M file's figure beside it, for scale (llama.cpp's quantized matmuls)."""
-    import llama_cpp
     import torch
 
-    from convert.verify import GGUFRunner, Tally
+    from convert.score import GGUF, Tally
 
     figures = {}
     for name, path in (("f32 round trip", converted_gguf), ("original q4_k_m", original_gguf)):
-        runner, tally = GGUFRunner(path, n_ctx=512, log_path=None), Tally()
-        try:
+        tally = Tally()
+        with GGUF(path, 512) as runner:
             for prompt in PROMPTS:
                 ids = tokenizer(prompt)["input_ids"]
                 with torch.no_grad():
                     hf = model(torch.tensor([ids])).logits[0, -1].numpy()
                 runner.start()
                 tally.add_last(hf, runner.logits(ids, 0)[-1].copy())
-            stops = llama_cpp.llama_vocab_is_eog(llama_cpp.llama_model_get_vocab(runner.llm.model), 106)
-        finally:
-            runner.close()
+            stops = runner.ends_generation(106)
         figures[name] = {k: tally.measures()[k] for k in ("nmse", "top1")} | {"end_of_turn_stops": bool(stops)}
     print(f"\n[real] llama.cpp vs HF, last-token logits of {len(PROMPTS)} prompts: {json.dumps(figures)}")
     assert figures["f32 round trip"]["nmse"] < 1e-5 and figures["f32 round trip"]["top1"] == 1.0
