@@ -22,7 +22,6 @@ in the resident set.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -186,8 +185,8 @@ def _chunk_logits(ckpt: _Checkpoint, config, output: str, hidden: torch.Tensor) 
 
 
 class Reference:
-    """The reference of one set of texts: the decoder runs once (construction), then `logits_of()` (or `chunks()`)
-    gives logits of any positions as often as asked, each time from the kept final hidden states (texts x tokens
+    """The reference of one set of texts: the decoder runs once (construction), then `logits_of()` gives logits of
+    any positions as often as asked, each time from the kept final hidden states (texts x tokens
     x hidden floats: 19 MB for 2,048 tokens at the 2B's shapes) through the output layer (~1/5 of a forward each
     time; verification keeps the first pass's logits in a scratch file, convert/verify.py ReferenceChunks)."""
 
@@ -214,10 +213,6 @@ class Reference:
             for start in range(0, h.shape[0], chunk)
         ]
 
-    def logits(self, t: int, start: int, stop: int) -> np.ndarray:
-        """float32 logits [stop - start, vocab] of positions start..stop of text t."""
-        return self.logits_of([(t, start, stop)])
-
     def logits_of(self, spans: list[tuple[int, int, int]]) -> np.ndarray:
         """float32 logits of several (text, start, stop) spans, their rows one after another: one pass over the
         output weight for all of them (each pass upcasts the whole 256k x 2304 table, ~0.3 s at the 2B's size
@@ -225,16 +220,3 @@ class Reference:
         with torch.inference_mode():  # entered and left here: never held across a caller's yield (thread state)
             hidden = torch.cat([self.hidden[t][start:stop] for t, start, stop in spans])
             return _chunk_logits(self.ckpt, self.config, self.output, hidden)
-
-    def chunks(self, chunk: int = 256) -> Iterator[tuple[int, np.ndarray]]:
-        """yield (text index, float32 logits [n, vocab]) for consecutive chunks of positions of each text, in order"""
-        for t, start, stop in self.plan(chunk):
-            yield t, self.logits(t, start, stop)
-
-
-def reference_logits(model_dir: Path, texts_ids: list[list[int]], chunk: int = 256) -> Iterator[tuple[int, np.ndarray]]:
-    """yield (text index, float32 logits [n, vocab]) for consecutive chunks of positions of each text, in order
-    (one pass of Reference)."""
-    if chunk < 1:
-        raise RunError(f"reference: chunk must be at least 1 position, got {chunk}")
-    return Reference(model_dir, texts_ids).chunks(chunk)

@@ -28,7 +28,6 @@ EXIT_NONFINITE = 5
 EXIT_DISK_SPACE = 6
 EXIT_LOCKED = 75  # EX_TEMPFAIL (sysexits.h): "temporary failure, the user is invited to retry"
 EXIT_SIGINT = 128 + signal.SIGINT
-EXIT_SIGTERM = 128 + signal.SIGTERM
 
 
 # The command that continues this process's work, in the hints a stop prints. A CLI names itself

@@ -78,11 +78,6 @@ def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
-def atomic_copy_file(src: Path, dst: Path) -> None:
-    with _staged_file(dst) as tmp:
-        shutil.copyfile(src, tmp)
-
-
 def publish_tree(folder: Path) -> None:
     """Every file and folder under `folder` (itself included) gets the mode the umask gives new files: what
     libraries wrote through mkstemp (safetensors, 0600) must be readable by whoever loads a promoted artifact."""
@@ -138,20 +133,6 @@ def move_dir_into_place(src: Path, dst: Path) -> None:
         if stage.exists() and not src.exists():
             stage.rename(src)
         raise
-
-
-def move_into_place(src: Path, dst: Path) -> None:
-    """Move a finished file into place atomically, across file systems (Docker volumes) too."""
-    _publish_mode(src)  # whoever wrote it (a tool through mkstemp) may have made it private
-    try:
-        os.replace(src, dst)  # same file system: one atomic rename
-    except OSError as e:
-        if e.errno != errno.EXDEV:
-            raise
-        atomic_copy_file(src, dst)  # another file system: temporary name beside dst, fsync, rename
-        src.unlink()
-        return
-    fsync_dir(dst.parent)  # make the rename durable before the manifest names the file
 
 
 # What a run folder, a checkpoint or a release vouches for: {path: {"size": bytes, "sha256": hex}}, paths relative

@@ -32,7 +32,6 @@ from core.records.sources import json_error, json_type
 
 IGNORE_INDEX = -100  # labels the loss skips (torch CrossEntropyLoss ignore_index)
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"  # core/templates: the chat templates we ship
-FORMATS = ("messages", "prompt_completion", "text")
 ROLES = ("system", "user", "assistant", "tool")
 
 TextCheck = Callable[[str, str], None]  # (text, field) -> None; raises RecordProblem when the text is unusable

@@ -9,8 +9,8 @@ import yaml
 from transformers import Gemma2Config, Gemma2ForCausalLM
 
 from core.config import ConfigError, load_config
-from train.data import collate
 from scripts.tiny_model import TINY_CONFIG
+from train.data import collate
 
 VOCAB = 320
 

@@ -22,8 +22,8 @@ from transformers import Gemma2Config, Gemma2ForCausalLM
 from core.config import ConfigError, load_config
 from core.errors import RunError
 from core.runfolder import RunFolder
-from train.model import compile_layers
 from scripts.tiny_model import TINY_CONFIG
+from train.model import compile_layers
 from train.trainer import training_arguments
 
 VOCAB = 512

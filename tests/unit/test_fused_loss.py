@@ -16,9 +16,9 @@ from peft import LoraConfig, get_peft_model
 from transformers import Gemma2Config, Gemma2ForCausalLM
 
 from core.records.render import IGNORE_INDEX
+from scripts.tiny_model import TINY_CONFIG
 from train.data import collate
 from train.loss import enable_fused_lm_head
-from scripts.tiny_model import TINY_CONFIG
 
 VOCAB = 384
 BOS = 2

@@ -45,7 +45,7 @@ def heldout_ids(tok) -> list[list[int]]:
 
 @pytest.mark.parametrize("rslora, with_base_gguf", [(False, True), (True, False)])
 def test_adapter_gguf_reproduces_the_merged_model(hf_home, tok, tmp_path, rslora, with_base_gguf):
-    """On the base GGUF (base + adapter vs the merged HF model), or without one (merged GGUF - adapter vs the HF base)."""
+    """On the base GGUF (base + adapter vs the merged HF model), or without (merged GGUF - adapter vs the HF base)."""
     base_dir, adapter_dir = base_and_adapter(hf_home, tok, tmp_path, rslora)
     merged_gguf = tmp_path / "merged.f32.gguf"
     merged_dir = merge_adapter(base_dir, adapter_dir, tmp_path / "merged")

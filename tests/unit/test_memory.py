@@ -13,10 +13,10 @@ from peft import LoraConfig, get_peft_model
 from transformers import Gemma2Config, Gemma2ForCausalLM
 
 from core.config import Config
+from scripts.tiny_model import TINY_CONFIG
 from train.device import Placement
 from train.loss import enable_fused_lm_head
 from train.memory import PeakMemory, describe, estimate_step_memory
-from scripts.tiny_model import TINY_CONFIG
 
 SHAPE = dict(TINY_CONFIG, vocab_size=8192, num_hidden_layers=2)
 BATCH, SEQ = 2, 256

@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import convert.reference as reference
-from convert.reference import reference_logits
+from convert.reference import Reference
+from convert.score import ReferenceChunks
 from core.errors import RunError
 from core.hub import resolve_model
 from tests.conftest import TINY_REPO
@@ -26,6 +27,11 @@ CHUNK = 48
 @pytest.fixture(scope="module")
 def tiny_dir(hf_home: Path) -> Path:
     return resolve_model(TINY_REPO, hf_home=hf_home).path  # the hub cache: files are symlinks to blobs
+
+
+def reference_logits(model_dir: Path, texts: list[list[int]], chunk: int = 256) -> ReferenceChunks:
+    """The reference's logits chunk by chunk, as verification reads them (no scratch file)."""
+    return ReferenceChunks(Reference(model_dir, texts), chunk, None)
 
 
 def make_texts(vocab: int) -> list[list[int]]:
