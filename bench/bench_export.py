@@ -31,6 +31,9 @@ Routes:
 - ours: `python -m convert export --config configs/gemma2b_lora.yaml` on a copy of the cached run folder, with
   export.export_base=false (the fine-tuned export only) and the paths moved into the workdir; whatever the
   export is today: its verify.json (scored tokens and gates per file, imatrix comparison if present) is printed.
+- scores (with --scores, after ours): the nightly job's scores of the exported model on an eval set its verification
+  did not score (data/demo/heldout.jsonl), the costly case: train.nightly.scores.score_model streams the HF model
+  (convert/score.py) beside the default GGUF. Issue 21's target: its peak tree RSS no higher than ours' export's.
 Targets (issue 10): ours/plain wall <= 1.0x; ours peak RSS <= 4 GiB and <= 0.75x plain; written <= 1.2x plain.
 With --only, the other route's numbers come from the earlier run recorded in --out (said so in the output).
 With --memory-limit, each route runs in a fresh memory cgroup of that size (as `docker run --memory`): the result
@@ -777,6 +780,35 @@ def run_ours(
     return route_total([stage], folder_size(work) - before), report
 
 
+def run_scores(work: Path, logs: Path) -> dict[str, Any]:
+    """The nightly job's scoring of ours' published model (its merged folder and default GGUF), in a child."""
+    cmd = [sys.executable, __file__, "--nightly-scores", str(work)]
+    stage = run_stage("scores", "score_model", cmd, log_path=logs / "scores.log", env=child_env(), echo=True)
+    return route_total([stage], 0)
+
+
+def nightly_scores(work: Path) -> None:
+    """--nightly-scores WORK: score_model on ours' output as a night scores a champion whose verification did not
+    cover the eval set (verified=None: the HF model streamed, the GGUF run, the task checks answered)."""
+    from core.config import load_config  # noqa: PLC0415 (child process)
+    from core.runfolder import Layout  # noqa: PLC0415
+    from train.nightly.scores import load_eval_set, score_model  # noqa: PLC0415
+
+    overrides = run_overrides(work / "outputs", work / "models") + [
+        f"export.gguf_dir={work / 'models' / 'gguf'}",
+        f"nightly.eval_files=[{ROOT / 'data' / 'demo' / 'heldout.jsonl'}]",
+        f"nightly.task_checks={ROOT / 'data' / 'demo' / 'nightly_tasks.jsonl'}",
+        "nightly.max_new_tokens=16",
+    ]
+    cfg = load_config(PRODUCTION, overrides)
+    layout = Layout.of(cfg)
+    gguf = layout.gguf_dir / f"{cfg.export.name}.gguf"
+    t0 = time.monotonic()
+    scores = score_model(layout.final_model(RUN_NAME), gguf, load_eval_set(cfg), cfg, verified=None)
+    shown = {k: scores[k] for k in ("hf_loss", "gguf_loss", "quant_gap", "task_accuracy", "records")}
+    print(f"  scores in {time.monotonic() - t0:.0f} s: {json.dumps(shown)}", flush=True)
+
+
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -804,7 +836,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="run each route in a memory cgroup of this size (4GiB, 4 = GiB), as `docker run --memory` would, and "
         "report whether it completes or is OOM-killed (root; drops the page cache before each route)",
     )
+    parser.add_argument(
+        "--scores",
+        action="store_true",
+        help="after ours, measure the nightly job's scoring of its output (peak RSS against ours' export's)",
+    )
     parser.add_argument("--build-model", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--nightly-scores", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--check-adapter", nargs=2, type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--plain-merge", nargs=3, type=Path, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -907,6 +945,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.plain_merge:
         plain_merge(*a.plain_merge)
         return 0
+    if a.nightly_scores:
+        nightly_scores(a.nightly_scores)
+        return 0
     from core.config import load_config  # noqa: PLC0415 (pydantic: not for the child stages above)
 
     token_embd = load_config(PRODUCTION).export.token_embedding_type or ""
@@ -937,6 +978,11 @@ def main(argv: list[str] | None = None) -> int:
         results[route], report_ = run_route(route, snapshot, run_dir, workdir, logs, token_embd, limit)
         if route == "ours":
             results["verify"] = report_
+            if a.scores:
+                print("\n== the nightly job's scores of ours' output")
+                results["scores"] = run_scores(workdir / "ours", logs)
+                ratio = results["scores"]["peak_rss"] / max(results["ours"]["peak_rss"], 1)
+                print(f"scores peak RSS / ours export peak RSS: {ratio:.2f}x (target <= 1.0x)")
         results[route] |= {"when": now, "memory_limit": limit}
         if not a.keep:
             shutil.rmtree(workdir / route, ignore_errors=True)
