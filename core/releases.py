@@ -215,8 +215,8 @@ def _switch(gguf_dir: Path, name: str, new: Release) -> None:
     for p in gguf_dir.iterdir():
         if p.is_symlink() and os.readlink(p).startswith(via) and not p.exists():
             p.unlink()
-    for p in gguf_dir.glob(f".*.{TMP}"):
-        p.unlink(missing_ok=True)
+    for p in [*gguf_dir.glob(f".*.{TMP}"), *releases_dir(gguf_dir, name).glob(f".*.{TMP}")]:
+        p.unlink(missing_ok=True)  # a link a killed publish made and never renamed (rmtree skips links)
     fsync_dir(gguf_dir)
 
 
