@@ -98,13 +98,19 @@ def history(gguf_dir: Path, name: str) -> list[dict[str, Any]]:
 
 def stack(gguf_dir: Path, name: str) -> list[str]:
     """The release ids that were live, replayed from the history: a publish pushes, a rollback pops. The last is
-    live; the one before it is what a rollback makes live again."""
+    live; the one before it is what a rollback makes live again. A switch that a kill left unrecorded (after the
+    rename of `live`, before its history line) is replayed from the next line's `was`, or from `live` itself."""
     live_ids: list[str] = []
     for line in history(gguf_dir, name):
+        if line.get("was") and live_ids[-1:] != [line["was"]]:
+            live_ids.append(line["was"])
         if line["event"] == "rollback" and live_ids:
             live_ids.pop()
         elif line["event"] == "publish":
             live_ids.append(line["release"])
+    now = live(gguf_dir, name)
+    if now is not None and live_ids[-1:] != [now.id]:
+        live_ids.append(now.id)
     return live_ids
 
 
