@@ -396,9 +396,11 @@ def test_the_eval_set_digest_changes_with_what_changes_a_score(tmp_path):
 # ----------------------------------------------------------------------------- the job lock and its recovery
 
 
-def test_the_job_lock_records_a_promotion_a_kill_left_unrecorded(tmp_path):
-    """Killed after the switch (between_renames), before the history and registry lines: the next verb records it
-    once, status shows it live with the previous model as the rollback target, and rollback returns to that."""
+@pytest.mark.parametrize("point", ["between_renames", "before_record"])
+def test_the_job_lock_records_a_promotion_a_kill_left_unrecorded(tmp_path, point):
+    """Killed after the switch: at between_renames (no history line either) or at before_record (published, the
+    registry line not yet appended). The next verb records the decision once; status shows the model live with
+    the previous one as the rollback target; rollback returns to it."""
     cfg = config(tmp_path)
     layout, gguf = Layout.of(cfg), Path(cfg.export.gguf_dir)
     promoted(tmp_path, cfg, "n1", "a" * 64, "2026-01-01T00:00:00+0000")
@@ -407,8 +409,9 @@ def test_the_job_lock_records_a_promotion_a_kill_left_unrecorded(tmp_path):
     pid = os.fork()
     if pid == 0:
         try:
-            releases.reached = lambda p: os.kill(os.getpid(), signal.SIGKILL) if p == "between_renames" else None
+            releases.reached = lambda p: os.kill(os.getpid(), signal.SIGKILL) if p == point else None
             releases.publish(gguf, NAME, "n2", sources, {"by": BY, "inputs": "b" * 64, "nightly": decision})
+            releases.reached("before_record")  # train_and_decide's point after publish_run
         finally:
             os._exit(1)
     assert os.waitpid(pid, 0)[1] == signal.SIGKILL
@@ -421,7 +424,8 @@ def test_the_job_lock_records_a_promotion_a_kill_left_unrecorded(tmp_path):
     assert [r["run"] for r in lines] == ["n1", "n2"]  # once
     assert lines[-1] == decision | {"recovered": lines[-1]["recovered"]}
     text = status_text(cfg, layout)
-    assert "live:      n2, since ?, published by python -m train.nightly" in text
+    since = "?" if point == "between_renames" else releases.history(gguf, NAME)[-1]["time"]
+    assert f"live:      n2, since {since}, published by python -m train.nightly" in text
     assert "rollback:  n1" in text and "(recorded at " in text and "after an interrupted promotion)" in text
     assert night.unchanged(cfg, layout, inputs("b" * 64)).startswith("unchanged since n2: ")
 
