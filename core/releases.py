@@ -36,7 +36,7 @@ TMP = "publish-tmp"  # suffix of temporary link names: .<name>.<pid>.publish-tmp
 
 def reached(point: str) -> None:
     """A named point of a promotion: after_stage, before_switch, between_renames. Does nothing; the crash tests
-    replace it (tests/support/faults.py) to SIGKILL the process there."""
+    replace it to SIGKILL the process there (tests/unit/test_releases.py, the CLI test server's kill_at)."""
 
 
 @dataclass(frozen=True)
