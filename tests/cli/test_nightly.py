@@ -1,6 +1,6 @@
 """Nightly retraining end to end, through the real CLI (`python -m train.nightly`, in forks of the CLI server) on
 the tiny Gemma 2, in a workspace with relative paths. Two trainings in all, shared by the module's tests as
-snapshots that each test copies before it changes anything:
+workspaces that a test copies before it changes anything:
 
     night1     night 1 on 200 records, SIGKILLed at its promotion's first point (after_stage), then run again:
                the same candidate, not retrained, promoted (the first champion: absolute gates only)
@@ -120,7 +120,7 @@ def tree(folder: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def night1(cli, tmp_path_factory) -> dict:
-    ws = tmp_path_factory.mktemp("nightly") / "ws"
+    ws = tmp_path_factory.mktemp("nightly") / "night1"
     ws.mkdir()
     (ws / "config.yaml").write_text(yaml.safe_dump(CONFIG, sort_keys=False))
     write_data(ws, records(200))
@@ -136,17 +136,16 @@ def night1(cli, tmp_path_factory) -> dict:
     rc, out = nightly(cli, ws, "run")
     assert rc == 0, out[-4000:]
     (line,) = registry(ws)
-    snapshot = copy_workspace(ws, ws.with_name("night1"))
-    return {"ws": snapshot, "run": line["run"], "line": line, "killed": killed, "out": out, "after_kill": after_kill}
+    return {"ws": ws, "run": line["run"], "line": line, "killed": killed, "out": out, "after_kill": after_kill}
 
 
 @pytest.fixture(scope="module")
 def rejected(cli, night1) -> dict:
-    ws = copy_workspace(night1["ws"], night1["ws"].with_name("rejected-ws"))
+    ws = copy_workspace(night1["ws"], night1["ws"].with_name("rejected"))
     write_data(ws, reversed_answers(records(200)))
     rc, out = nightly(cli, ws, "run")
     assert rc == 7, out[-4000:]
-    return {"ws": copy_workspace(ws, ws.with_name("rejected")), "out": out, "line": registry(ws)[-1]}
+    return {"ws": ws, "out": out, "line": registry(ws)[-1]}
 
 
 # ----------------------------------------------------------------------------- night 1: promoted
