@@ -7,7 +7,7 @@ workspaces that a test copies before it changes anything:
     rejected   night1, then a night on data whose answers are reversed: rejected (exit 7), champion untouched
 
 The logic behind each verb (gates, retention, recovery, rollback, crashes at every promotion point) is tested on
-files in tests/unit/test_nightly.py and tests/unit/test_releases.py."""
+files in tests/unit/test_nightly_logic.py and tests/unit/test_releases.py."""
 
 from __future__ import annotations
 
