@@ -11,6 +11,7 @@ publish_run only when its gates pass.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -272,30 +273,33 @@ def publish_run(
     the merged model to models/finetuned/final_models/<run>, the fine-tuned GGUFs (with the adapter GGUF and a
     Modelfile for each model GGUF) and a base export made by this run as releases of their names (core/releases.py).
     `meta` goes into the fine-tuned release's record (the nightly job's decision). Stopped midway, each target is
-    whole (old or new) and the manifest still says `exported`: publishing again finishes it."""
+    whole (old or new) and the manifest still says `exported`: publishing again finishes it. A complete run whose
+    release another has replaced (the nightly job promoting it again) is published again, as a new release."""
     art = manifest.artifacts
     with promotion_lock(folder.adapter_out, cfg.run_name):
         atomic_replace_dir(folder.adapter, folder.adapter_out)
     art["adapter"]["path"] = str(folder.adapter_out)
     merged = Path(art["merged"]["path"])
-    if merged != folder.merged_out:
+    if merged != folder.merged_out and (merged.exists() or not folder.merged_out.is_dir()):  # else moved already
         with promotion_lock(folder.merged_out, cfg.run_name):
             move_dir_into_place(merged, folder.merged_out)
-        art["merged"]["path"] = str(folder.merged_out)
+    art["merged"]["path"] = str(folder.merged_out)
     gguf_dir = Path(cfg.export.gguf_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(folder.adapter))
     lora = art.get("lora_gguf")
     for label, export in art["gguf"].items():
-        if export["release"] is not None:  # the live base export, reused
-            continue
-        files = {e["file"]: Path(e["path"]) for e in export["files"].values()}
+        live = releases.live(gguf_dir, export["name"])
+        if export["release"] is not None and (label == "base" or (live is not None and live.id == export["release"])):
+            continue  # the live base export, reused (or published already); this run's release, live
+        files = {e["file"]: _finished(gguf_dir, folder, export["name"], e) for e in export["files"].values()}
         for file, path in list(files.items()):
             files[f"{Path(file).stem}.Modelfile"] = write_modelfile(path, file, tokenizer)
         published = {q: e | {"path": str(gguf_dir / e["file"])} for q, e in export["files"].items()}
         record = {"by": by, "manifest": str(folder.manifest), "quants": published}
         if label == "finetuned":
             if lora and lora["path"]:
-                files[f"{export['name']}.lora.gguf"] = Path(lora["path"])
+                lora_file = f"{export['name']}.lora.gguf"
+                files[lora_file] = _finished(gguf_dir, folder, export["name"], {"file": lora_file} | lora)
                 lora["path"] = str(gguf_dir / f"{export['name']}.lora.gguf")
             record |= meta or {}
         else:
@@ -307,3 +311,27 @@ def publish_run(
     manifest.status = "complete"
     folder.write_manifest(manifest)
     return manifest
+
+
+def _finished(gguf_dir: Path, folder: RunFolder, name: str, entry: dict[str, Any]) -> Path:
+    """The finished file to publish as entry["file"]: the export's work file (entry["path"]); or, when a publish of
+    this run has moved it into a release already (a publish stopped before the manifest said so, or a complete run
+    published again), a link to the release's copy, with the sha256 the export recorded: the same bytes, not copied."""
+    path = Path(entry["path"])
+    if path.is_file() and not path.is_symlink():
+        return path
+    for release_id in reversed(releases.release_ids(gguf_dir, name)):
+        found = releases.release(gguf_dir, name, release_id)
+        if found is None or found.run != folder.run_name:
+            continue
+        recorded = found.files.get(entry["file"])
+        if recorded and recorded["sha256"] == entry.get("sha256", recorded["sha256"]):
+            work = folder.export_dir / name / entry["file"]  # work files are <name>.<quant>.gguf: none has this name
+            work.parent.mkdir(parents=True, exist_ok=True)
+            work.unlink(missing_ok=True)
+            try:
+                os.link(found.folder / entry["file"], work)
+            except OSError:  # another volume
+                shutil.copyfile(found.folder / entry["file"], work)
+            return work
+    return path  # missing: the publication says so

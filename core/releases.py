@@ -36,7 +36,7 @@ TMP = "publish-tmp"  # suffix of temporary link names: .<name>.<pid>.publish-tmp
 
 def reached(point: str) -> None:
     """A named point of a promotion: after_stage, before_switch, between_renames. Does nothing; the crash tests
-    replace it (tests/support/faults.py) to SIGKILL the process there."""
+    replace it to SIGKILL the process there (tests/unit/test_releases.py, the CLI test server's kill_at)."""
 
 
 @dataclass(frozen=True)
@@ -98,13 +98,19 @@ def history(gguf_dir: Path, name: str) -> list[dict[str, Any]]:
 
 def stack(gguf_dir: Path, name: str) -> list[str]:
     """The release ids that were live, replayed from the history: a publish pushes, a rollback pops. The last is
-    live; the one before it is what a rollback makes live again."""
+    live; the one before it is what a rollback makes live again. A switch that a kill left unrecorded (after the
+    rename of `live`, before its history line) is replayed from the next line's `was`, or from `live` itself."""
     live_ids: list[str] = []
     for line in history(gguf_dir, name):
+        if line.get("was") and live_ids[-1:] != [line["was"]]:
+            live_ids.append(line["was"])
         if line["event"] == "rollback" and live_ids:
             live_ids.pop()
         elif line["event"] == "publish":
             live_ids.append(line["release"])
+    now = live(gguf_dir, name)
+    if now is not None and live_ids[-1:] != [now.id]:
+        live_ids.append(now.id)
     return live_ids
 
 
@@ -215,8 +221,8 @@ def _switch(gguf_dir: Path, name: str, new: Release) -> None:
     for p in gguf_dir.iterdir():
         if p.is_symlink() and os.readlink(p).startswith(via) and not p.exists():
             p.unlink()
-    for p in gguf_dir.glob(f".*.{TMP}"):
-        p.unlink(missing_ok=True)
+    for p in [*gguf_dir.glob(f".*.{TMP}"), *releases_dir(gguf_dir, name).glob(f".*.{TMP}")]:
+        p.unlink(missing_ok=True)  # a link a killed publish made and never renamed (rmtree skips links)
     fsync_dir(gguf_dir)
 
 

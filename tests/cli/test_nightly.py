@@ -1,36 +1,32 @@
-"""Nightly retraining through the real CLI (`python -m train.nightly`) on the tiny Gemma 2.
+"""Nightly retraining end to end, through the real CLI (`python -m train.nightly`, in forks of the CLI server) on
+the tiny Gemma 2, in a workspace with relative paths. Two trainings in all, shared by the module's tests as
+workspaces that a test copies before it changes anything:
 
-Two trained nights are shared (module fixture `nights`), as snapshots of a whole workspace (config with
-relative paths, data, outputs/, models/) that each test copies and works on:
+    night1     night 1 on 200 records, SIGKILLed at its promotion's first point (after_stage), then run again:
+               the same candidate, not retrained, promoted (the first champion: absolute gates only)
+    rejected   night1, then a night on data whose answers are reversed: rejected (exit 7), champion untouched
 
-    champion_a   night 1 on data A (200 records) promoted: A is live
-    pending_b    then night 2 on data B (A + 100 new records), trained, scored and SIGKILLed at the first
-                 step of its promotion (before_copy): A still live, B's decision journaled
-    promoted_b   pending_b after one more plain night: B live, A the rollback target
-
-Crashes are real SIGKILLs at the named points of train.nightly.promote, through tests/support/nightly_faults.py.
-"""
+The logic behind each verb (gates, retention, recovery, rollback, crashes at every promotion point) is tested on
+files in tests/unit/test_nightly_logic.py and tests/unit/test_releases.py."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import shutil
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import DEMO_DATA, DEMO_HELDOUT, ROOT, TINY_REPO, cli_env
+from core import releases
+from tests.conftest import DEMO_DATA, DEMO_HELDOUT, ROOT, TINY_REPO, copy_workspace
 
 pytestmark = pytest.mark.slow
 
-NAMES = ("gemma_2b_finetuned.gguf", "gemma_2b_finetuned.q4_k_m.gguf")  # the live files (q8_0 is the default)
+NAME = "gemma_2b_finetuned"
+NAMES = (f"{NAME}.gguf", f"{NAME}.q4_k_m.gguf")  # the live GGUF files (q8_0 is the default)
 CONFIG = {
     "run_name": "unused",
     "model": {"name_or_path": TINY_REPO, "dtype": "float32", "attn_implementation": "eager"},
@@ -85,309 +81,245 @@ def reversed_answers(rows: list[dict]) -> list[dict]:
     return out
 
 
-def nightly(ws: Path, hf_home: Path, *args: str, harness: bool = False, **env: str) -> subprocess.Popen:
-    """Start `python -m train.nightly <args> --config config.yaml` in ws; output to a file (a pipe could block)."""
-    n = len(list(ws.glob("nightly-*.out")))
-    out = open(ws / f"nightly-{n}.out", "w")  # noqa: SIM115 (closed when the process is finished)
-    module = "tests.support.nightly_faults" if harness else "train.nightly"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", module, *args, "--config", "config.yaml"],
-        cwd=ws,
-        env=cli_env(hf_home) | env,
-        stdout=out,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    proc.log = Path(out.name)  # type: ignore[attr-defined]
-    return proc
-
-
-def finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, str]:
-    proc.wait(timeout=timeout)
-    return proc.returncode, proc.log.read_text()  # type: ignore[attr-defined]
-
-
-def run_nightly(ws: Path, hf_home: Path, *args: str, **kw) -> tuple[int, str]:
-    return finish(nightly(ws, hf_home, *args, **kw))
+def nightly(cli, ws: Path, verb: str, *args: str, kill_at: str | None = None) -> tuple[int, str]:
+    """`python -m train.nightly <verb> --config config.yaml <args>` in ws: (exit status, stdout + stderr)."""
+    res = cli.run("train.nightly", [verb, "--config", "config.yaml", *args], ws, kill_at=kill_at)
+    return res.returncode, res.stdout + res.stderr
 
 
 def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def live(ws: Path) -> dict[str, str]:
+def live_files(ws: Path) -> dict[str, str]:
     return {n: sha(ws / "models" / "gguf" / n) for n in NAMES}
 
 
 def registry(ws: Path) -> list[dict]:
     path = ws / "models" / "finetuned" / "registry.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def champion_files(ws: Path, run: str) -> dict[str, str]:
-    """The sha256 of each live name, from the run's manifest: the files its export verified."""
-    manifest = json.loads((ws / "outputs" / run / "manifest.json").read_text())
-    return {Path(e["path"]).name: e["sha256"] for e in manifest["artifacts"]["gguf"]["finetuned"].values()}
+def live(ws: Path) -> releases.Release | None:
+    return releases.live(ws / "models" / "gguf", NAME)
 
 
-def copy_ws(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst, symlinks=True)  # .live and the live names are relative symlinks
-    for out in dst.glob("nightly-*.out"):
-        out.unlink()
-    return dst
-
-
-def tree(ws: Path) -> dict[str, str]:
-    """Every file under ws (links by target) with its content hash."""
+def tree(folder: Path) -> dict[str, str]:
+    """Every file under folder (links by target) with its content hash."""
     found = {}
-    for p in sorted(ws.rglob("*")):
-        rel = str(p.relative_to(ws))
+    for p in sorted(folder.rglob("*")):
         if p.is_symlink():
-            found[rel] = "-> " + os.readlink(p)
+            found[str(p.relative_to(folder))] = "-> " + os.readlink(p)
         elif p.is_file():
-            found[rel] = sha(p)
+            found[str(p.relative_to(folder))] = sha(p)
     return found
 
 
-# ----------------------------------------------------------------------------- the shared nights
+# ----------------------------------------------------------------------------- the two trained nights
 
 
 @pytest.fixture(scope="module")
-def nights(hf_home: Path, tmp_path_factory) -> dict:
-    base = tmp_path_factory.mktemp("nightly")
-    ws = base / "ws"
+def night1(cli, tmp_path_factory) -> dict:
+    ws = tmp_path_factory.mktemp("nightly") / "night1"
     ws.mkdir()
     (ws / "config.yaml").write_text(yaml.safe_dump(CONFIG, sort_keys=False))
     write_data(ws, records(200))
-    rc, out1 = run_nightly(ws, hf_home, "run")
-    assert rc == 0, out1[-4000:]
-    a = registry(ws)[-1]["run"]
-    champion_a = copy_ws(ws, base / "champion_a")
-
-    write_data(ws, records())
-    rc, out2 = run_nightly(ws, hf_home, "run", harness=True, NIGHTLY_TEST_KILL_AT="before_copy")
-    assert rc == -9, out2[-4000:]
-    pending_b = copy_ws(ws, base / "pending_b")
-    b = json.loads((ws / "models" / "finetuned" / "nightly" / "promotion.json").read_text())["run"]
-
-    rc, out3 = run_nightly(ws, hf_home, "run")
-    assert rc == 0, out3[-4000:]
-    promoted_b = copy_ws(ws, base / "promoted_b")
-    return {
-        "a": a,
-        "b": b,
-        "champion_a": champion_a,
-        "pending_b": pending_b,
-        "promoted_b": promoted_b,
-        "outputs": (out1, out2, out3),
-        "files_a": champion_files(champion_a, a),
-        "files_b": champion_files(pending_b, b),
+    rc, killed = nightly(cli, ws, "run", kill_at="after_stage")
+    assert rc == -9, killed[-4000:]
+    gguf = ws / "models" / "gguf"
+    after_kill = {
+        "releases": sorted(p.name for p in (gguf / ".releases" / NAME).iterdir()),
+        "live": live(ws),
+        "names": sorted(p.name for p in gguf.iterdir() if not p.name.startswith(".")),
+        "registry": registry(ws),
     }
-
-
-# ----------------------------------------------------------------------------- tests
-
-
-def test_first_night_promotes_and_names_the_run(nights):
-    ws, a = nights["champion_a"], nights["a"]
-    assert a.startswith("nightly-") and len(a.split("-")[-1]) == 8
-    assert "trained 12 steps" in nights["outputs"][0]
+    rc, out = nightly(cli, ws, "run")
+    assert rc == 0, out[-4000:]
     (line,) = registry(ws)
+    return {"ws": ws, "run": line["run"], "line": line, "killed": killed, "out": out, "after_kill": after_kill}
+
+
+@pytest.fixture(scope="module")
+def rejected(cli, night1) -> dict:
+    ws = copy_workspace(night1["ws"], night1["ws"].with_name("rejected"))
+    write_data(ws, reversed_answers(records(200)))
+    rc, out = nightly(cli, ws, "run")
+    assert rc == 7, out[-4000:]
+    return {"ws": ws, "out": out, "line": registry(ws)[-1]}
+
+
+# ----------------------------------------------------------------------------- night 1: promoted
+
+
+def test_night_one_is_promoted_after_a_kill_mid_promotion(night1):
+    ws, run, line = night1["ws"], night1["run"], night1["line"]
+    assert run.startswith("nightly-") and len(run.split("-")[-1]) == 8
+    assert "trained 12 steps" in night1["killed"]
+    # Killed after its release was staged, before the switch: nothing live, nothing recorded, no name made.
+    assert night1["after_kill"] == {"releases": [run], "live": None, "names": [], "registry": []}
+    assert f"candidate {run} is already trained, exported and verified; not retrained" in night1["out"]
     assert line["decision"] == "promoted" and line["champion_before"] is None and line["exit_code"] == 0
-    assert {g["name"] for g in line["gates"]} == {
-        "hf_loss measured and finite",
-        "gguf_loss measured and finite",
-        "task_accuracy measured and finite",
+    assert {g["name"]: g["passed"] for g in line["gates"]} == {  # no champion: absolute gates only
+        "hf_loss measured and finite": True,
+        "gguf_loss measured and finite": True,
+        "task_accuracy measured and finite": True,
     }
-    assert live(ws) == nights["files_a"] == {n: e["sha256"] for n, e in line["files"].items()}
-    assert os.readlink(ws / "models" / "gguf" / ".live") == f".releases/{a}"
-    assert (ws / "models" / "finetuned" / "final_models" / a / "config.json").is_file()
-    assert (ws / "outputs" / a / "nightly.md").read_text().startswith(f"# Nightly {a}: promoted")
-    assert (ws / "outputs" / a / "nightly_scores.png").read_bytes()[:4] == b"\x89PNG"
+    assert live_files(ws) == {n: e["sha256"] for n, e in line["files"].items()}
+    release = live(ws)
+    assert release.run == run and release.record["nightly"] == line and release.problems() == []
+    assert [(h["event"], h["release"], h["was"]) for h in releases.history(ws / "models" / "gguf", NAME)] == [
+        ("publish", release.id, None)
+    ]
+    assert release.id == f"{run}.2"  # the killed night's staged release was never live: retention removed it
+    assert releases.release_ids(ws / "models" / "gguf", NAME) == [release.id]
+    assert os.readlink(ws / "models" / "gguf" / NAMES[0]) == f".releases/{NAME}/live/{NAMES[0]}"
+    assert (ws / "models" / "finetuned" / "final_models" / run / "config.json").is_file()
+    assert (ws / "models" / "finetuned" / "adapters" / run / "adapter_config.json").is_file()
+    assert (ws / "outputs" / run / "nightly.md").read_text().startswith(f"# Nightly {run}: promoted")
+    assert (ws / "outputs" / run / "nightly_scores.png").read_bytes()[:4] == b"\x89PNG"
+    (cached,) = (ws / "models" / "finetuned" / "nightly" / "scores").glob(f"{run}.*.json")
+    assert json.loads(cached.read_text()) == line["scores"]["candidate"]
+    assert f"live: models/gguf/{NAMES[0]} is now {run}'s" in night1["out"]
 
 
-def test_unchanged_data_skips_in_seconds_writing_only_the_registry_line(nights, hf_home, tmp_path):
-    ws = copy_ws(nights["champion_a"], tmp_path / "ws")
+def test_status_shows_the_promoted_night(cli, night1):
+    ws, run = night1["ws"], night1["run"]
+    rc, out = nightly(cli, ws, "status")
+    assert rc == 0, out
+    release = live(ws)
+    assert f"live:      {run}, since 20" in out and ", published by python -m train.nightly\n" in out
+    assert f"files:     models/gguf/.releases/{NAME}/{release.id} (4 files, intact)" in out
+    assert "rollback:  none (no previous model)" in out
+    assert f"promoted         {run}" in out
+    rc, out = nightly(cli, ws, "status", "--json")
+    status = json.loads(out)
+    assert (status["live"], status["release"], status["files_intact"], status["rollback_to"]) == (
+        run,
+        release.id,
+        True,
+        None,
+    )
+    assert status["scores"] == night1["line"]["scores"]["candidate"]
+
+
+def test_an_unchanged_night_exits_in_seconds_writing_only_a_registry_line(cli, night1, tmp_path):
+    ws = copy_workspace(night1["ws"], tmp_path / "ws")
     before = tree(ws)
     t0 = time.monotonic()
-    rc, out = run_nightly(ws, hf_home, "run")
+    rc, out = nightly(cli, ws, "run")
     seconds = time.monotonic() - t0
     assert rc == 0, out[-3000:]
-    assert f"unchanged since {nights['a']}" in out
+    assert f"unchanged since {night1['run']}: same data, config, base model and code" in out
     assert seconds < 20, f"an unchanged night took {seconds:.1f} s"
     after = tree(ws)
     registry_file = "models/finetuned/registry.jsonl"
-    assert {k: v for k, v in after.items() if k != registry_file and not k.startswith("nightly-")} == {
+    assert {k: v for k, v in after.items() if k != registry_file} == {
         k: v for k, v in before.items() if k != registry_file
     }
-    lines = registry(ws)
-    assert len(lines) == 2
-    assert lines[-1]["decision"] == "unchanged" and lines[-1]["champion"] == nights["a"]
-    assert lines[-1]["fingerprint"] == lines[0]["fingerprint"]
+    first, last = registry(ws)
+    assert last["decision"] == "unchanged" and last["champion"] == night1["run"] and last["exit_code"] == 0
+    assert last["inputs"] == first["inputs"]
 
 
-def test_new_data_is_trained_gated_and_promoted(nights):
-    a, b = nights["a"], nights["b"]
-    assert b != a and "trained 12 steps" in nights["outputs"][1]  # night 2 trained B, then was killed
-    assert f"candidate {b} is already trained" in nights["outputs"][2]  # the next night did not retrain it
-    ws = nights["promoted_b"]
-    promoted = [r for r in registry(ws) if r.get("decision") == "promoted"]
-    assert [r["run"] for r in promoted] == [a, b]
-    line = promoted[-1]
-    assert line["champion_before"] == a and line["changed"] == ["data"]
-    assert all(g["passed"] for g in line["gates"]) and len(line["gates"]) == 6
-    assert line["scores"]["champion"]["hf_loss"] == promoted[0]["scores"]["candidate"]["hf_loss"]  # cached
-    assert line["scores"]["candidate"]["gguf_loss"] < line["scores"]["champion"]["gguf_loss"] * 1.02
-    assert live(ws) == nights["files_b"] == {n: e["sha256"] for n, e in line["files"].items()}
-    assert live(ws) != nights["files_a"]
-    assert os.readlink(ws / "models" / "gguf" / ".live") == f".releases/{b}"
+def test_rollback_without_a_previous_model_is_a_clear_error(cli, night1, tmp_path):
+    ws = copy_workspace(night1["ws"], tmp_path / "ws")
+    before = tree(ws)
+    rc, out = nightly(cli, ws, "rollback")
+    assert rc == 2, out
+    assert f"error: no previous model to roll back to: the only model published is {live(ws).id}" in out
+    assert tree(ws) == before
 
 
-def test_worse_candidate_is_rejected_and_the_champion_untouched(nights, hf_home, tmp_path):
-    ws = copy_ws(nights["champion_a"], tmp_path / "ws")
-    gguf_before = tree(ws / "models" / "gguf")
-    write_data(ws, reversed_answers(records()))
-    rc, out = run_nightly(ws, hf_home, "run")
-    assert rc == 7, out[-3000:]
-    assert "rejected: nightly-" in out and f"{nights['a']} stays live" in out
-    line = registry(ws)[-1]
-    assert line["decision"] == "rejected" and line["exit_code"] == 7
+def test_the_candidate_scores_are_read_from_its_verification(night1, monkeypatch):
+    """The scores the night recorded are its verification's per-record losses (scoring does not run the models
+    again), and they are what scoring the models computes."""
+    from convert import score  # noqa: PLC0415 (the models' imports, for this test only)
+    from core.config import load_config  # noqa: PLC0415
+    from train.nightly import night, scores  # noqa: PLC0415
+
+    ws, run, line = night1["ws"], night1["run"], night1["line"]
+    monkeypatch.chdir(ws)
+    cfg = load_config("config.yaml")
+    eval_set = scores.load_eval_set(cfg)
+    model_dir, gguf = Path("models/finetuned/final_models") / run, live(ws).folder / NAMES[0]
+    report = night.verified(Path("outputs") / run, NAMES[0])
+    assert report is not None and len(report["losses"]) == len(DEMO_HELDOUT.read_text().splitlines())
+
+    def not_again(*a, **k):
+        raise AssertionError("convert.score.losses called: the candidate was scored again")
+
+    monkeypatch.setattr(scores, "losses", not_again)
+    read = scores.jsonable(scores.score_model(model_dir, gguf, eval_set, cfg, report))
+    assert read | {"gguf": NAMES[0]} == line["scores"]["candidate"] | {"gguf": NAMES[0]}  # scored as its work file
+    monkeypatch.setattr(scores, "losses", score.losses)
+    computed = scores.score_model(model_dir, gguf, eval_set, cfg, None)
+    for metric in ("hf_loss", "gguf_loss"):
+        assert computed[metric] == pytest.approx(read[metric], rel=1e-4), metric
+
+
+# ----------------------------------------------------------------------------- a rejected night
+
+
+def test_a_worse_candidate_is_rejected_and_the_champion_untouched(night1, rejected):
+    ws, champion, out, line = rejected["ws"], night1["run"], rejected["out"], rejected["line"]
+    assert "rejected: nightly-" in out and f"{champion} stays live" in out
+    assert f"scores of {champion} on eval set {line['eval_set']}: cached" in out
+    assert line["decision"] == "rejected" and line["exit_code"] == 7 and line["champion_before"] == champion
+    assert line["changed"] == ["data"]
     failed = {g["name"] for g in line["gates"] if not g["passed"]}
     assert {"hf_loss <= champion + 2%", "gguf_loss <= champion + 2%"} <= failed
-    assert tree(ws / "models" / "gguf") == gguf_before  # no release staged, nothing switched
-    assert live(ws) == nights["files_a"]
+    assert line["scores"]["champion"] == night1["line"]["scores"]["candidate"]
+    assert tree(ws / "models" / "gguf") == tree(night1["ws"] / "models" / "gguf")  # nothing staged or switched
+    assert live_files(ws) == live_files(night1["ws"])
+    assert json.loads((ws / "outputs" / line["run"] / "manifest.json").read_text())["status"] == "exported"
+    assert not (ws / "models" / "finetuned" / "final_models" / line["run"]).exists()
     report = (ws / "outputs" / line["run"] / "nightly.md").read_text()
+    assert report.startswith(f"# Nightly {line['run']}: rejected")
     assert "| hf_loss <= champion + 2% |" in report and "| FAIL |" in report
+    assert (ws / "outputs" / line["run"] / "nightly_scores.png").read_bytes()[:4] == b"\x89PNG"
 
 
-@pytest.mark.parametrize(
-    ("point", "live_after_kill"),
-    [("after_copy", "a"), ("before_switch", "a"), ("between_renames", "b"), ("before_record", "b")],
-)
-def test_sigkill_during_promotion_leaves_one_champion_and_the_next_night_recovers(
-    nights, hf_home, tmp_path, point, live_after_kill
-):
-    ws = copy_ws(nights["pending_b"], tmp_path / "ws")
-    rc, out = run_nightly(ws, hf_home, "run", harness=True, NIGHTLY_TEST_KILL_AT=point)
-    assert rc == -9 and f"reached {point}" in out, out[-3000:]
-    assert live(ws) == nights[f"files_{live_after_kill}"]
-    assert os.readlink(ws / "models" / "gguf" / ".live") == f".releases/{nights[live_after_kill]}"
+def test_a_plain_train_replaces_the_live_model_and_the_next_night_gates_against_it(cli, night1, rejected, tmp_path):
+    """`python -m train` of the same export.name (here: publishing the rejected candidate, whose run folder has
+    everything but the publication) replaces the champion; the next night is gated against that model."""
+    ws, first, other = copy_workspace(rejected["ws"], tmp_path / "ws"), night1["run"], rejected["line"]["run"]
+    res = cli.run("train", ["--config", f"outputs/{other}/config.yaml"], ws)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    assert live(ws).run == other and live(ws).record["by"] == "python -m train"
+    rc, out = nightly(cli, ws, "status")
+    assert rc == 0 and f"live:      {other}, since 20" in out and ", published by python -m train\n" in out
+    assert "(4 files, intact)" in out and f"rollback:  {first}.2\n" in out  # night 1's release
 
-    rc, out = run_nightly(ws, hf_home, "run")
+    write_data(ws, records(200))  # night 1's data again: its candidate, gated against the live model
+    rc, out = nightly(cli, ws, "run")
     assert rc == 0, out[-3000:]
-    assert live(ws) == nights["files_b"]
-    lines = registry(ws)
-    promoted_b = [r for r in lines if r.get("decision") == "promoted" and r["run"] == nights["b"]]
-    assert len(promoted_b) == 1
-    if live_after_kill == "b":  # switched before the kill: recovery recorded the journaled decision
-        assert "recovered" in promoted_b[0] and "unchanged since" in out
-    else:
-        assert [r["event"] for r in lines].count("promotion_undone") == 2  # the fixture's kill, and this one
-    assert list((ws / "models" / "gguf").glob("*nightly-tmp")) == []  # no temporary link left
-    assert not (ws / "models" / "finetuned" / "nightly" / "promotion.json").exists()
-    releases = ws / "models" / "gguf" / ".releases"
-    assert sorted(p.name for p in releases.iterdir()) == sorted([nights["a"], nights["b"]])  # no staging folder
-
-
-def test_a_second_job_exits_75_while_one_runs(nights, hf_home, tmp_path):
-    ws = copy_ws(nights["pending_b"], tmp_path / "ws")
-    release = tmp_path / "release"
-    first = nightly(
-        ws, hf_home, "run", harness=True, NIGHTLY_TEST_HOLD_AT="before_switch", NIGHTLY_TEST_RELEASE=str(release)
-    )
-    deadline = time.monotonic() + 300
-    while "reached before_switch" not in first.log.read_text():  # type: ignore[attr-defined]
-        assert first.poll() is None and time.monotonic() < deadline, first.log.read_text()[-3000:]  # type: ignore[attr-defined]
-        time.sleep(0.1)
-    t0 = time.monotonic()
-    rc, out = run_nightly(ws, hf_home, "run")
-    assert rc == 75, out[-3000:]
-    assert time.monotonic() - t0 < 20
-    assert f"pid {first.pid}" in out and "'nightly run'" in out
-    rc, out = run_nightly(ws, hf_home, "rollback")
-    assert rc == 75, out[-3000:]
-    assert live(ws) == nights["files_a"]  # the second jobs changed nothing
-    release.touch()
-    assert finish(first)[0] == 0
-    assert live(ws) == nights["files_b"]
-
-
-def test_a_reader_polling_during_promotion_sees_only_whole_files(nights, hf_home, tmp_path):
-    ws = copy_ws(nights["pending_b"], tmp_path / "ws")
-    old, new = nights["files_a"], nights["files_b"]
-    defaults: list[str] = []  # the default file, opened by its usual path
-    sets: list[tuple[str, str]] = []  # both files, read from one resolution of .live
-    errors: list[str] = []
-    job = nightly(ws, hf_home, "run", harness=True, NIGHTLY_TEST_PAUSE_S="0.3")
-
-    def poll() -> None:
-        gguf = ws / "models" / "gguf"
-        while job.poll() is None:
-            try:
-                defaults.append(sha(gguf / NAMES[0]))
-                release = Path(os.path.realpath(gguf / ".live"))
-                sets.append((sha(release / NAMES[0]), sha(release / NAMES[1])))
-            except OSError as e:
-                errors.append(repr(e))
-
-    reader = threading.Thread(target=poll)
-    reader.start()
-    rc, out = finish(job)
-    reader.join()
-    assert rc == 0, out[-3000:]
-    assert errors == []
-    assert set(defaults) <= {old[NAMES[0]], new[NAMES[0]]}  # never partial, never anything else
-    assert defaults[0] == old[NAMES[0]] and defaults[-1] == new[NAMES[0]]
-    assert set(sets) <= {(old[NAMES[0]], old[NAMES[1]]), (new[NAMES[0]], new[NAMES[1]])}  # never mixed
-
-
-def test_rollback_restores_the_previous_champion_byte_for_byte(nights, hf_home, tmp_path):
-    ws = copy_ws(nights["promoted_b"], tmp_path / "ws")
-    release_a = ws / "models" / "gguf" / ".releases" / nights["a"]
-    rc, out = run_nightly(ws, hf_home, "rollback")
-    assert rc == 0, out[-3000:]
-    assert live(ws) == nights["files_a"]
-    for name in NAMES:  # the same bytes as the file that was live, not just the same hash
-        assert (ws / "models" / "gguf" / name).read_bytes() == (release_a / name).read_bytes()
+    assert f"candidate {first} is already trained, exported and verified; not retrained" in out
     line = registry(ws)[-1]
-    assert line["event"] == "rollback" and line["run"] == nights["a"] and line["from_run"] == nights["b"]
-    rc, out = run_nightly(ws, hf_home, "status")
-    assert rc == 0 and f"live:      {nights['a']}" in out and "rollback:  none" in out
-    rc, out = run_nightly(ws, hf_home, "run")  # B's data again: B was rolled back, so not re-promoted
-    assert rc == 0 and f"unchanged since {nights['b']}, which was rolled back" in out
-    assert live(ws) == nights["files_a"]
+    assert f"scores of {other} on eval set {line['eval_set']}: cached" in out  # scored as a candidate already
+    assert (line["decision"], line["run"], line["champion_before"]) == ("promoted", first, other)
+    assert line["changed"] == ["data", "config", "base", "code"]  # the plain run's release records no inputs
+    assert {g["name"]: g["passed"] for g in line["gates"]} == {
+        "hf_loss measured and finite": True,
+        "gguf_loss measured and finite": True,
+        "task_accuracy measured and finite": True,
+        "hf_loss <= champion + 2%": True,
+        "gguf_loss <= champion + 2%": True,
+        "task_accuracy >= champion - 0": True,
+    }
+    assert line["scores"]["champion"] == rejected["line"]["scores"]["candidate"]
+    assert live(ws).run == first and live_files(ws) == live_files(night1["ws"])
+    assert releases.history(ws / "models" / "gguf", NAME)[-1]["event"] == "publish"
 
-
-def test_rollback_without_a_previous_champion_is_a_clear_error(nights, hf_home, tmp_path):
-    ws = copy_ws(nights["champion_a"], tmp_path / "ws")
-    before = tree(ws)
-    rc, out = run_nightly(ws, hf_home, "rollback")
-    assert rc == 2
-    assert f"error: no previous champion to roll back to: the only champion is {nights['a']}" in out
-    assert {k: v for k, v in tree(ws).items() if not k.startswith("nightly-")} == before
-
-
-def test_retention_keeps_champions_and_deletes_the_rest(nights, hf_home, tmp_path):
-    ws = copy_ws(nights["promoted_b"], tmp_path / "ws")
-    stale = "nightly-2020-01-01-0badc0de"  # an interrupted candidate from long ago, never decided
-    made = [
-        ws / "outputs" / stale / "nightly.json",
-        ws / "models" / "finetuned" / "final_models" / stale / "config.json",
-        ws / "models" / "finetuned" / "adapters" / stale / "adapter_config.json",
-        ws / "models" / "gguf" / ".releases" / stale / NAMES[0],
-    ]
-    for p in made:
-        p.parent.mkdir(parents=True)
-        p.write_text("{}")
-    (ws / "outputs" / "manual-run").mkdir()  # not the nightly job's: never touched
-    keep = ["nightly.keep_candidates=0", "nightly.keep_champions=1"]
-    rc, out = run_nightly(ws, hf_home, "prune", "--dry-run", *keep)
-    assert rc == 0 and f"would delete outputs/{stale}, models/finetuned/final_models/{stale}" in out, out[-3000:]
-    assert all(p.exists() for p in made)
-    rc, out = run_nightly(ws, hf_home, "prune", *keep)
+    rc, out = nightly(cli, ws, "rollback")  # the plain run's model back, byte for byte
     assert rc == 0, out[-3000:]
-    assert not any(p.parent.exists() for p in made)
-    assert sorted(p.name for p in (ws / "outputs").iterdir()) == sorted([nights["a"], nights["b"], "manual-run"])
-    assert live(ws) == nights["files_b"]
-    rc, out = run_nightly(ws, hf_home, "status")
-    assert rc == 0 and f"rollback:  {nights['a']}" in out
+    assert live(ws).run == other and live_files(ws) == {n: sha(live(ws).folder / n) for n in NAMES}
+    assert registry(ws)[-1] | {"time": None, "host": None} == {
+        "time": None,
+        "host": None,
+        "event": "rollback",
+        "run": other,
+        "from_run": first,
+    }
+    rc, out = nightly(cli, ws, "run")  # the rolled-back candidate is not promoted again
+    assert rc == 0 and f"unchanged since {first}" in out and "which was rolled back" in out, out[-3000:]
+    assert live(ws).run == other

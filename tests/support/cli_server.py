@@ -11,6 +11,8 @@ while it loads, imports ordered after the cache variables) keep starting `python
 Protocol, one JSON line each way on stdin/stdout:
     {"module": "train", "args": [...], "cwd": DIR, "stdout": FILE, "stderr": FILE, "timeout": SECONDS}
     -> {"returncode": N}     (negative: killed by that signal; -9 after the timeout)
+An optional "kill_at": POINT makes the command SIGKILL itself (no handler, no cleanup, as the OOM killer) when a
+promotion reaches that point of core.releases.reached (after_stage, before_switch, between_renames).
 """
 
 from __future__ import annotations
@@ -47,6 +49,11 @@ def _child(request: dict) -> None:
             os.close(target)
         os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
         sys.argv = [f"python -m {request['module']}", *request["args"]]
+        if request.get("kill_at"):
+            from core import releases  # noqa: PLC0415
+
+            point = request["kill_at"]
+            releases.reached = lambda p: os.kill(os.getpid(), signal.SIGKILL) if p == point else None
         code = MAINS[request["module"]](request["args"])
     except SystemExit as e:  # argparse errors, sys.exit(...) inside the command
         if e.code is None or isinstance(e.code, int):
