@@ -104,7 +104,7 @@ def publisher_lock(gguf_dir: Path, name: str, run_name: str, exclusive: bool) ->
             shared = {
                 "who": "a run that will publish it (python -m train or convert export; its run folder's .lock names it)"
             }
-            holder = shared if exclusive else read_holder(path)
+            holder = read_holder(path) or shared  # the nightly job records itself; shared holders do not
             raise LockHeld(f"{gguf_dir / name}.gguf (what publishes it)", path, holder) from None
         if exclusive:
             _write_holder(

@@ -221,8 +221,9 @@ def _switch(gguf_dir: Path, name: str, new: Release) -> None:
     for p in gguf_dir.iterdir():
         if p.is_symlink() and os.readlink(p).startswith(via) and not p.exists():
             p.unlink()
-    for p in [*gguf_dir.glob(f".*.{TMP}"), *releases_dir(gguf_dir, name).glob(f".*.{TMP}")]:
-        p.unlink(missing_ok=True)  # a link a killed publish made and never renamed (rmtree skips links)
+    # links a killed publish of this name made and never renamed (another name's are its own publisher's to clean)
+    for p in [*gguf_dir.glob(f".{name}.*.{TMP}"), *releases_dir(gguf_dir, name).glob(f".*.{TMP}")]:
+        p.unlink(missing_ok=True)
     fsync_dir(gguf_dir)
 
 

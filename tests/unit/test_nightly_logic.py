@@ -265,6 +265,39 @@ def test_a_loss_not_measured_never_passes(bad):
     assert against["gguf_loss <= champion + 2%"] is False and against["hf_loss <= champion + 2%"] is True
 
 
+def test_a_champion_without_a_figure_is_not_compared_on_it():
+    """A champion whose loss is NaN (or missing) would otherwise fail every candidate's regression gate for ever:
+    that comparison is dropped; the candidate's own figures are still gated."""
+    champion = scores(2.0, 2.0) | {"gguf_loss": math.nan}
+    got = named(gates(scores(1.9, 2.5), champion, NightlySection(), tasks=False))
+    assert got == {
+        "hf_loss measured and finite": True,
+        "gguf_loss measured and finite": True,
+        "hf_loss <= champion + 2%": True,
+    }
+    assert (
+        named(gates(scores(1.9, math.nan), champion, NightlySection(), tasks=False))["gguf_loss measured and finite"]
+        is False
+    )
+
+
+def test_a_nightly_job_and_a_manual_run_of_the_same_name_refuse_each_other(tmp_path):
+    from core.locks import publisher_lock
+    from train.run import publishing
+
+    cfg = config(tmp_path)
+    layout, gguf = Layout.of(cfg), Path(cfg.export.gguf_dir)
+    with publisher_lock(gguf, NAME, "manual", exclusive=False), publishing(cfg, True):  # two manual runs: fine
+        with pytest.raises(LockHeld, match="a run that will publish it") as held, night.job_lock(cfg, layout, "run"):
+            pass
+        assert held.value.exit_code == 75
+    with night.job_lock(cfg, layout, "run"):
+        with pytest.raises(LockHeld, match=r"run 'nightly run'"), publishing(cfg, True):
+            pass
+        with publishing(cfg, False):  # the nightly's own candidate does not publish: it takes no lock
+            pass
+
+
 def test_task_accuracy_gates_against_the_champion():
     champion = scores(2.0, 2.0, task_accuracy=0.75)
     strict = NightlySection()  # max_accuracy_drop 0
@@ -424,7 +457,10 @@ def test_the_job_lock_records_a_promotion_a_kill_left_unrecorded(tmp_path, point
     assert [r["run"] for r in lines] == ["n1", "n2"]  # once
     assert lines[-1] == decision | {"recovered": lines[-1]["recovered"]}
     text = status_text(cfg, layout)
-    since = "?" if point == "between_renames" else releases.history(gguf, NAME)[-1]["time"]
+    n2 = releases.live(gguf, NAME)
+    assert n2 is not None
+    # the switch's own history line, or (killed before it was written) when the release was staged
+    since = n2.record["time"] if point == "between_renames" else releases.history(gguf, NAME)[-1]["time"]
     assert f"live:      n2, since {since}, published by python -m train.nightly" in text
     assert "rollback:  n1" in text and "(recorded at " in text and "after an interrupted promotion)" in text
     assert night.unchanged(cfg, layout, inputs("b" * 64)).startswith("unchanged since n2: ")
@@ -460,8 +496,8 @@ def test_a_second_verb_exits_75_naming_the_running_job(tmp_path):
                 verb()
             assert held.value.exit_code == 75
             assert f"pid {os.getpid()} (run 'nightly run'" in str(held.value)
-        holder = {"finetuned/nightly/.lock": (layout.nightly / ".lock").read_bytes()}
-        assert tree(tmp_path / "models") == before | holder
+        lock = Path(cfg.export.gguf_dir) / ".locks" / f"{NAME}.publishers.lock"  # export.name's publisher lock
+        assert tree(tmp_path / "models") == before | {str(lock.relative_to(tmp_path / "models")): lock.read_bytes()}
     assert live_run(cfg) == "n2"
 
 

@@ -112,7 +112,7 @@ def candidate_config(cfg: Config, run: str) -> Config:
     c.run_name = run
     c.export.enabled = True
     c.export.export_base = False
-    c.verify.heldout_files = eval_paths(cfg)
+    c.verify.heldout_files = list(dict.fromkeys([*eval_paths(cfg), *cfg.verify.heldout_files]))
     c.verify.max_heldout_records = max(cfg.verify.max_heldout_records, cfg.nightly.max_eval_records)
     return c
 

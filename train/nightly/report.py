@@ -141,9 +141,8 @@ def status_text(cfg: Config, layout: Layout, nights: int = 7) -> str:
     if live is None:
         lines.append(f"live:      nothing published as {layout.gguf_dir / name}.gguf yet (registry {layout.registry})")
     else:
-        since = next(
-            (h["time"] for h in reversed(releases.history(layout.gguf_dir, name)) if h["release"] == live.id), "?"
-        )
+        switches = [h["time"] for h in releases.history(layout.gguf_dir, name) if h["release"] == live.id]
+        since = switches[-1] if switches else live.record["time"]  # a switch a kill left unrecorded: its staging
         decided = live.record.get("nightly") or {}
         problems = live.problems()
         lines += [

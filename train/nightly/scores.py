@@ -149,24 +149,17 @@ def gates(candidate: dict[str, Any], champion: dict[str, Any] | None, n: Nightly
             out.append(gate(f"{metric} {'<=' if gate is at_most else '>='} {limit:g}", candidate.get(metric), limit))
     if champion is None:
         return out
+    # "No worse than the champion" needs the champion's figure: one it lacks (not measured, NaN) is not compared,
+    # else a champion with a NaN could never be replaced; the candidate's own are gated above.
     for metric in LOSSES:
         best = _number(champion.get(metric))
-        out.append(
-            at_most(
-                f"{metric} <= champion + {n.max_loss_regression:.0%}",
-                candidate.get(metric),
-                best * (1 + n.max_loss_regression),
-            )
-        )
-    if tasks:
-        best = _number(champion.get("task_accuracy"))
-        out.append(
-            at_least(
-                f"task_accuracy >= champion - {n.max_accuracy_drop:g}",
-                candidate.get("task_accuracy"),
-                best - n.max_accuracy_drop,
-            )
-        )
+        if math.isfinite(best):
+            limit = best * (1 + n.max_loss_regression)
+            out.append(at_most(f"{metric} <= champion + {n.max_loss_regression:.0%}", candidate.get(metric), limit))
+    best = _number(champion.get("task_accuracy"))
+    if tasks and math.isfinite(best):
+        name = f"task_accuracy >= champion - {n.max_accuracy_drop:g}"
+        out.append(at_least(name, candidate.get("task_accuracy"), best - n.max_accuracy_drop))
     return out
 
 
