@@ -1,19 +1,20 @@
-"""Gemma 2 logits in float32 without the model in float32: the verification reference, streamed.
+"""Gemma logits in float32 without the model in float32: the verification reference, streamed.
 
 `AutoModelForCausalLM.from_pretrained(dtype=float32)` holds the whole model upcast (10.5 GB for Gemma 2 2B).
 This computes the same logits holding one decoder layer at a time:
 
 1. embeddings: only the rows of the tokens used are read from the safetensors (the 256k x 2304 table is
-   never upcast), times sqrt(hidden) as a float32 tensor (Gemma2TextScaledWordEmbedding);
-2. decoder: for each layer, transformers' own Gemma2DecoderLayer is built with that layer's weights in
-   float32, every text's hidden states (tokens x hidden, small) go through it, and it is dropped;
-   masks and rotary embeddings come from transformers' functions with eager attention (the attention
-   softcap, sliding window on the "sliding_attention" layers, query_pre_attn_scalar), positions from 0;
+   never upcast), times sqrt(hidden) as a float32 tensor (Gemma's scaled word embedding);
+2. decoder: for each layer, transformers' own decoder layer of the model's family (Gemma, Gemma 2, Gemma 3:
+   core.hub.FAMILIES) is built with that layer's weights in float32, every text's hidden states (tokens x
+   hidden, small) go through it, and it is dropped; masks and rotary embeddings come from transformers'
+   functions with eager attention (Gemma 2's attention softcap, sliding windows on "sliding_attention" layers,
+   Gemma 3's local and global RoPE bases and QK-norm inside its layer), positions from 0;
 3. final norm, then the tied output layer in vocabulary tiles upcast one at a time, and the final logit
-   softcap: logits exist for one chunk of positions at a time (chunk x vocab x 4 bytes).
+   softcap where the family has one: logits exist for one chunk of positions at a time (chunk x vocab x 4 bytes).
 
-The arithmetic is transformers 5.24's modeling_gemma2 run per text with batch size 1, as verify does;
-tests/unit/test_reference.py compares it with AutoModelForCausalLM (eager, float32) on the tiny model.
+The arithmetic is transformers 5.24's modeling code run per text with batch size 1, as verify does;
+tests/unit/test_reference.py compares it with AutoModelForCausalLM (eager, float32) on tiny models.
 Peak memory is one layer in float32 (~0.3 GB at the 2B's shapes), one logits chunk, one vocabulary tile
 and the hidden states; files are opened per read so that mapped pages of the checkpoint do not pile up
 in the resident set.
@@ -21,17 +22,18 @@ in the resident set.
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors import safe_open
-from transformers import AutoConfig
+from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-from transformers.models.gemma2.modeling_gemma2 import Gemma2DecoderLayer, Gemma2RMSNorm, Gemma2RotaryEmbedding
 
 from core.errors import RunError
+from core.hub import model_family
 
 # Disk for the reference's logits kept between files (convert/score.py ReferenceChunks): 4,096 positions at a 256k
 # vocabulary. Here, not beside ReferenceChunks, so that training's disk estimate (train/diskspace.py) reads it
@@ -61,13 +63,13 @@ class _Checkpoint:
         missing = sorted({str(p) for p in self.files.values() if not p.is_file()})
         if missing:
             raise RunError(f"{index}: names shard files that do not exist: {', '.join(missing)}")
-        # Gemma2ForCausalLM checkpoints prefix the decoder with "model."; a bare Gemma2Model's do not.
+        # *ForCausalLM checkpoints prefix the decoder with "model."; a bare decoder's do not.
         self.prefix = "model." if "model.embed_tokens.weight" in self.files else ""
 
     def _file(self, name: str) -> Path:
         if name not in self.files:
             raise RunError(
-                f"{self.model_dir}: the checkpoint has no tensor {name!r}: not a complete Gemma 2 model "
+                f"{self.model_dir}: the checkpoint has no tensor {name!r}: not a complete model of its config "
                 f"(compare its safetensors with config.json, or re-save it with save_pretrained)"
             )
         return self.files[name]
@@ -117,11 +119,19 @@ class _Checkpoint:
 def _config(model_dir: Path):
     if not (model_dir / "config.json").is_file():
         raise RunError(f"{model_dir}: no config.json; the reference needs a Hugging Face model folder")
+    model_family(model_dir)
     config = AutoConfig.from_pretrained(str(model_dir))
-    if config.model_type != "gemma2":
-        raise RunError(f"{model_dir}: model_type is {config.model_type!r}; this reference implements Gemma 2 only")
     config._attn_implementation = "eager"  # the reference is what HF computes with attn_implementation="eager"
     return config
+
+
+def _modules(config) -> tuple[type, torch.nn.Module, torch.nn.Module]:
+    """The family's decoder layer class, its final norm and its rotary embedding (float32, on the CPU), as
+    transformers builds them: read off the model built on the meta device (no weights, no memory)."""
+    with torch.device("meta"):
+        decoder = AutoModelForCausalLM.from_config(config).model
+    norm = type(decoder.norm)(config.hidden_size, eps=config.rms_norm_eps)
+    return type(decoder.layers[0]), norm, type(decoder.rotary_emb)(config)
 
 
 def _check_ids(texts_ids: list[list[int]], vocab_size: int) -> None:
@@ -133,11 +143,11 @@ def _check_ids(texts_ids: list[list[int]], vocab_size: int) -> None:
             raise RunError(f"reference: text {t} has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
 
 
-def _layer(ckpt: _Checkpoint, config, index: int, buffers: list[torch.Tensor] | None) -> Gemma2DecoderLayer:
+def _layer(ckpt: _Checkpoint, config, layer_cls: type, index: int, buffers: list[torch.Tensor] | None):
     """transformers' decoder layer `index` with its weights in float32, read into `buffers` when given (the
     previous layer's, free by now). Built on the meta device: no random initialization to overwrite."""
     with torch.device("meta"):
-        layer = Gemma2DecoderLayer(config, index)
+        layer = layer_cls(config, index)
     expected = layer.state_dict()
     names = [f"{ckpt.prefix}layers.{index}.{key}" for key in expected]
     weights = ckpt.tensors(names, [w.shape for w in expected.values()], into=buffers)
@@ -147,24 +157,31 @@ def _layer(ckpt: _Checkpoint, config, index: int, buffers: list[torch.Tensor] | 
 
 def _decoder(ckpt: _Checkpoint, config, texts_ids: list[list[int]]) -> list[torch.Tensor]:
     """Final-normed hidden states [tokens, hidden] of every text, computed layer by layer."""
+    layer_cls, norm, rotary = _modules(config)
     embed = f"{ckpt.prefix}embed_tokens.weight"
-    # Gemma2TextScaledWordEmbedding: the lookup times sqrt(hidden) held as a float32 tensor (not a Python float)
+    # Gemma's scaled word embedding: the lookup times sqrt(hidden) held as a float32 tensor (not a Python float)
     scale = torch.tensor(config.hidden_size**0.5, dtype=torch.float32)
     hidden = [(ckpt.rows(embed, ids) * scale)[None] for ids in texts_ids]
-    rotary = Gemma2RotaryEmbedding(config)
     positions = [torch.arange(len(ids))[None] for ids in texts_ids]  # each text starts at position 0
-    cos_sin = [rotary(h, p) for h, p in zip(hidden, positions, strict=True)]
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    # Gemma 3's rotary embedding takes the layer type (local layers have their own RoPE base); Gemma 1/2's does not
+    per_type = "layer_type" in inspect.signature(rotary.forward).parameters
+    cos_sin = {
+        (t, kind): rotary(h, p, kind) if per_type else rotary(h, p)
+        for kind in set(layer_types)
+        for t, (h, p) in enumerate(zip(hidden, positions, strict=True))
+    }
     buffers = None
-    for index, layer_type in enumerate(config.layer_types[: config.num_hidden_layers]):
-        layer = _layer(ckpt, config, index, buffers)
+    for index, layer_type in enumerate(layer_types[: config.num_hidden_layers]):
+        layer = _layer(ckpt, config, layer_cls, index, buffers)
         buffers = [p.data for p in layer.state_dict().values()]
         for t, h in enumerate(hidden):
             mask = MASKS[layer_type](
                 config=config, inputs_embeds=h, attention_mask=None, cache=None, position_ids=positions[t]
             )
-            hidden[t] = layer(h, position_embeddings=cos_sin[t], attention_mask=mask, position_ids=positions[t])
+            embeddings = cos_sin[t, layer_type]
+            hidden[t] = layer(h, position_embeddings=embeddings, attention_mask=mask, position_ids=positions[t])
         del layer
-    norm = Gemma2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
     norm.load_state_dict({"weight": ckpt.tensors([f"{ckpt.prefix}norm.weight"], [norm.weight.shape])[0]})
     return [norm(h)[0] for h in hidden]
 
@@ -178,8 +195,8 @@ def _chunk_logits(ckpt: _Checkpoint, config, output: str, hidden: torch.Tensor) 
     for start in range(0, vocab, tile.shape[0]):
         weight = ckpt.rows_into(output, start, tile)
         logits[:, start : start + weight.shape[0]] = torch.nn.functional.linear(hidden, weight)
-    cap = config.final_logit_softcapping
-    if cap is not None:  # Gemma2ForCausalLM.forward: logits / cap, tanh, * cap
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap is not None:  # Gemma2ForCausalLM.forward: logits / cap, tanh, * cap (Gemma 1 and 3 have none)
         logits.div_(cap).tanh_().mul_(cap)
     return logits.numpy()
 

@@ -93,6 +93,28 @@ def resolve_model(name_or_path: str, revision: str = "main", hf_home: Path | Non
     return ResolvedModel(snapshot, name_or_path, commit)
 
 
+# The model families this pipeline trains, exports and verifies: transformers' model_type -> its name. Each runs
+# through the same path (training, the streamed reference, llama.cpp's converter and runtime, which support all
+# three at the pinned commit); google/gemma-2-2b is the production target.
+FAMILIES = {"gemma2": "Gemma 2", "gemma3_text": "Gemma 3 (text)", "gemma": "Gemma (1)"}
+
+
+def model_family(model_dir: Path) -> str:
+    """The model_type of a model folder's config.json; ModelNotFoundError (exit 2) for a family this pipeline does
+    not support, naming the ones it does."""
+    try:
+        model_type = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError) as e:
+        raise ModelNotFoundError(f"{model_dir}/config.json: unreadable ({e})") from None
+    if model_type not in FAMILIES:
+        raise ModelNotFoundError(
+            f"{model_dir}: model_type {model_type!r} is not supported; this pipeline trains, exports and verifies "
+            f"{', '.join(f'{v} ({k})' for k, v in FAMILIES.items())}.\n  fix: model.name_or_path: google/gemma-2-2b, "
+            f"google/gemma-3-270m or another model of those families"
+        )
+    return model_type
+
+
 # Models that no hub serves as they are: they are built into the cache by a command of this project.
 BUILT_LOCALLY = {
     "tiny-gemma/gemma-2-tiny": "python -m scripts.tiny_model",  # random init, offline (scripts/tiny_model.py)

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 import convert.reference as reference
 from convert.reference import Reference
 from convert.score import ReferenceChunks
-from core.errors import RunError
+from core.errors import InvalidInput, RunError
 from core.hub import resolve_model
 from tests.conftest import TINY_REPO
 
@@ -80,6 +80,45 @@ def test_equals_transformers_on_a_sharded_bf16_checkpoint(tiny_dir, tmp_path):
     assert_matches_transformers(tmp_path / "bf16", vocab=768)
 
 
+@pytest.mark.parametrize("family", ["gemma3_text", "gemma"])
+def test_equals_transformers_for_gemma_3_and_gemma_1(family, tmp_path):
+    """The same streamed arithmetic with the other families' layers: Gemma 3 (QK-norm, a RoPE base for its local
+    layers and one for its global layers, no softcaps) and Gemma 1 (no sliding window). Random tiny models whose
+    sliding window (8) is shorter than most texts, so that local and global layers differ."""
+    from transformers import Gemma3TextConfig, GemmaConfig
+
+    common = dict(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        initializer_range=0.5,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
+    if family == "gemma":
+        config = GemmaConfig(**common)
+    else:
+        config = Gemma3TextConfig(
+            **common,
+            sliding_window=8,
+            query_pre_attn_scalar=16,
+            rope_local_base_freq=10.0,
+            rope_theta=1e4,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+        )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(str(tmp_path / family))
+    assert json.loads((tmp_path / family / "config.json").read_text())["model_type"] == family
+    assert_matches_transformers(tmp_path / family, vocab=300)
+
+
 def test_reads_whole_tensors_one_layer_at_a_time(tiny_dir, monkeypatch):
     reads: list[list[str]] = []
     original = reference._Checkpoint.tensors
@@ -111,7 +150,7 @@ def test_bad_inputs_are_clear_errors(tiny_dir, tmp_path):
     other = copy_model(tiny_dir, tmp_path / "llama")
     config = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps(config | {"model_type": "llama"}))
-    with pytest.raises(RunError, match="model_type is 'llama'; this reference implements Gemma 2 only"):
+    with pytest.raises(InvalidInput, match=r"model_type 'llama' is not supported; this pipeline .* Gemma 2 \(gemma2\)"):
         reference_logits(other, [[2]])
 
     for key, value, message in [
