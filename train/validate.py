@@ -15,7 +15,7 @@ from transformers.integrations import get_available_reporting_integrations, get_
 
 from core.config import Config
 from core.errors import PathError, RunError
-from core.hub import ResolvedModel
+from core.hub import ResolvedModel, model_family
 from core.paths import creatable_dir
 from core.runfolder import RunFolder
 from train.trainer import training_arguments
@@ -87,7 +87,9 @@ def _output_folders(cfg: Config) -> list[str]:
 
 
 def validate_training_setup(cfg: Config, folder: RunFolder, base: ResolvedModel, evaluating: bool) -> None:
-    """Raise RunError listing every setting the real run would crash on."""
+    """Raise RunError listing every setting the real run would crash on (ModelNotFoundError first for a model family
+    the export could not convert or verify)."""
+    model_family(base.path)
     problems = _output_folders(cfg) + _trainer_settings(cfg, folder, evaluating) + _lora_targets(base, cfg)
     if problems:
         raise RunError(
