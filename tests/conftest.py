@@ -188,10 +188,14 @@ class CliServer:
             text=True,
         )
 
-    def run(self, module: str, args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    def run(
+        self, module: str, args: list[str], cwd: Path, timeout: float = 600, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess:
+        """`python -m <module> <args>` in cwd, with `env` added to its environment."""
         self.count += 1
         out, err = self.scratch / f"{self.count}.out", self.scratch / f"{self.count}.err"
         request = {"module": module, "args": args, "cwd": str(cwd), "stdout": str(out), "stderr": str(err)}
+        request["env"] = env or {}
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.proc.stdin.write(json.dumps(request | {"timeout": timeout}) + "\n")
         self.proc.stdin.flush()
