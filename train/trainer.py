@@ -23,7 +23,7 @@ from core.log import on_terminal
 from core.runfolder import Manifest, RunFolder
 from core.tokenizer import save_tokenizer
 from train import distributed
-from train.callbacks import CommitCheckpoints, MetricsJsonl, NonFiniteGuard, StopOnSignal
+from train.callbacks import CommitCheckpoints, IntervalsOfThisRun, MetricsJsonl, NonFiniteGuard, StopOnSignal
 from train.checkpoint import holds_last_step, step_of
 from train.data import Example, collate
 from train.model import compute_dtype, uses_cuda
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 def training_callbacks(folder: RunFolder, cfg: Config, identity: dict) -> list[TrainerCallback]:
     """The run's callbacks, in order: NonFiniteGuard sees a step before it is applied; StopOnSignal must be last."""
     return [
+        IntervalsOfThisRun(),
         MetricsJsonl(folder.metrics),
         CommitCheckpoints(identity, cfg.training.save_total_limit),
         NonFiniteGuard(),

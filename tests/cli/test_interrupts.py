@@ -1,197 +1,161 @@
-"""SIGINT and SIGTERM at each stage of a run, through the real CLIs (issue 9).
+"""SIGINT and SIGTERM at each stage of a run, through real CLI processes (issue 9).
 
 Every interrupted command must exit with 130 (SIGINT) or 143 (SIGTERM), without a traceback, leave `models/`
 byte for byte as it was, leave no work files (GGUFs, the merged model) or child processes behind, and the next
-run of the same command must finish by itself. The signal is sent when the stage's log line appears. The
-llama.cpp children (converter, quantizer) take well under a second on the tiny model, so a test hook
-(tests/support/slow_children/sitecustomize.py) holds them for a while: the signal then lands while they run.
+run of the same command must finish by itself. Each test works on a copy of the golden run (tests/conftest.py);
+the commands after the interrupted one go through the CLI server.
+
+The signal is sent once the stage under test is held by a test hook (tests/support/slow_children/sitecustomize.py):
+the llama.cpp children (converter, quantizer) wait before they start, and the merge and the scoring wait inside
+their first core.signals.deferred() block (where native code runs) until the signal is pending. On the tiny model
+each stage takes well under a second, so without the hook the signal would land wherever the process had got to.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from convert.llamacpp import read_metadata
 from core.files import sha256_file
-from tests.conftest import ROOT, cli_env, run_cli, small_config
+from tests.conftest import GOLDEN_RUN, ROOT
+from tests.support.processes import alive, start, stop, wait_for_line, wait_until
 from tests.support.snapshots import tree_snapshot
 
 pytestmark = pytest.mark.slow
 
 SLOW_CHILDREN = ROOT / "tests" / "support" / "slow_children"
-EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
-
-
-@pytest.fixture(scope="module")
-def complete(hf_home: Path, tmp_path_factory) -> Path:
-    """A complete, exported tiny run (relative paths): the live models an interrupted command must not touch."""
-    work = tmp_path_factory.mktemp("interrupts")
-    small_config(
-        work,
-        training={
-            "max_steps": 6,
-            "save_steps": 2,
-            "logging_steps": 1,
-            "report_to": [],
-            "seed": 7,
-            "per_device_train_batch_size": 4,
-            "learning_rate": 3e-3,
-        },
-        export={
-            "enabled": True,
-            "quants": ["f16", "q8_0"],
-            "default_quant": "q8_0",
-            "export_base": False,
-            "lora_gguf": False,  # its conversion and check are tested in test_pipeline/test_lora_gguf
-            "gguf_dir": "models/gguf",
-        },
-        paths={"output_dir": "outputs", "models_dir": "models"},
-    )
-    res = run_cli("train", ["--config", "config.yaml"], work, hf_home)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    return work
-
-
-def start(work: Path, hf_home: Path, module: str, *args: str, **env: str) -> subprocess.Popen:
-    out = open(work / f"{module}-{len(list(work.glob('*.out')))}.out", "w")  # noqa: SIM115 (read by wait_for_line)
-    base_env = cli_env(hf_home)
-    if env:  # the slow-children hook goes first on the children's PYTHONPATH
-        base_env["PYTHONPATH"] = os.pathsep.join([str(SLOW_CHILDREN), base_env["PYTHONPATH"]])
-    proc = subprocess.Popen(
-        [sys.executable, "-m", module, "--config", "config.yaml", *args]
-        if module == "train"
-        else [sys.executable, "-m", module, "export", "--config", "config.yaml", *args],
-        cwd=work,
-        env=base_env | env,
-        stdout=out,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    proc.log = Path(out.name)  # type: ignore[attr-defined]
-    return proc
-
-
-def wait_for_line(proc: subprocess.Popen, text: str, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while text not in proc.log.read_text():  # type: ignore[attr-defined]
-        if proc.poll() is not None:
-            pytest.fail(f"ended (rc {proc.returncode}) before {text!r}:\n{proc.log.read_text()[-3000:]}")  # type: ignore[attr-defined]
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"no {text!r} within {timeout} s")
-        time.sleep(0.05)
-
-
-def interrupt(proc: subprocess.Popen, sig: signal.Signals) -> str:
-    proc.send_signal(sig)
-    proc.wait(timeout=120)
-    out = proc.log.read_text()  # type: ignore[attr-defined]
-    assert proc.returncode == EXIT[sig], out[-3000:]
-    assert "Traceback" not in out, out[-3000:]
-    return out
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def promoted_adapter_matches_the_run(work: Path) -> None:
-    """The live GGUF names the adapter the run folder vouches for."""
-    run_adapter = sha256_file(work / "outputs" / "t" / "adapter" / "adapter_model.safetensors")
-    assert read_metadata(work / "models" / "gguf" / "gemma_2b_finetuned.gguf")["finetune.adapter_sha256"] == run_adapter
-    assert sha256_file(work / "models" / "finetuned" / "adapters" / "t" / "adapter_model.safetensors") == run_adapter
-
-
-# (stage, the log line that starts it, the signal, which llama.cpp child to hold while the signal arrives)
-EXPORT_STAGES = [
-    ("merge", "merging adapter into", signal.SIGINT, ""),
-    ("conversion", "converting ->", signal.SIGTERM, "convert"),
-    ("quantization", "quantizing ->", signal.SIGINT, "quantize"),
-    ("verification", "verifying 2 file(s)", signal.SIGTERM, ""),
+FT = "gemma_2b_finetuned"
+# The export of these tests: the fine-tuned model as f16 and q8_0, scored on the prompts, held-out records and
+# reference texts only (683 positions, a third of the default 2,048); the base export and the adapter GGUF are
+# tested in test_pipeline.py.
+EXPORT = [
+    "export.quants=[f16, q8_0]",
+    "export.export_base=false",
+    "export.lora_gguf=false",
+    "verify.min_scored_tokens=256",
 ]
 
 
-@pytest.mark.parametrize("stage, line, sig, child", EXPORT_STAGES, ids=[s[0] for s in EXPORT_STAGES])
+def run_dir(ws: Path) -> Path:
+    return ws / "outputs" / GOLDEN_RUN
+
+
+def manifest(ws: Path) -> dict:
+    return json.loads((run_dir(ws) / "manifest.json").read_text())
+
+
+def published_adapter_is_the_runs(ws: Path) -> None:
+    """The live GGUF and the published adapter are the adapter the run folder vouches for."""
+    run_adapter = sha256_file(run_dir(ws) / "adapter" / "adapter_model.safetensors")
+    assert manifest(ws)["artifacts"]["adapter"]["files"]["adapter_model.safetensors"]["sha256"] == run_adapter
+    assert read_metadata(ws / "models" / "gguf" / f"{FT}.gguf")["finetune.adapter_sha256"] == run_adapter
+    published = ws / "models" / "finetuned" / "adapters" / GOLDEN_RUN / "adapter_model.safetensors"
+    assert sha256_file(published) == run_adapter
+
+
+# (stage, the log line that starts it, the signal, the held part, the line the stage's end would log next)
+EXPORT_STAGES = [
+    ("merge", "merging adapter into", signal.SIGINT, "merge", "exporting fine-tuned model as"),
+    ("conversion", "converting ->", signal.SIGTERM, "convert", "quantizing ->"),
+    ("quantization", "quantizing ->", signal.SIGINT, "quantize", "verifying 2 file(s)"),
+    ("verification", "verifying 2 file(s)", signal.SIGTERM, "score", ": passed in"),
+]
+
+
+@pytest.mark.parametrize("stage, line, sig, held, next_line", EXPORT_STAGES, ids=[s[0] for s in EXPORT_STAGES])
 def test_export_interrupted_at_each_stage_leaves_models_and_recovers(
-    stage, line, sig, child, complete: Path, hf_home: Path, tmp_path: Path
+    stage, line, sig, held, next_line, workspace: Path, hf_home: Path, cli, tmp_path: Path
 ):
-    work = tmp_path / "work"
-    shutil.copytree(complete, work, symlinks=True)
-    before = tree_snapshot(work / "models")
-    pids = tmp_path / "children.pids"
-    hook = {"TEST_SLOW_CHILD": "30", "TEST_SLOW_CHILD_KIND": child, "TEST_SLOW_CHILD_PIDS": str(pids)} if child else {}
-    proc = start(work, hf_home, "convert", **hook)
+    before = tree_snapshot(workspace / "models")
+    pids = tmp_path / "held.pids"
+    hook = {"TEST_SLOW_CHILD": "60", "TEST_SLOW_CHILD_KIND": held, "TEST_SLOW_CHILD_PIDS": str(pids)}
+    proc = start(workspace, hf_home, "convert", ["export", "--config", "config.yaml", *EXPORT], hook, SLOW_CHILDREN)
     wait_for_line(proc, line)
-    if child:  # the child has started (and waits): the signal lands while it runs
-        deadline = time.monotonic() + 60
-        while not (pids.is_file() and pids.read_text().strip()) and time.monotonic() < deadline:
-            time.sleep(0.05)
-    interrupt(proc, sig)
-    assert tree_snapshot(work / "models") == before
-    export = work / "outputs" / "t" / "export"
-    assert [p for p in export.rglob("*") if p.suffix in (".gguf", ".tmp")] == []
-    assert not (export / "merged").exists()
-    if child:
-        assert [int(p) for p in pids.read_text().split() if alive(int(p))] == []
-    # the same command again finishes by itself and promotes what the run folder vouches for
-    res = run_cli("convert", ["export", "--config", "config.yaml"], work, hf_home)
+    wait_until(proc, lambda: pids.is_file() and pids.read_text().strip() != "", f"the {stage} held")
+    out, seconds = stop(proc, sig)
+    assert f"stopped by {sig.name}; nothing was promoted by the unfinished stage" in out
+    assert next_line not in out  # it stopped in the stage under test
+    assert seconds < 30  # not after the hold: the stage stopped for the signal
+    assert tree_snapshot(workspace / "models") == before
+    # no work file left: the export folder keeps each model's convert.log only (documented), the merge is gone
+    export = run_dir(workspace) / "export"
+    leftovers = [p.relative_to(export) for p in export.rglob("*") if p.is_file() and p.name != "convert.log"]
+    assert leftovers == []
+    assert sorted(p.name for p in export.iterdir()) == ["gemma_2b_base", FT]  # no merged/, nor its staging folder
+    assert manifest(workspace)["status"] == "exporting"  # not exported: nothing vouches for a GGUF
+    held_pids = [int(p) for p in pids.read_text().split()]
+    if held in ("convert", "quantize"):  # the parent killed and reaped its llama.cpp child before it exited
+        assert len(held_pids) == 1 and held_pids != [proc.pid] and not alive(held_pids[0])
+    else:
+        assert held_pids == [proc.pid]
+    # the same command again finishes by itself and publishes what the run folder vouches for
+    res = cli.run("convert", ["export", "--config", "config.yaml", *EXPORT], workspace)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert json.loads((work / "outputs" / "t" / "manifest.json").read_text())["status"] == "complete"
-    promoted_adapter_matches_the_run(work)
+    assert manifest(workspace)["status"] == "complete"
+    assert manifest(workspace)["artifacts"]["gguf"]["finetuned"]["release"] == f"{GOLDEN_RUN}.2"
+    assert "lora_gguf" not in manifest(workspace)["artifacts"]  # export.lora_gguf=false: the golden one is not kept
+    gguf = workspace / "models" / "gguf"
+    assert os.readlink(gguf / ".releases" / FT / "live") == f"{GOLDEN_RUN}.2"
+    assert sorted(p.name for p in gguf.glob(f"{FT}*")) == [
+        f"{FT}.Modelfile",
+        f"{FT}.f16.Modelfile",
+        f"{FT}.f16.gguf",
+        f"{FT}.gguf",
+    ]
+    published_adapter_is_the_runs(workspace)
 
 
-def test_fresh_run_interrupted_in_training_is_neither_exported_nor_lost(complete: Path, hf_home: Path, tmp_path: Path):
-    """Issue 9, class 4: complete run -> the same run with --fresh, Ctrl-C mid-training -> `convert export` must
-    refuse the previous run's adapter; the same training command without --fresh resumes and completes."""
-    work = tmp_path / "work"
-    shutil.copytree(complete, work, symlinks=True)
-    before = tree_snapshot(work / "models")
-    proc = start(work, hf_home, "train", "--fresh")
-    wait_for_line(proc, "training t:")
-    deadline = time.monotonic() + 240
-    metrics = work / "outputs" / "t" / "metrics.jsonl"
-    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    out = interrupt(proc, signal.SIGINT)
-    assert "stopped by SIGINT after step" in out
-    manifest = json.loads((work / "outputs" / "t" / "manifest.json").read_text())
-    assert manifest["status"] == "interrupted" and manifest["stopped"]["reason"] == "SIGINT"
-    assert tree_snapshot(work / "models") == before
+# The fresh run's training: 6 steps of 4 examples, a checkpoint every 2 (the golden run's config otherwise).
+FRESH = [
+    "training.max_steps=6",
+    "training.save_steps=2",
+    "training.logging_steps=1",
+    "training.per_device_train_batch_size=4",
+    *EXPORT,
+]
 
-    refused = run_cli("convert", ["export", "--config", "config.yaml"], work, hf_home)
+
+def test_fresh_run_stopped_while_loading_and_in_training_is_neither_exported_nor_lost(
+    workspace: Path, hf_home: Path, cli
+):
+    """Issue 9, class 4: a complete run -> the same run with --fresh, stopped by SIGTERM while the model loads (outside
+    the training loop SIGTERM is an exception too), then again with --fresh and Ctrl-C mid-training -> nothing in
+    models/ changed, and `convert export` refuses the previous run's adapter; the same training command without
+    --fresh resumes and completes."""
+    before = tree_snapshot(workspace / "models")
+    metrics = run_dir(workspace) / "metrics.jsonl"
+    golden_adapter = sha256_file(run_dir(workspace) / "adapter" / "adapter_model.safetensors")
+
+    proc = start(workspace, hf_home, "train", ["--config", "config.yaml", "--fresh", *FRESH])
+    wait_for_line(proc, f"training {GOLDEN_RUN}:")  # data read, run folder prepared; the model loads next
+    out, _ = stop(proc, signal.SIGTERM)
+    assert "stopped by SIGTERM" in out
+    assert not (run_dir(workspace) / "adapter").exists() and not metrics.exists()  # --fresh emptied the folder
+    assert tree_snapshot(workspace / "models") == before
+
+    proc = start(workspace, hf_home, "train", ["--config", "config.yaml", "--fresh", *FRESH])
+    wait_until(proc, lambda: metrics.is_file() and metrics.read_text().count("\n") >= 2, "two logged steps")
+    out, seconds = stop(proc, signal.SIGINT)
+    m = manifest(workspace)
+    step = m["stopped"]["after_step"]
+    assert f"stopped by SIGINT after step {step}; checkpoint-{step} is committed" in out
+    assert m["status"] == "interrupted" and m["stopped"]["reason"] == "SIGINT" and 2 <= step < 6
+    assert m["stopped"]["last_committed_checkpoint"] == f"checkpoint-{step}" and seconds < 60
+    assert tree_snapshot(workspace / "models") == before
+
+    refused = cli.run("convert", ["export", "--config", "config.yaml", *EXPORT], workspace)
     assert refused.returncode == 2, refused.stdout[-3000:] + refused.stderr[-3000:]
     assert "no finished training to export (status: interrupted)" in refused.stderr
-    assert tree_snapshot(work / "models") == before
+    assert tree_snapshot(workspace / "models") == before
 
-    res = run_cli("train", ["--config", "config.yaml"], work, hf_home)
+    res = cli.run("train", ["--config", "config.yaml", *FRESH], workspace)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert "resuming from checkpoint-" in res.stdout
-    promoted_adapter_matches_the_run(work)
-
-
-def test_sigterm_while_the_model_loads_leaves_models_and_the_rerun_trains(complete: Path, hf_home: Path, tmp_path):
-    """Outside the training loop SIGTERM is an exception too (exit 143): nothing half-written, nothing promoted."""
-    work = tmp_path / "work"
-    shutil.copytree(complete, work, symlinks=True)
-    before = tree_snapshot(work / "models")
-    proc = start(work, hf_home, "train", "--fresh")
-    wait_for_line(proc, "training t:")  # data read, run folder prepared; the model loads next
-    out = interrupt(proc, signal.SIGTERM)
-    assert "stopped by SIGTERM" in out
-    assert tree_snapshot(work / "models") == before
-    res = run_cli("train", ["--config", "config.yaml"], work, hf_home)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    promoted_adapter_matches_the_run(work)
+    assert f"resuming from checkpoint-{step}" in res.stdout
+    assert manifest(workspace)["status"] == "complete" and manifest(workspace)["training"]["global_step"] == 6
+    published_adapter_is_the_runs(workspace)
+    assert sha256_file(run_dir(workspace) / "adapter" / "adapter_model.safetensors") != golden_adapter

@@ -1,341 +1,369 @@
-"""Runs that survive: kills, preemption, NaN, a full disk, a second process, changed data.
+"""Runs that survive: kills, preemption, NaN, a full disk, damaged checkpoints, a second process, changed data.
 
-Everything goes through the real CLI (`python -m train`) as subprocesses on the tiny Gemma 2, with real
-signals; a run is stopped at a chosen step by polling its metrics.jsonl. Two faults that cannot be
-produced on demand use the test hooks of tests/support/faults.py (TRAIN_TEST_NAN_AT_STEP,
-TRAIN_TEST_ENOSPC_AT_SAVE). Each interrupted run is finally compared with one uninterrupted reference
-run of the same config: per-step loss, gradient norm and learning rate, and the adapter's sha256, exactly.
+The golden run (tests/conftest.py) is the uninterrupted reference. One lineage trains its second half again from
+the golden run's checkpoint-20, stopped every way a run stops: a non-finite loss, a full disk, SIGTERM, SIGKILL,
+then damaged checkpoints; its last attempt must end with the golden adapter, byte for byte, and the golden run's
+gradient norms and learning rates. Two faults that cannot be produced on demand use the test hooks of
+tests/support/faults.py (TRAIN_TEST_NAN_AT_STEP, and TRAIN_TEST_ENOSPC_AT_SAVE where no small tmpfs can be
+mounted); signals and kills go to real processes, every other command runs through the CLI server. Every attempt
+runs with HF_TOKEN set: no file may keep it. The other cases work on copies of the golden run and train nothing.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import shutil
 import signal
 import subprocess
-import sys
-import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import yaml
 
 from core.locks import hold_lock
-from tests.conftest import DEMO_DATA, cli_env, small_config
-from train.checkpoint import COMMIT_FILE, checkpoint_dirs, verify_checkpoint
+from tests.conftest import DEMO_DATA, GOLDEN_RUN, GOLDEN_STEPS, ROOT, copy_workspace
+from tests.support.faults import ENOSPC_AT_SAVE, NAN_AT_STEP
+from tests.support.processes import logged_steps, start, stop, wait_for_step, wait_until
+from tests.support.snapshots import tree_snapshot
+from train.checkpoint import COMMIT_FILE, checkpoint_dirs, step_of, verify_checkpoint
 
 pytestmark = pytest.mark.slow
 
-STEPS = 12
-# fp32 on CPU with full determinism: the setting under which a resumed run must equal an uninterrupted one.
-TRAINING = {"max_steps": STEPS, "save_steps": 2, "logging_steps": 1, "save_total_limit": 3, "full_determinism": True}
 SECRET = "hf_resilienceTestTokenThatMustNeverBeWritten"
+SLOW_CHILDREN = ROOT / "tests" / "support" / "slow_children"
+# The lineage's overrides: a checkpoint every 2 steps and a loss logged at every step (neither changes the weights),
+# no export (test_pipeline.py and test_interrupts.py test it).
+LINEAGE = ["--config", "config.yaml", "training.save_steps=2", "training.logging_steps=1", "export.enabled=false"]
 
 
-def write_config(workdir: Path, data: Path = DEMO_DATA) -> Path:
-    return small_config(workdir, training=TRAINING, data={"train_files": [str(data)], "max_seq_length": 128})
+def run_dir(ws: Path) -> Path:
+    return ws / "outputs" / GOLDEN_RUN
 
 
-def run_dir(workdir: Path) -> Path:
-    return workdir / "outputs" / "t"
+def read_manifest(ws: Path) -> dict | None:
+    path = run_dir(ws) / "manifest.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
-def start(workdir: Path, hf_home: Path, *args: str, **env: str) -> subprocess.Popen:
-    """`python -m train --config config.yaml` in workdir; output goes to files (a pipe could fill and block)."""
-    n = len(list(workdir.glob("attempt-*.out")))
-    out = open(workdir / f"attempt-{n}.out", "w")  # noqa: SIM115 (closed by finish)
-    proc = subprocess.Popen(
-        # with a fault requested, the same CLI through the test harness that injects it (tests/support/faults.py)
-        [sys.executable, "-m", "tests.support.faults" if env else "train", "--config", "config.yaml", *args],
-        cwd=workdir,
-        env=cli_env(hf_home) | {"HF_TOKEN": SECRET} | env,
-        stdout=out,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    proc.log = Path(out.name)
-    return proc
+def metric_rows(ws: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir(ws) / "metrics.jsonl").read_text().splitlines()]
 
 
-def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
-    proc.wait(timeout=timeout)
-    return proc.log.read_text()
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def logged_steps(workdir: Path) -> list[int]:
-    path = run_dir(workdir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        with contextlib.suppress(ValueError):  # a line being written
-            rows.append(json.loads(line))
-    return [r["step"] for r in rows if "loss" in r]
+def adapters(ws: Path) -> list[Path]:
+    """The run folder's adapter and the published one."""
+    return [
+        run_dir(ws) / "adapter" / "adapter_model.safetensors",
+        ws / "models" / "finetuned" / "adapters" / GOLDEN_RUN / "adapter_model.safetensors",
+    ]
 
 
-def wait_for_step(proc: subprocess.Popen, workdir: Path, step: int, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while max(logged_steps(workdir), default=0) < step:
-        if proc.poll() is not None:
-            pytest.fail(f"run ended (rc {proc.returncode}) before step {step}:\n{proc.log.read_text()[-3000:]}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"no step {step} within {timeout} s")
-        time.sleep(0.01)
+def as_unfinished(ws: Path, *checkpoints: str) -> None:
+    """The golden run as a run killed before it finished: no manifest, no adapter (in the run folder or published),
+    and without the named checkpoints."""
+    (run_dir(ws) / "manifest.json").unlink()
+    for name in checkpoints:
+        shutil.rmtree(run_dir(ws) / "checkpoints" / name)
+    for adapter in adapters(ws):
+        shutil.rmtree(adapter.parent)
 
 
-def metrics(workdir: Path) -> dict[int, tuple]:
-    rows = [json.loads(line) for line in (run_dir(workdir) / "metrics.jsonl").read_text().splitlines()]
-    steps = [r["step"] for r in rows if "loss" in r]
-    assert len(steps) == len(set(steps)), f"a step was logged twice: {steps}"
-    return {r["step"]: (r["loss"], r["grad_norm"], r["learning_rate"]) for r in rows if "loss" in r}
-
-
-def adapter_sha(workdir: Path) -> str:
-    data = (workdir / "models" / "finetuned" / "adapters" / "t" / "adapter_model.safetensors").read_bytes()
-    return hashlib.sha256(data).hexdigest()
-
-
-def manifest(workdir: Path) -> dict:
-    return json.loads((run_dir(workdir) / "manifest.json").read_text())
+# ----------------------------------------------------------------------------- the lineage
 
 
 @dataclass
-class Reference:
-    workdir: Path
-    metrics: dict[int, tuple]
-    adapter_sha: str
+class Attempt:
+    """One command of the lineage and the run folder it left."""
+
+    rc: int
+    out: str
+    manifest: dict | None
+    on_disk: list[str]  # every checkpoint folder
+    committed: list[str]  # those whose commit record verifies
+    logged: list[int]  # the steps metrics.jsonl holds a loss for
+    partial_files: list[str]  # *.tmp anywhere in the run folder
+    seconds: float = 0.0  # from the signal to the exit
+    mounted: bool = False  # a real full disk (a tmpfs), not an injected ENOSPC
+
+
+def attempt(ws: Path, rc: int, out: str, **extra) -> Attempt:
+    checkpoints = checkpoint_dirs(run_dir(ws) / "checkpoints")
+    return Attempt(
+        rc,
+        out,
+        read_manifest(ws),
+        [c.name for c in checkpoints],
+        [c.name for c in checkpoints if not verify_checkpoint(c)],
+        logged_steps(run_dir(ws) / "metrics.jsonl"),
+        [str(p) for p in run_dir(ws).rglob("*.tmp")],
+        **extra,
+    )
+
+
+@dataclass
+class Lineage:
+    ws: Path
+    attempts: dict[str, Attempt] = field(default_factory=dict)
+    truncated: Path | None = None  # the damage done before the last two attempts
+    uncommitted: Path | None = None
+    resume: str = ""  # the checkpoint the last attempt must resume from
+    rejected: list[str] = field(default_factory=list)
+
+
+def pages(folder: Path) -> int:
+    """The bytes folder's files take on a tmpfs (whole pages)."""
+    return sum(-(-p.stat().st_size // 4096) * 4096 for p in folder.rglob("*") if p.is_file())
+
+
+@contextmanager
+def small_disk(folder: Path, room: int) -> Iterator[bool]:
+    """folder moved onto a tmpfs with `room` bytes free beyond its files, where this machine lets us mount one (root
+    with CAP_SYS_ADMIN), and back afterwards; yields whether it is. Elsewhere folder stays as it is (False)."""
+    aside = folder.with_name(f"{folder.name}.aside")
+    size = pages(folder) + room + (64 << 10)
+    folder.rename(aside)
+    folder.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)]
+    if not shutil.which("mount") or subprocess.run(mount, capture_output=True).returncode != 0:
+        folder.rmdir()
+        aside.rename(folder)
+        yield False
+        return
+    try:
+        shutil.copytree(aside, folder, dirs_exist_ok=True)
+        shutil.rmtree(aside)
+        yield True
+    finally:
+        shutil.copytree(folder, aside)
+        subprocess.run(["umount", str(folder)], check=True)
+        folder.rmdir()
+        aside.rename(folder)
 
 
 @pytest.fixture(scope="module")
-def reference(hf_home, tmp_path_factory) -> Reference:
-    """The uninterrupted run every interrupted one must reproduce exactly."""
-    workdir = tmp_path_factory.mktemp("reference")
-    write_config(workdir)
-    out = finish(start(workdir, hf_home))
-    assert manifest(workdir)["status"] == "complete", out[-3000:]
-    ref = Reference(workdir, metrics(workdir), adapter_sha(workdir))
-    assert sorted(ref.metrics) == list(range(1, STEPS + 1))
-    return ref
+def lineage(golden: Path, hf_home: Path, cli, tmp_path_factory) -> Lineage:
+    """The golden run's steps 21-40 again, stopped on the way every way a run stops, each attempt resuming the last:
 
-
-def assert_same_as_reference(workdir: Path, ref: Reference) -> None:
-    got = metrics(workdir)
-    assert sorted(got) == list(range(1, STEPS + 1))
-    diff = {s: (got[s], ref.metrics[s]) for s in got if got[s] != ref.metrics[s]}
-    assert not diff, f"steps differing from the uninterrupted run (resumed, reference): {diff}"
-    assert adapter_sha(workdir) == ref.adapter_sha
-
-
-def copy_unfinished(ref: Reference, workdir: Path, data: Path = DEMO_DATA) -> Path:
-    """The reference's run folder as an unfinished run in workdir (its manifest gone), with a config there."""
-    shutil.copytree(run_dir(ref.workdir), run_dir(workdir))
-    (run_dir(workdir) / "manifest.json").unlink()
-    config = write_config(workdir, data)
-    shutil.copyfile(config, run_dir(workdir) / "config.yaml")  # same training; paths of this workdir
-    return run_dir(workdir) / "checkpoints"
-
-
-# ----------------------------------------------------------------------------- kills and preemption
-
-
-def test_killed_and_preempted_runs_resume_to_the_uninterrupted_result(reference, hf_home, tmp_path):
-    """SIGKILL twice, SIGTERM, SIGINT, then a plain rerun: the losses and adapter equal the reference.
-
-    Each attempt must resume from the newest checkpoint that verified when the previous one died (a
-    kill that lands in a save leaves it uncommitted: the attempt after must skip it).
+    nan        step 23's loss is NaN (injected)                       -> exit 5 after checkpoint-22
+    disk_full  the disk fills up in the save of checkpoint-26         -> exit 6, checkpoint-24 kept
+    sigterm    SIGTERM once step 27 is logged                         -> exit 143 after a checkpoint of its step
+    sigkill    SIGKILL three steps later                              -> exit -9, wherever it was
+    (then the newest good checkpoint is truncated, the one before it loses its commit record)
+    explicit   --resume-from the truncated checkpoint                 -> exit 2, nothing moved
+    final      the plain command                                      -> resumes from the third newest, to the end
     """
-    write_config(tmp_path)
-    checkpoints = run_dir(tmp_path) / "checkpoints"
-    expected_resume = None
-    attempts = [(signal.SIGKILL, -9, 2), (signal.SIGKILL, -9, 2), (signal.SIGTERM, 143, 2), (signal.SIGINT, 130, 1)]
-    for sig, expected_rc, new_steps in attempts:
-        proc = start(tmp_path, hf_home)
-        # stale rows of the last attempt are at most max(logged): waiting past it waits for this attempt
-        wait_for_step(proc, tmp_path, max(logged_steps(tmp_path), default=0) + new_steps)
-        sent = time.monotonic()
-        proc.send_signal(sig)
-        out = finish(proc, timeout=120)
-        assert proc.returncode == expected_rc, out[-3000:]
-        if expected_resume:
-            assert f"resuming from {expected_resume}" in out, out[-3000:]
+    ws = copy_workspace(golden, tmp_path_factory.mktemp("lineage") / "ws")
+    as_unfinished(ws, "checkpoint-40")
+    checkpoints, metrics = run_dir(ws) / "checkpoints", run_dir(ws) / "metrics.jsonl"
+    token = {"HF_TOKEN": SECRET}
+    found = Lineage(ws)
+    a = found.attempts
+
+    res = cli.run("tests.support.faults", LINEAGE, ws, env=token | {NAN_AT_STEP: "23"})
+    a["nan"] = attempt(ws, res.returncode, res.stdout + res.stderr)
+
+    room = pages(checkpoints / "checkpoint-20") * 3 // 2  # checkpoint-24 fits, checkpoint-26 does not
+    with small_disk(checkpoints, room) as mounted:
+        if mounted:  # a real full disk: torch.save then fails with "unexpected pos", without an errno
+            res = cli.run("train", [*LINEAGE, "paths.check_free_space=false"], ws, env=token)
         else:
-            assert "resuming from" not in out, out[-3000:]
-        if sig != signal.SIGKILL:
-            # finished the step it was in, committed a checkpoint of it, and exited in bounded time
-            last = max(logged_steps(tmp_path))
-            newest = checkpoint_dirs(checkpoints)[-1]
-            assert newest.name == f"checkpoint-{last}"
-            assert verify_checkpoint(newest) == []
-            assert time.monotonic() - sent < 60
-            assert f"stopped by {sig.name} after step {last}; checkpoint-{last} is committed" in out
-            assert manifest(tmp_path)["status"] == "interrupted"
-        good = [p.name for p in checkpoint_dirs(checkpoints) if not verify_checkpoint(p)]
-        expected_resume = good[-1] if good else None
-    assert expected_resume is not None
-    out = finish(start(tmp_path, hf_home))
-    assert manifest(tmp_path)["status"] == "complete", out[-3000:]
-    assert manifest(tmp_path)["training"]["resumed_from"] == expected_resume
-    assert_same_as_reference(tmp_path, reference)
+            res = cli.run("tests.support.faults", LINEAGE, ws, env=token | {ENOSPC_AT_SAVE: "2"})
+        a["disk_full"] = attempt(ws, res.returncode, res.stdout + res.stderr, mounted=mounted)
+
+    proc = start(ws, hf_home, "train", LINEAGE, token)
+    wait_for_step(proc, metrics, 27)
+    out, seconds = stop(proc, signal.SIGTERM)
+    a["sigterm"] = attempt(ws, 143, out, seconds=seconds)
+
+    proc = start(ws, hf_home, "train", LINEAGE, token)
+    wait_for_step(proc, metrics, max(a["sigterm"].logged) + 3)
+    out, _ = stop(proc, signal.SIGKILL)
+    a["sigkill"] = attempt(ws, -9, out)
+
+    good = [checkpoints / name for name in a["sigkill"].committed]
+    found.truncated, found.uncommitted = good[-1] / "adapter_model.safetensors", good[-2] / COMMIT_FILE
+    found.truncated.write_bytes(found.truncated.read_bytes()[:1000])
+    found.uncommitted.unlink()
+    found.resume = good[-3].name
+    found.rejected = [c.name for c in checkpoint_dirs(checkpoints) if step_of(c) > step_of(good[-3])]
+    res = cli.run("train", [*LINEAGE, "--resume-from", str(good[-1])], ws, env=token)
+    a["explicit"] = attempt(ws, res.returncode, res.stdout + res.stderr)
+
+    res = cli.run("train", LINEAGE, ws, env=token)
+    a["final"] = attempt(ws, res.returncode, res.stdout + res.stderr)
+    return found
 
 
-def test_second_process_on_the_run_folder_exits_with_the_lock_code(hf_home, tmp_path):
-    write_config(tmp_path)
-    first = start(tmp_path, hf_home)
-    wait_for_step(first, tmp_path, 1)
-    first.send_signal(signal.SIGSTOP)  # hold it mid-run, lock and all
-    try:
-        second = start(tmp_path, hf_home)
-        out = finish(second, timeout=120)
-    finally:
-        first.kill()
-        first.wait()
-    assert second.returncode == 75, out[-3000:]
-    assert f"run folder {run_dir(tmp_path)} is in use by pid {first.pid} (run 't'" in out
-    assert "resuming" not in out and "training t:" not in out  # refused before touching anything
-    # the kernel released the killed holder's lock: nothing stale is left to clean up
-    with hold_lock(run_dir(tmp_path) / ".lock", "test", "t"):
-        pass
-
-
-# ----------------------------------------------------------------------------- damaged checkpoints
-
-
-def test_auto_resume_skips_truncated_and_uncommitted_checkpoints(reference, hf_home, tmp_path):
-    checkpoints = copy_unfinished(reference, tmp_path)
-    assert [p.name for p in checkpoint_dirs(checkpoints)] == ["checkpoint-8", "checkpoint-10", "checkpoint-12"]
-    truncated = checkpoints / "checkpoint-12" / "adapter_model.safetensors"
-    truncated.write_bytes(truncated.read_bytes()[:1000])
-    (checkpoints / "checkpoint-10" / COMMIT_FILE).unlink()
-
-    explicit = start(tmp_path, hf_home, "--resume-from", str(checkpoints / "checkpoint-12"))
-    out = finish(explicit)
-    assert explicit.returncode == 2, out[-3000:]
-    assert f"{truncated}: 1000 bytes, committed as" in out
-
-    out = finish(start(tmp_path, hf_home))
-    assert manifest(tmp_path)["status"] == "complete", out[-3000:]
-    assert "warning: skipping checkpoint-12: " + str(truncated) in out
-    assert f"warning: skipping checkpoint-10: {checkpoints / 'checkpoint-10' / COMMIT_FILE}: missing" in out
-    assert "resuming from checkpoint-8" in out
-    assert sorted(p.name for p in (run_dir(tmp_path) / "rejected").iterdir()) == ["checkpoint-10", "checkpoint-12"]
-    assert_same_as_reference(tmp_path, reference)
-
-
-def test_a_run_killed_after_its_last_step_finishes_without_training_further(reference, hf_home, tmp_path):
-    """Killed during the adapter save or the export: the rerun must not take a step past the end."""
-    copy_unfinished(reference, tmp_path)
-    out = finish(start(tmp_path, hf_home))
-    assert manifest(tmp_path)["status"] == "complete", out[-3000:]
-    assert "checkpoint-12 holds the run's last step: nothing left to train" in out
-    assert manifest(tmp_path)["training"]["global_step"] == STEPS
-    assert_same_as_reference(tmp_path, reference)
-
-
-def test_changed_data_fingerprint_refuses_to_resume(reference, hf_home, tmp_path):
-    data = tmp_path / "train.jsonl"
-    lines = DEMO_DATA.read_text().splitlines()
-    data.write_text("\n".join(lines[:-1]) + "\n")  # one record fewer: same config, different data
-    copy_unfinished(reference, tmp_path, data)
-    proc = start(tmp_path, hf_home)
-    out = finish(proc)
-    assert proc.returncode == 2, out[-3000:]
-    assert "checkpoint-12 cannot be resumed by this run" in out
-    assert "training data fingerprint" in out and "--fresh" in out
-    assert len(checkpoint_dirs(run_dir(tmp_path) / "checkpoints")) == 3  # nothing was touched
-
-
-# ----------------------------------------------------------------------------- NaN and a full disk
-
-
-def test_non_finite_loss_stops_before_the_update(hf_home, tmp_path):
-    write_config(tmp_path)
-    proc = start(tmp_path, hf_home, TRAIN_TEST_NAN_AT_STEP="5")
-    out = finish(proc)
-    assert proc.returncode == 5, out[-3000:]
-    assert "non-finite training signal at step 5: loss nan" in out
-    stopped = manifest(tmp_path)["stopped"]
-    assert manifest(tmp_path)["status"] == "failed"
-    # measured at the stop, before optimizer.step(): 4 updates applied, weights untouched by the NaN
-    assert stopped["non_finite"]["optimizer_updates_applied"] == 4
+def test_non_finite_loss_stops_before_the_update(lineage):
+    a = lineage.attempts["nan"]
+    assert a.rc == 5, a.out[-3000:]
+    assert "resuming from checkpoint-20" in a.out
+    assert "non-finite training signal at step 23: loss nan" in a.out
+    assert a.manifest["status"] == "failed"
+    stopped = a.manifest["stopped"]
+    # measured at the stop, before optimizer.step(): the restored 20 updates and 2 more applied, not the NaN one
+    assert stopped["non_finite"]["optimizer_updates_applied"] == 22
     assert stopped["non_finite"]["trainable_weights_finite"] is True
-    assert logged_steps(tmp_path) == [1, 2, 3, 4]
-    checkpoints = checkpoint_dirs(run_dir(tmp_path) / "checkpoints")
-    assert [p.name for p in checkpoints] == ["checkpoint-2", "checkpoint-4"]
-    assert verify_checkpoint(checkpoints[-1]) == []
-    assert stopped["last_committed_checkpoint"] == "checkpoint-4"
+    assert a.logged == [5, 10, 15, 20, 21, 22]  # golden's rows up to the checkpoint, then this attempt's
+    assert a.on_disk == a.committed == ["checkpoint-20", "checkpoint-22"]
+    assert stopped["last_committed_checkpoint"] == "checkpoint-22"
 
 
-@pytest.fixture
-def small_disk(reference, tmp_path):
-    """tmp_path/outputs on a tmpfs with room for about 1.5 checkpoints, where this machine lets us mount one
-    (root with CAP_SYS_ADMIN); None elsewhere, and the test then injects the ENOSPC (tests/support/faults.py)."""
-    checkpoint = sum(p.stat().st_size for p in (run_dir(reference.workdir) / "checkpoints" / "checkpoint-8").iterdir())
-    mount_point = tmp_path / "outputs"
-    mount_point.mkdir()
-    size = int(checkpoint * 1.5) + (64 << 10)
-    mounted = (
-        shutil.which("mount")
-        and subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)], capture_output=True
-        ).returncode
-        == 0
+def test_disk_full_during_a_save_keeps_the_previous_commit_and_no_partial_files(lineage):
+    a = lineage.attempts["disk_full"]
+    assert a.rc == 6, a.out[-3000:]
+    assert "resuming from checkpoint-22" in a.out
+    if not a.mounted:
+        assert "No space left on device" in a.out and "optimizer.pt" in a.out
+    assert "the disk filled up during training after step 26" in a.out
+    assert "the last committed checkpoint, checkpoint-24, is intact" in a.out
+    assert a.on_disk == a.committed == ["checkpoint-20", "checkpoint-22", "checkpoint-24"]
+    assert a.partial_files == []
+    assert a.manifest["stopped"]["reason"] == "disk full"
+    assert a.manifest["stopped"]["removed_partial_checkpoint"] == "checkpoint-26"
+
+
+def test_sigterm_finishes_its_step_commits_and_stops(lineage):
+    a = lineage.attempts["sigterm"]
+    assert "resuming from checkpoint-24" in a.out
+    last = max(a.logged)
+    assert last >= 27
+    # finished the step it was in, committed a checkpoint of it, and exited in bounded time
+    assert a.on_disk[-1] == a.committed[-1] == f"checkpoint-{last}"
+    assert a.seconds < 60
+    assert f"stopped by SIGTERM after step {last}; checkpoint-{last} is committed" in a.out
+    assert a.manifest["status"] == "interrupted" and a.manifest["stopped"]["reason"] == "SIGTERM"
+    assert f"resuming from checkpoint-{last}" in lineage.attempts["sigkill"].out  # and the next run took it
+
+
+def test_auto_resume_skips_truncated_and_uncommitted_checkpoints(lineage):
+    explicit, final = lineage.attempts["explicit"], lineage.attempts["final"]
+    truncated, uncommitted = lineage.truncated, lineage.uncommitted
+    assert explicit.rc == 2, explicit.out[-3000:]
+    record = run_dir(lineage.ws) / "rejected" / truncated.parent.name / COMMIT_FILE  # moved there by the last attempt
+    size = json.loads(record.read_text())["files"][truncated.name]["size"]
+    assert f"{truncated}: 1000 bytes, the commit record says {size} (truncated?)" in explicit.out
+    assert explicit.on_disk == lineage.attempts["sigkill"].on_disk  # refused before moving anything
+
+    rel = Path("outputs") / GOLDEN_RUN / "checkpoints"
+    assert final.rc == 0, final.out[-3000:]
+    assert f"warning: skipping {truncated.parent.name}: {rel / truncated.parent.name / truncated.name}" in final.out
+    assert f"warning: skipping {uncommitted.parent.name}: {rel / uncommitted.parent.name / COMMIT_FILE}: missing" in (
+        final.out
     )
-    yield mount_point if mounted else None
-    if mounted:
-        subprocess.run(["umount", str(mount_point)], check=True)
+    assert f"resuming from {lineage.resume}" in final.out
+    assert final.manifest["training"]["resumed_from"] == lineage.resume
+    rejected = run_dir(lineage.ws) / "rejected"
+    assert sorted(p.name for p in rejected.iterdir()) == sorted(lineage.rejected)
+    assert {truncated.parent.name, uncommitted.parent.name} <= set(lineage.rejected)
 
 
-def test_disk_full_during_a_save_keeps_the_previous_commit_and_no_partial_files(hf_home, tmp_path, small_disk):
-    write_config(tmp_path)
-    if small_disk:  # a real full disk: torch.save then fails with "unexpected pos", without an errno
-        proc = start(tmp_path, hf_home, "paths.check_free_space=false")
-    else:
-        proc = start(tmp_path, hf_home, TRAIN_TEST_ENOSPC_AT_SAVE="2")  # the save of checkpoint-4
-    out = finish(proc)
-    assert proc.returncode == 6, out[-3000:]
-    if not small_disk:
-        assert "No space left on device" in out and "optimizer.pt" in out
-    assert "the disk filled up during training after step 4" in out
-    assert "the last committed checkpoint, checkpoint-2, is intact" in out
-    root = run_dir(tmp_path)
-    assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["checkpoint-2"]
-    assert verify_checkpoint(root / "checkpoints" / "checkpoint-2") == []
-    assert [p for p in root.rglob("*") if p.name.endswith(".tmp")] == []
-    assert manifest(tmp_path)["stopped"]["reason"] == "disk full"
-    assert manifest(tmp_path)["stopped"]["removed_partial_checkpoint"] == "checkpoint-4"
+def test_stopped_and_killed_runs_resume_to_the_golden_run(lineage, golden):
+    final = lineage.attempts["final"]
+    assert final.manifest["status"] == "complete", final.out[-3000:]
+    assert final.manifest["training"]["global_step"] == GOLDEN_STEPS
+    golden_adapter = sha256(adapters(golden)[0])
+    assert [sha256(p) for p in adapters(lineage.ws)] == [golden_adapter, golden_adapter]
+    # every step once; each step's gradient norm and learning rate as in the golden run, and its logged loss (a
+    # mean over 5 steps) the mean of this lineage's per-step losses
+    rows, reference = metric_rows(lineage.ws), {r["step"]: r for r in metric_rows(golden) if "loss" in r}
+    got = {r["step"]: r for r in rows if "loss" in r}
+    assert [r["step"] for r in rows if "loss" in r] == [5, 10, 15, 20, *range(21, GOLDEN_STEPS + 1)]
+    assert all(got[s] == reference[s] for s in (5, 10, 15, 20))  # golden's rows, kept by every resume
+    for s in range(25, GOLDEN_STEPS + 1, 5):
+        assert (got[s]["grad_norm"], got[s]["learning_rate"]) == (
+            reference[s]["grad_norm"],
+            reference[s]["learning_rate"],
+        )
+        mean = sum(got[t]["loss"] for t in range(s - 4, s + 1)) / 5
+        assert mean == pytest.approx(reference[s]["loss"], rel=1e-6)
 
 
-# ----------------------------------------------------------------------------- provenance and secrets
-
-
-def test_no_secret_reaches_any_file_the_run_wrote(reference):
-    """The reference ran with HF_TOKEN set: no file it wrote (configs, manifests, checkpoints, logs) has it."""
-    leaks = [p for p in reference.workdir.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
-    assert leaks == []
-    written = list(reference.workdir.rglob("*"))
-    assert any(p.name == "training_args.bin" for p in written) and any(p.name == COMMIT_FILE for p in written)
-    assert (
-        yaml.safe_load((run_dir(reference.workdir) / "config.yaml").read_text())["model"]["trust_remote_code"] is False
-    )
-
-
-def test_committed_checkpoint_holds_exactly_the_trainer_files_and_the_record(reference):
-    folder = run_dir(reference.workdir) / "checkpoints" / "checkpoint-12"
+def test_committed_checkpoint_holds_exactly_the_trainer_files_and_the_record(golden, lineage):
+    folder = run_dir(golden) / "checkpoints" / "checkpoint-40"
     record = json.loads((folder / COMMIT_FILE).read_text())
-    on_disk = sorted(p.name for p in folder.iterdir())
-    assert on_disk == sorted([*record["files"], COMMIT_FILE])
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*record["files"], COMMIT_FILE])
     assert {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"} <= set(
         record["files"]
     )
-    assert record["step"] == 12
-    assert record["identity"]["data_fingerprint"] == manifest(reference.workdir)["data"]["fingerprint"]
+    assert record["step"] == GOLDEN_STEPS
+    assert record["identity"]["data_fingerprint"] == read_manifest(golden)["data"]["fingerprint"]
     for name, entry in record["files"].items():
-        assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == entry["sha256"]
+        assert sha256(folder / name) == entry["sha256"]
     # retention: the newest save_total_limit=3 commits survive, in the manifest too
-    assert manifest(reference.workdir)["training"]["checkpoints"] == ["checkpoint-8", "checkpoint-10", "checkpoint-12"]
-    assert os.environ.get("HF_TOKEN") != SECRET  # the secret only ever lived in the child's environment
+    final = lineage.attempts["final"]
+    assert final.on_disk == final.committed == ["checkpoint-36", "checkpoint-38", "checkpoint-40"]
+    assert final.manifest["training"]["checkpoints"] == final.on_disk
+
+
+def test_no_secret_reaches_any_file_the_run_wrote(lineage):
+    """Every attempt ran with HF_TOKEN set: no file (configs, manifests, checkpoints, logs, the adapter) has it."""
+    written = [p for p in lineage.ws.rglob("*") if p.is_file()]
+    assert [p for p in written if SECRET.encode() in p.read_bytes()] == []
+    assert any(p.name == "training_args.bin" and "checkpoint-40" in str(p) for p in written)
+    assert any(p.name == COMMIT_FILE and "checkpoint-40" in str(p) for p in written)
+    assert yaml.safe_load((run_dir(lineage.ws) / "config.yaml").read_text())["model"]["trust_remote_code"] is False
+    assert os.environ.get("HF_TOKEN") != SECRET  # the secret only ever lived in the commands' environment
+
+
+# ----------------------------------------------------------------------------- on copies of the golden run
+
+
+def test_second_process_on_the_run_folder_exits_with_the_lock_code(workspace, hf_home, cli, tmp_path):
+    """An export holds the run folder (held in its merge by the slow-stage hook); `python -m train` is refused."""
+    pids = tmp_path / "held.pids"
+    hook = {"TEST_SLOW_CHILD": "600", "TEST_SLOW_CHILD_KIND": "merge", "TEST_SLOW_CHILD_PIDS": str(pids)}
+    holder = start(workspace, hf_home, "convert", ["export", "--config", "config.yaml"], hook, SLOW_CHILDREN)
+    try:
+        wait_until(holder, lambda: pids.is_file() and pids.read_text().strip() != "", "the export's merge")
+        before = tree_snapshot(run_dir(workspace))
+        res = cli.run("train", ["--config", "config.yaml"], workspace)
+        after = tree_snapshot(run_dir(workspace))
+    finally:
+        holder.popen.kill()
+        holder.popen.wait()
+    assert res.returncode == 75, res.stdout[-3000:] + res.stderr[-3000:]
+    assert f"run folder outputs/{GOLDEN_RUN} is in use by pid {holder.pid} (run '{GOLDEN_RUN}'" in res.stderr
+    assert "already complete" not in res.stdout  # refused before reading the run
+    assert after == before
+    # the kernel released the killed holder's lock: nothing stale is left to clean up
+    with hold_lock(run_dir(workspace) / ".lock", "test", GOLDEN_RUN):
+        pass
+
+
+def test_a_run_killed_after_its_last_step_finishes_without_training_further(workspace, golden, cli):
+    """Killed during the adapter save or the export: the rerun must not take a step past the end."""
+    as_unfinished(workspace)
+    res = cli.run("train", ["--config", "config.yaml", "export.enabled=false"], workspace)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "checkpoint-40 holds the run's last step: nothing left to train" in res.stdout
+    m = read_manifest(workspace)
+    assert m["status"] == "complete" and m["training"]["global_step"] == GOLDEN_STEPS
+    assert m["training"]["resumed_from"] == "checkpoint-40"
+    assert [sha256(p) for p in adapters(workspace)] == [sha256(adapters(golden)[0])] * 2
+    assert metric_rows(workspace) == metric_rows(golden)  # nothing trained, nothing logged twice
+
+
+def test_changed_data_fingerprint_refuses_to_resume(workspace, cli, tmp_path):
+    """The same config, and data that changed since the checkpoints were made."""
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(DEMO_DATA.read_text().splitlines()[:-1]) + "\n")  # one record fewer
+    as_unfinished(workspace)
+    for config in (workspace / "config.yaml", run_dir(workspace) / "config.yaml"):
+        cfg = yaml.safe_load(config.read_text())
+        cfg["data"]["train_files"] = [str(data)]
+        config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    before = tree_snapshot(run_dir(workspace))
+    res = cli.run("train", ["--config", "config.yaml"], workspace)
+    assert res.returncode == 2, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "checkpoint-40 cannot be resumed by this run" in res.stderr
+    assert "training data fingerprint" in res.stderr and "--fresh" in res.stderr
+    assert tree_snapshot(run_dir(workspace)) == before  # nothing was touched

@@ -9,10 +9,12 @@ stubbed; the interpreter start and the imports are what is shared. Tests that ne
 while it loads, imports ordered after the cache variables) keep starting `python -m ...` themselves.
 
 Protocol, one JSON line each way on stdin/stdout:
-    {"module": "train", "args": [...], "cwd": DIR, "stdout": FILE, "stderr": FILE, "timeout": SECONDS}
+    {"module": "train", "args": [...], "cwd": DIR, "stdout": FILE, "stderr": FILE, "timeout": SECONDS, "env": {...}}
     -> {"returncode": N}     (negative: killed by that signal; -9 after the timeout)
 An optional "kill_at": POINT makes the command SIGKILL itself (no handler, no cleanup, as the OOM killer) when a
 promotion reaches that point of core.releases.reached (after_stage, before_switch, between_renames).
+"env" (optional) is added to the fork's environment before the command runs (the fault injection of
+tests/support/faults.py, served as "tests.support.faults", is asked for that way).
 """
 
 from __future__ import annotations
@@ -30,18 +32,25 @@ from core.hub import configure_cache_env
 configure_cache_env()  # as both CLIs' main() does before importing transformers
 from convert.__main__ import main as convert_main  # noqa: E402
 from convert.commands import cmd_export  # noqa: E402, F401 (the heavy imports the verbs make on first use)
+from tests.support.faults import main as faults_main  # noqa: E402
 from train.__main__ import main as train_main  # noqa: E402
 from train.nightly.__main__ import main as nightly_main  # noqa: E402
 from train.nightly.night import run_night  # noqa: E402, F401
 from train.run import run  # noqa: E402, F401
 
-MAINS = {"train": train_main, "convert": convert_main, "train.nightly": nightly_main}
+MAINS = {
+    "train": train_main,
+    "convert": convert_main,
+    "train.nightly": nightly_main,
+    "tests.support.faults": faults_main,
+}
 
 
 def _child(request: dict) -> None:
     """In the fork: become the command, then leave with its exit status (never returns)."""
     code = 1
     try:
+        os.environ.update(request.get("env") or {})
         os.chdir(request["cwd"])
         for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
             target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)

@@ -1,0 +1,109 @@
+"""Real CLI processes, for the tests where a process is the point (signals, kill -9, a held lock): started like a
+user starts them, their output in a file (a pipe could fill and block), stopped when a line or a logged step shows
+they reached the stage under test. Every other CLI call goes through the CLI server (tests/conftest.py `cli`)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import cli_env
+
+EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGKILL: -9}  # what a stopped CLI exits with
+
+
+class Proc:
+    """A running `python -m <module> <args>` and the file its stdout and stderr go to."""
+
+    def __init__(self, popen: subprocess.Popen, log: Path):
+        self.popen, self.log = popen, log
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+
+def start(
+    cwd: Path,
+    hf_home: Path,
+    module: str,
+    args: list[str],
+    env: dict[str, str] | None = None,
+    path_first: Path | None = None,
+) -> Proc:
+    """`python -m module args` in cwd; `env` is added to its environment, `path_first` goes first on its PYTHONPATH
+    (and its children's: the slow-children hook)."""
+    log = cwd / f"{module}-{len(list(cwd.glob('*.out')))}.out"
+    environ = cli_env(hf_home) | (env or {})
+    if path_first is not None:
+        environ["PYTHONPATH"] = os.pathsep.join([str(path_first), environ["PYTHONPATH"]])
+    with open(log, "w") as out:
+        popen = subprocess.Popen(
+            [sys.executable, "-m", module, *args], cwd=cwd, env=environ, stdout=out, stderr=subprocess.STDOUT
+        )
+    return Proc(popen, log)
+
+
+def wait_until(proc: Proc, ready: Callable[[], bool], what: str, timeout: float = 300) -> None:
+    """Poll until ready(); fail (and kill the process) if it ends first or the time runs out."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.popen.poll() is not None:
+            pytest.fail(f"ended (rc {proc.popen.returncode}) before {what}:\n{proc.output()[-3000:]}")
+        if time.monotonic() > deadline:
+            proc.popen.kill()
+            proc.popen.wait()
+            pytest.fail(f"no {what} within {timeout} s:\n{proc.output()[-3000:]}")
+        time.sleep(0.02)
+
+
+def wait_for_line(proc: Proc, text: str, timeout: float = 300) -> None:
+    wait_until(proc, lambda: text in proc.output(), repr(text), timeout)
+
+
+def logged_steps(metrics: Path) -> list[int]:
+    """The steps metrics.jsonl logged a training loss for (a line being written is left out)."""
+    rows = []
+    for line in metrics.read_text().splitlines() if metrics.is_file() else []:
+        with contextlib.suppress(ValueError):
+            rows.append(json.loads(line))
+    return [r["step"] for r in rows if "loss" in r]
+
+
+def wait_for_step(proc: Proc, metrics: Path, step: int, timeout: float = 300) -> None:
+    wait_until(proc, lambda: max(logged_steps(metrics), default=0) >= step, f"step {step}", timeout)
+
+
+def stop(proc: Proc, sig: signal.Signals, timeout: float = 120) -> tuple[str, float]:
+    """Send sig and wait for the process to end; (its output, seconds from the signal to its exit). Asserts the exit
+    status a CLI stopped by sig must have, and, for SIGINT/SIGTERM, that it ended without a traceback."""
+    sent = time.monotonic()
+    proc.popen.send_signal(sig)
+    proc.popen.wait(timeout=timeout)
+    seconds = time.monotonic() - sent
+    out = proc.output()
+    assert proc.popen.returncode == EXIT[sig], out[-3000:]
+    if sig != signal.SIGKILL:
+        assert "Traceback" not in out, out[-3000:]
+    return out, seconds
+
+
+def alive(pid: int) -> bool:
+    """Whether the process runs (a zombie, ended but not yet reaped, does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
