@@ -16,31 +16,34 @@ def save_tokenizer(tokenizer, folder: Path, sentencepiece_model: Path) -> None:
     """save_pretrained, then put back what it drops: the SentencePiece file and the special-token keys."""
     tokenizer.save_pretrained(str(folder))
     shutil.copyfile(sentencepiece_model, folder / "tokenizer.model")
-    special = {i: t.content for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-    fix_tokenizer_config(folder, special)
+    added = {i: {k: getattr(t, k) for k in ADDED_TOKEN_FIELDS} for i, t in tokenizer.added_tokens_decoder.items()}
+    fix_tokenizer_config(folder, added)
 
 
-def fix_tokenizer_config(folder: Path, special_tokens: dict[int, str]) -> None:
+# tokenizers' AddedToken, as tokenizer_config.json's added_tokens_decoder spells each one
+ADDED_TOKEN_FIELDS = ("content", "lstrip", "normalized", "rstrip", "single_word", "special")
+
+
+def special_tokens(tokens: dict[int, str]) -> dict[int, dict]:
+    """Added tokens that are special (the turn markers): matched whole in any text, never normalized."""
+    return {i: dict.fromkeys(ADDED_TOKEN_FIELDS, False) | {"content": t, "special": True} for i, t in tokens.items()}
+
+
+def fix_tokenizer_config(folder: Path, added_tokens: dict[int, dict]) -> None:
     """Restore the keys transformers 5's save_pretrained drops but llama.cpp's converter reads.
 
     Without `add_bos_token` the GGUF does not add <bos>; without `added_tokens_decoder` marking the
     turn markers special, llama.cpp tokenizes "<start_of_turn>" as plain text (the converter's SpecialVocab and
     the token types it writes come from this file: gguf-py vocab.py, SpecialVocab._try_load_from_tokenizer_json).
+    Each added token keeps its own flag: the converter makes every one marked special a CONTROL token, and the
+    real Gemma 3's added whitespace runs and HTML tags are not (as CONTROL tokens, llama.cpp would stop making
+    them from text: token ids differ on every run of spaces). added_tokens: {id: the AddedToken's fields}.
     """
     path = folder / "tokenizer_config.json"
     config = json.loads(path.read_text())
     config["add_bos_token"] = True
     config["add_eos_token"] = False
-    config["added_tokens_decoder"] = {
-        str(i): {
-            "content": t,
-            "lstrip": False,
-            "normalized": False,
-            "rstrip": False,
-            "single_word": False,
-            "special": True,
-        }
-        for i, t in sorted(special_tokens.items())
-    }
+    config["added_tokens_decoder"] = {str(i): added_tokens[i] for i in sorted(added_tokens)}
     config.pop("vocab_file", None)  # an absolute temp path is meaningless once copied
+    config.pop("local_files_only", None)  # how it was loaded (HF_HUB_OFFLINE), not what it is
     path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
