@@ -19,7 +19,7 @@ help:  ## list targets
 
 setup: $(STAMP)  ## create .venv, install pinned deps, unpack llama.cpp's converter, build its tools (cached)
 
-# The llama.cpp tools (llama-imatrix, llama-quantize, llama-perplexity) are built once per llama.cpp commit into
+# The llama.cpp tools (llama-imatrix, llama-quantize) are built once per llama.cpp commit into
 # ~/.cache/gemma-lora-pipeline/llama-tools/<commit>/ (LLAMA_TOOLS_DIR overrides); a cached build is reused.
 $(STAMP): pyproject.toml constraints.txt scripts/fetch_llama_cpp.sh scripts/build_llama_tools.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -2,7 +2,7 @@
 
 The converter tree (convert_hf_to_gguf.py, convert_lora_to_gguf.py, conversion/, gguf-py/) is unpacked from
 the llama-cpp-python sdist by scripts/fetch_llama_cpp.sh; `tree()` refuses a tree whose release differs from
-the installed binding's. The tools (llama-imatrix, llama-quantize, llama-perplexity) are compiled by
+the installed binding's. The tools (llama-imatrix, llama-quantize) are compiled by
 scripts/build_llama_tools.sh from the same sdist, into <root>/<llama.cpp commit>/bin/ (root: $LLAMA_TOOLS_DIR,
 else ~/.cache/gemma-lora-pipeline/llama-tools), so a new pin looks in a new folder and never runs a tool of
 another commit. `make setup` builds them once.
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from core.errors import LlamaCppError
 
-TOOLS = ("llama-imatrix", "llama-quantize", "llama-perplexity")
+TOOLS = ("llama-imatrix", "llama-quantize")
 
 
 def tree() -> Path:

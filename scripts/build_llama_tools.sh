@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Build llama.cpp's command-line tools (llama-imatrix, llama-quantize, llama-perplexity) from the llama.cpp
-# tree vendored in the pinned llama-cpp-python source distribution, once per llama.cpp commit.
+# Build llama.cpp's command-line tools (llama-imatrix, llama-quantize) from the llama.cpp tree vendored in the
+# pinned llama-cpp-python source distribution, once per llama.cpp commit.
 #
 # Why: the Python binding exposes the runtime and llama_model_quantize, but not an importance matrix
 # (llama-imatrix collects it; llama_model_quantize takes it only as a C++ map that llama-quantize builds from
-# the file) nor llama.cpp's own KL-divergence tooling (llama-perplexity). Built from the same sdist as the
-# binding, so tools, binding, converter and gguf-py are one llama.cpp commit.
+# the file). Built from the same sdist as the binding, so tools, binding, converter and gguf-py are one
+# llama.cpp commit.
 #
 # usage: scripts/build_llama_tools.sh TREE [DEST] [PYTHON]
 #   TREE    the converter tree that scripts/fetch_llama_cpp.sh unpacked (its VERSION names the commit)
@@ -19,7 +19,7 @@ tree=${1:?usage: $0 TREE [DEST] [PYTHON]}
 root=${2:-${LLAMA_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/gemma-lora-pipeline/llama-tools}}
 py=${3:-python}
 here=$(cd "$(dirname "$0")/.." && pwd)
-targets=(llama-imatrix llama-quantize llama-perplexity)
+targets=(llama-imatrix llama-quantize)
 # Portable (GGML_NATIVE=OFF builds for AVX2/FMA/F16C, as the binding's build does, not for this CPU only),
 # static (the binaries move and run without the build folder), Release, and nothing that is not needed:
 # no tests, examples, server or web UI, no HTTPS (LLAMA_OPENSSL: model download; LLAMA_CURL is gone at
