@@ -1,6 +1,6 @@
 """llama.cpp's tools built from the pinned tree, the importance matrix from the run's data, and quants that use it.
 
-The tools are built by `make setup` (scripts/build_llama_tools.sh); these tests run the real binaries on the
+The tools are built by `make setup` (scripts/build_llama_cpp.sh); these tests run the real binaries on the
 tiny model's f32 GGUF.
 """
 
@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import subprocess
+import sys
+from pathlib import Path
 
 import gguf
+import llama_cpp
 import pytest
 
 from convert.imatrix import compute_imatrix
@@ -19,7 +23,7 @@ from convert.llamacpp import convert_hf_to_gguf, quantize, quantize_in_process, 
 from convert.tools import TOOLS, tool, tools_dir, tree, version_info
 from core.errors import InvalidInput, LlamaCppError
 from core.hub import resolve_model
-from tests.conftest import DEMO_DATA, TINY_REPO
+from tests.conftest import DEMO_DATA, ROOT, TINY_REPO
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +65,33 @@ def test_the_built_tools_are_this_commits(monkeypatch):
     for name in TOOLS:
         run = subprocess.run([str(tool(name)), "--help"], capture_output=True, text=True, timeout=60)
         assert "usage" in (run.stdout + run.stderr).lower(), name
+
+
+def test_a_build_without_cmake_says_what_to_install_before_downloading_anything(tmp_path):
+    """scripts/build_llama_cpp.sh on a machine without cmake: exit 2 naming the package, nothing written."""
+    path = tmp_path / "path"  # the commands the script runs before it compiles, and no cmake
+    path.mkdir()
+    for name in ("cat", "dirname", "grep", "mkdir", "sed"):
+        (path / name).symlink_to(shutil.which(name))
+    root = tmp_path / "cache"
+    script = ROOT / "scripts" / "build_llama_cpp.sh"
+    run = subprocess.run(
+        [shutil.which("bash"), str(script), str(tree()), str(root), sys.executable],
+        env={"PATH": str(path), "HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert "error: cmake not found" in run.stderr and "apt-get install cmake build-essential" in run.stderr
+    assert not root.exists()
+
+
+def test_the_binding_runs_the_library_the_tools_were_built_with(monkeypatch):
+    """One compilation: the libllama.so the binding loaded is the tools' own, byte for byte."""
+    monkeypatch.delenv("LLAMA_TOOLS_DIR", raising=False)
+    loaded = Path(llama_cpp.llama_cpp._lib._name)
+    assert loaded.parent != tools_dir()  # a copy in the installed wheel, not a path into the cache
+    assert loaded.read_bytes() == (tools_dir() / "libllama.so").read_bytes()
 
 
 def test_the_tool_quantizes_exactly_as_the_binding(f32_gguf, tmp_path):
