@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from convert.llamacpp import read_metadata
+from convert.tools import TOOLS, tool, version_info
 from core.files import sha256_file
 from tests.conftest import ROOT, cli_env, run_cli, small_config
 from tests.support.snapshots import tree_snapshot
@@ -108,6 +109,24 @@ def alive(pid: int) -> bool:
     return True
 
 
+def slow_tools(root: Path, name: str) -> Path:
+    """A tools root (LLAMA_TOOLS_DIR) whose `name` is a Python stand-in that execs the real tool: the slow-children
+    hook runs in it first, and the process the parent started is the one that becomes the tool. The other tools
+    are links to the real ones (their RUNPATH $ORIGIN resolves through the link to the real folder)."""
+    real = {t: tool(t) for t in TOOLS}
+    bin_dir = root / version_info()["llama.cpp"] / "bin"
+    bin_dir.mkdir(parents=True)
+    for t, path in real.items():
+        if t != name:
+            (bin_dir / t).symlink_to(path)
+    stand_in, tool_path = bin_dir / name, str(real[name])
+    stand_in.write_text(
+        f"#!{sys.executable}\nimport os, sys\nos.execv({tool_path!r}, [{tool_path!r}, *sys.argv[1:]])\n"
+    )
+    stand_in.chmod(0o755)
+    return root
+
+
 def promoted_adapter_matches_the_run(work: Path) -> None:
     """The live GGUF names the adapter the run folder vouches for."""
     run_adapter = sha256_file(work / "outputs" / "t" / "adapter" / "adapter_model.safetensors")
@@ -133,6 +152,8 @@ def test_export_interrupted_at_each_stage_leaves_models_and_recovers(
     before = tree_snapshot(work / "models")
     pids = tmp_path / "children.pids"
     hook = {"TEST_SLOW_CHILD": "30", "TEST_SLOW_CHILD_KIND": child, "TEST_SLOW_CHILD_PIDS": str(pids)} if child else {}
+    if child == "quantize":
+        hook["LLAMA_TOOLS_DIR"] = str(slow_tools(tmp_path / "tools", "llama-quantize"))
     proc = start(work, hf_home, "convert", **hook)
     wait_for_line(proc, line)
     if child:  # the child has started (and waits): the signal lands while it runs

@@ -12,6 +12,7 @@ import shutil
 import stat
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import gguf
@@ -19,10 +20,11 @@ import llama_cpp
 import pytest
 
 from convert.imatrix import compute_imatrix
-from convert.llamacpp import convert_hf_to_gguf, quantize, quantize_in_process, quantize_tool_command, read_metadata
+from convert.llamacpp import convert_hf_to_gguf, quantize, read_metadata
 from convert.tools import TOOLS, tool, tools_dir, tree, version_info
 from core.errors import InvalidInput, LlamaCppError
 from core.hub import resolve_model
+from core.quants import QUANTS
 from tests.conftest import DEMO_DATA, ROOT, TINY_REPO
 
 
@@ -94,14 +96,31 @@ def test_the_binding_runs_the_library_the_tools_were_built_with(monkeypatch):
     assert loaded.read_bytes() == (tools_dir() / "libllama.so").read_bytes()
 
 
-def test_the_tool_quantizes_exactly_as_the_binding(f32_gguf, tmp_path):
-    """Without a matrix llama-quantize and llama_model_quantize write the same bytes: the command line carries the
-    binding's ftype, threads and token_embd type, so the imatrix route differs from the plain one only by it."""
-    for quant, embd in (("q4_k_m", "q8_0"), ("q8_0", None)):
-        ours, theirs = tmp_path / f"binding.{quant}.gguf", tmp_path / f"tool.{quant}.gguf"
-        assert quantize_in_process(f32_gguf, ours, quant, embd) == 0
-        subprocess.run(quantize_tool_command(f32_gguf, theirs, quant, embd, None), check=True, capture_output=True)
-        assert ours.read_bytes() == theirs.read_bytes(), quant
+QUANTIZED = [name for name, q in QUANTS.items() if not q.is_float and not q.needs_imatrix]
+
+
+@pytest.mark.parametrize("quant", QUANTIZED)
+def test_quantize_writes_the_tables_file_type_with_token_embd_as_asked(quant, f32_gguf, tmp_path):
+    """What the quant is, read back from the file: general.file_type is the table's (core/quants.py), token_embd the
+    type export.token_embedding_type asks for, the layers' weights the table's tensor type (the tiny model's rows
+    are 256 or 512 wide: no k-quant fallback), and nothing is left beside the output."""
+    out = tmp_path / f"tiny.{quant}.gguf"
+    quantize(f32_gguf, out, quant, "q8_0", tmp_path / "log")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["log", out.name])
+    assert read_metadata(out)["general.file_type"] == QUANTS[quant].file_type
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(str(out)).tensors}
+    assert types["token_embd.weight"] == gguf.GGMLQuantizationType.Q8_0
+    layers = Counter(t for name, t in types.items() if name.startswith("blk.") and not name.endswith("norm.weight"))
+    assert layers.most_common(1)[0][0] == QUANTS[quant].tensor_type, layers
+
+
+def test_without_a_token_embedding_type_llama_cpp_picks_token_embd(f32_gguf, tmp_path):
+    """The flag is what keeps token_embd at Q8_0: without it q4_k_m's recipe stores the tied embedding as the output
+    layer's Q6_K (llama.cpp's llama_tensor_get_type)."""
+    out = tmp_path / "tiny.q4_k_m.gguf"
+    quantize(f32_gguf, out, "q4_k_m", None)
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(str(out)).tensors}
+    assert types["token_embd.weight"] == gguf.GGMLQuantizationType.Q6_K
 
 
 def test_importance_matrix_from_the_runs_data_calibrates_q4_k_m(f32_gguf, training_texts, tmp_path):

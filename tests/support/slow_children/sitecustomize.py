@@ -1,8 +1,9 @@
 """Test hook for tests/cli/test_interrupts.py, on PYTHONPATH only there: with TEST_SLOW_CHILD=<seconds>, the
-llama.cpp child processes of an export (TEST_SLOW_CHILD_KIND: "quantize" or "convert": the converter, run directly
-or through convert/converter_child.py) wait that long before they start, so that a test can interrupt the parent
-while the child runs. Each such child appends its pid to the file TEST_SLOW_CHILD_PIDS, so the test can check that
-no child outlived the interrupt. Production code never sees it.
+llama.cpp child processes of an export (TEST_SLOW_CHILD_KIND: "convert": the converter, run directly or through
+convert/converter_child.py; "quantize": llama-quantize, a binary, so the test puts a Python stand-in of that name in
+front of it, which execs the real tool once this hook has run) wait that long before they start, so that a test can
+interrupt the parent while the child runs. Each such child appends its pid to the file TEST_SLOW_CHILD_PIDS, so the
+test can check that no child outlived the interrupt. Production code never sees it.
 """
 
 import os
@@ -10,7 +11,7 @@ import sys
 import time
 
 _kind = os.environ.get("TEST_SLOW_CHILD_KIND", "")
-_is_child = (_kind == "quantize" and sys.argv[1:2] == ["quantize"]) or (
+_is_child = (_kind == "quantize" and os.path.basename(sys.argv[0]) == "llama-quantize") or (
     _kind == "convert" and sys.argv[0].endswith(("convert_hf_to_gguf.py", "converter_child.py"))
 )
 if os.environ.get("TEST_SLOW_CHILD") and _is_child:
