@@ -22,6 +22,9 @@ from core.errors import LlamaCppError, raise_if_interrupted
 from core.paths import require_file
 from core.quants import QUANTS
 
+# Starts each child so that it dies with this process (see the file; Linux's prctl, hence Linux only).
+DIE_WITH_PARENT = Path(__file__).with_name("die_with_parent.py")
+
 
 def convert_hf_to_gguf(
     model_dir: Path,
@@ -73,7 +76,11 @@ def run_child(cmd: list[str], log_path: Path | None, cwd: Path | None = None, en
     Long native calls cannot be interrupted from Python (a signal handler runs only between bytecodes, and an
     exception raised in a ctypes callback is discarded), so they run in a child that the parent can stop: on
     SIGINT/SIGTERM (Interrupted) or any other error while waiting, the child is killed and reaped before the
-    exception goes on. The child has its own session, so a terminal's Ctrl-C reaches the parent only."""
+    exception goes on. The child has its own session, so a terminal's Ctrl-C reaches the parent only. A parent
+    killed outright (SIGKILL, the OOM killer) runs none of that; on Linux the kernel then kills the child, which
+    starts through convert/die_with_parent.py. Elsewhere such a child runs on to its end."""
+    if sys.platform.startswith("linux"):
+        cmd = [sys.executable, "-I", "-S", str(DIE_WITH_PARENT), str(os.getpid()), *cmd]
     with open(log_path or os.devnull, "a") as log:
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:

@@ -5,6 +5,7 @@ byte for byte as it was, leave no work files (GGUFs, the merged model) or child 
 run of the same command must finish by itself. The signal is sent when the stage's log line appears. The
 llama.cpp children (converter, quantizer) take well under a second on the tiny model, so a test hook
 (tests/support/slow_children/sitecustomize.py) holds them for a while: the signal then lands while they run.
+`kill -9` of the parent runs none of its cleanup: the kernel kills its children (convert/die_with_parent.py).
 """
 
 from __future__ import annotations
@@ -101,12 +102,13 @@ def interrupt(proc: subprocess.Popen, sig: signal.Signals) -> str:
     return out
 
 
-def alive(pid: int) -> bool:
+def running(pid: int) -> bool:
+    """The process exists and is not a zombie (an orphan's zombie waits for init to reap it, but runs nothing)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
         return False
-    return True
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")  # the state follows the parenthesised name
 
 
 def slow_tools(root: Path, name: str) -> Path:
@@ -166,12 +168,54 @@ def test_export_interrupted_at_each_stage_leaves_models_and_recovers(
     assert [p for p in export.rglob("*") if p.suffix in (".gguf", ".tmp")] == []
     assert not (export / "merged").exists()
     if child:
-        assert [int(p) for p in pids.read_text().split() if alive(int(p))] == []
+        assert [int(p) for p in pids.read_text().split() if running(int(p))] == []
     # the same command again finishes by itself and promotes what the run folder vouches for
     res = run_cli("convert", ["export", "--config", "config.yaml"], work, hf_home)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert json.loads((work / "outputs" / "t" / "manifest.json").read_text())["status"] == "complete"
     promoted_adapter_matches_the_run(work)
+
+
+@pytest.mark.parametrize("child", ["convert", "quantize"], ids=["conversion", "quantization"])
+def test_kill_9_of_the_parent_kills_its_llama_cpp_child_within_2_s(child: str, tmp_path: Path):
+    """SIGKILL runs nothing in the parent, so no cleanup of ours can stop the child: the kernel's parent-death signal
+    (convert/die_with_parent.py) must. An orphan would go on writing the temporary GGUF that the rerun writes too."""
+    pids = tmp_path / "children.pids"
+    env = os.environ | {
+        "PYTHONPATH": os.pathsep.join([str(SLOW_CHILDREN), str(ROOT)]),
+        "TEST_SLOW_CHILD": "60",
+        "TEST_SLOW_CHILD_KIND": child,
+        "TEST_SLOW_CHILD_PIDS": str(pids),
+    }
+    model, gguf = tmp_path / "model", tmp_path / "model.f32.gguf"  # never read: the child is held before it starts
+    model.mkdir()
+    (model / "tokenizer.model").touch()
+    if child == "convert":
+        call = f"convert_hf_to_gguf(Path({str(model)!r}), Path({str(gguf)!r}))"
+    else:
+        env["LLAMA_TOOLS_DIR"] = str(slow_tools(tmp_path / "tools", "llama-quantize"))
+        call = f"quantize(Path({str(gguf)!r}), Path({str(tmp_path / 'model.q8_0.gguf')!r}), 'q8_0')"
+    code = f"from pathlib import Path\nfrom convert.llamacpp import convert_hf_to_gguf, quantize\n{call}"
+    log = tmp_path / "parent.log"
+    with open(log, "w") as out:
+        parent = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env=env, stdout=out, stderr=out)
+    deadline = time.monotonic() + 60
+    while not (pids.is_file() and pids.read_text().strip()):
+        assert parent.poll() is None, f"ended (rc {parent.returncode}) before its child started:\n{log.read_text()}"
+        assert time.monotonic() < deadline, "no child started within 60 s"
+        time.sleep(0.02)
+    (pid,) = (int(p) for p in pids.read_text().split())
+    try:
+        assert running(pid)
+        parent.kill()
+        parent.wait()
+        killed = time.monotonic()
+        while running(pid) and time.monotonic() < killed + 2:
+            time.sleep(0.02)
+        assert not running(pid), f"the {child} child {pid} outlived its parent's SIGKILL by 2 s"
+    finally:
+        if running(pid):
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_fresh_run_interrupted_in_training_is_neither_exported_nor_lost(complete: Path, hf_home: Path, tmp_path: Path):
