@@ -27,12 +27,13 @@ root=${2:-${LLAMA_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/gemma-lora-pipeline
 py=${3:-python}
 here=$(cd "$(dirname "$0")/.." && pwd)
 tools=(llama-imatrix llama-quantize)
-# What the binding loads: libllama.so and the ggml libraries it needs (ldd of libllama.so); the install check at
-# the end fails if a future pin needs another one.
+# What the binding loads: libllama.so and the ggml libraries it needs (its NEEDED entries, and theirs); the load
+# check at the end fails if a future pin needs another one.
 binding_libs=(libllama.so libggml.so libggml-base.so libggml-cpu.so)
-# Portable (GGML_NATIVE=OFF: AVX2/FMA/F16C, not this CPU's -march=native), Release, shared libraries that find each
-# other and the tools find them beside themselves ($ORIGIN; unversioned names, so one file each), and nothing that
-# is not needed: no tests, examples, server or web UI, no HTTPS (LLAMA_OPENSSL: model download).
+# Portable (GGML_NATIVE=OFF: AVX2/FMA/F16C, not this CPU's -march=native), Release, shared libraries looked up
+# beside whatever loads them (RUNPATH $ORIGIN: the tools in bin/, the libraries in bin/ or in the wheel's lib/;
+# unversioned names, so one file each), and nothing that is not needed: no tests, examples, server or web UI, no
+# HTTPS (LLAMA_OPENSSL: model download).
 flags=(-DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF -DBUILD_SHARED_LIBS=ON -DCMAKE_PLATFORM_NO_VERSIONED_SONAME=ON
        -DCMAKE_BUILD_WITH_INSTALL_RPATH=ON '-DCMAKE_INSTALL_RPATH=$ORIGIN' -DLLAMA_OPENSSL=OFF
        -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF)
