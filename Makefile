@@ -4,9 +4,6 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 LLAMA_CPP_DIR ?= $(VENV)/llama.cpp
-# Portable llama.cpp build (llama.cpp's GGML_NATIVE defaults to -march=native: the binary breaks on other CPUs);
-# tests/examples are not needed and cost compile minutes.
-LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
 STAMP := $(VENV)/.setup-done
 
 # Not exported: the code finds the tree at <venv>/llama.cpp by itself (LLAMA_CPP_DIR overrides, e.g. in Docker).
@@ -17,16 +14,20 @@ export HF_HUB_OFFLINE ?= 1
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
-setup: $(STAMP)  ## create .venv, install pinned deps, unpack llama.cpp's converter, build its tools (cached)
+setup: $(STAMP)  ## create .venv, install pinned deps, unpack llama.cpp's converter, build llama.cpp (cached)
 
-# The llama.cpp tools (llama-imatrix, llama-quantize, llama-perplexity) are built once per llama.cpp commit into
-# ~/.cache/gemma-lora-pipeline/llama-tools/<commit>/ (LLAMA_TOOLS_DIR overrides); a cached build is reused.
-$(STAMP): pyproject.toml constraints.txt scripts/fetch_llama_cpp.sh scripts/build_llama_tools.sh
+# llama.cpp is compiled once per llama.cpp commit (scripts/build_llama_cpp.sh, flags there), into
+# ~/.cache/gemma-lora-pipeline/llama.cpp/<commit>/ (LLAMA_TOOLS_DIR overrides): llama-quantize, llama-imatrix and
+# the libraries that they and the llama-cpp-python binding load; the script installs the binding as a wheel
+# around those libraries. A cached build is reused: a fresh clone compiles nothing. The project's install then
+# finds the pinned binding installed; --only-binary makes pip fail rather than compile PyPI's sdist a second time.
+# fetch_llama_cpp.sh goes first: the build reads the commit from the tree it unpacks.
+$(STAMP): pyproject.toml constraints.txt scripts/fetch_llama_cpp.sh scripts/build_llama_cpp.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -c constraints.txt -e '.[dev]'
 	bash scripts/fetch_llama_cpp.sh $(LLAMA_CPP_DIR) $(PY)
-	bash scripts/build_llama_tools.sh $(LLAMA_CPP_DIR) "" $(PY)
+	bash scripts/build_llama_cpp.sh $(LLAMA_CPP_DIR) "" $(PY)
+	$(PY) -m pip install -c constraints.txt --only-binary llama-cpp-python -e '.[dev]'
 	touch $@
 
 tiny-model: setup  ## build the tiny offline Gemma 2 into models/.cache (idempotent)

@@ -674,28 +674,13 @@ def ensure_run(snapshot: Path, rebuild: bool, logs: Path) -> Path:
 
 def quantizer() -> tuple[str, Callable[[Path, Path, str, str], list[str]]]:
     """What quantizes the plain route and its command (SRC, DST, QUANT, TOKEN_EMBD -> argv): llama-quantize of the
-    pinned commit when it is built (convert/tools.py), spelled as our export spells it; else the child process our
-    export runs without an importance matrix (`python -m convert.llamacpp quantize`, the binding's
-    llama_model_quantize). Both are the same llama.cpp function with the same ftype, threads and token_embd type."""
-    try:
-        from convert.llamacpp import quantize_tool_command  # noqa: PLC0415 (loads the llama.cpp binding)
-        from core.errors import LlamaCppError  # noqa: PLC0415
+    pinned commit (convert/tools.py), spelled as our export spells it."""
+    from convert.llamacpp import quantize_tool_command  # noqa: PLC0415 (finds the pinned tree and tools)
 
-        try:
-            binary = quantize_tool_command(Path("src"), Path("dst"), "q8_0", None, None)[0]
-        except LlamaCppError:
-            binary = None
-    except ImportError:
-        binary = None
-    if binary is not None:
-        return (
-            f"llama-quantize ({binary}; convert/tools.py, built from the pinned llama.cpp tree)",
-            lambda src, dst, q, te: quantize_tool_command(src, dst, q, te or None, None),
-        )
+    binary = quantize_tool_command(Path("src"), Path("dst"), "q8_0", None, None)[0]
     return (
-        "python -m convert.llamacpp quantize (llama_model_quantize through the llama-cpp-python binding, the "
-        "child process our export runs; llama-quantize is not built)",
-        lambda src, dst, q, te: [sys.executable, "-m", "convert.llamacpp", "quantize", str(src), str(dst), q, te],
+        f"llama-quantize ({binary}; convert/tools.py, built from the pinned llama.cpp tree)",
+        lambda src, dst, q, te: quantize_tool_command(src, dst, q, te or None, None),
     )
 
 

@@ -1,21 +1,18 @@
 """llama.cpp tooling, all from one pinned release: converter, gguf-py, quantizer, runtime.
 
 The converter tree (convert_hf_to_gguf.py, conversion/, gguf-py/) is unpacked from the
-llama-cpp-python sdist by scripts/fetch_llama_cpp.sh; the quantizer and runtime are the compiled
-binding of the same release, and the command-line tools (llama-quantize for quants with an importance
-matrix) are built from that sdist too. convert/tools.py finds each piece and checks they are one release.
+llama-cpp-python sdist by scripts/fetch_llama_cpp.sh; the quantizer (llama-quantize) and the runtime (the
+binding's libllama) come from one compilation of that sdist's llama.cpp (scripts/build_llama_cpp.sh).
+convert/tools.py finds each piece and checks they are one release.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-
-import llama_cpp
 
 from convert.gguf_header import read_header
 from convert.tools import tool, tree
@@ -24,8 +21,8 @@ from core.errors import LlamaCppError
 from core.paths import require_file
 from core.quants import QUANTS
 
-# The project root, so that `python -m convert.llamacpp` (the quantizer's child process) imports this tree.
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# Starts each child so that it dies with this process (see the file; Linux's prctl, hence Linux only).
+DIE_WITH_PARENT = Path(__file__).with_name("die_with_parent.py")
 
 
 def convert_hf_to_gguf(
@@ -78,7 +75,11 @@ def run_child(cmd: list[str], log_path: Path | None, cwd: Path | None = None, en
     Long native calls cannot be interrupted from Python (a signal handler runs only between bytecodes, and an
     exception raised in a ctypes callback is discarded), so they run in a child that the parent can stop: on
     SIGINT/SIGTERM (Interrupted) or any other error while waiting, the child is killed and reaped before the
-    exception goes on. The child has its own session, so a terminal's Ctrl-C reaches the parent only."""
+    exception goes on. The child has its own session, so a terminal's Ctrl-C reaches the parent only. A parent
+    killed outright (SIGKILL, the OOM killer) runs none of that; on Linux the kernel then kills the child, which
+    starts through convert/die_with_parent.py. Elsewhere such a child runs on to its end."""
+    if sys.platform.startswith("linux"):
+        cmd = [sys.executable, "-I", "-S", str(DIE_WITH_PARENT), str(os.getpid()), *cmd]
     with open(log_path or os.devnull, "a") as log:
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -89,16 +90,6 @@ def run_child(cmd: list[str], log_path: Path | None, cwd: Path | None = None, en
             raise
 
 
-def quantize_in_process(src: Path, dst: Path, quant: str, token_embedding_type: str | None = None) -> int:
-    """llama.cpp's quantizer (llama_model_quantize, as llama-quantize uses) from an f32 GGUF; its return code."""
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = int(QUANTS[quant].file_type)
-    params.nthread = os.cpu_count() or 1
-    if token_embedding_type and not QUANTS[quant].is_float:
-        params.token_embedding_type = int(QUANTS[token_embedding_type].tensor_type)
-    return int(llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)))
-
-
 def quantize(
     src: Path,
     dst: Path,
@@ -107,25 +98,18 @@ def quantize(
     log_path: Path | None = None,
     imatrix: Path | None = None,
 ) -> None:
-    """Quantize in a child process, so that SIGINT/SIGTERM stop it: llama_model_quantize is one native call of
-    minutes for the 2B model (docs/operations.md). The output appears only when complete.
+    """llama-quantize from a float GGUF, as a child process that SIGINT/SIGTERM stop (run_child; minutes for the 2B
+    model: docs/operations.md). The output appears only when complete.
 
-    Without an importance matrix the child is `python -m convert.llamacpp quantize ...` (the binding); with one
-    it is llama-quantize, whose loader turns the matrix file into the per-tensor weights llama_model_quantize
-    takes (and records it in the quant's quantize.imatrix.* keys). Same llama.cpp commit, same quantizer."""
+    With an importance matrix, llama-quantize's loader turns the matrix file into the per-tensor weights
+    llama_model_quantize takes, and records it in the quant's quantize.imatrix.* keys."""
     tmp = dst.with_name(f".{dst.name}.tmp")
-    if imatrix is None:
-        cmd = [sys.executable, "-m", "convert.llamacpp", "quantize", str(src), str(tmp), quant]
-        cmd.append(token_embedding_type or "")
-    else:
-        cmd = quantize_tool_command(src, tmp, quant, token_embedding_type, imatrix)
-    path = os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    cmd = quantize_tool_command(src, tmp, quant, token_embedding_type, imatrix)
     try:
-        rc = run_child(cmd, log_path, env=os.environ | {"PYTHONPATH": path})
+        rc = run_child(cmd, log_path)
         if rc != 0:
             where = f"; see {log_path}" if log_path else ""
-            how = "llama-quantize --imatrix" if imatrix else "llama_model_quantize"
-            raise LlamaCppError(f"{how} {src.name} -> {quant} failed (code {rc}){where}")
+            raise LlamaCppError(f"llama-quantize {src.name} -> {quant} failed (code {rc}){where}")
         os.replace(tmp, dst)
     finally:
         tmp.unlink(missing_ok=True)  # a failed or interrupted quantization leaves no partial file
@@ -134,15 +118,15 @@ def quantize(
 def quantize_tool_command(
     src: Path, dst: Path, quant: str, token_embedding_type: str | None, imatrix: Path | None
 ) -> list[str]:
-    """llama-quantize's command line for what quantize_in_process asks the binding for (same ftype, threads and
-    token_embd type; `token_embedding_type` only for quantized types, as there)."""
+    """llama-quantize's command line: the llama_ftype of `quant`, every core, and `token_embedding_type` for
+    token_embd (quantized types only: a float file keeps its embedding as converted)."""
     cmd = [str(tool("llama-quantize"))]
     if imatrix is not None:
         cmd += ["--imatrix", str(require_file(imatrix, "importance matrix", "compute it with convert.imatrix"))]
     if token_embedding_type and not QUANTS[quant].is_float:
         cmd += ["--token-embedding-type", QUANTS[token_embedding_type].tensor_type.name]
     # llama-quantize reads the type as a name (Q4_K_M) or as the llama_ftype number (try_parse_ftype): the number
-    # is exactly what the binding is given
+    # is the table's general.file_type itself (core/quants.py), with no name mapping in between
     return cmd + [str(src), str(dst), str(int(QUANTS[quant].file_type)), str(os.cpu_count() or 1)]
 
 
@@ -151,16 +135,3 @@ def read_metadata(path: Path) -> dict[str, object]:
     tensor_count; InvalidInput (exit 2) for a missing or damaged file (convert/gguf_header.py reads it)."""
     header = read_header(path)
     return header.metadata | {"tensor_count": len(header.tensors)}
-
-
-def main(argv: list[str]) -> int:
-    """`python -m convert.llamacpp quantize SRC DST QUANT [TOKEN_EMBEDDING_TYPE]`: the quantizer's child process."""
-    if len(argv) != 5 or argv[0] != "quantize":
-        print("usage: python -m convert.llamacpp quantize SRC DST QUANT [TOKEN_EMBEDDING_TYPE]", file=sys.stderr)
-        return 2
-    _, src, dst, quant, token_embedding_type = argv
-    return quantize_in_process(Path(src), Path(dst), quant, token_embedding_type or None)
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

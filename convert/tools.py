@@ -2,10 +2,10 @@
 
 The converter tree (convert_hf_to_gguf.py, convert_lora_to_gguf.py, conversion/, gguf-py/) is unpacked from
 the llama-cpp-python sdist by scripts/fetch_llama_cpp.sh; `tree()` refuses a tree whose release differs from
-the installed binding's. The tools (llama-imatrix, llama-quantize, llama-perplexity) are compiled by
-scripts/build_llama_tools.sh from the same sdist, into <root>/<llama.cpp commit>/bin/ (root: $LLAMA_TOOLS_DIR,
-else ~/.cache/gemma-lora-pipeline/llama-tools), so a new pin looks in a new folder and never runs a tool of
-another commit. `make setup` builds them once.
+the installed binding's. scripts/build_llama_cpp.sh compiles that sdist's llama.cpp once: the tools
+(llama-imatrix, llama-quantize) and the libraries they and the binding load, into <root>/<llama.cpp commit>/bin/
+(root: $LLAMA_TOOLS_DIR, else ~/.cache/gemma-lora-pipeline/llama.cpp), so a new pin looks in a new folder and
+never runs a tool of another commit. `make setup` builds them once.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from core.errors import LlamaCppError
 
-TOOLS = ("llama-imatrix", "llama-quantize", "llama-perplexity")
+TOOLS = ("llama-imatrix", "llama-quantize")
 
 
 def tree() -> Path:
@@ -52,12 +52,12 @@ def version_info(folder: Path | None = None) -> dict[str, str]:
 
 
 def tools_root() -> Path:
-    """The cache root the build script writes to (same rule as scripts/build_llama_tools.sh)."""
+    """The cache root the build script writes to (same rule as scripts/build_llama_cpp.sh)."""
     env = os.environ.get("LLAMA_TOOLS_DIR")
     if env:
         return Path(env)
     cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(cache) / "gemma-lora-pipeline" / "llama-tools"
+    return Path(cache) / "gemma-lora-pipeline" / "llama.cpp"
 
 
 def tools_dir() -> Path:
@@ -76,7 +76,7 @@ def tool(name: str) -> Path:
     if not (path.is_file() and os.access(path, os.X_OK)):
         raise LlamaCppError(
             f"llama.cpp tool {name} not found at {path}.\n"
-            f"  fix: run `make setup` (or `bash scripts/build_llama_tools.sh {tree()}`): it builds "
+            f"  fix: run `make setup` (or `bash scripts/build_llama_cpp.sh {tree()} '' {sys.executable}`): it builds "
             f"{', '.join(TOOLS)} from the pinned llama.cpp tree once (cmake and a C++ compiler needed),\n"
             f"       or point LLAMA_TOOLS_DIR at the root of such a build"
         )

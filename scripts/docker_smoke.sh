@@ -13,7 +13,8 @@
 #
 # Needs: root, podman + runc (+ debootstrap for the first base image), network to PyPI and Debian's archive.
 # The cache (base rootfs, podman-compose, the CPU torch wheel) lives in DOCKER_SMOKE_CACHE; the llama.cpp
-# compile is cached by podman's layer cache (the builder stage only changes with constraints.txt).
+# compile is cached by podman's layer cache (the builder stage changes only with the llama-cpp-python pin and
+# the two llama.cpp scripts).
 # The compose file's named volumes are emptied first, but only volumes this script created: anything else
 # with those names may hold real weights or runs, and the script stops instead of touching it.
 set -euo pipefail

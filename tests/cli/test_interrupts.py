@@ -9,6 +9,7 @@ The signal is sent once the stage under test is held by a test hook (tests/suppo
 the llama.cpp children (converter, quantizer) wait before they start, and the merge and the scoring wait inside
 their first core.signals.deferred() block (where native code runs) until the signal is pending. On the tiny model
 each stage takes well under a second, so without the hook the signal would land wherever the process had got to.
+`kill -9` of the parent runs none of its cleanup: the kernel kills its children (convert/die_with_parent.py).
 """
 
 from __future__ import annotations
@@ -16,11 +17,15 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from convert.llamacpp import read_metadata
+from convert.tools import TOOLS, tool, version_info
 from core.files import sha256_file
 from tests.conftest import GOLDEN_RUN, ROOT
 from tests.support.processes import alive, start, stop, wait_for_line, wait_until
@@ -58,6 +63,24 @@ def published_adapter_is_the_runs(ws: Path) -> None:
     assert sha256_file(published) == run_adapter
 
 
+def slow_tools(root: Path, name: str) -> Path:
+    """A tools root (LLAMA_TOOLS_DIR) whose `name` is a Python stand-in that execs the real tool: the slow-children
+    hook runs in it first, and the process the parent started is the one that becomes the tool. The other tools
+    are links to the real ones (their RUNPATH $ORIGIN resolves through the link to the real folder)."""
+    real = {t: tool(t) for t in TOOLS}
+    bin_dir = root / version_info()["llama.cpp"] / "bin"
+    bin_dir.mkdir(parents=True)
+    for t, path in real.items():
+        if t != name:
+            (bin_dir / t).symlink_to(path)
+    stand_in, tool_path = bin_dir / name, str(real[name])
+    stand_in.write_text(
+        f"#!{sys.executable}\nimport os, sys\nos.execv({tool_path!r}, [{tool_path!r}, *sys.argv[1:]])\n"
+    )
+    stand_in.chmod(0o755)
+    return root
+
+
 # (stage, the log line that starts it, the signal, the held part, the line the stage's end would log next)
 EXPORT_STAGES = [
     ("merge", "merging adapter into", signal.SIGINT, "merge", "exporting fine-tuned model as"),
@@ -74,6 +97,8 @@ def test_export_interrupted_at_each_stage_leaves_models_and_recovers(
     before = tree_snapshot(workspace / "models")
     pids = tmp_path / "held.pids"
     hook = {"TEST_SLOW_CHILD": "60", "TEST_SLOW_CHILD_KIND": held, "TEST_SLOW_CHILD_PIDS": str(pids)}
+    if held == "quantize":
+        hook["LLAMA_TOOLS_DIR"] = str(slow_tools(tmp_path / "tools", "llama-quantize"))
     proc = start(workspace, hf_home, "convert", ["export", "--config", "config.yaml", *EXPORT], hook, SLOW_CHILDREN)
     wait_for_line(proc, line)
     wait_until(proc, lambda: pids.is_file() and pids.read_text().strip() != "", f"the {stage} held")
@@ -108,6 +133,48 @@ def test_export_interrupted_at_each_stage_leaves_models_and_recovers(
         f"{FT}.gguf",
     ]
     published_adapter_is_the_runs(workspace)
+
+
+@pytest.mark.parametrize("child", ["convert", "quantize"], ids=["conversion", "quantization"])
+def test_kill_9_of_the_parent_kills_its_llama_cpp_child_within_2_s(child: str, tmp_path: Path):
+    """SIGKILL runs nothing in the parent, so no cleanup of ours can stop the child: the kernel's parent-death signal
+    (convert/die_with_parent.py) must. An orphan would go on writing the temporary GGUF that the rerun writes too."""
+    pids = tmp_path / "children.pids"
+    env = os.environ | {
+        "PYTHONPATH": os.pathsep.join([str(SLOW_CHILDREN), str(ROOT)]),
+        "TEST_SLOW_CHILD": "60",
+        "TEST_SLOW_CHILD_KIND": child,
+        "TEST_SLOW_CHILD_PIDS": str(pids),
+    }
+    model, gguf = tmp_path / "model", tmp_path / "model.f32.gguf"  # never read: the child is held before it starts
+    model.mkdir()
+    (model / "tokenizer.model").touch()
+    if child == "convert":
+        call = f"convert_hf_to_gguf(Path({str(model)!r}), Path({str(gguf)!r}))"
+    else:
+        env["LLAMA_TOOLS_DIR"] = str(slow_tools(tmp_path / "tools", "llama-quantize"))
+        call = f"quantize(Path({str(gguf)!r}), Path({str(tmp_path / 'model.q8_0.gguf')!r}), 'q8_0')"
+    code = f"from pathlib import Path\nfrom convert.llamacpp import convert_hf_to_gguf, quantize\n{call}"
+    log = tmp_path / "parent.log"
+    with open(log, "w") as out:
+        parent = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env=env, stdout=out, stderr=out)
+    deadline = time.monotonic() + 60
+    while not (pids.is_file() and pids.read_text().strip()):
+        assert parent.poll() is None, f"ended (rc {parent.returncode}) before its child started:\n{log.read_text()}"
+        assert time.monotonic() < deadline, "no child started within 60 s"
+        time.sleep(0.02)
+    (pid,) = (int(p) for p in pids.read_text().split())
+    try:
+        assert alive(pid)
+        parent.kill()
+        parent.wait()
+        killed = time.monotonic()
+        while alive(pid) and time.monotonic() < killed + 2:
+            time.sleep(0.02)
+        assert not alive(pid), f"the {child} child {pid} outlived its parent's SIGKILL by 2 s"
+    finally:
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
 
 
 # The fresh run's training: 6 steps of 4 examples, a checkpoint every 2 (the golden run's config otherwise).

@@ -1,6 +1,6 @@
 """llama.cpp's tools built from the pinned tree, the importance matrix from the run's data, and quants that use it.
 
-The tools are built by `make setup` (scripts/build_llama_tools.sh); these tests run the real binaries on the
+The tools are built by `make setup` (scripts/build_llama_cpp.sh); these tests run the real binaries on the
 tiny model's f32 GGUF.
 """
 
@@ -8,18 +8,24 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
 
 import gguf
+import llama_cpp
 import pytest
 
 from convert.imatrix import compute_imatrix
-from convert.llamacpp import convert_hf_to_gguf, quantize, quantize_in_process, quantize_tool_command, read_metadata
+from convert.llamacpp import convert_hf_to_gguf, quantize, read_metadata
 from convert.tools import TOOLS, tool, tools_dir, tree, version_info
 from core.errors import InvalidInput, LlamaCppError
 from core.hub import resolve_model
-from tests.conftest import DEMO_DATA, TINY_REPO
+from core.quants import QUANTS
+from tests.conftest import DEMO_DATA, ROOT, TINY_REPO
 
 
 @pytest.fixture(scope="module")
@@ -63,14 +69,58 @@ def test_the_built_tools_are_this_commits(monkeypatch):
         assert "usage" in (run.stdout + run.stderr).lower(), name
 
 
-def test_the_tool_quantizes_exactly_as_the_binding(f32_gguf, tmp_path):
-    """Without a matrix llama-quantize and llama_model_quantize write the same bytes: the command line carries the
-    binding's ftype, threads and token_embd type, so the imatrix route differs from the plain one only by it."""
-    for quant, embd in (("q4_k_m", "q8_0"), ("q8_0", None)):
-        ours, theirs = tmp_path / f"binding.{quant}.gguf", tmp_path / f"tool.{quant}.gguf"
-        assert quantize_in_process(f32_gguf, ours, quant, embd) == 0
-        subprocess.run(quantize_tool_command(f32_gguf, theirs, quant, embd, None), check=True, capture_output=True)
-        assert ours.read_bytes() == theirs.read_bytes(), quant
+def test_a_build_without_cmake_says_what_to_install_before_downloading_anything(tmp_path):
+    """scripts/build_llama_cpp.sh on a machine without cmake: exit 2 naming the package, nothing written."""
+    path = tmp_path / "path"  # the commands the script runs before it compiles, and no cmake
+    path.mkdir()
+    for name in ("cat", "dirname", "grep", "mkdir", "sed"):
+        (path / name).symlink_to(shutil.which(name))
+    root = tmp_path / "cache"
+    script = ROOT / "scripts" / "build_llama_cpp.sh"
+    run = subprocess.run(
+        [shutil.which("bash"), str(script), str(tree()), str(root), sys.executable],
+        env={"PATH": str(path), "HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert "error: cmake not found" in run.stderr and "apt-get install cmake build-essential" in run.stderr
+    assert not root.exists()
+
+
+def test_the_binding_runs_the_library_the_tools_were_built_with(monkeypatch):
+    """One compilation: the libllama.so the binding loaded is the tools' own, byte for byte."""
+    monkeypatch.delenv("LLAMA_TOOLS_DIR", raising=False)
+    loaded = Path(llama_cpp.llama_cpp._lib._name)
+    assert loaded.parent != tools_dir()  # a copy in the installed wheel, not a path into the cache
+    assert loaded.read_bytes() == (tools_dir() / "libllama.so").read_bytes()
+
+
+QUANTIZED = [name for name, q in QUANTS.items() if not q.is_float and not q.needs_imatrix]
+
+
+@pytest.mark.parametrize("quant", QUANTIZED)
+def test_quantize_writes_the_tables_file_type_with_token_embd_as_asked(quant, f32_gguf, tmp_path):
+    """What the quant is, read back from the file: general.file_type is the table's (core/quants.py), token_embd the
+    type export.token_embedding_type asks for, the layers' weights the table's tensor type (the tiny model's rows
+    are 256 or 512 wide: no k-quant fallback), and nothing is left beside the output."""
+    out = tmp_path / f"tiny.{quant}.gguf"
+    quantize(f32_gguf, out, quant, "q8_0", tmp_path / "log")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["log", out.name])
+    assert read_metadata(out)["general.file_type"] == QUANTS[quant].file_type
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(str(out)).tensors}
+    assert types["token_embd.weight"] == gguf.GGMLQuantizationType.Q8_0
+    layers = Counter(t for name, t in types.items() if name.startswith("blk.") and not name.endswith("norm.weight"))
+    assert layers.most_common(1)[0][0] == QUANTS[quant].tensor_type, layers
+
+
+def test_without_a_token_embedding_type_llama_cpp_picks_token_embd(f32_gguf, tmp_path):
+    """The flag is what keeps token_embd at Q8_0: without it q4_k_m's recipe stores the tied embedding as the output
+    layer's Q6_K (llama.cpp's llama_tensor_get_type)."""
+    out = tmp_path / "tiny.q4_k_m.gguf"
+    quantize(f32_gguf, out, "q4_k_m", None)
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(str(out)).tensors}
+    assert types["token_embd.weight"] == gguf.GGMLQuantizationType.Q6_K
 
 
 def test_importance_matrix_from_the_runs_data_calibrates_q4_k_m(f32_gguf, training_texts, tmp_path):

@@ -4,8 +4,9 @@ Each held process appends its pid to the file TEST_SLOW_CHILD_PIDS when the hold
 can check afterwards that no child outlived the interrupt. Production code never sees it.
 
 TEST_SLOW_CHILD_KIND says which stage:
-  "convert", "quantize"  the llama.cpp child process (the converter, run directly or through
-                         convert/converter_child.py; `python -m convert.llamacpp quantize`) waits before it starts
+  "convert", "quantize"  the llama.cpp child process waits before it starts: the converter, run directly or through
+                         convert/converter_child.py; llama-quantize, a binary, so the test puts a Python stand-in
+                         of that name in front of it, which execs the real tool once this hook has run
   "merge", "score"       in the export's own process, the first core.signals.deferred() block entered from
                          convert.merge (reading a tensor) or convert.score (a llama.cpp call) waits inside the block
                          until a stop signal is pending, as native code runs on until its call returns
@@ -26,7 +27,7 @@ def _started() -> None:
         pids.write(f"{os.getpid()}\n")
 
 
-_is_child = (_kind == "quantize" and sys.argv[1:2] == ["quantize"]) or (
+_is_child = (_kind == "quantize" and os.path.basename(sys.argv[0]) == "llama-quantize") or (
     _kind == "convert" and sys.argv[0].endswith(("convert_hf_to_gguf.py", "converter_child.py"))
 )
 if _on and _is_child:
