@@ -100,14 +100,14 @@ class FileReport:
 
 
 class VerificationFailed(PipelineError):
-    """A GGUF failed a gate: nothing was promoted; the report is in the run folder."""
+    """A GGUF failed a gate: nothing was published; the report is in the run folder."""
 
     exit_code = EXIT_VERIFICATION
 
     def __init__(self, reports: list[FileReport]):
         self.reports = reports
         lines = [f"{Path(r.path).name} [{r.quant}]: failed " + "; ".join(r.failures()) for r in reports if not r.passed]
-        super().__init__("verification failed, nothing was promoted:\n  " + "\n  ".join(lines))
+        super().__init__("verification failed, nothing was published:\n  " + "\n  ".join(lines))
 
     def cli_message(self) -> str:
         return f"error: {self}\n  the report is in the run folder (verify.md)"

@@ -103,7 +103,7 @@ def test_export_interrupted_at_each_stage_leaves_models_and_recovers(
     wait_for_line(proc, line)
     wait_until(proc, lambda: pids.is_file() and pids.read_text().strip() != "", f"the {stage} held")
     out, seconds = stop(proc, sig)
-    assert f"stopped by {sig.name}; nothing was promoted by the unfinished stage" in out
+    assert f"stopped by {sig.name}; nothing was published by the unfinished stage" in out
     assert next_line not in out  # it stopped in the stage under test
     assert seconds < 30  # not after the hold: the stage stopped for the signal
     assert tree_snapshot(workspace / "models") == before
