@@ -4,6 +4,7 @@ manifest's data entry with <run>/skipped_records.jsonl."""
 from __future__ import annotations
 
 import json
+from itertools import groupby
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,25 +16,18 @@ if TYPE_CHECKING:
     from core.config import DataSection
 
 SKIPPED_FILE = "skipped_records.jsonl"
+SOURCE_FIELDS = ("role", "records", "invalid", "held_out", "examples", "revision")  # in the manifest, with "source"
 
 
 def show_example(tokenizer, ex: Example) -> str:
     """The example as text with the supervised spans in [[...]] (for --dry-run and debugging)."""
-    out: list[str] = []
-    run: list[int] = []  # tokens of the current span, supervised or not (`inside`)
-    inside = False
-    for tok, label in zip(ex.input_ids, ex.labels, strict=True):
-        sup = label != IGNORE_INDEX
-        if sup != inside and run:
-            text = tokenizer.decode(run)
-            out.append(f"[[{text}]]" if inside else text)
-            run = []
-        inside = sup
-        run.append(tok)
-    if run:
-        text = tokenizer.decode(run)
-        out.append(f"[[{text}]]" if inside else text)
-    return "".join(out)
+    spans = groupby(zip(ex.input_ids, ex.labels, strict=True), key=lambda token: token[1] != IGNORE_INDEX)
+    texts = [(supervised, tokenizer.decode([t for t, _ in span])) for supervised, span in spans]
+    return "".join(f"[[{text}]]" if supervised else text for supervised, text in texts)
+
+
+def _roles(train: DataStats, evals: DataStats | None) -> list[DataStats]:
+    return [train] if evals is None else [train, evals]
 
 
 def source_lines(st: DataStats) -> list[str]:
@@ -97,7 +91,7 @@ def skipped_lines(skipped: list[dict[str, str]], data: DataSection, root: Path) 
 
 def describe_data(data: DataSection, train: DataStats, evals: DataStats | None, root: Path) -> list[str]:
     """The data part of the --dry-run plan: per-source counts, lengths, supervision, skips, fingerprint."""
-    roles = [train] if evals is None else [train, evals]
+    roles = _roles(train, evals)
     lines = [line for st in roles for line in source_lines(st)]
     lines += [line for st in roles for line in role_lines(st, data)]
     if data.eval_fraction:
@@ -105,18 +99,16 @@ def describe_data(data: DataSection, train: DataStats, evals: DataStats | None, 
             f"    eval split: records whose content hash falls below eval_fraction={data.eval_fraction} "
             f"(sha256; appended data never moves an old record)"
         )
-    lines += skipped_lines(train.skipped + (evals.skipped if evals else []), data, root)
+    lines += skipped_lines([s for st in roles for s in st.skipped], data, root)
     lines.append(f"    fingerprint (sha256 of the rendered training examples): {train.fingerprint}")
     return lines
 
 
 def record_data(root: Path, data: DataSection, train: DataStats, evals: DataStats | None) -> dict:
     """Write <run>/skipped_records.jsonl (when records were skipped) and return the manifest's data entry."""
-    skipped = train.skipped + (evals.skipped if evals else [])
-    skipped_path = None
+    skipped = [s for st in _roles(train, evals) for s in st.skipped]
     if skipped:
-        skipped_path = root / SKIPPED_FILE
-        atomic_write_text(skipped_path, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in skipped))
+        atomic_write_text(root / SKIPPED_FILE, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in skipped))
 
     def files(st: DataStats | None) -> dict[str, str]:
         return {f: h for s in st.sources for f, h in s.files.items()} if st else {}
@@ -135,24 +127,14 @@ def record_data(root: Path, data: DataSection, train: DataStats, evals: DataStat
             "fingerprint": st.fingerprint,
         }
 
-    sources = [
-        {
-            "source": s.label,
-            "role": s.role,
-            "records": s.records,
-            "invalid": s.invalid,
-            "held_out": s.held_out,
-            "examples": s.examples,
-            "revision": s.revision,
-        }
-        for st in (train, evals)
-        if st
-        for s in st.sources
-    ]
-    entry = {
+    return {
         "train_files": files(train),
         "eval_files": files(evals),
-        "sources": sources,
+        "sources": [
+            {"source": s.label} | {k: getattr(s, k) for k in SOURCE_FIELDS}
+            for st in _roles(train, evals)
+            for s in st.sources
+        ],
         "train_records": train.records,
         "train_tokens": train.tokens,
         "supervised_tokens": train.supervised_tokens,
@@ -169,6 +151,5 @@ def record_data(root: Path, data: DataSection, train: DataStats, evals: DataStat
         ),
         "packing": data.packing,
         "skipped_records": len(skipped),
-        "skipped_file": str(skipped_path) if skipped_path else None,
+        "skipped_file": str(root / SKIPPED_FILE) if skipped else None,
     }
-    return entry

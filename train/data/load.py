@@ -87,15 +87,7 @@ def render_records(
     cols = out.to_dict()
     return [
         Rendered(ids, labels, n, cut) if not f else RecordProblem(f, r)
-        for ids, labels, n, cut, f, r in zip(
-            cols["input_ids"],
-            cols["labels"],
-            cols["length"],
-            cols["truncated"],
-            cols["field"],
-            cols["reason"],
-            strict=True,
-        )
+        for ids, labels, n, cut, f, r in zip(*(cols[c] for c in RENDERED_COLUMNS), strict=True)
     ]
 
 
@@ -216,11 +208,8 @@ def rows_of(examples: list[Example], st: DataStats, data: DataSection) -> list[E
 
 
 def load_datasets(tokenizer, data: DataSection) -> PreparedData:
-    """Read, validate and render every source of `data` (config.DataSection).
-
-    Rows are examples, or packed rows with data.packing. Raises DataError listing every problem (file and
-    record level) when the data is unusable.
-    """
+    """Read, validate, render, split and pack every source of `data`; DataError lists every problem (file and
+    record level) when the data is unusable."""
     opts = RenderOptions(
         max_seq_length=data.max_seq_length,
         system_message=data.system_message,
