@@ -82,7 +82,7 @@ def tokenizer_bytes(model_dir: Path) -> int:
     )
 
 
-def checkpoints_at_once(cfg, total_steps: int, evaluating: bool) -> int:
+def checkpoints_at_once(cfg: Config, total_steps: int, evaluating: bool) -> int:
     saves = math.ceil(total_steps / cfg.training.save_steps) + 1  # + the final save
     limit = cfg.training.save_total_limit
     if limit is None:
@@ -92,22 +92,15 @@ def checkpoints_at_once(cfg, total_steps: int, evaluating: bool) -> int:
 
 
 def planned_writes(
-    cfg,
-    run_root: Path,
-    adapter_out: Path,
-    merged_out: Path,
-    base_dir: Path,
-    trainable_bytes: int,
-    total_steps: int,
-    evaluating: bool,
+    cfg: Config, paths: RunFolder, base_dir: Path, trainable_bytes: int, total_steps: int, evaluating: bool
 ) -> list[Write]:
-    tok = tokenizer_bytes(base_dir)
+    run_root, tok = paths.root, tokenizer_bytes(base_dir)
     per_checkpoint = 3 * trainable_bytes + tok + (64 << 10)
     n = checkpoints_at_once(cfg, total_steps, evaluating)
     writes = [
         Write(f"checkpoints ({n} x {human_size(per_checkpoint)})", run_root / "checkpoints", n * per_checkpoint),
         Write("adapter", run_root / "adapter", trainable_bytes + tok),
-        Write("promoted adapter", adapter_out, trainable_bytes + tok),
+        Write("promoted adapter", paths.adapter_out, trainable_bytes + tok),
     ]
     if not cfg.export.enabled:
         return writes
@@ -115,7 +108,7 @@ def planned_writes(
     exports = 2 if cfg.export.export_base else 1
     gguf_dir = Path(cfg.export.gguf_dir)
     quants = sum(gguf_bytes(counts, q, cfg.export.token_embedding_type) for q in cfg.export.quants)
-    writes.append(Write("merged model", merged_out, counts.safetensors_bytes + tok))
+    writes.append(Write("merged model", paths.merged_out, counts.safetensors_bytes + tok))
     float_type = float_gguf_type(cfg.export.float_type, cfg.export.quants, base_dir)
     if float_type not in cfg.export.quants:
         kept = exports if cfg.export.keep_float else 1
@@ -196,14 +189,7 @@ def preflight(cfg: Config, paths: RunFolder, base_dir: Path, model, n_examples: 
     if not cfg.paths.check_free_space:
         return None
     t = cfg.training
-    steps = (
-        t.max_steps
-        if t.max_steps > 0
-        else math.ceil(
-            t.num_train_epochs * math.ceil(n_examples / (t.per_device_train_batch_size * t.gradient_accumulation_steps))
-        )
-    )
+    per_epoch = math.ceil(n_examples / (t.per_device_train_batch_size * t.gradient_accumulation_steps))
+    steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * per_epoch)
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    return check_free_space(
-        planned_writes(cfg, paths.root, paths.adapter_out, paths.merged_out, base_dir, trainable, steps, evaluating)
-    )
+    return check_free_space(planned_writes(cfg, paths, base_dir, trainable, steps, evaluating))
