@@ -4,8 +4,8 @@ The model is built from config.json on the meta device (no weights, no GPU), wra
 and one forward + backward runs at per_device_train_batch_size x max_seq_length under a dispatch mode that
 tracks every tensor storage alive at each op: the peak is what the CUDA caching allocator would have to hold,
 tensors only. Added analytically: AdamW's two fp32 moments per trainable parameter (alive from the second step
-on) and the CUDA context (CUDA_CONTEXT). Not modelled: allocator fragmentation (typically 5-15% more reserved
-than allocated), NCCL buffers, torch.compile workspaces.
+on) and the CUDA context (CUDA_CONTEXT). Not modelled: allocator fragmentation (reserved above allocated:
+docs/gpu-box.md measures both), NCCL buffers, torch.compile workspaces.
 
 Attention kernels that never build T x T scores (flex_attention, flash_attention_2) are traced as an op that
 saves q, k, v, the output and the log-sum-exp, which is what their backward keeps. QLoRA's 4-bit weights are
