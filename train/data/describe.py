@@ -4,19 +4,19 @@ manifest's data entry with <run>/skipped_records.jsonl."""
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 from itertools import groupby
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from core.files import atomic_write_text
 from core.records.render import IGNORE_INDEX
-from train.data.stats import DataStats, Example
+from train.data.stats import DataStats, Example, SourceStats
 
 if TYPE_CHECKING:
     from core.config import DataSection
 
 SKIPPED_FILE = "skipped_records.jsonl"
-SOURCE_FIELDS = ("role", "records", "invalid", "held_out", "examples", "revision")  # in the manifest, with "source"
 
 
 def show_example(tokenizer, ex: Example) -> str:
@@ -113,27 +113,19 @@ def record_data(root: Path, data: DataSection, train: DataStats, evals: DataStat
     def files(st: DataStats | None) -> dict[str, str]:
         return {f: h for s in st.sources for f, h in s.files.items()} if st else {}
 
+    # Every figure of the stats under its own name, but what is recorded apart (files, sources, the eval's overlap,
+    # the skipped records' count), implied (role; label as "source") or no figure (the sample).
+    def figures(stats: DataStats | SourceStats, leave_out: tuple[str, ...]) -> dict:
+        return {f.name: getattr(stats, f.name) for f in fields(stats) if f.name not in leave_out}
+
     def summary(st: DataStats) -> dict:
-        return {
-            "records": st.records,
-            "examples": st.examples,
-            "rows": st.rows,
-            "tokens": st.tokens,
-            "supervised_tokens": st.supervised_tokens,
-            "truncated": st.truncated,
-            "length_percentiles": st.length_percentiles,
-            "duplicates": st.duplicates,
-            "skipped": len(st.skipped),
-            "fingerprint": st.fingerprint,
-        }
+        return figures(st, ("role", "sources", "overlap", "skipped", "sample")) | {"skipped": len(st.skipped)}
 
     return {
         "train_files": files(train),
         "eval_files": files(evals),
         "sources": [
-            {"source": s.label} | {k: getattr(s, k) for k in SOURCE_FIELDS}
-            for st in _roles(train, evals)
-            for s in st.sources
+            {"source": s.label} | figures(s, ("label", "files")) for st in _roles(train, evals) for s in st.sources
         ],
         "train_records": train.records,
         "train_tokens": train.tokens,
