@@ -126,10 +126,9 @@ def build_trainer(
     identity: dict,
 ) -> Trainer:
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(folder.root / "runs")
-    args = training_arguments(cfg, folder, bool(evals))
     return Trainer(
         model=model,
-        args=args,
+        args=training_arguments(cfg, folder, bool(evals)),
         train_dataset=_dataset(train),
         eval_dataset=_dataset(evals) if evals else None,
         data_collator=partial(collate, pad_id=tokenizer.pad_token_id, width=static_width(model, cfg)),
@@ -173,11 +172,9 @@ def _reason(e: BaseException) -> str:
 
 
 def training_stopped(e: BaseException, folder: RunFolder, manifest: Manifest, step: int) -> BaseException:
-    """Leave the run folder resumable after training ended early; return the exception to raise.
-
-    The checkpoint being written when it failed is removed (uncommitted, so incomplete), the manifest
-    records where and why training stopped, and a full disk becomes DiskSpaceError (exit 6).
-    """
+    """Leave the run folder resumable after training ended early; return the exception to raise. The checkpoint
+    being written when it failed is removed (uncommitted, so incomplete), the manifest records where and why
+    training stopped, and a full disk becomes DiskSpaceError (exit 6)."""
     disk_full = isinstance(e, Exception) and not isinstance(e, RunStopped) and is_disk_full(e, folder.checkpoints)
     partial = remove_partial(folder.checkpoints, step)
     last = newest_committed(folder.checkpoints)

@@ -165,27 +165,23 @@ def decide(cfg: Config, layout: Layout, run: str, fp: NightInputs) -> tuple[dict
         champion_scores = scores_of(layout, champion.run, layout.final_model(champion.run), gguf, eval_set, cfg)
     checks = gates(scores, champion_scores, cfg.nightly, bool(eval_set.tasks))
     passed = all(g.passed for g in checks)
-    record = stamp(
-        cfg,
-        {
-            "event": "night",
-            "decision": "promoted" if passed else "rejected",
-            "run": run,
-            "inputs": fp.digest,
-            "inputs_parts": fp.part_digests,
-            "changed": fp.changed_since(
-                (champion.record.get("nightly") or {}).get("inputs_parts") if champion else None
-            ),
-            "champion_before": champion.run if champion else None,
-            "eval_set": eval_set.digest[:16],
-            "scores": {"candidate": scores, "champion": champion_scores},
-            "gates": [g.to_json() for g in checks],
-            "reason": summary(checks),
-            "files": {e["file"]: {"quant": q, "size": e["size"], "sha256": e["sha256"]} for q, e in tuned.items()},
-            "exit_code": 0 if passed else EXIT_REJECTED,
-        },
-    )
-    return record, manifest, c
+    champion_night = (champion.record.get("nightly") if champion else None) or {}
+    line = {
+        "event": "night",
+        "decision": "promoted" if passed else "rejected",
+        "run": run,
+        "inputs": fp.digest,
+        "inputs_parts": fp.part_digests,
+        "changed": fp.changed_since(champion_night.get("inputs_parts")),
+        "champion_before": champion.run if champion else None,
+        "eval_set": eval_set.digest[:16],
+        "scores": {"candidate": scores, "champion": champion_scores},
+        "gates": [g.to_json() for g in checks],
+        "reason": summary(checks),
+        "files": {e["file"]: {"quant": q, "size": e["size"], "sha256": e["sha256"]} for q, e in tuned.items()},
+        "exit_code": 0 if passed else EXIT_REJECTED,
+    }
+    return stamp(cfg, line), manifest, c
 
 
 def train_and_decide(cfg: Config, layout: Layout, fp: NightInputs, today: date) -> dict[str, Any]:

@@ -89,17 +89,13 @@ def write_report(folder: Path, record: dict[str, Any], lines: list[dict[str, Any
     gates = [
         Gate(g["name"], g["value"] if g["value"] != "nan" else None, g["threshold"], g["op"]) for g in record["gates"]
     ]
+    changed = f"changed since the champion: {', '.join(record['changed'])}" if record["champion_before"] else None
     md = [
         f"# Nightly {record['run']}: {record['decision']}",
         "",
         f"{record['reason']}",
         "",
-        f"- inputs `{record['inputs'][:16]}`; "
-        + (
-            f"changed since the champion: {', '.join(record['changed'])}"
-            if record["champion_before"]
-            else "first champion"
-        ),
+        f"- inputs `{record['inputs'][:16]}`; {changed or 'first champion'}",
         f"- champion before: {record.get('champion_before') or 'none'}; eval set `{record['eval_set']}`",
         "",
         "## Gates",
