@@ -189,9 +189,7 @@ def estimate_step_memory(
     optimizer = 2 * 4 * trainable  # AdamW exp_avg + exp_avg_sq, fp32 like the LoRA weights
     ids = torch.randint(4, model_config.vocab_size, (batch, seq), device="meta")
     with PeakMemory([*model.parameters(), *model.buffers()]) as mem:
-        loss = _step_loss(model, ids, fused, triton=where.cuda)
-        loss.backward()
-        del loss
+        _step_loss(model, ids, fused, triton=where.cuda).backward()
     return MemoryEstimate(
         batch, seq, fused, where.attn_implementation, weights, optimizer, mem.peak + weights + optimizer
     )
