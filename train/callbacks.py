@@ -1,10 +1,5 @@
-"""Small, single-purpose Trainer callbacks and the loss-curve picture.
-
-- MetricsJsonl: every log line to metrics.jsonl, NaN included.
-- IntervalsOfThisRun: a resumed run logs and saves at its own config's intervals, not the checkpoint's.
-- CommitCheckpoints: after each Trainer save, commit the checkpoint (train/checkpoint.py), then retention.
-- NonFiniteGuard: a NaN/inf loss or gradient norm stops the run before the optimizer applies it.
-- StopOnSignal: SIGTERM/SIGINT finish the step, commit a checkpoint and stop (exit 143/130).
+"""Small, single-purpose Trainer callbacks (train.trainer.training_callbacks orders them), metrics.jsonl and the
+loss-curve picture.
 
 Under several ranks (train/distributed.py) the stop and non-finite decisions are all-reduced, so every rank
 stops at the same step, and only rank 0 writes metrics.jsonl and commits checkpoints.
@@ -33,11 +28,9 @@ log = logging.getLogger(__name__)
 
 
 class MetricsJsonl(TrainerCallback):
-    """Append every Trainer log (loss, grad_norm, learning_rate, eval_loss, ...) to metrics.jsonl.
-
-    One JSON object per logged step, flushed at once, so a killed run keeps every line it logged.
-    NaN/inf are written as the strings "nan"/"inf" (JSON has no literal for them) rather than hidden.
-    """
+    """Every Trainer log (loss, grad_norm, learning_rate, eval_loss, ...), one JSON line per logged step, closed at
+    once so that a killed run keeps every line it logged; NaN/inf as the strings "nan"/"inf" (JSON has no literal
+    for them), never hidden."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -46,8 +39,7 @@ class MetricsJsonl(TrainerCallback):
         if not state.is_world_process_zero or not logs:
             return
         row = {"step": state.global_step, "epoch": state.epoch}
-        for k, v in logs.items():
-            row[k] = str(v) if isinstance(v, float) and not math.isfinite(v) else v
+        row |= {k: str(v) if isinstance(v, float) and not math.isfinite(v) else v for k, v in logs.items()}
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -104,11 +96,6 @@ def plot_losses(metrics_path: Path, out_path: Path) -> Path | None:
     return out_path
 
 
-def _finite_or_none(x: Any) -> float | None:
-    x = float(x)
-    return x if math.isfinite(x) else None
-
-
 class IntervalsOfThisRun(TrainerCallback):
     """A resumed run logs, evaluates and saves at this run's training.logging_steps, eval_steps and save_steps,
     which may change on resume (core.config: placed). Trainer._init_training_state (transformers 5.24) restores the
@@ -119,19 +106,17 @@ class IntervalsOfThisRun(TrainerCallback):
 
 
 class CommitCheckpoints(TrainerCallback):
-    """Commit every checkpoint the Trainer saves (train/checkpoint.py), then apply retention.
-
-    Retention is ours: TrainingArguments gets save_total_limit=None, because the Trainer's rotation
-    counts folders whether committed or not and could delete the only one a resume can use.
-    """
+    """Commit every checkpoint the Trainer saves (train/checkpoint.py), then apply retention: ours, because the
+    Trainer's rotation counts folders whether committed or not and could delete the only one a resume can use."""
 
     def __init__(self, identity: dict[str, Any], keep_last: int | None):
         self.identity, self.keep_last = identity, keep_last
         self.eval_loss: dict[int, float | None] = {}
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        if metrics and "eval_loss" in metrics:
-            self.eval_loss[state.global_step] = _finite_or_none(metrics["eval_loss"])
+        if metrics and "eval_loss" in metrics:  # into the commit record: retention keeps the best finite one
+            loss = float(metrics["eval_loss"])
+            self.eval_loss[state.global_step] = loss if math.isfinite(loss) else None
 
     def on_save(self, args, state, control, **kwargs):
         distributed.barrier()  # every rank's RNG file is written before rank 0 hashes the folder
@@ -146,13 +131,11 @@ class CommitCheckpoints(TrainerCallback):
 class NonFiniteGuard(TrainerCallback):
     """Stop before the optimizer applies a step whose loss or gradient norm is NaN or inf.
 
-    In Trainer._run_epoch (transformers 5.24) the gradients are clipped, then on_pre_optimizer_step
-    runs, then optimizer.step(). Raising here leaves the weights, the optimizer state and the last
-    committed checkpoint as they were after the previous step. The gradient norm is recomputed from
-    the (clipped) gradients: clipping turns a NaN/inf norm into NaN gradients, so nothing escapes.
-    The loss is read per micro-batch from the model's output by a forward hook. Under several ranks the verdict
-    is all-reduced: a NaN seen by one rank stops every rank before the step (each rank's loss is its own, and
-    under FSDP each rank holds only its shard of the gradients).
+    In Trainer._run_epoch (transformers 5.24) the gradients are clipped, then on_pre_optimizer_step runs, then
+    optimizer.step(): raising here leaves the weights, the optimizer state and the last commit as they were after
+    the previous step. The norm is recomputed from the clipped gradients (clipping turns a NaN/inf norm into NaN
+    gradients); the loss is read per micro-batch by a forward hook. Under several ranks the verdict is all-reduced:
+    each rank's loss is its own, so a NaN seen by one stops every rank before the step.
     """
 
     def __init__(self):
@@ -171,12 +154,8 @@ class NonFiniteGuard(TrainerCallback):
         self.bad_loss = None
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
-        grads = [p.grad.detach() for p in model.parameters() if p.grad is not None]
-        norm = (
-            torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-            if grads
-            else torch.zeros(())
-        )
+        norms = [torch.linalg.vector_norm(p.grad.detach().float()) for p in model.parameters() if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
         if not distributed.all_reduce_flag(self.bad_loss is not None or not bool(torch.isfinite(norm))):
             return
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
@@ -200,18 +179,14 @@ class NonFiniteGuard(TrainerCallback):
 
 
 class StopOnSignal(TrainerCallback):
-    """SIGTERM/SIGINT (docker stop, a scheduler's preemption, Ctrl-C): finish the optimizer step in
-    progress, log, save and commit a checkpoint, stop, and raise Preempted (exit 128 + signal number).
+    """SIGTERM/SIGINT (docker stop, a scheduler's preemption, Ctrl-C): finish the optimizer step in progress, log,
+    save and commit a checkpoint, stop, and raise Preempted (exit 128 + signal number; docs/operations.md).
 
     train.trainer.fit defers stop signals around the training loop (core/signals.py); this callback asks at each
-    step's end whether one is pending. The time to exit is bounded by one optimizer step plus one checkpoint save
-    (plus an evaluation if one falls due on that step). A second signal meanwhile stops the process at once: the
-    checkpoint being written stays uncommitted and the resume uses the previous commit.
-    Keep this callback last: it raises from on_train_end once the others have closed their files.
-
-    Under several ranks a signal may reach one rank only (or each at a different moment): what each rank received
-    is all-reduced at every step boundary, so all of them save and stop at the same step, and every rank raises
-    Preempted with the same signal (the highest number when they differ).
+    step's end whether one is pending. Keep it last: it raises from on_train_end once the others have closed their
+    files. A signal may reach one rank only, or each at a different moment: what each received is all-reduced at
+    every step boundary, so all ranks save and stop at the same step and raise Preempted with the same signal (the
+    highest number when they differ).
     """
 
     def __init__(self) -> None:

@@ -1,16 +1,10 @@
-"""Committed checkpoints: a checkpoint counts only once its commit record is durably in place.
+"""Committed checkpoints: a checkpoint counts only once its commit record is durably in place (docs/operations.md).
 
-transformers' Trainer writes checkpoint-N/ file by file, never fsyncs, and `resume_from_checkpoint=True`
-takes the highest-numbered folder without looking inside: a folder cut short by a kill, a full disk or
-a lost node looks just like a good one. So every save is followed by a commit (CommitCheckpoints in
-train/callbacks.py): each file is fsynced and hashed, then checkpoint-N/COMMITTED.json (size and sha256
-of every file, the step, and the identity of what was trained) is written to a temporary name, fsynced
-and renamed into place, and the folder entries are fsynced. A folder without that record, or whose
-files no longer match it, is never resumed from.
-
-Skipped folders are moved to <run>/rejected/ with a warning (never deleted: they are evidence, and
-possibly someone's older checkpoints); only the checkpoint this process was writing when it failed is
-removed (remove_partial), since it is known to be incomplete and keeping it would keep the disk full.
+transformers' Trainer writes checkpoint-N/ file by file, never fsyncs, and `resume_from_checkpoint=True` takes the
+highest-numbered folder without looking inside: a folder cut short by a kill, a full disk or a lost node looks just
+like a good one. A folder without its record, or whose files no longer match it, is moved to <run>/rejected/ (never
+deleted: it is evidence); only the checkpoint this process was writing when it failed is removed (remove_partial):
+known to be incomplete, and keeping it would keep the disk full.
 """
 
 from __future__ import annotations
@@ -58,8 +52,8 @@ def step_of(folder: Path) -> int | None:
 
 def checkpoint_dirs(checkpoints: Path) -> list[Path]:
     """checkpoint-N folders, oldest step first."""
-    found = [(step_of(p), p) for p in checkpoints.glob("checkpoint-*") if p.is_dir()]
-    return [p for step, p in sorted((s, p) for s, p in found if s is not None)]
+    found = [p for p in checkpoints.glob("checkpoint-*") if p.is_dir() and step_of(p) is not None]
+    return sorted(found, key=lambda p: step_of(p) or 0)
 
 
 def commit_checkpoint(
@@ -98,15 +92,6 @@ def read_record(folder: Path) -> dict[str, Any] | None:
     return record if isinstance(record, dict) and isinstance(record.get("files"), dict) else None
 
 
-def _missing_from_record(folder: Path, files: dict[str, Any], world_size: int) -> list[str]:
-    problems = []
-    for name in (*REQUIRED_FILES, *rng_files(world_size)):
-        if name not in files:
-            what = "RNG state" if name.startswith("rng_state") else "required file"
-            problems.append(f"{folder / name}: {what} not in the commit record: the run could not resume exactly")
-    return problems
-
-
 def verify_checkpoint(folder: Path, world_size: int = 1) -> list[str]:
     """Problems that make folder unusable for resuming; empty when every committed file matches."""
     if not (folder / COMMIT_FILE).is_file():
@@ -117,9 +102,13 @@ def verify_checkpoint(folder: Path, world_size: int = 1) -> list[str]:
     record = read_record(folder)
     if record is None:
         return [f"{folder / COMMIT_FILE}: unreadable commit record"]
-    problems = _missing_from_record(folder, record["files"], world_size) + differences(
-        record["files"], folder, "the commit record"
-    )
+    problems = [
+        f"{folder / name}: {'RNG state' if name.startswith('rng_state') else 'required file'} not in the commit "
+        "record: the run could not resume exactly"
+        for name in (*REQUIRED_FILES, *rng_files(world_size))
+        if name not in record["files"]
+    ]
+    problems += differences(record["files"], folder, "the commit record")
     if not problems:
         state = json.loads((folder / "trainer_state.json").read_text())
         if not (state.get("global_step") == record.get("step") == step_of(folder)):
@@ -179,11 +168,8 @@ def check_explicit(folder: Path, world_size: int = 1) -> None:
 
 
 def apply_retention(checkpoints: Path, keep_last: int | None) -> list[Path]:
-    """Delete committed checkpoints beyond the newest keep_last, keeping the best by eval loss too.
-
-    The newest commit is always kept (keep_last >= 1): it is the one a resume needs. Uncommitted
-    folders are left alone here; resume moves them to rejected/.
-    """
+    """Delete committed checkpoints beyond the newest keep_last (>= 1: the newest, which a resume needs, stays),
+    keeping the best by eval loss too. Uncommitted folders are left alone here; resume moves them to rejected/."""
     if keep_last is None:
         return []
     records = [(c, read_record(c)) for c in checkpoint_dirs(checkpoints)]

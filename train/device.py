@@ -43,10 +43,8 @@ def cuda_problem() -> str | None:
 
 
 def placement(cfg: Config, for_card: bool = False) -> Placement:
-    """Resolve model.device and model.attn_implementation; RunError (exit 2) when they cannot run here.
-
-    for_card: the dry run's --gpu-memory plans for a GPU that need not be in this machine: CUDA is assumed.
-    """
+    """Resolve model.device and model.attn_implementation; RunError (exit 2) when they cannot run here. for_card:
+    the dry run's --gpu-memory plans for a GPU that need not be in this machine: CUDA is assumed."""
     wanted = cfg.model.device
     cuda = wanted != "cpu" and (for_card or torch.cuda.is_available())
     if wanted == "cuda" and not cuda:
@@ -59,8 +57,8 @@ def placement(cfg: Config, for_card: bool = False) -> Placement:
     attn = cfg.model.attn_implementation
     if attn == "auto":
         # flex_attention applies the softcap inside a fused kernel, with O(T) memory and block-sparse causal,
-        # sliding-window and per-example masks; eager materializes B x H x T x T scores through a chain of
-        # softcap ops. Not measured here (no GPU): bench/gpu_train.py compares them. On CPU flex has no backward.
+        # sliding-window and per-example masks; eager materializes B x H x T x T scores through a chain of softcap
+        # ops (docs/gpu-box.md compares them). On CPU flex has no backward.
         attn = "flex_attention" if cuda else "eager"
     elif attn == "flex_attention" and not cuda:
         raise RunError(

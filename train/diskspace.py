@@ -1,15 +1,7 @@
 """Disk space: a preflight estimate of what a run and its export will write, and full-disk diagnosis.
 
-The estimate, per destination (grouped by file system, since outputs/ and models/ are often separate
-Docker volumes):
-  run folder   checkpoints present at once x (adapter weights + AdamW's two moments + tokenizer files),
-               the run's adapter, and the float GGUF each export converts first when export.quants does not
-               list it (deleted after verification unless export.keep_float), and verification's scratch
-               file (the reference's logits kept between files: min_scored_tokens x vocab x 4 bytes, at most
-               convert.reference.SCRATCH_BUDGET; unnamed, gone when verification ends)
-  models_dir   the promoted adapter and the merged model (saved in the base dtype: the base's size)
-  gguf_dir     every exported GGUF type, fine-tuned and (export.export_base) base
-It is an upper bound on what the run adds, plus 10%, not on the peak: files already present (a resumed
+planned_writes lists each file and folder, checked per file system (outputs/ and models/ are often separate Docker
+volumes). It is an upper bound on what the run adds, plus 10%, not on the peak: files already present (a resumed
 run's checkpoints) are not subtracted. `paths.check_free_space: false` skips the check.
 """
 
@@ -82,7 +74,7 @@ def tokenizer_bytes(model_dir: Path) -> int:
     )
 
 
-def checkpoints_at_once(cfg, total_steps: int, evaluating: bool) -> int:
+def checkpoints_at_once(cfg: Config, total_steps: int, evaluating: bool) -> int:
     saves = math.ceil(total_steps / cfg.training.save_steps) + 1  # + the final save
     limit = cfg.training.save_total_limit
     if limit is None:
@@ -92,22 +84,15 @@ def checkpoints_at_once(cfg, total_steps: int, evaluating: bool) -> int:
 
 
 def planned_writes(
-    cfg,
-    run_root: Path,
-    adapter_out: Path,
-    merged_out: Path,
-    base_dir: Path,
-    trainable_bytes: int,
-    total_steps: int,
-    evaluating: bool,
+    cfg: Config, paths: RunFolder, base_dir: Path, trainable_bytes: int, total_steps: int, evaluating: bool
 ) -> list[Write]:
-    tok = tokenizer_bytes(base_dir)
-    per_checkpoint = 3 * trainable_bytes + tok + (64 << 10)
+    run_root, tok = paths.root, tokenizer_bytes(base_dir)
+    per_checkpoint = 3 * trainable_bytes + tok + (64 << 10)  # adapter + AdamW's two moments, tokenizer, state files
     n = checkpoints_at_once(cfg, total_steps, evaluating)
     writes = [
         Write(f"checkpoints ({n} x {human_size(per_checkpoint)})", run_root / "checkpoints", n * per_checkpoint),
         Write("adapter", run_root / "adapter", trainable_bytes + tok),
-        Write("promoted adapter", adapter_out, trainable_bytes + tok),
+        Write("promoted adapter", paths.adapter_out, trainable_bytes + tok),
     ]
     if not cfg.export.enabled:
         return writes
@@ -115,9 +100,9 @@ def planned_writes(
     exports = 2 if cfg.export.export_base else 1
     gguf_dir = Path(cfg.export.gguf_dir)
     quants = sum(gguf_bytes(counts, q, cfg.export.token_embedding_type) for q in cfg.export.quants)
-    writes.append(Write("merged model", merged_out, counts.safetensors_bytes + tok))
+    writes.append(Write("merged model", paths.merged_out, counts.safetensors_bytes + tok))  # in the base's dtype
     float_type = float_gguf_type(cfg.export.float_type, cfg.export.quants, base_dir)
-    if float_type not in cfg.export.quants:
+    if float_type not in cfg.export.quants:  # converted first, deleted after verification unless export.keep_float
         kept = exports if cfg.export.keep_float else 1
         writes.append(
             Write(f"{float_type} GGUF (intermediate)", run_root / "export", kept * gguf_bytes(counts, float_type, None))
@@ -125,7 +110,7 @@ def planned_writes(
     writes.append(Write(f"{exports * len(cfg.export.quants)} GGUF file(s)", gguf_dir, exports * quants))
     config = base_dir / "config.json"
     vocab = int(json.loads(config.read_text()).get("vocab_size") or 0) if config.is_file() else 0
-    scratch = min(SCRATCH_BUDGET, cfg.verify.min_scored_tokens * vocab * 4)
+    scratch = min(SCRATCH_BUDGET, cfg.verify.min_scored_tokens * vocab * 4)  # the reference's fp32 logits, unnamed
     writes.append(Write("verification scratch (reference logits)", run_root / "export", scratch))
     if _device(run_root) != _device(gguf_dir):  # quantized files are written in the run folder, then copied
         writes.append(Write("GGUF staging", run_root / "export", quants))
@@ -196,14 +181,7 @@ def preflight(cfg: Config, paths: RunFolder, base_dir: Path, model, n_examples: 
     if not cfg.paths.check_free_space:
         return None
     t = cfg.training
-    steps = (
-        t.max_steps
-        if t.max_steps > 0
-        else math.ceil(
-            t.num_train_epochs * math.ceil(n_examples / (t.per_device_train_batch_size * t.gradient_accumulation_steps))
-        )
-    )
+    per_epoch = math.ceil(n_examples / (t.per_device_train_batch_size * t.gradient_accumulation_steps))
+    steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * per_epoch)
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    return check_free_space(
-        planned_writes(cfg, paths.root, paths.adapter_out, paths.merged_out, base_dir, trainable, steps, evaluating)
-    )
+    return check_free_space(planned_writes(cfg, paths, base_dir, trainable, steps, evaluating))

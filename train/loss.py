@@ -1,11 +1,9 @@
 """The training loss without the [batch, seq, vocab] logits: cross-entropy fused with lm_head and Gemma's softcap.
 
-Gemma 2's 256k vocabulary makes the logits the largest thing in a step: at 4 x 2048 tokens the softcapped bf16
-logits, the fp32 log-softmax saved for backward and two fp32 gradient buffers are ~27 of ~34 GiB (train/memory.py
-estimates it: `python -m train --config configs/gemma2b_lora.yaml --dry-run --gpu-memory 24GiB`).
-TRL 1.16's `add_fused_lm_head` projects the hidden
-states through lm_head in tiles (4096 tokens x 32768 vocab), folds each tile into an online log-sum-exp and
-recomputes the tiles in backward, so no [tokens, vocab] tensor ever exists. It reads `final_logit_softcapping`
+Gemma 2's 256k vocabulary makes the logits (softcapped in bf16, their fp32 log-softmax saved for backward, two fp32
+gradient buffers) most of a step's memory: docs/gpu-box.md, "Will it fit?". TRL 1.16's `add_fused_lm_head` projects
+the hidden states through lm_head in tiles (4096 tokens x 32768 vocab), folds each tile into an online log-sum-exp
+and recomputes the tiles in backward, so no [tokens, vocab] tensor ever exists. It reads `final_logit_softcapping`
 from the config (Gemma 2: 30) and applies it inside the tile, in fp32. On CUDA (Triton) only positions with a
 supervised next token go through lm_head; elsewhere every position does, still in tiles.
 

@@ -42,7 +42,7 @@ def record_training(
         "checkpoints": [p.name for p in checkpoint_dirs(folder.checkpoints)],
     }
     manifest.artifacts = {
-        # hashed in the run folder, where the export takes it from (convert.pipeline.vouched_adapter checks it)
+        # hashed in the run folder, where the export takes it from (convert.export.vouched_adapter checks it)
         "adapter": {"path": str(folder.adapter_out), "files": record_files(folder.adapter)},
         "metrics": str(folder.metrics),
         "loss_plot": str(plot) if plot else None,

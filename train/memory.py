@@ -4,8 +4,8 @@ The model is built from config.json on the meta device (no weights, no GPU), wra
 and one forward + backward runs at per_device_train_batch_size x max_seq_length under a dispatch mode that
 tracks every tensor storage alive at each op: the peak is what the CUDA caching allocator would have to hold,
 tensors only. Added analytically: AdamW's two fp32 moments per trainable parameter (alive from the second step
-on) and the CUDA context (CUDA_CONTEXT). Not modelled: allocator fragmentation (typically 5-15% more reserved
-than allocated), NCCL buffers, torch.compile workspaces.
+on) and the CUDA context (CUDA_CONTEXT). Not modelled: allocator fragmentation (reserved above allocated:
+docs/gpu-box.md measures both), NCCL buffers, torch.compile workspaces.
 
 Attention kernels that never build T x T scores (flex_attention, flash_attention_2) are traced as an op that
 saves q, k, v, the output and the log-sum-exp, which is what their backward keeps. QLoRA's 4-bit weights are
@@ -31,10 +31,8 @@ from train.loss import fused_lm_head_enabled
 from train.model import compute_dtype, with_lora
 
 GiB = 1 << 30
-TRL_TOKEN_TILE, TRL_VOCAB_TILE = (
-    4096,
-    32768,
-)  # trl 1.16: chunked_logprob.TOKEN_CHUNK_SIZE, utils._CHUNKED_LOGPROB_CHUNK_SIZE
+# trl 1.16: chunked_logprob.TOKEN_CHUNK_SIZE, utils._CHUNKED_LOGPROB_CHUNK_SIZE
+TRL_TOKEN_TILE, TRL_VOCAB_TILE = 4096, 32768
 CPU_FOLD_TEMPORARIES = 8  # trl 1.16 _backward_tile at its peak: tile.float(), tanh, z, log_p, p, grad, products
 CUDA_CONTEXT = GiB // 2  # CUDA context + cuBLAS workspace on recent drivers, before any tensor
 NF4_BYTES_PER_WEIGHT = 0.5 + 4 / 64 / 4 + 4 / (64 * 256)  # 4 bits + fp8 absmax per 64 + fp32 per 256 blocks
@@ -94,26 +92,23 @@ def _fused_attention(module, query, key, value, attention_mask, **kwargs):
 AttentionInterface.register("memory_estimate_fused", _fused_attention)
 
 
+def _one_tile(hidden: torch.Tensor, vocab: int, triton: bool) -> None:
+    """Allocate, and free, what one tile of the fused head holds at once: [min(N, 4096), 32768] in the compute dtype
+    and, without Triton (CPU), the CPU_FOLD_TEMPORARIES fp32 copies of it that torch ops fold it with."""
+    n, width = min(hidden.shape[0], TRL_TOKEN_TILE), min(vocab, TRL_VOCAB_TILE)
+    held = [hidden.new_empty(n, TRL_VOCAB_TILE)]
+    held += [] if triton else [hidden.new_empty(n, width, dtype=torch.float32) for _ in range(CPU_FOLD_TEMPORARIES)]
+
+
 class _FusedHead(torch.autograd.Function):
     """Memory of TRL's ChunkedLogProbFunction (train/loss.py), which cannot run on meta tensors (it asks autocast
-    about the device). Forward and backward each hold one [min(N, 4096), 32768] tile in the compute dtype; forward
-    keeps fp32 per-token statistics, backward accumulates the hidden-state gradient in fp32. Without Triton (CPU)
-    each tile is folded by torch ops: about CPU_FOLD_TEMPORARIES fp32 copies of it exist at once."""
+    about the device). Forward and backward each hold one tile at a time; forward keeps fp32 per-token statistics,
+    backward accumulates the hidden-state gradient in fp32."""
 
     @staticmethod
     def forward(ctx, hidden, weight, triton):
-        n = min(hidden.shape[0], TRL_TOKEN_TILE)
-        tile = hidden.new_empty(n, TRL_VOCAB_TILE)
         stats = [hidden.new_empty(hidden.shape[0], dtype=torch.float32) for _ in range(7)]  # running max, sums...
-        fold = (
-            []
-            if triton
-            else [
-                tile.new_empty(n, min(weight.shape[0], TRL_VOCAB_TILE), dtype=torch.float32)
-                for _ in range(CPU_FOLD_TEMPORARIES)
-            ]
-        )
-        del tile, fold
+        _one_tile(hidden, weight.shape[0], triton)
         log_z = stats[0] + stats[1]
         del stats
         ctx.save_for_backward(hidden, weight, log_z)
@@ -124,17 +119,7 @@ class _FusedHead(torch.autograd.Function):
     def backward(ctx, grad):
         hidden, weight, _ = ctx.saved_tensors
         grad_hidden = hidden.new_empty(hidden.shape, dtype=torch.float32)
-        n = min(hidden.shape[0], TRL_TOKEN_TILE)
-        tile = hidden.new_empty(n, TRL_VOCAB_TILE)
-        fold = (
-            []
-            if ctx.triton
-            else [
-                tile.new_empty(n, min(weight.shape[0], TRL_VOCAB_TILE), dtype=torch.float32)
-                for _ in range(CPU_FOLD_TEMPORARIES)
-            ]
-        )
-        del tile, fold
+        _one_tile(hidden, weight.shape[0], ctx.triton)
         return grad_hidden.to(hidden.dtype), None, None
 
 
@@ -153,7 +138,7 @@ class MemoryEstimate:
         return self.peak + CUDA_CONTEXT
 
 
-def _meta_model(model_config: PretrainedConfig, cfg: Config, where: Placement, fused: bool):
+def _meta_model(model_config: PretrainedConfig, cfg: Config, where: Placement):
     attn = "eager" if where.attn_implementation == "eager" else "memory_estimate_fused"
     with torch.device("meta"):
         dtype = torch.bfloat16 if cfg.model.dtype == "auto" and where.cuda else compute_dtype(cfg)
@@ -187,11 +172,9 @@ def _step_loss(model, ids: torch.Tensor, fused: bool, triton: bool) -> torch.Ten
         head = causal_lm.get_output_embeddings()
         return _FusedHead.apply(hidden[:, :-1].reshape(-1, hidden.shape[-1]), head.weight, triton).sum()
     out = model(input_ids=ids, attention_mask=mask, labels=ids, use_cache=False)
-    # accelerate's autocast wrapper converts model outputs to fp32: a transient fp32 copy of the logits
-    upcast = out.logits.float() if out.logits.dtype != torch.float32 else None
-    loss = out.loss
-    del out, upcast
-    return loss
+    if out.logits.dtype != torch.float32:
+        out.logits.float()  # accelerate's autocast wrapper returns outputs in fp32: a transient copy of the logits
+    return out.loss
 
 
 def estimate_step_memory(
@@ -201,14 +184,12 @@ def estimate_step_memory(
     batch = batch or cfg.training.per_device_train_batch_size
     seq = seq or cfg.data.max_seq_length
     fused = fused_lm_head_enabled(cfg, where.cuda)
-    model = _meta_model(model_config, cfg, where, fused)
+    model = _meta_model(model_config, cfg, where)
     weights, trainable = _weight_bytes(model, cfg.model.load_in_4bit)
     optimizer = 2 * 4 * trainable  # AdamW exp_avg + exp_avg_sq, fp32 like the LoRA weights
     ids = torch.randint(4, model_config.vocab_size, (batch, seq), device="meta")
     with PeakMemory([*model.parameters(), *model.buffers()]) as mem:
-        loss = _step_loss(model, ids, fused, triton=where.cuda)
-        loss.backward()
-        del loss
+        _step_loss(model, ids, fused, triton=where.cuda).backward()
     return MemoryEstimate(
         batch, seq, fused, where.attn_implementation, weights, optimizer, mem.peak + weights + optimizer
     )
@@ -224,11 +205,9 @@ def describe(est: MemoryEstimate, card: int | None, card_name: str) -> list[str]
     ]
     if card is None:
         return [*lines, "    no GPU detected and no --gpu-memory given: pass --gpu-memory 24GiB to check a card"]
-    verdict = "fits" if est.total <= card * 0.95 else "does NOT fit"
-    lines.append(f"    {card_name} ({card / GiB:.1f} GiB): {verdict}")
-    if est.total > card * 0.95:
-        lines += [f"    turn first: {knob}" for knob in _knobs(est)]
-    return lines
+    fits = est.total <= card * 0.95
+    lines.append(f"    {card_name} ({card / GiB:.1f} GiB): {'fits' if fits else 'does NOT fit'}")
+    return lines if fits else lines + [f"    turn first: {knob}" for knob in _knobs(est)]
 
 
 def _knobs(est: MemoryEstimate) -> list[str]:

@@ -64,8 +64,7 @@ def compute_dtype(cfg: Config) -> torch.dtype:
 
 
 def quantization(cfg: Config) -> BitsAndBytesConfig | None:
-    """model.load_in_4bit: QLoRA's recipe (Dettmers et al. 2023): nf4 weights, double quantization of the scales,
-    matmuls in the compute dtype. bitsandbytes 0.50.2 runs it on CPU too
+    """model.load_in_4bit: QLoRA's recipe (Dettmers et al. 2023), which bitsandbytes 0.50.2 runs on CPU too
     (tests/cli/test_gpu_path.py trains with it)."""
     if not cfg.model.load_in_4bit:
         return None

@@ -128,10 +128,8 @@ def plan_resume(
         mismatches = identity_mismatches(record.get("identity", {}), identity)
         if mismatches:
             raise RunError(
-                f"{plan.checkpoint} cannot be resumed by this run: what it was trained on has changed:\n    "
-                + "\n    ".join(mismatches)
-                + "\n"
-                + _fix(folder, cfg)
+                f"{plan.checkpoint} cannot be resumed by this run: what it was trained on "
+                f"has changed:\n    " + "\n    ".join(mismatches) + "\n" + _fix(folder, cfg)
             )
     return plan
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import signal
 from functools import partial
 from pathlib import Path
 
@@ -12,22 +14,25 @@ import torch
 from datasets import Dataset
 from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file
+from torch._dynamo.exc import BackendCompilerFailed
+from torch._inductor.exc import InductorError
 from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import TrainOutput
 
 from core import signals
 from core.config import Config
-from core.errors import NonFiniteLoss, Preempted, RunError
-from core.files import atomic_replace_dir
+from core.errors import DiskSpaceError, NonFiniteLoss, Preempted, RunError, RunStopped, resume_command
+from core.files import atomic_replace_dir, human_size
 from core.log import on_terminal
 from core.runfolder import Manifest, RunFolder
+from core.signals import Interrupted
 from core.tokenizer import save_tokenizer
 from train import distributed
 from train.callbacks import CommitCheckpoints, IntervalsOfThisRun, MetricsJsonl, NonFiniteGuard, StopOnSignal
-from train.checkpoint import holds_last_step, step_of
+from train.checkpoint import holds_last_step, newest_committed, remove_partial, step_of
 from train.data import Example, collate
+from train.diskspace import free_bytes, is_disk_full
 from train.model import compute_dtype, uses_cuda
-from train.stopped import training_stopped
 
 log = logging.getLogger(__name__)
 
@@ -53,18 +58,9 @@ def training_arguments(cfg: Config, folder: RunFolder, evaluating: bool) -> Trai
     t = cfg.training
     bf16 = compute_dtype(cfg) == torch.bfloat16
     _check_launcher(cfg, bf16)
-    return TrainingArguments(
+    # The training section is TrainingArguments' keys (fused_lm_head aside), these set the run's way:
+    ours = dict(
         output_dir=str(folder.checkpoints),
-        **t.model_dump(
-            exclude={
-                "eval_steps",
-                "save_total_limit",
-                "fused_lm_head",
-                "activation_checkpointing",
-                "torch_compile",
-                "torch_compile_mode",
-            }
-        ),
         # "layers" is applied to the model (train.model.compile_layers); a mode alone would turn the Trainer's on
         torch_compile=t.torch_compile is True,
         torch_compile_mode=t.torch_compile_mode if t.torch_compile is True else None,
@@ -83,6 +79,7 @@ def training_arguments(cfg: Config, folder: RunFolder, evaluating: bool) -> Trai
         if t.activation_checkpointing
         else None,
     )
+    return TrainingArguments(**(t.model_dump(exclude={"fused_lm_head"}) | ours))
 
 
 def _check_launcher(cfg: Config, bf16: bool) -> None:
@@ -113,9 +110,9 @@ def _check_launcher(cfg: Config, bf16: bool) -> None:
 
 
 def static_width(model: PeftModel, cfg: Config) -> int | None:
-    """Flex attention is a compiled kernel that recompiles for every new batch shape (measured on an H100: 40 s a
-    step on long-tailed data); every batch then gets max_seq_length columns, and compiles once. data.packing fills
-    those columns with examples instead of padding."""
+    """Flex attention is a compiled kernel that recompiles for every new batch shape (what that costs:
+    docs/gpu-box.md); every batch then gets max_seq_length columns, and compiles once. data.packing fills those
+    columns with examples instead of padding."""
     return cfg.data.max_seq_length if model.config._attn_implementation == "flex_attention" else None
 
 
@@ -129,10 +126,9 @@ def build_trainer(
     identity: dict,
 ) -> Trainer:
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(folder.root / "runs")
-    args = training_arguments(cfg, folder, bool(evals))
     return Trainer(
         model=model,
-        args=args,
+        args=training_arguments(cfg, folder, bool(evals)),
         train_dataset=_dataset(train),
         eval_dataset=_dataset(evals) if evals else None,
         data_collator=partial(collate, pad_id=tokenizer.pad_token_id, width=static_width(model, cfg)),
@@ -168,12 +164,63 @@ def fit(trainer: Trainer, resume: Path | None, folder: RunFolder, manifest: Mani
         raise stop from e
 
 
-def save_adapter(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, base_dir: Path, folder: RunFolder) -> None:
-    """The final adapter (and tokenizer) to <run>/adapter, swapped in whole. Promotion to models/ is the export's
-    last step (convert.pipeline), or run()'s when export is off: the run folder's copy is what the manifest vouches
-    for.
+def _reason(e: BaseException) -> str:
+    """Why training stopped, as the manifest says it: the signal's name for a stop that a signal asked for."""
+    if isinstance(e, (Preempted, Interrupted)):
+        return signal.Signals(e.signum).name
+    return "SIGINT" if isinstance(e, KeyboardInterrupt) else type(e).__name__
 
-    Every rank calls it (under FSDP the adapter's shards are gathered for the save); rank 0 alone writes."""
+
+def training_stopped(e: BaseException, folder: RunFolder, manifest: Manifest, step: int) -> BaseException:
+    """Leave the run folder resumable after training ended early; return the exception to raise. The checkpoint
+    being written when it failed is removed (uncommitted, so incomplete), the manifest records where and why
+    training stopped, and a full disk becomes DiskSpaceError (exit 6)."""
+    disk_full = isinstance(e, Exception) and not isinstance(e, RunStopped) and is_disk_full(e, folder.checkpoints)
+    partial = remove_partial(folder.checkpoints, step)
+    last = newest_committed(folder.checkpoints)
+    manifest.status = "interrupted" if isinstance(e, (Preempted, KeyboardInterrupt)) else "failed"
+    manifest.stopped = {
+        "after_step": step,
+        "reason": "disk full" if disk_full else _reason(e),
+        "error": str(e).splitlines()[0] if str(e) else "",
+        "last_committed_checkpoint": last.name if last else None,
+        "removed_partial_checkpoint": partial.name if partial else None,
+        **({"non_finite": e.details} if isinstance(e, NonFiniteLoss) else {}),
+    }
+    with contextlib.suppress(OSError):  # the disk may still be full; the checkpoints are what matter
+        folder.write_manifest(manifest)
+    if isinstance(e, (BackendCompilerFailed, InductorError)):
+        return _compile_failed(e, last.name if last else None)
+    if not disk_full:
+        return e
+    return DiskSpaceError(
+        f"the disk filled up during training after step {step}: {e}\n  "
+        + (f"removed the partial {partial}; " if partial else "")
+        + (
+            f"the last committed checkpoint, {last.name}, is intact and a rerun resumes from it.\n"
+            if last
+            else "no checkpoint had been committed yet.\n"
+        )
+        + f"  fix: free space at {folder.root} ({human_size(free_bytes(folder.root))} free now), then "
+        f"{resume_command()}"
+    )
+
+
+def _compile_failed(e: BaseException, last: str | None) -> RunError:
+    """torch.compile (training.torch_compile) could not build its kernels: an environment problem, not a bug."""
+    cause = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+    return RunError(
+        f"torch.compile failed while building the training step's kernels: {cause}\n"
+        "  fix: inductor needs a working C/C++ compiler (gcc, g++; the CXX variable names another) and, on CUDA, "
+        "Triton; or set training.torch_compile: false to train without compiling (slower). "
+        + (f"Then {resume_command()} resumes from {last}." if last else "No checkpoint had been committed yet.")
+    )
+
+
+def save_adapter(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, base_dir: Path, folder: RunFolder) -> None:
+    """The final adapter (and tokenizer) to <run>/adapter, swapped in whole: the copy the manifest vouches for
+    (convert.export.publish_run promotes it to models/). Every rank calls it (under FSDP the adapter's shards are
+    gathered for the save); rank 0 alone writes."""
     staged = folder.root / ".adapter.partial"
     main = distributed.is_main()
     if main:

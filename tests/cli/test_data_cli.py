@@ -131,7 +131,7 @@ def test_tolerant_packed_run_records_skips_split_and_fingerprint(tok, hf_home: P
     ]
 
     m = json.loads((run / "manifest.json").read_text())["data"]
-    _, train, _, evals = load_datasets(tok, DataSection(**data))  # the same data, prepared in this process
+    _, train, _, evals = load_datasets(tok, DataSection(**data))[:4]  # the same data, prepared in this process
     assert m["skipped_records"] == 2 and m["skipped_file"] == str(run / "skipped_records.jsonl")
     assert m["fingerprint"] == train.fingerprint and m["train"]["fingerprint"] == train.fingerprint
     demo, extra = m["sources"][0], m["sources"][1]

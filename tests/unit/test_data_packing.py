@@ -97,7 +97,7 @@ def examples(tok, tmp_path: Path):
         convs.append([m for c in convs[k * 2 : k * 2 + k] for m in c if m["role"] != "system"])
     path = tmp_path / "mix.jsonl"
     path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
-    train, stats, _, _ = load_datasets(tok, DataSection(train_files=[str(path)], max_seq_length=256))
+    train, stats, _, _ = load_datasets(tok, DataSection(train_files=[str(path)], max_seq_length=256))[:4]
     assert max(len(e.input_ids) for e in train) > 64 and stats.truncated == 0
     return train
 

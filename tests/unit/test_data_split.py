@@ -23,7 +23,7 @@ def texts_of(tok, examples) -> list[str]:
 
 def split(tok, *sources, **data) -> tuple[list[str], list[str], object]:
     data = {"max_seq_length": 64, **data}
-    train, stats, evals, _ = load_datasets(tok, DataSection(train_files=list(sources), **data))
+    train, stats, evals, _ = load_datasets(tok, DataSection(train_files=list(sources), **data))[:4]
     return texts_of(tok, train), texts_of(tok, evals), stats
 
 
@@ -54,7 +54,7 @@ def test_duplicates_land_on_one_side_and_are_counted(tok, tmp_path: Path):
 def test_explicit_eval_files_report_overlap_with_training(tok, tmp_path: Path):
     a = write(tmp_path / "a.jsonl", ["x", "y", "z"])
     b = write(tmp_path / "b.jsonl", ["y", "w"])
-    _, _, evals, eval_stats = load_datasets(tok, DataSection(train_files=[a], eval_files=[b], max_seq_length=64))
+    _, _, evals, eval_stats = load_datasets(tok, DataSection(train_files=[a], eval_files=[b], max_seq_length=64))[:4]
     assert texts_of(tok, evals) == ["y", "w"] and eval_stats.overlap == 1
 
 

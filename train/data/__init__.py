@@ -11,21 +11,17 @@ docs/data.md describes the formats, how they render and how to debug a dataset.
 """
 
 from core.errors import DataError
-from core.records.render import IGNORE_INDEX
 from train.data.describe import describe_data, record_data, show_example
 from train.data.load import PreparedData, load_data, load_datasets
 from train.data.pack import collate, pack
-from train.data.stats import DataStats, Example, fingerprint
+from train.data.stats import Example
 
 __all__ = [
-    "IGNORE_INDEX",
     "DataError",
-    "DataStats",
     "Example",
     "PreparedData",
     "collate",
     "describe_data",
-    "fingerprint",
     "load_data",
     "load_datasets",
     "pack",

@@ -4,12 +4,14 @@ manifest's data entry with <run>/skipped_records.jsonl."""
 from __future__ import annotations
 
 import json
+from dataclasses import fields
+from itertools import groupby
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from core.files import atomic_write_text
 from core.records.render import IGNORE_INDEX
-from train.data.stats import DataStats, Example
+from train.data.stats import DataStats, Example, SourceStats
 
 if TYPE_CHECKING:
     from core.config import DataSection
@@ -19,21 +21,13 @@ SKIPPED_FILE = "skipped_records.jsonl"
 
 def show_example(tokenizer, ex: Example) -> str:
     """The example as text with the supervised spans in [[...]] (for --dry-run and debugging)."""
-    out: list[str] = []
-    run: list[int] = []  # tokens of the current span, supervised or not (`inside`)
-    inside = False
-    for tok, label in zip(ex.input_ids, ex.labels, strict=True):
-        sup = label != IGNORE_INDEX
-        if sup != inside and run:
-            text = tokenizer.decode(run)
-            out.append(f"[[{text}]]" if inside else text)
-            run = []
-        inside = sup
-        run.append(tok)
-    if run:
-        text = tokenizer.decode(run)
-        out.append(f"[[{text}]]" if inside else text)
-    return "".join(out)
+    spans = groupby(zip(ex.input_ids, ex.labels, strict=True), key=lambda token: token[1] != IGNORE_INDEX)
+    texts = [(supervised, tokenizer.decode([t for t, _ in span])) for supervised, span in spans]
+    return "".join(f"[[{text}]]" if supervised else text for supervised, text in texts)
+
+
+def _roles(train: DataStats, evals: DataStats | None) -> list[DataStats]:
+    return [train] if evals is None else [train, evals]
 
 
 def source_lines(st: DataStats) -> list[str]:
@@ -97,7 +91,7 @@ def skipped_lines(skipped: list[dict[str, str]], data: DataSection, root: Path) 
 
 def describe_data(data: DataSection, train: DataStats, evals: DataStats | None, root: Path) -> list[str]:
     """The data part of the --dry-run plan: per-source counts, lengths, supervision, skips, fingerprint."""
-    roles = [train] if evals is None else [train, evals]
+    roles = _roles(train, evals)
     lines = [line for st in roles for line in source_lines(st)]
     lines += [line for st in roles for line in role_lines(st, data)]
     if data.eval_fraction:
@@ -105,54 +99,34 @@ def describe_data(data: DataSection, train: DataStats, evals: DataStats | None, 
             f"    eval split: records whose content hash falls below eval_fraction={data.eval_fraction} "
             f"(sha256; appended data never moves an old record)"
         )
-    lines += skipped_lines(train.skipped + (evals.skipped if evals else []), data, root)
+    lines += skipped_lines([s for st in roles for s in st.skipped], data, root)
     lines.append(f"    fingerprint (sha256 of the rendered training examples): {train.fingerprint}")
     return lines
 
 
 def record_data(root: Path, data: DataSection, train: DataStats, evals: DataStats | None) -> dict:
     """Write <run>/skipped_records.jsonl (when records were skipped) and return the manifest's data entry."""
-    skipped = train.skipped + (evals.skipped if evals else [])
-    skipped_path = None
+    skipped = [s for st in _roles(train, evals) for s in st.skipped]
     if skipped:
-        skipped_path = root / SKIPPED_FILE
-        atomic_write_text(skipped_path, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in skipped))
+        atomic_write_text(root / SKIPPED_FILE, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in skipped))
 
     def files(st: DataStats | None) -> dict[str, str]:
         return {f: h for s in st.sources for f, h in s.files.items()} if st else {}
 
-    def summary(st: DataStats) -> dict:
-        return {
-            "records": st.records,
-            "examples": st.examples,
-            "rows": st.rows,
-            "tokens": st.tokens,
-            "supervised_tokens": st.supervised_tokens,
-            "truncated": st.truncated,
-            "length_percentiles": st.length_percentiles,
-            "duplicates": st.duplicates,
-            "skipped": len(st.skipped),
-            "fingerprint": st.fingerprint,
-        }
+    # Every figure of the stats under its own name, but what is recorded apart (files, sources, the eval's overlap,
+    # the skipped records' count), implied (role; label as "source") or no figure (the sample).
+    def figures(stats: DataStats | SourceStats, leave_out: tuple[str, ...]) -> dict:
+        return {f.name: getattr(stats, f.name) for f in fields(stats) if f.name not in leave_out}
 
-    sources = [
-        {
-            "source": s.label,
-            "role": s.role,
-            "records": s.records,
-            "invalid": s.invalid,
-            "held_out": s.held_out,
-            "examples": s.examples,
-            "revision": s.revision,
-        }
-        for st in (train, evals)
-        if st
-        for s in st.sources
-    ]
-    entry = {
+    def summary(st: DataStats) -> dict:
+        return figures(st, ("role", "sources", "overlap", "skipped", "sample")) | {"skipped": len(st.skipped)}
+
+    return {
         "train_files": files(train),
         "eval_files": files(evals),
-        "sources": sources,
+        "sources": [
+            {"source": s.label} | figures(s, ("label", "files")) for st in _roles(train, evals) for s in st.sources
+        ],
         "train_records": train.records,
         "train_tokens": train.tokens,
         "supervised_tokens": train.supervised_tokens,
@@ -169,6 +143,5 @@ def record_data(root: Path, data: DataSection, train: DataStats, evals: DataStat
         ),
         "packing": data.packing,
         "skipped_records": len(skipped),
-        "skipped_file": str(skipped_path) if skipped_path else None,
+        "skipped_file": str(root / SKIPPED_FILE) if skipped else None,
     }
-    return entry

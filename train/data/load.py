@@ -7,7 +7,6 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -87,15 +86,7 @@ def render_records(
     cols = out.to_dict()
     return [
         Rendered(ids, labels, n, cut) if not f else RecordProblem(f, r)
-        for ids, labels, n, cut, f, r in zip(
-            cols["input_ids"],
-            cols["labels"],
-            cols["length"],
-            cols["truncated"],
-            cols["field"],
-            cols["reason"],
-            strict=True,
-        )
+        for ids, labels, n, cut, f, r in zip(*(cols[c] for c in RENDERED_COLUMNS), strict=True)
     ]
 
 
@@ -123,14 +114,6 @@ class SourceRead(NamedTuple):
     read: SourceRows
 
 
-class CheckedRecords(NamedTuple):
-    """Every row read, sorted into valid records and invalid ones."""
-
-    valid: list[ValidRecord]
-    invalid: list[str]  # "file:line: field: reason" of each invalid record, in order
-    total: int  # records read, valid or not
-
-
 def read_sources(data: DataSection, problems: list[str]) -> list[SourceRead]:
     """Every train source, then every eval source, each cut to its max_samples; file-level problems (a missing
     file, an unreadable array) go to `problems`."""
@@ -144,32 +127,18 @@ def read_sources(data: DataSection, problems: list[str]) -> list[SourceRead]:
     return sources
 
 
-def render_sources(
-    renderer: Renderer, sources: list[SourceRead], num_proc: int | None
-) -> Iterator[Rendered | RecordProblem]:
-    """The rendering of every readable record of `sources`, in order (unreadable rows have none)."""
-    records: list[str] = []
-    formats: list[str] = []
-    for _, src, read in sources:
-        for row in read.rows:
-            if row.record is not None:
-                records.append(json.dumps(row.record, ensure_ascii=False, default=str))
-                formats.append(src.format)
-    return iter(render_records(renderer, records, formats, num_proc))
-
-
 def check_records(
-    sources: list[SourceRead], rendered: Iterator[Rendered | RecordProblem], stats: dict[str, DataStats]
-) -> CheckedRecords:
-    """Each row with its rendering: a valid record, or an invalid one (unreadable, or rejected by the renderer)
-    counted and listed in its source's and role's `stats`."""
+    renderer: Renderer, sources: list[SourceRead], num_proc: int | None, stats: dict[str, DataStats]
+) -> list[ValidRecord]:
+    """Every row read, with its rendering: the valid records; each invalid one (unreadable, or rejected by the
+    renderer) is counted and listed in its source's and role's `stats`."""
+    readable = [(src.format, row.record) for _, src, read in sources for row in read.rows if row.record is not None]
+    records = [json.dumps(record, ensure_ascii=False, default=str) for _, record in readable]
+    rendered = iter(render_records(renderer, records, [fmt for fmt, _ in readable], num_proc))
     valid: list[ValidRecord] = []
-    invalid: list[str] = []
-    total = 0
     for role, src, read in sources:
         s = SourceStats(read.label, role, records=len(read.rows), files=read.files, revision=read.revision)
         stats[role].sources.append(s)
-        total += len(read.rows)
         for row in read.rows:
             if row.record is None:
                 assert row.problem is not None, row  # core.records.sources: a row without a record says why
@@ -182,14 +151,14 @@ def check_records(
                 problem = result
             s.invalid += 1
             stats[role].skipped.append({"where": row.where, "field": problem.field, "reason": problem.reason})
-            invalid.append(f"{row.where}: {problem.field}: {problem.reason}")
-    return CheckedRecords(valid, invalid, total)
+    return valid
 
 
-def stop_on_problems(problems: list[str], checked: CheckedRecords, max_invalid_fraction: float) -> None:
+def stop_on_problems(problems: list[str], stats: dict[str, DataStats], max_invalid_fraction: float) -> None:
     """Raise DataError, listing every problem, on any file-level problem or on more invalid records than
     data.max_invalid_fraction allows (the ones allowed are skipped, and listed in the run folder)."""
-    invalid, total = checked.invalid, checked.total
+    invalid = [f"{s['where']}: {s['field']}: {s['reason']}" for st in stats.values() for s in st.skipped]
+    total = sum(s.records for st in stats.values() for s in st.sources)  # read, valid or not
     if not problems and len(invalid) <= max_invalid_fraction * total:
         return
     if max_invalid_fraction and invalid:
@@ -216,11 +185,8 @@ def rows_of(examples: list[Example], st: DataStats, data: DataSection) -> list[E
 
 
 def load_datasets(tokenizer, data: DataSection) -> PreparedData:
-    """Read, validate and render every source of `data` (config.DataSection).
-
-    Rows are examples, or packed rows with data.packing. Raises DataError listing every problem (file and
-    record level) when the data is unusable.
-    """
+    """Read, validate, render, split and pack every source of `data`; DataError lists every problem (file and
+    record level) when the data is unusable."""
     opts = RenderOptions(
         max_seq_length=data.max_seq_length,
         system_message=data.system_message,
@@ -230,12 +196,10 @@ def load_datasets(tokenizer, data: DataSection) -> PreparedData:
     renderer = Renderer(tokenizer, opts)
     problems: list[str] = []  # file level: always fatal
     sources = read_sources(data, problems)
-    rendered = render_sources(renderer, sources, data.dataset_num_proc)
-    stats = {"train": DataStats("train"), "eval": DataStats("eval")}
-    checked = check_records(sources, rendered, stats)
-    stop_on_problems(problems, checked, data.max_invalid_fraction)
-
-    examples = split_and_weight(checked.valid, data, stats)
+    stats = {"train": DataStats("train"), "eval": DataStats("eval")}  # in the order sources are read
+    valid = check_records(renderer, sources, data.dataset_num_proc, stats)
+    stop_on_problems(problems, stats, data.max_invalid_fraction)
+    examples = split_and_weight(valid, data, stats)
     if not examples["train"]:
         raise DataError(
             [f"no training examples left (sources: {', '.join(s.label for s in stats['train'].sources)})"],

@@ -1,15 +1,12 @@
-"""Packing examples into rows, and turning rows into model batches, without cross-example attention.
+"""Packing examples into rows, and turning rows into model batches, without cross-example attention (docs/data.md).
 
-A packed row holds whole examples back to back. Every example starts with the one <bos> it has (core.records.render
-guarantees exactly one, first, and rejects text that would tokenize to a <bos>), so a row's example boundaries
-are its <bos> positions: the collator needs nothing but the token ids.
-
-Isolation comes from transformers itself (masking_utils, 5.x): given `position_ids` that restart at 0 for each
-example and no 2-D attention mask, `find_packed_sequence_indices` splits the row into sequences and both the
-causal and the sliding-window masks (Gemma 2 alternates them) are built per sequence, for eager attention
-too. It only does so without a KV cache (`_preprocess_mask_arguments`), and Gemma 2's `use_cache` defaults to
-the config's True, which would create one: packed batches pass `use_cache=False`, as TRL's SFTTrainer
-does in compute_loss. tests/unit/test_data_packing.py checks that a packed batch's loss equals the unpacked one's.
+Every example starts with its one <bos> (core.records.render puts exactly one first and rejects text that would
+tokenize to another), so a row's example boundaries are its <bos> positions: the collator needs only the token ids.
+Isolation comes from transformers 5.x itself: given `position_ids` that restart at 0 for each example and no 2-D
+attention mask, masking_utils' `find_packed_sequence_indices` builds the causal and sliding-window masks per
+sequence, eager attention included, but only without a KV cache (`_preprocess_mask_arguments`); Gemma 2's config
+turns the cache on, so packed batches pass `use_cache=False`, as TRL's SFTTrainer does in compute_loss.
+tests/unit/test_data_packing.py: a packed batch's loss equals the unpacked one's.
 """
 
 from __future__ import annotations
@@ -71,9 +68,8 @@ def pack(examples: list[Example], capacity: int) -> list[Example]:
 def collate(batch: list[dict], pad_id: int, width: int | None = None) -> dict:
     """Rows -> a model batch, padded on the right (Gemma: right padding for training; pad id 0 is not eos).
 
-    width: pad every batch to this many columns (the longest row's length when None). Compiled kernels (flex
-    attention) recompile for every new shape: measured on an H100, batches of varying width spent 40 s a step
-    compiling; one fixed width compiles once. Pair it with data.packing, which fills the rows.
+    width: pad every batch to this many columns (the longest row's length when None): compiled kernels (flex
+    attention) recompile for every new shape (train.trainer.static_width).
 
     Rows of one example each: input_ids, labels, attention_mask (the usual padded batch). If any row holds
     several examples: input_ids, labels, position_ids restarting at every <bos> (the padding tail counts as one

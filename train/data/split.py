@@ -30,11 +30,8 @@ def content_digest(record: dict[str, Any]) -> bytes:
     """sha256 of what a record teaches (its messages/prompt/completion/text, canonical JSON): metadata such as
     ids or tags does not move a record between train and eval."""
     content = {k: record[k] for k in ("messages", "prompt", "completion", "text") if k in record} or record
-    return hashlib.sha256(
-        json.dumps(content, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str).encode(
-            "utf-8", "surrogatepass"
-        )
-    ).digest()
+    text = json.dumps(content, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
 
 
 def unit_interval(digest: bytes) -> float:
@@ -45,9 +42,8 @@ def unit_interval(digest: bytes) -> float:
 def split_and_weight(
     valid: list[ValidRecord], data: DataSection, stats: dict[str, DataStats]
 ) -> dict[str, list[Example]]:
-    """Examples per role ("train", "eval"): training records whose content hash falls below data.eval_fraction
-    move to eval; a training record appears int(weight) times, plus once more for a fixed share (by content
-    hash) of the records when the weight has a fraction. Counts records, held-out records, duplicates and the
+    """Examples per role ("train", "eval"); a training record appears int(weight) times, plus once for a share of
+    them (by content hash) as large as the weight's fraction. Counts records, held-out records, duplicates and the
     eval records also in training into `stats`."""
     examples: dict[str, list[Example]] = {"train": [], "eval": []}
     seen: dict[str, set[bytes]] = {"train": set(), "eval": set()}

@@ -1,18 +1,7 @@
-"""A night's inputs, as one sha256: the data, the config, the base model, the code. The same inputs as the live
-model's: nothing to train tonight.
-
-Computed in seconds, before anything heavy is imported, so that an unchanged night exits at once:
-
-    data    sha256 of every training and eval source file (a folder: each file under it; a cached hub
-            dataset: its id and the snapshot commit its revision resolves to). The rendered-token fingerprint
-            the manifest records (train.data) would need the tokenizer and a pass over every record
-            (minutes on large data); it is fully determined by these bytes, the config, the base revision
-            (the tokenizer) and the code, all of which are in here.
-    config  the keys that shape the trained weights and the exported files (core.config.FINGERPRINTED): not
-            where files go, not how a model is judged (gates and retention decide about a model, they are not
-            inputs to it)
-    base    the base model's repo id and resolved commit (a local folder: the sha256 of its files)
-    code    the tracked package versions, the llama.cpp release and commit, the project's git commit
+"""A night's inputs, as one sha256 over four parts: the data, the config, the base model, the code; the same inputs
+as the live model's: nothing to train tonight. Computed in seconds, before anything heavy is imported, so that an
+unchanged night exits at once. docs/nightly.md ('What "unchanged" means') says what each part holds, and why the
+data part hashes files rather than the rendered tokens.
 """
 
 from __future__ import annotations
@@ -49,25 +38,16 @@ def _digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _hub_dataset(repo_id: str, revision: str) -> str:
-    """`repo@commit` of a dataset in the local HF cache (refs/<revision>), or `repo@revision` when unresolved."""
-    ref = default_hf_home() / "hub" / ("datasets--" + repo_id.replace("/", "--")) / "refs" / revision
-    return f"{repo_id}@{ref.read_text().strip() if ref.is_file() else revision}"
-
-
 def source_hash(path: str, revision: str = "main") -> str | dict[str, str]:
-    """sha256 of a file; {relative path: sha256} of a folder's files; the resolved commit of a hub dataset."""
+    """sha256 of a file; {relative path: sha256} of a folder's files; a hub dataset's `repo@commit` as the local HF
+    cache resolves its revision (refs/<revision>), or `repo@revision` when it does not."""
     p = Path(path).expanduser()
     if p.is_file():
         return sha256_file(p)
     if p.is_dir():
         return {str(f.relative_to(p)): sha256_file(f) for f in sorted(p.rglob("*")) if f.is_file()}
-    return _hub_dataset(path, revision)
-
-
-def data_part(cfg: Config) -> dict[str, Any]:
-    sources = [*cfg.data.train_files, *cfg.data.eval_files]
-    return {s.path: source_hash(s.path, s.revision) for s in sources}
+    ref = default_hf_home() / "hub" / ("datasets--" + path.replace("/", "--")) / "refs" / revision
+    return f"{path}@{ref.read_text().strip() if ref.is_file() else revision}"
 
 
 def config_part(cfg: Config) -> dict[str, Any]:
@@ -81,11 +61,12 @@ def base_part(cfg: Config) -> dict[str, Any]:
     return {"repo_id": base.repo_id, "revision": base.revision}
 
 
-def code_part() -> dict[str, Any]:
-    return {"packages": package_versions(), "llama_cpp": version_info(), "git_commit": git_commit()}
-
-
 def night_inputs(cfg: Config) -> NightInputs:
-    parts = {"data": data_part(cfg), "config": config_part(cfg), "base": base_part(cfg), "code": code_part()}
+    parts = {
+        "data": {s.path: source_hash(s.path, s.revision) for s in [*cfg.data.train_files, *cfg.data.eval_files]},
+        "config": config_part(cfg),
+        "base": base_part(cfg),
+        "code": {"packages": package_versions(), "llama_cpp": version_info(), "git_commit": git_commit()},
+    }
     part_digests = {k: _digest(v) for k, v in parts.items()}
     return NightInputs(_digest(part_digests), parts, part_digests)

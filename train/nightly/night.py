@@ -1,14 +1,8 @@
-"""One night, top to bottom, and the other verbs: status, rollback, prune.
+"""One night, top to bottom (run_night; docs/nightly.md draws it), and the other verbs: status, rollback, prune.
 
-    job lock -> record a publication a crash left unrecorded -> the night's inputs -> the live model (the champion) was
-    trained on the same: exit 0 -> tonight's candidate: trained, exported and verified as `python -m train` does
-    (train.run, not published) -> scores of candidate and champion -> gates -> publish (core/releases.py, the
-    same as every promotion) or reject -> registry line -> report -> retention
-
-The champion is whatever release of export.name is live, whoever published it: a plain `python -m train` of the
-same name replaces the champion, and the next night is gated against that model. Every decision is appended to
-the registry (models/finetuned/registry.jsonl) before it is reported; the job lock makes `run`, `rollback` and
-`prune` exclusive (a second one exits 75 naming the holder).
+The champion is whatever release of export.name is live, whoever published it. Every decision is appended to the
+registry (models/finetuned/registry.jsonl) before it is reported; the job lock makes `run`, `rollback` and `prune`
+exclusive (a second one exits 75 naming the holder).
 """
 
 from __future__ import annotations
@@ -33,14 +27,13 @@ from core.locks import publisher_lock
 from core.runfolder import Layout, Manifest
 from train.nightly.inputs import NightInputs, night_inputs
 from train.nightly.report import status_json, status_text, write_report
-from train.nightly.retention import CANDIDATE_FILE, prune, registry
+from train.nightly.retention import BY, CANDIDATE_FILE, prune, registry
 from train.nightly.scores import EvalSet, eval_paths, gates, jsonable, load_eval_set, score_model
 from train.run import run as train_run
 
 log = logging.getLogger(__name__)
 
 EXIT_REJECTED = 7  # the candidate failed a gate; the champion stays live (docs/nightly.md)
-BY = "python -m train.nightly"
 
 
 class GateRejected(PipelineError):
@@ -84,8 +77,8 @@ def unchanged(cfg: Config, layout: Layout, fp: NightInputs) -> str | None:
     for h in history:
         if h["event"] == "publish":
             rolled_back.pop(h.get("inputs") or "", None)
-        elif inputs_of.get(h["was"]):
-            rolled_back[inputs_of[h["was"]]] = h
+        elif was := inputs_of.get(h["was"]):
+            rolled_back[was] = h
     back = rolled_back.get(fp.digest)
     if back is not None:
         return (
@@ -168,33 +161,27 @@ def decide(cfg: Config, layout: Layout, run: str, fp: NightInputs) -> tuple[dict
     champion = releases.live(layout.gguf_dir, cfg.export.name)
     champion_scores = None
     if champion is not None and champion.run != run:
-        champion_gguf = champion.folder / default["file"]
-        champion_scores = scores_of(
-            layout, champion.run, layout.final_model(champion.run), champion_gguf, eval_set, cfg
-        )
+        gguf = champion.folder / default["file"]
+        champion_scores = scores_of(layout, champion.run, layout.final_model(champion.run), gguf, eval_set, cfg)
     checks = gates(scores, champion_scores, cfg.nightly, bool(eval_set.tasks))
     passed = all(g.passed for g in checks)
-    record = stamp(
-        cfg,
-        {
-            "event": "night",
-            "decision": "promoted" if passed else "rejected",
-            "run": run,
-            "inputs": fp.digest,
-            "inputs_parts": fp.part_digests,
-            "changed": fp.changed_since(
-                (champion.record.get("nightly") or {}).get("inputs_parts") if champion else None
-            ),
-            "champion_before": champion.run if champion else None,
-            "eval_set": eval_set.digest[:16],
-            "scores": {"candidate": scores, "champion": champion_scores},
-            "gates": [g.to_json() for g in checks],
-            "reason": summary(checks),
-            "files": {e["file"]: {"quant": q, "size": e["size"], "sha256": e["sha256"]} for q, e in tuned.items()},
-            "exit_code": 0 if passed else EXIT_REJECTED,
-        },
-    )
-    return record, manifest, c
+    champion_night = (champion.record.get("nightly") if champion else None) or {}
+    line = {
+        "event": "night",
+        "decision": "promoted" if passed else "rejected",
+        "run": run,
+        "inputs": fp.digest,
+        "inputs_parts": fp.part_digests,
+        "changed": fp.changed_since(champion_night.get("inputs_parts")),
+        "champion_before": champion.run if champion else None,
+        "eval_set": eval_set.digest[:16],
+        "scores": {"candidate": scores, "champion": champion_scores},
+        "gates": [g.to_json() for g in checks],
+        "reason": summary(checks),
+        "files": {e["file"]: {"quant": q, "size": e["size"], "sha256": e["sha256"]} for q, e in tuned.items()},
+        "exit_code": 0 if passed else EXIT_REJECTED,
+    }
+    return stamp(cfg, line), manifest, c
 
 
 def train_and_decide(cfg: Config, layout: Layout, fp: NightInputs, today: date) -> dict[str, Any]:
@@ -240,8 +227,8 @@ def run_night(cfg: Config, today: date) -> int:
         prune(cfg, layout)
     run = record["run"]
     if record["decision"] != "promoted":
-        live = f"{layout.gguf_dir / cfg.export.name}.gguf stays {record['champion_before']}'s"
-        raise GateRejected(f"{run}: {record['reason']}; {live} (report: {report})")
+        stays = f"{layout.gguf_dir / cfg.export.name}.gguf stays {record['champion_before']}'s"
+        raise GateRejected(f"{run}: {record['reason']}; {stays} (report: {report})")
     log.info(f"promoted: {run}: {record['reason']} (report: {report})")
     default = gguf_filename(cfg.export.name, cfg.export.default_quant, cfg.export.default_quant)
     log.info(f"live: {layout.gguf_dir / default} is now {run}'s")

@@ -15,6 +15,7 @@ from core.files import atomic_write_text
 from core.gates import Gate, table
 from core.runfolder import Layout
 from train.nightly.retention import registry
+from train.nightly.scores import number
 
 SHOWN = ("hf_loss", "gguf_loss", "quant_gap", "task_accuracy", "hf_perplexity", "gguf_perplexity")
 
@@ -24,9 +25,7 @@ def _fmt(x: Any) -> str:
 
 
 def scores_line(scores: dict[str, Any] | None) -> str:
-    if not scores:
-        return "-"
-    return "  ".join(f"{k} {_fmt(scores[k])}" for k in SHOWN if k in scores)
+    return "  ".join(f"{k} {_fmt(scores[k])}" for k in SHOWN if k in scores) if scores else "-"
 
 
 def night_line(r: dict[str, Any]) -> str:
@@ -41,10 +40,6 @@ def night_line(r: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------- the night's report
 
 
-def _number(x: Any) -> float:
-    return float(x) if isinstance(x, (int, float)) else float("nan")  # "nan" and None plot as gaps
-
-
 def plot_history(lines: list[dict[str, Any]], out: Path) -> Path | None:
     """nightly_scores.png: each decided night's candidate losses; promoted nights filled, the others hollow."""
     nights = [r for r in lines if r.get("event") == "night" and r.get("decision") in ("promoted", "rejected")][-60:]
@@ -53,14 +48,13 @@ def plot_history(lines: list[dict[str, Any]], out: Path) -> Path | None:
     fig = Figure(figsize=(8, 4), dpi=100)  # no pyplot: no global state, no GUI backend to pick
     ax = fig.subplots()
     xs = list(range(len(nights)))
-    champion = [_number((r["scores"].get("champion") or {}).get("gguf_loss")) for r in nights]
+    champion = [number((r["scores"].get("champion") or {}).get("gguf_loss")) for r in nights]  # NaN: a gap
     ax.step(xs, champion, "--", where="mid", color="gray", label="champion gguf_loss (before the night)")
     for metric, color in (("hf_loss", "tab:blue"), ("gguf_loss", "tab:orange")):
-        ys = [_number(r["scores"]["candidate"].get(metric)) for r in nights]
+        ys = [number(r["scores"]["candidate"].get(metric)) for r in nights]
         ax.plot(xs, ys, "-", color=color, alpha=0.4)
         for x, y, r in zip(xs, ys, nights, strict=True):
-            filled = r["decision"] == "promoted"
-            ax.plot([x], [y], "o", color=color, markerfacecolor=color if filled else "white")
+            ax.plot([x], [y], "o", color=color, markerfacecolor=color if r["decision"] == "promoted" else "white")
         ax.plot([], [], "o-", color=color, label=metric)
     ax.set_xticks(xs, [r["time"][5:16].replace("T", " ") for r in nights], rotation=45, fontsize=8)
     ax.set_ylabel("loss on the eval set (nats/token)")
@@ -95,17 +89,13 @@ def write_report(folder: Path, record: dict[str, Any], lines: list[dict[str, Any
     gates = [
         Gate(g["name"], g["value"] if g["value"] != "nan" else None, g["threshold"], g["op"]) for g in record["gates"]
     ]
-    lines = [
+    changed = f"changed since the champion: {', '.join(record['changed'])}" if record["champion_before"] else None
+    md = [
         f"# Nightly {record['run']}: {record['decision']}",
         "",
         f"{record['reason']}",
         "",
-        f"- inputs `{record['inputs'][:16]}`; "
-        + (
-            f"changed since the champion: {', '.join(record['changed'])}"
-            if record["champion_before"]
-            else "first champion"
-        ),
+        f"- inputs `{record['inputs'][:16]}`; {changed or 'first champion'}",
         f"- champion before: {record.get('champion_before') or 'none'}; eval set `{record['eval_set']}`",
         "",
         "## Gates",
@@ -123,9 +113,9 @@ def write_report(folder: Path, record: dict[str, Any], lines: list[dict[str, Any
         "```",
     ]
     if png:
-        lines += ["", f"![score history]({png.name})"]
+        md += ["", f"![score history]({png.name})"]
     out = folder / "nightly.md"
-    atomic_write_text(out, "\n".join(lines) + "\n")
+    atomic_write_text(out, "\n".join(md) + "\n")
     return out
 
 

@@ -1,11 +1,7 @@
-"""What the nightly job keeps: the live model, the nightly.keep_champions models live before it (what `rollback`
-returns to), and the nightly.keep_candidates most recent other nightly runs. The rest of each nightly run is
-deleted: outputs/<run>/, models/finetuned/{adapters,final_models}/<run>/, its releases and cached scores. Registry
-lines stay (they are the history); what the nightly job did not make (no outputs/<run>/nightly.json, no registry
-line, a release another command published) is never touched, nor is anything live.
-
-A folder is first renamed to .<name>.deleting, then removed: a crash midway leaves a name no run resolves, and the
-next prune finishes it.
+"""What the nightly job keeps and deletes (docs/nightly.md, "Retention"). What it did not make (no
+outputs/<run>/nightly.json, no registry line, a release another command published) is never touched, nor is
+anything live. A folder is first renamed to .<name>.deleting, then removed: a crash midway leaves a name no run
+resolves, and the next prune finishes it.
 """
 
 from __future__ import annotations
@@ -25,7 +21,7 @@ from core.runfolder import RUN_NAME, Layout
 log = logging.getLogger(__name__)
 
 CANDIDATE_FILE = "nightly.json"  # in outputs/<run>/: the inputs the candidate trains on
-BY = "python -m train.nightly"
+BY = "python -m train.nightly"  # the publisher its releases record
 
 
 def registry(layout: Layout, name: str) -> list[dict]:

@@ -1,16 +1,10 @@
-"""What the nightly job compares: one model's scores on the fixed eval set, and the gates a candidate must pass.
-
-    hf_loss    mean cross-entropy (nats) over the supervised tokens of the eval records (the tokens training puts
-               a loss on: assistant turns, completions), through the merged HF model in float32
-    gguf_loss  the same tokens through llama.cpp on the GGUF that ships (export.default_quant)
-    quant_gap  gguf_loss - hf_loss
-    task_accuracy  share of task checks (prompt -> expected) the GGUF answers exactly, greedy, with its own chat
-               template (optional: nightly.task_checks)
+"""What the nightly job compares: one model's scores on the fixed eval set (docs/nightly.md defines each metric),
+and the gates a candidate must pass.
 
 Both losses are the scoring layer's (convert/score.py), on the eval records rendered as verification renders its
-held-out set (core.records.heldout). The candidate's verification has scored them already (the nightly candidate's
-held-out set is the eval set): they are read from its verify.json, not computed again. A model scored on records
-no verification covered (a champion, when the eval set changed) is scored the same way, streamed.
+held-out set (core.records.heldout). The candidate's verification has scored them already (its held-out set starts
+with the eval set): they are read from its verify.json. A model no verification scored on these records (a
+champion, when the eval set changed) is scored the same way, streamed.
 """
 
 from __future__ import annotations
@@ -137,7 +131,7 @@ def gates(candidate: dict[str, Any], champion: dict[str, Any] | None, n: Nightly
     """What a candidate must pass to replace the champion: every metric measured and finite; the absolute limits
     that are set; and, with a champion, no worse than it by more than the margins. NaN or missing never passes."""
     required = [*LOSSES, *(["task_accuracy"] if tasks else [])]
-    out = [check(f"{m} measured and finite", math.isfinite(_number(candidate.get(m)))) for m in required]
+    out = [check(f"{m} measured and finite", math.isfinite(number(candidate.get(m)))) for m in required]
     absolute = [
         ("hf_loss", n.max_hf_loss, at_most),
         ("gguf_loss", n.max_gguf_loss, at_most),
@@ -152,16 +146,17 @@ def gates(candidate: dict[str, Any], champion: dict[str, Any] | None, n: Nightly
     # "No worse than the champion" needs the champion's figure: one it lacks (not measured, NaN) is not compared,
     # else a champion with a NaN could never be replaced; the candidate's own are gated above.
     for metric in LOSSES:
-        best = _number(champion.get(metric))
+        best = number(champion.get(metric))
         if math.isfinite(best):
             limit = best * (1 + n.max_loss_regression)
             out.append(at_most(f"{metric} <= champion + {n.max_loss_regression:.0%}", candidate.get(metric), limit))
-    best = _number(champion.get("task_accuracy"))
+    best = number(champion.get("task_accuracy"))
     if tasks and math.isfinite(best):
         name = f"task_accuracy >= champion - {n.max_accuracy_drop:g}"
         out.append(at_least(name, candidate.get("task_accuracy"), best - n.max_accuracy_drop))
     return out
 
 
-def _number(x: Any) -> float:
+def number(x: Any) -> float:
+    """A score as a float; NaN for what is no number (missing, None, the string "nan" a registry line holds)."""
     return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else math.nan
