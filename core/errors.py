@@ -39,15 +39,11 @@ def set_resume_command(argv: list[str]) -> None:
     """`python -m train` names the command that resumes it: its own, without --fresh (which would discard the
     checkpoints just committed) and without --resume-from (which would set the newer ones aside)."""
     global _resume_command
-    kept, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--fresh" or arg.startswith("--resume-from="):
-            continue
-        elif arg == "--resume-from":
-            skip = True
-        else:
+    kept, args = [], iter(argv)
+    for arg in args:
+        if arg == "--resume-from":
+            next(args, None)  # its value
+        elif arg != "--fresh" and not arg.startswith("--resume-from="):
             kept.append(arg)
     _resume_command = "`" + shlex.join(["python", "-m", "train", *kept]) + "`"
 
@@ -151,14 +147,12 @@ class LockHeld(RunStopped):
 
     def __init__(self, what: str, lock_file: Path, holder: dict):
         self.holder = holder
-        who = (
-            (
-                f"pid {holder.get('pid')} (run '{holder.get('run_name')}' on {holder.get('host')}, "
+        who = holder.get("who", "another process (holder not recorded yet)")
+        if holder.get("pid"):
+            who = (
+                f"pid {holder['pid']} (run '{holder.get('run_name')}' on {holder.get('host')}, "
                 f"since {holder.get('since')})"
             )
-            if holder.get("pid")
-            else holder.get("who", "another process (holder not recorded yet)")
-        )
         super().__init__(
             f"{what} is in use by {who}; lock file {lock_file}.\n"
             f"  fix: wait for it to finish, or stop it (kill {holder.get('pid', '<pid>')}); a stopped or killed "
