@@ -11,7 +11,7 @@ import difflib
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, cast
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
@@ -503,7 +503,7 @@ class Config(Section):
 def field_affects(section: type[Section], name: str) -> Affects:
     """What a change to one field does (the table at the top of this module)."""
     extra = section.model_fields[name].json_schema_extra
-    return extra["affects"] if isinstance(extra, dict) and "affects" in extra else section.affects
+    return cast(Affects, extra["affects"]) if isinstance(extra, dict) and "affects" in extra else section.affects
 
 
 def keys_affecting(cfg: Config, kinds: tuple[Affects, ...]) -> dict[str, Any]:
