@@ -35,6 +35,7 @@ RESUME: tuple[Affects, ...] = ("trained",)  # a checkpoint is resumed only if no
 REPORTED: tuple[Affects, ...] = ("trained", "exported", "verified")  # a complete run would ignore these: refused
 FINGERPRINTED: tuple[Affects, ...] = ("trained", "exported")  # what a nightly candidate is made of
 BASE_EXPORT: tuple[Affects, ...] = ("exported",)  # a recorded base export is reused while these are unchanged
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")  # a folder name, never a path
 
 
 class Section(BaseModel):
@@ -454,7 +455,7 @@ class PathsSection(Section):
 
 
 class Config(Section):
-    run_name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", json_schema_extra=PLACED)
+    run_name: str = Field("run", pattern=RUN_NAME.pattern, json_schema_extra=PLACED)
     """Names the run folder outputs/<run_name>; the same name addresses the same run on every invocation."""
     model: ModelSection = Field(default_factory=ModelSection)
     data: DataSection = Field(default_factory=DataSection)
