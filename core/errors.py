@@ -28,6 +28,7 @@ EXIT_NONFINITE = 5
 EXIT_DISK_SPACE = 6
 EXIT_LOCKED = 75  # EX_TEMPFAIL (sysexits.h): "temporary failure, the user is invited to retry"
 EXIT_SIGINT = 128 + signal.SIGINT
+REFUSALS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR)  # OSErrors that are the user's to fix
 
 
 # The command that continues this process's work, in the hints a stop prints. A CLI names itself
@@ -160,17 +161,6 @@ class LockHeld(RunStopped):
         )
 
 
-def _os_error_status(e: OSError) -> tuple[int, str] | None:
-    """A file system refusing a path the user gave (permissions, read-only, a file where a folder belongs)."""
-    where = e.filename
-    if where is None or e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR):
-        return None
-    return EXIT_INVALID, (
-        f"error: cannot use {where}: {e.strerror}.\n"
-        f"  fix: check the path and its permissions (the config's paths section, or the file named on the command line)"
-    )
-
-
 def exit_status(e: BaseException) -> tuple[int, str] | None:
     """(exit status, message) for an error the user can act on, or None for a bug (let it raise)."""
     if isinstance(e, PipelineError):
@@ -179,8 +169,12 @@ def exit_status(e: BaseException) -> tuple[int, str] | None:
         return e.exit_code, f"{e}; nothing was published by the unfinished stage. To continue: {resume_command()}"
     if isinstance(e, KeyboardInterrupt):  # SIGINT before the handler was installed
         return EXIT_SIGINT, "interrupted"
-    if isinstance(e, OSError):
-        return _os_error_status(e)
+    # a file system refusing a path the user gave (permissions, read-only, a file where a folder belongs)
+    if isinstance(e, OSError) and e.filename is not None and e.errno in REFUSALS:
+        return EXIT_INVALID, (
+            f"error: cannot use {e.filename}: {e.strerror}.\n  fix: check the path and its permissions "
+            "(the config's paths section, or the file named on the command line)"
+        )
     return None
 
 
@@ -200,7 +194,7 @@ def cli_exit(call: Callable[[], object]) -> int:
     Native code that calls back into Python (safetensors, tokenizers, llama.cpp's log callback) can turn the
     handler's Interrupted into an unrelated error; any error that escapes after a stop signal arrived is
     therefore the stop, not a bug."""
-    signals_before = signals.received()
+    signals_before = len(signals.received())
     try:
         with signals.handled():
             result = call()
@@ -210,10 +204,10 @@ def cli_exit(call: Callable[[], object]) -> int:
         return 0
     except BaseException as e:
         status = exit_status(e)
-        signum = signals.last()
-        if status is None and signals.received() > signals_before and signum is not None:
+        stops = signals.received()
+        if status is None and len(stops) > signals_before:
             log.debug("error raised while stopping for a signal", exc_info=e)
-            status = exit_status(Interrupted(signum))
+            status = exit_status(Interrupted(stops[-1]))
         if status is None:
             raise
         log.error(status[1])
