@@ -28,15 +28,11 @@ def sha256_file(path: Path, fsync: bool = False) -> str:
     return h.hexdigest()
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _publish_mode(path: Path, directory: bool = False) -> None:
-    """mkstemp/mkdtemp create private (0600/0700) entries; give finished artifacts the usual mode."""
-    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+    """mkstemp/mkdtemp create private (0600/0700) entries; give finished artifacts the mode the umask gives."""
+    umask = os.umask(0)  # the only way to read it is to set it
+    os.umask(umask)
+    os.chmod(path, (0o777 if directory else 0o666) & ~umask)
 
 
 def fsync_dir(folder: Path) -> None:
