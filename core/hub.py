@@ -25,10 +25,8 @@ MODEL_SOURCE_FILE = "model_source.json"
 
 
 def configure_cache_env(cache_root: Path = MODELS_CACHE) -> None:
-    """Point the HF/torch caches into models/.cache unless the environment already chose (Docker does).
-
-    Must run before huggingface_hub is imported: it reads these variables once, at import time.
-    """
+    """Point the HF/torch caches into models/.cache unless the environment already chose (Docker does). Must run
+    before huggingface_hub is imported: it reads these variables once, at import time."""
     for var, sub in CACHE_ENV.items():
         os.environ.setdefault(var, str((cache_root / sub).resolve()))
 
@@ -47,8 +45,7 @@ def repo_folder_name(repo_id: str, repo_type: str = "model") -> str:
 
 
 def cached_snapshot(repo_dir: Path, revision: str) -> tuple[Path, str] | None:
-    """The snapshot folder and commit of a revision (branch, tag or commit) of a repo in huggingface_hub's cache, as
-    huggingface_hub lays it out; None when the cache does not hold it."""
+    """The snapshot folder and commit of a revision (branch, tag or commit) in a repo folder of the hub cache."""
     ref = repo_dir / "refs" / revision
     commit = ref.read_text().strip() if ref.is_file() else revision
     folder = repo_dir / "snapshots" / commit
@@ -65,10 +62,8 @@ class ResolvedModel:
 
 
 def resolve_model(name_or_path: str, revision: str = "main", hf_home: Path | None = None) -> ResolvedModel:
-    """Find a model folder offline: a local directory, or a repo id in the HF hub cache.
-
-    Raises ModelNotFoundError naming the path searched and the command that fills the cache.
-    """
+    """Find a model folder offline: a local directory, or a repo id in the HF hub cache; ModelNotFoundError names the
+    path searched and the command that fills the cache."""
     local = Path(name_or_path)
     if local.is_dir():
         if not (local / "config.json").is_file():

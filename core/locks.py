@@ -1,14 +1,8 @@
-"""One process per run folder and per promotion target, with locks the kernel releases.
-
-`fcntl.flock` locks belong to an open file description: when the holder exits, however it exits
-(SIGKILL, the OOM killer, a container stopped without grace), the kernel drops the lock. A killed run
-therefore never leaves a stale lock behind and nobody has to delete lock files by hand. The lock
-file itself stays (deleting it would let two processes lock two different files of the same name);
-while held it names its holder (pid, run name, host, start time), only so that the refusal can say who.
-
-flock is advisory and local: it serializes processes that use this code on one machine. Two machines
-sharing a run folder over NFS are not protected (flock over NFS depends on the server); give each
-machine its own `paths.output_dir`.
+"""One process per run folder and per promotion target, with `fcntl.flock` locks: the kernel drops one when its
+holder exits, however it exits (SIGKILL, the OOM killer), so no lock is ever stale. flock is advisory and local:
+machines sharing a folder over NFS are not protected (docs/operations.md, "Locking"). A lock file stays (deleting
+it would let two processes lock two different files of the same name); while held it names its holder, only so
+that a refusal can say who.
 """
 
 from __future__ import annotations

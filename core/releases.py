@@ -6,12 +6,9 @@ goes through publish(), the one writer of models/gguf/.
     models/gguf/.releases/<name>/<release>/             one run's files and release.json, never modified
     models/gguf/.releases/<name>/history.jsonl          every switch, appended: what rollback returns to
 
-Why immutable releases and one pointer rather than renaming each file into place: one rename switches the whole
-set. An application that opens <name>.gguf and then <name>.f16.gguf gets both from the same run; a release with
-fewer files leaves no older run's file behind under the name (its link dangles and is removed); and a file an
-application has open stays whole, since nothing is written in place. The kernel resolves the links when a file is
-opened. Killed before the switch, the old release is live, untouched; after it, the new one is, whole; a staging
-folder left behind has a name no release has (.<release>.*) and the next publish removes it.
+Why immutable releases and one pointer rather than renaming each file into place: docs/architecture.md ("What is
+published"). Killed before the switch, the old release is live, untouched; after it, the new one is, whole; a
+staging folder left behind has a name no release has (.<release>.*) and the next publish removes it.
 """
 
 from __future__ import annotations

@@ -1,15 +1,8 @@
 """One record -> validated, rendered token ids and labels (what the loss sees).
 
-How each format becomes tokens (docs/data.md shows each with an example):
-- messages: rendered with the tokenizer's chat template (core/templates/gemma.jinja by default). With
-  `assistant_only_loss` the loss covers each assistant turn's content and its `<end_of_turn>\\n`, so the model
-  learns to stop; never the `<start_of_turn>model\\n` header, user text, tool results or the system text.
-  Assistant tool calls become the assistant's text, `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`,
-  the form the model writes them in; tool results render as a user-side turn (see the template).
-- prompt_completion: prompt text, then completion text + <eos>; with `completion_only_loss` the loss covers
-  the completion and <eos> only.
-- text: the text + <eos>, all of it supervised (completion-style pretraining text).
-Every example starts with exactly one <bos>, never supervised, whatever the template and tokenizer add.
+docs/data.md ("Formats and how they render") shows each format rendered and what the loss covers: assistant turns
+with their <end_of_turn> (chat), the completion + <eos>, all of a text + <eos>. Every example starts with exactly
+one <bos>, never supervised, whatever the template and tokenizer add.
 
 The rendered text is tokenized in pieces cut at the supervised spans: the prompt side is tokenized exactly as
 an application tokenizes it at inference (ending in the `<start_of_turn>model\\n` header), so no token
@@ -105,7 +98,7 @@ def message_text(content: Any, field: str) -> str | None:
 
 
 def tool_call_text(call: Any, where: str) -> str:
-    """One OpenAI-style tool call as the text the model writes (the module docstring shows the form)."""
+    """An OpenAI-style tool call as the model writes it: <tool_call>{"name": ..., "arguments": {...}}</tool_call>"""
     if not isinstance(call, dict):
         raise RecordProblem(where, f"must be an object, got {json_type(call)}")
     fn = call.get("function", call)  # OpenAI nests name/arguments under "function"; flat is accepted too

@@ -1,20 +1,11 @@
-"""Reading data sources into records, each with the place it came from.
-
-A source (config `data.train_files` / `data.eval_files` entry) is one of:
-- a file: .jsonl, .json (an array of records, or JSON Lines), .parquet, .csv;
-- a folder of such files; which files form the `split` follows `datasets`' own conventions
-  (`datasets.data_files.get_data_patterns`: train-*.jsonl, data/test.parquet, ...; files without a split
-  name are "train");
-- a folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`;
-- a Hugging Face dataset id (org/name) already in the local cache: a snapshot downloaded with
-  `hf download --repo-type dataset` (read as a folder), or a dataset `datasets.load_dataset` prepared
-  before (read from the datasets cache). Nothing is downloaded.
+"""Reading data sources (a file, a folder of files, a save_to_disk folder, a dataset in the local HF cache: nothing is
+downloaded; docs/data.md, "Sources") into records, each with the place it came from for error messages: `where`,
+`file:line` in text formats, `file:row N` in row-based ones.
 
 Text formats (JSONL, JSON, CSV) are parsed here, line-aware, rather than by `datasets`' loaders: those
 report one pyarrow error for a whole file instead of `file:line`, and unify the schema of every record
 (a tool call's `arguments` object gains `null` for every key any other record used). Parquet, Arrow and
-hub datasets are read through `datasets`. Every record carries `where` (`file:line`, or `file:row N` for
-row-based formats) for error messages.
+hub datasets are read through `datasets`.
 """
 
 from __future__ import annotations
