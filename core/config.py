@@ -1,8 +1,6 @@
-"""The one typed schema for a run. YAML files and `key=value` overrides are only data for it.
-
-Field names are the names of the library each section feeds (PEFT's LoraConfig, transformers'
-TrainingArguments), so upstream documentation applies unchanged. Every field carries its documentation;
-`python -m train --print-defaults` renders them as a commented YAML file.
+"""The one typed schema for a run; YAML files and `key=value` overrides are only data for it. Field names are those
+of the library each section feeds (PEFT's LoraConfig, transformers' TrainingArguments), so upstream documentation
+applies unchanged. Every field carries its documentation: `python -m train --print-defaults` prints it as YAML.
 """
 
 from __future__ import annotations
