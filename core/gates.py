@@ -71,7 +71,6 @@ def summary(gates: list[Gate]) -> str:
 
 
 def table(gates: list[Gate]) -> list[str]:
-    """The gates as Markdown table rows."""
     rows = ["| gate | value | limit | result |", "|---|---|---|---|"]
     for g in gates:
         value = g.value if isinstance(g.value, bool) else "missing" if g.value is None else f"{g.value:.4g}"

@@ -56,7 +56,6 @@ def require_file(path: str | os.PathLike, what: str, fix: str = "", allow_empty:
 
 
 def require_dir(path: str | os.PathLike, what: str, fix: str = "") -> Path:
-    """`path` as an absolute path, if it is a folder."""
     full = user_path(path)
     found = what_is(full)
     if found == "a folder":

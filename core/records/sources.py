@@ -67,7 +67,6 @@ def json_error(e: json.JSONDecodeError) -> str:
 
 
 def object_row(record: Any, where: str, field: str) -> Row:
-    """A decoded JSON value as a Row: a record is an object."""
     if isinstance(record, dict):
         return Row(where, record)
     return Row(where, problem=(field, f"expected a JSON object, got {json_type(record)}"))
@@ -132,7 +131,6 @@ class LineCounter:
 
 
 def _skip_whitespace(text: str, pos: int) -> int:
-    """The position of the first character at or after `pos` that is not JSON whitespace."""
     while pos < len(text) and text[pos] in " \t\r\n":
         pos += 1
     return pos
