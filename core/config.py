@@ -1,8 +1,6 @@
-"""The one typed schema for a run. YAML files and `key=value` overrides are only data for it.
-
-Field names are the names of the library each section feeds (PEFT's LoraConfig, transformers'
-TrainingArguments), so upstream documentation applies unchanged. Every field carries its documentation;
-`python -m train --print-defaults` renders them as a commented YAML file.
+"""The one typed schema for a run; YAML files and `key=value` overrides are only data for it. Field names are those
+of the library each section feeds (PEFT's LoraConfig, transformers' TrainingArguments), so upstream documentation
+applies unchanged. Every field carries its documentation: `python -m train --print-defaults` prints it as YAML.
 """
 
 from __future__ import annotations
@@ -11,7 +9,7 @@ import difflib
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, cast
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
@@ -35,6 +33,7 @@ RESUME: tuple[Affects, ...] = ("trained",)  # a checkpoint is resumed only if no
 REPORTED: tuple[Affects, ...] = ("trained", "exported", "verified")  # a complete run would ignore these: refused
 FINGERPRINTED: tuple[Affects, ...] = ("trained", "exported")  # what a nightly candidate is made of
 BASE_EXPORT: tuple[Affects, ...] = ("exported",)  # a recorded base export is reused while these are unchanged
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")  # a folder name, never a path
 
 
 class Section(BaseModel):
@@ -42,6 +41,18 @@ class Section(BaseModel):
     # string. YAML gives every type natively (with _Loader's floats such as 1e-4), so lax coercion only hides mistakes.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True, strict=True)
     affects: ClassVar[Affects] = "placed"
+    renamed: ClassVar[dict[str, str]] = {}  # an old dotted key -> the new one it is read as
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, data: Any) -> Any:
+        for old, new in cls.renamed.items():
+            key, name = old.rpartition(".")[2], new.rpartition(".")[2]
+            if isinstance(data, dict) and key in data:
+                if name in data:
+                    raise ValueError(f"{old} and {new} are both set: keep {name} (the new name)")
+                data = {(name if k == key else k): v for k, v in data.items()}
+        return data
 
 
 class ModelSection(Section):
@@ -56,8 +67,7 @@ class ModelSection(Section):
     attn_implementation: Literal["auto", "eager", "flex_attention", "flash_attention_2", "sdpa"] = "auto"
     """transformers attention kernel; each must apply Gemma 2's attention softcap (50). auto = flex_attention on
     CUDA (softcap in the kernel, no T x T score tensors), eager on CPU. flash_attention_2 needs the flash-attn
-    package (>= 2.6) and isolates packed examples only at batch size 1. sdpa is refused: it skips the softcap and
-    transformers 5.24 refuses it for Gemma 2 (`_supports_sdpa = False`)."""
+    package (>= 2.6) and isolates packed examples only at batch size 1. sdpa is refused: it skips the softcap."""
     device: Literal["auto", "cuda", "cpu"] = "auto"
     """Where to train. auto = CUDA when usable, else CPU; cuda = stop (exit 2, naming the driver and the CUDA
     version torch was built for) when CUDA is unusable, instead of silently training on the CPU."""
@@ -187,6 +197,8 @@ class TrainingSection(Section):
     """Passed to transformers.TrainingArguments under the same names."""
 
     affects: ClassVar[Affects] = "trained"
+    # transformers 5.24 renamed gradient_checkpointing (its FutureWarning); configs may keep the old key
+    renamed: ClassVar[dict[str, str]] = {"training.gradient_checkpointing": "training.activation_checkpointing"}
 
     num_train_epochs: float = Field(1.0, gt=0)
     """Epochs over the training data (ignored when max_steps > 0)."""
@@ -228,10 +240,9 @@ class TrainingSection(Section):
     longest sequences. transformers 5.24's name; the old `gradient_checkpointing` key is read as this one."""
     torch_compile: bool | Literal["layers"] = False
     """torch.compile for training. layers: each decoder layer is compiled on its own (LoRA and checkpointing
-    inside); all layers share one graph, so the first step compiles for about a minute (cached by inductor
-    afterwards) and the per-token elementwise work (RMSNorm in fp32, GeLU, RoPE, LoRA's adds) is fused.
-    true: the Trainer compiles the whole model (TrainingArguments.torch_compile), a larger graph that takes longer
-    to compile. bench/gpu_train.py measures both (variants production+compile-layers, production+compile)."""
+    inside); all layers share one graph, compiled on the first step (inductor caches it), and the per-token
+    elementwise work (RMSNorm in fp32, GeLU, RoPE, LoRA's adds) is fused. true: the Trainer compiles the whole
+    model (TrainingArguments.torch_compile), a larger graph that takes longer to compile. Times: docs/gpu-box.md."""
     torch_compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = "default"
     """Inductor's mode for torch_compile (TrainingArguments.torch_compile_mode). max-autotune-no-cudagraphs also
     times several block sizes for every matmul and for flex attention's kernels on the first step (minutes longer)
@@ -243,28 +254,15 @@ class TrainingSection(Section):
     set true only if DDP reports parameters that did not receive a gradient. Ignored in one process."""
     fused_lm_head: bool | Literal["auto"] = "auto"
     """Cross-entropy fused with lm_head and Gemma's final softcap (TRL's add_fused_lm_head, train/loss.py): the
-    [batch, seq, 256k] logits are never materialized (27 of 34 GiB at 4 x 2048) and on CUDA only supervised
-    positions go through lm_head. Same loss and gradients as the model's own (tests/unit/test_fused_loss.py).
-    auto = on with CUDA, off on CPU. Not a TrainingArguments field: the pipeline applies it to the model."""
+    [batch, seq, 256k] logits are never materialized (the memory saved: docs/gpu-box.md) and on CUDA only
+    supervised positions go through lm_head. Same loss and gradients as the model's own. auto = on with CUDA,
+    off on CPU. Not a TrainingArguments field: the pipeline applies it to the model."""
     dataloader_num_workers: int = Field(0, ge=0, json_schema_extra=PLACED)
     """Worker processes for the data loader."""
     report_to: list[str] = Field(default_factory=lambda: ["tensorboard"], json_schema_extra=PLACED)
     """Trainer loggers; TensorBoard logs go to <run>/runs. metrics.jsonl is always written."""
     full_determinism: bool = False
     """transformers' full determinism (deterministic algorithms, no TF32): bit-exact reruns on CPU."""
-
-    @model_validator(mode="before")
-    @classmethod
-    def _renamed_keys(cls, data: Any) -> Any:
-        """transformers 5.24 renamed gradient_checkpointing (its FutureWarning); configs may keep the old key."""
-        if isinstance(data, dict) and "gradient_checkpointing" in data:
-            if "activation_checkpointing" in data:
-                raise ValueError(
-                    "training.gradient_checkpointing and training.activation_checkpointing are both set: "
-                    "keep activation_checkpointing (the new name)"
-                )
-            data = {("activation_checkpointing" if k == "gradient_checkpointing" else k): v for k, v in data.items()}
-        return data
 
     @field_validator("max_steps")
     @classmethod
@@ -278,6 +276,8 @@ class TrainingSection(Section):
 
 class ExportSection(Section):
     affects: ClassVar[Affects] = "exported"
+    # keep_f32 became keep_float when the float GGUF stopped being f32 (bf16 for a bf16 base)
+    renamed: ClassVar[dict[str, str]] = {"export.keep_f32": "export.keep_float"}
 
     enabled: bool = True
     """After training: merge the adapter, convert to GGUF, quantize, verify and promote."""
@@ -310,16 +310,6 @@ class ExportSection(Section):
     """Also export the untouched base model (with the same quants), as <base_name>.gguf, for comparison."""
     base_name: str = "gemma_2b_base"
     """File stem of the base-model GGUF."""
-
-    @model_validator(mode="before")
-    @classmethod
-    def _renamed_keys(cls, data: Any) -> Any:
-        """keep_f32 became keep_float when the float GGUF stopped being f32 (bf16 for a bf16 base)."""
-        if isinstance(data, dict) and "keep_f32" in data:
-            if "keep_float" in data:
-                raise ValueError("export.keep_f32 and export.keep_float are both set: keep keep_float (the new name)")
-            data = {("keep_float" if k == "keep_f32" else k): v for k, v in data.items()}
-        return data
 
     @field_validator("quants")
     @classmethod
@@ -463,7 +453,7 @@ class PathsSection(Section):
 
 
 class Config(Section):
-    run_name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", json_schema_extra=PLACED)
+    run_name: str = Field("run", pattern=RUN_NAME.pattern, json_schema_extra=PLACED)
     """Names the run folder outputs/<run_name>; the same name addresses the same run on every invocation."""
     model: ModelSection = Field(default_factory=ModelSection)
     data: DataSection = Field(default_factory=DataSection)
@@ -495,30 +485,24 @@ class Config(Section):
             )
         if self.export.name == self.export.base_name:
             problems.append("export.name and export.base_name are equal: the base export would overwrite yours")
-        problems += _attention_problems(self)
+        # flash_attention_2 isolates packed examples only through position_ids varlen, which transformers 5.24
+        # detects at batch size 1 (masking_utils): with more rows per batch, packed examples attend to each other.
+        batches = (self.training.per_device_train_batch_size, self.training.per_device_eval_batch_size)
+        if self.model.attn_implementation == "flash_attention_2" and self.data.packing and max(batches) > 1:
+            problems.append(
+                "model.attn_implementation: flash_attention_2 cannot keep packed examples apart with more than one "
+                f"row per batch (per_device_train_batch_size {batches[0]}, per_device_eval_batch_size {batches[1]}): "
+                "set both to 1 (raise max_seq_length instead), or use flex_attention, or data.packing=false"
+            )
         if problems:
             raise ValueError("\n".join(problems))
         return self
 
 
-def _attention_problems(cfg: Config) -> list[str]:
-    """flash_attention_2 isolates packed examples only through position_ids varlen, which transformers 5.24
-    detects at batch size 1 (masking_utils): with more rows per batch, packed examples would attend to each other."""
-    t = cfg.training
-    batches = (t.per_device_train_batch_size, t.per_device_eval_batch_size)
-    if cfg.model.attn_implementation == "flash_attention_2" and cfg.data.packing and max(batches) > 1:
-        return [
-            "model.attn_implementation: flash_attention_2 cannot keep packed examples apart with more than one row "
-            f"per batch (per_device_train_batch_size {batches[0]}, per_device_eval_batch_size {batches[1]}): set both "
-            "to 1 (raise max_seq_length instead), or use flex_attention, or data.packing=false"
-        ]
-    return []
-
-
 def field_affects(section: type[Section], name: str) -> Affects:
     """What a change to one field does (the table at the top of this module)."""
     extra = section.model_fields[name].json_schema_extra
-    return extra["affects"] if isinstance(extra, dict) and "affects" in extra else section.affects
+    return cast(Affects, extra["affects"]) if isinstance(extra, dict) and "affects" in extra else section.affects
 
 
 def keys_affecting(cfg: Config, kinds: tuple[Affects, ...]) -> dict[str, Any]:
@@ -572,8 +556,7 @@ def _format_errors(err: ValidationError, source: str) -> str:
             hint = f"; did you mean '{'.'.join(loc[:-1] + close)}'?" if close else f"; known keys: {', '.join(known)}"
             lines.append(f"  - {where}: unknown key{hint}")
         elif e["type"] == "value_error":
-            for part in str(e["ctx"]["error"]).split("\n"):
-                lines.append(f"  - {part}")
+            lines += [f"  - {part}" for part in str(e["ctx"]["error"]).split("\n")]
         else:
             got = e.get("input")
             shown = "" if isinstance(got, dict) else f" (got {got!r})"
@@ -608,11 +591,6 @@ _Loader.add_implicit_resolver(
 )
 
 
-def _yaml_place(path: Path, e: yaml.YAMLError) -> str:
-    mark = getattr(e, "problem_mark", None)
-    return f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-
-
 def _yaml_problem(e: yaml.YAMLError) -> str:
     """PyYAML's problem in one line ('duplicate key ...', "expected ',' or ']'"), without its source excerpt."""
     problem = getattr(e, "problem", None)
@@ -645,7 +623,9 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
         ) from None
 
 
-def _read_config_file(path: Path) -> dict[str, Any]:
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML config, apply overrides, validate. Raises ConfigError listing every problem."""
+    path = Path(path)
     found = what_is(user_path(path))
     if found == "missing":
         raise ConfigError(f"config file not found: {path} (relative to {Path.cwd()}; shipped configs are in configs/)")
@@ -656,18 +636,13 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); is this the config file?") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{_yaml_place(path, e)}: not valid YAML: {_yaml_problem(e)}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
+        raise ConfigError(f"{where}: not valid YAML: {_yaml_problem(e)}") from None
     if raw is None:
         raise ConfigError(
             f"{path}: holds no settings (only comments or blank); start from `python -m train --print-defaults`"
         )
-    return raw
-
-
-def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
-    """Read a YAML config, apply overrides, validate. Raises ConfigError listing every problem."""
-    path = Path(path)
-    raw = _read_config_file(path)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
     for o in overrides:
@@ -688,8 +663,7 @@ def commented_defaults(model: type[BaseModel] = Config, indent: int = 0) -> str:
     out = []
     pad = "  " * indent
     for name, field in model.model_fields.items():
-        for line in (field.description or "").splitlines():
-            out.append(f"{pad}# {line.strip()}")
+        out += [f"{pad}# {line.strip()}" for line in (field.description or "").splitlines()]
         ann = field.annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             out.append(f"{pad}{name}:")

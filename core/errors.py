@@ -28,6 +28,7 @@ EXIT_NONFINITE = 5
 EXIT_DISK_SPACE = 6
 EXIT_LOCKED = 75  # EX_TEMPFAIL (sysexits.h): "temporary failure, the user is invited to retry"
 EXIT_SIGINT = 128 + signal.SIGINT
+REFUSALS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR)  # OSErrors that are the user's to fix
 
 
 # The command that continues this process's work, in the hints a stop prints. A CLI names itself
@@ -39,15 +40,11 @@ def set_resume_command(argv: list[str]) -> None:
     """`python -m train` names the command that resumes it: its own, without --fresh (which would discard the
     checkpoints just committed) and without --resume-from (which would set the newer ones aside)."""
     global _resume_command
-    kept, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--fresh" or arg.startswith("--resume-from="):
-            continue
-        elif arg == "--resume-from":
-            skip = True
-        else:
+    kept, args = [], iter(argv)
+    for arg in args:
+        if arg == "--resume-from":
+            next(args, None)  # its value
+        elif arg != "--fresh" and not arg.startswith("--resume-from="):
             kept.append(arg)
     _resume_command = "`" + shlex.join(["python", "-m", "train", *kept]) + "`"
 
@@ -151,30 +148,17 @@ class LockHeld(RunStopped):
 
     def __init__(self, what: str, lock_file: Path, holder: dict):
         self.holder = holder
-        who = (
-            (
-                f"pid {holder.get('pid')} (run '{holder.get('run_name')}' on {holder.get('host')}, "
+        who = holder.get("who", "another process (holder not recorded yet)")
+        if holder.get("pid"):
+            who = (
+                f"pid {holder['pid']} (run '{holder.get('run_name')}' on {holder.get('host')}, "
                 f"since {holder.get('since')})"
             )
-            if holder.get("pid")
-            else holder.get("who", "another process (holder not recorded yet)")
-        )
         super().__init__(
             f"{what} is in use by {who}; lock file {lock_file}.\n"
             f"  fix: wait for it to finish, or stop it (kill {holder.get('pid', '<pid>')}); a stopped or killed "
             f"holder releases the lock at once, nothing needs deleting"
         )
-
-
-def _os_error_status(e: OSError) -> tuple[int, str] | None:
-    """A file system refusing a path the user gave (permissions, read-only, a file where a folder belongs)."""
-    where = e.filename
-    if where is None or e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR):
-        return None
-    return EXIT_INVALID, (
-        f"error: cannot use {where}: {e.strerror}.\n"
-        f"  fix: check the path and its permissions (the config's paths section, or the file named on the command line)"
-    )
 
 
 def exit_status(e: BaseException) -> tuple[int, str] | None:
@@ -185,8 +169,12 @@ def exit_status(e: BaseException) -> tuple[int, str] | None:
         return e.exit_code, f"{e}; nothing was published by the unfinished stage. To continue: {resume_command()}"
     if isinstance(e, KeyboardInterrupt):  # SIGINT before the handler was installed
         return EXIT_SIGINT, "interrupted"
-    if isinstance(e, OSError):
-        return _os_error_status(e)
+    # a file system refusing a path the user gave (permissions, read-only, a file where a folder belongs)
+    if isinstance(e, OSError) and e.filename is not None and e.errno in REFUSALS:
+        return EXIT_INVALID, (
+            f"error: cannot use {e.filename}: {e.strerror}.\n  fix: check the path and its permissions "
+            "(the config's paths section, or the file named on the command line)"
+        )
     return None
 
 
@@ -206,7 +194,7 @@ def cli_exit(call: Callable[[], object]) -> int:
     Native code that calls back into Python (safetensors, tokenizers, llama.cpp's log callback) can turn the
     handler's Interrupted into an unrelated error; any error that escapes after a stop signal arrived is
     therefore the stop, not a bug."""
-    signals_before = signals.received()
+    signals_before = len(signals.received())
     try:
         with signals.handled():
             result = call()
@@ -216,10 +204,10 @@ def cli_exit(call: Callable[[], object]) -> int:
         return 0
     except BaseException as e:
         status = exit_status(e)
-        signum = signals.last()
-        if status is None and signals.received() > signals_before and signum is not None:
+        stops = signals.received()
+        if status is None and len(stops) > signals_before:
             log.debug("error raised while stopping for a signal", exc_info=e)
-            status = exit_status(Interrupted(signum))
+            status = exit_status(Interrupted(stops[-1]))
         if status is None:
             raise
         log.error(status[1])

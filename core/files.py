@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import json
@@ -10,7 +9,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +28,11 @@ def sha256_file(path: Path, fsync: bool = False) -> str:
     return h.hexdigest()
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _publish_mode(path: Path, directory: bool = False) -> None:
-    """mkstemp/mkdtemp create private (0600/0700) entries; give finished artifacts the usual mode."""
-    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+    """mkstemp/mkdtemp create private (0600/0700) entries; give finished artifacts the mode the umask gives."""
+    umask = os.umask(0)  # the only way to read it is to set it
+    os.umask(umask)
+    os.chmod(path, (0o777 if directory else 0o666) & ~umask)
 
 
 def fsync_dir(folder: Path) -> None:
@@ -49,29 +44,23 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-@contextlib.contextmanager
-def _staged_file(dst: Path) -> Iterator[Path]:
-    """Yield a temporary path beside dst; when the block succeeds, fsync it, give it the usual mode and
-    rename it over dst (then fsync the folder): readers see the old file or the new one, never half."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-    os.close(fd)
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a temporary file beside path, fsync it, give it the usual mode and rename it over path (then fsync the
+    folder): readers see the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     tmp = Path(name)
     try:
-        yield tmp
-        with open(tmp, "rb+") as f:
+        with open(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
             os.fsync(f.fileno())
         _publish_mode(tmp)
-        os.replace(tmp, dst)
-        fsync_dir(dst.parent)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    with _staged_file(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
@@ -199,8 +188,8 @@ def read_lines(path: Path) -> list[dict[str, Any]]:
 
 
 def human_size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GiB"

@@ -71,12 +71,8 @@ def summary(gates: list[Gate]) -> str:
 
 
 def table(gates: list[Gate]) -> list[str]:
-    """The gates as Markdown table rows."""
     rows = ["| gate | value | limit | result |", "|---|---|---|---|"]
     for g in gates:
-        value = g.value if isinstance(g.value, bool) or g.value is None else f"{g.value:.4g}"
-        rows.append(
-            f"| {g.name} | {value if value is not None else 'missing'} | {g.limit or '-'} | "
-            f"{'pass' if g.passed else 'FAIL'} |"
-        )
+        value = g.value if isinstance(g.value, bool) else "missing" if g.value is None else f"{g.value:.4g}"
+        rows.append(f"| {g.name} | {value} | {g.limit or '-'} | {'pass' if g.passed else 'FAIL'} |")
     return rows

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,10 +25,8 @@ MODEL_SOURCE_FILE = "model_source.json"
 
 
 def configure_cache_env(cache_root: Path = MODELS_CACHE) -> None:
-    """Point the HF/torch caches into models/.cache unless the environment already chose (Docker does).
-
-    Must run before huggingface_hub is imported: it reads these variables once, at import time.
-    """
+    """Point the HF/torch caches into models/.cache unless the environment already chose (Docker does). Must run
+    before huggingface_hub is imported: it reads these variables once, at import time."""
     for var, sub in CACHE_ENV.items():
         os.environ.setdefault(var, str((cache_root / sub).resolve()))
 
@@ -42,9 +39,17 @@ def hub_cache_dir(hf_home: Path) -> Path:
     return Path(hf_home) / "hub"
 
 
-def repo_folder_name(repo_id: str) -> str:
-    """huggingface_hub's folder name for a model repo: 'google/gemma-2-2b' -> 'models--google--gemma-2-2b'."""
-    return "models--" + repo_id.replace("/", "--")
+def repo_folder_name(repo_id: str, repo_type: str = "model") -> str:
+    """huggingface_hub's folder name for a repo: 'google/gemma-2-2b' -> 'models--google--gemma-2-2b'."""
+    return f"{repo_type}s--" + repo_id.replace("/", "--")
+
+
+def cached_snapshot(repo_dir: Path, revision: str) -> tuple[Path, str] | None:
+    """The snapshot folder and commit of a revision (branch, tag or commit) in a repo folder of the hub cache."""
+    ref = repo_dir / "refs" / revision
+    commit = ref.read_text().strip() if ref.is_file() else revision
+    folder = repo_dir / "snapshots" / commit
+    return (folder, commit) if folder.is_dir() else None
 
 
 @dataclass(frozen=True)
@@ -57,10 +62,8 @@ class ResolvedModel:
 
 
 def resolve_model(name_or_path: str, revision: str = "main", hf_home: Path | None = None) -> ResolvedModel:
-    """Find a model folder offline: a local directory, or a repo id in the HF hub cache.
-
-    Raises ModelNotFoundError naming the path searched and the command that fills the cache.
-    """
+    """Find a model folder offline: a local directory, or a repo id in the HF hub cache; ModelNotFoundError names the
+    path searched and the command that fills the cache."""
     local = Path(name_or_path)
     if local.is_dir():
         if not (local / "config.json").is_file():
@@ -69,14 +72,8 @@ def resolve_model(name_or_path: str, revision: str = "main", hf_home: Path | Non
 
     hub = hub_cache_dir(hf_home or default_hf_home())
     repo_dir = hub / repo_folder_name(name_or_path)
-    commit: str | None
-    if re.fullmatch(r"[0-9a-f]{40}", revision):
-        commit = revision
-    else:
-        ref = repo_dir / "refs" / revision
-        commit = ref.read_text().strip() if ref.is_file() else None
-    snapshot = repo_dir / "snapshots" / commit if commit else None
-    if snapshot is None or not (snapshot / "config.json").exists():
+    snapshot = cached_snapshot(repo_dir, revision)
+    if snapshot is None or not (snapshot[0] / "config.json").exists():
         built_here = BUILT_LOCALLY.get(name_or_path)
         if built_here:
             fix = f"build it on this machine: {built_here} (from the project's root folder)"
@@ -90,7 +87,7 @@ def resolve_model(name_or_path: str, revision: str = "main", hf_home: Path | Non
             f"model '{name_or_path}' (revision {revision}) is not in the Hugging Face cache.\n"
             f"  searched: {repo_dir.resolve()} ({where_relative_paths_start()})\n  fix: {fix}"
         )
-    return ResolvedModel(snapshot, name_or_path, commit)
+    return ResolvedModel(snapshot[0], name_or_path, snapshot[1])
 
 
 # The model families this pipeline trains, exports and verifies: transformers' model_type -> its name. Each runs

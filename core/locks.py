@@ -1,14 +1,8 @@
-"""One process per run folder and per promotion target, with locks the kernel releases.
-
-`fcntl.flock` locks belong to an open file description: when the holder exits, however it exits
-(SIGKILL, the OOM killer, a container stopped without grace), the kernel drops the lock. A killed run
-therefore never leaves a stale lock behind and nobody has to delete lock files by hand. The lock
-file itself stays (deleting it would let two processes lock two different files of the same name);
-while held it names its holder (pid, run name, host, start time), only so that the refusal can say who.
-
-flock is advisory and local: it serializes processes that use this code on one machine. Two machines
-sharing a run folder over NFS are not protected (flock over NFS depends on the server); give each
-machine its own `paths.output_dir`.
+"""One process per run folder and per promotion target, with `fcntl.flock` locks: the kernel drops one when its
+holder exits, however it exits (SIGKILL, the OOM killer), so no lock is ever stale. flock is advisory and local:
+machines sharing a folder over NFS are not protected (docs/operations.md, "Locking"). A lock file stays (deleting
+it would let two processes lock two different files of the same name); while held it names its holder, only so
+that a refusal can say who.
 """
 
 from __future__ import annotations
@@ -19,7 +13,7 @@ import os
 import socket
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from filelock import FileLock, Timeout
@@ -34,22 +28,24 @@ def read_holder(lock_file: Path) -> dict:
         return {}
 
 
-def _write_holder(lock_file: Path, holder: dict | None) -> None:
-    # A second descriptor: flock belongs to filelock's open file description, writes through another do not touch it.
-    fd = os.open(lock_file, os.O_WRONLY | os.O_TRUNC)
+@contextmanager
+def _holder_recorded(lock_file: Path, run_name: str) -> Iterator[None]:
+    """The lock file names this process while the block runs, and nobody after it (no reader names a holder that has
+    gone). Written through a second descriptor: the flock belongs to the locker's, which writes here do not touch."""
+    since = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    lock_file.write_text(
+        json.dumps({"pid": os.getpid(), "run_name": run_name, "host": socket.gethostname(), "since": since})
+    )
     try:
-        if holder:
-            os.write(fd, json.dumps(holder).encode())
+        yield
     finally:
-        os.close(fd)
+        lock_file.write_text("")
 
 
 @contextmanager
 def hold_lock(lock_file: Path, what: str, run_name: str, wait_s: float = 0.0) -> Iterator[None]:
-    """Hold an exclusive lock on lock_file for the duration of the block.
-
-    Waits up to wait_s seconds for another holder to finish, then raises LockHeld naming it.
-    """
+    """Hold an exclusive lock on lock_file for the block; waits up to wait_s seconds for another holder to finish,
+    then raises LockHeld naming it."""
     lock_file.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(lock_file, timeout=wait_s, mode=0o644, poll_interval=0.2)
     try:
@@ -57,17 +53,8 @@ def hold_lock(lock_file: Path, what: str, run_name: str, wait_s: float = 0.0) ->
     except Timeout:
         raise LockHeld(what, lock_file, read_holder(lock_file)) from None
     try:
-        holder = {
-            "pid": os.getpid(),
-            "run_name": run_name,
-            "host": socket.gethostname(),
-            "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        _write_holder(lock_file, holder)
-        try:
+        with _holder_recorded(lock_file, run_name):
             yield
-        finally:
-            _write_holder(lock_file, None)  # the next reader must not name a holder that has gone
     finally:
         lock.release()  # a killed holder's lock is released by the kernel when its descriptor closes
 
@@ -101,25 +88,10 @@ def publisher_lock(gguf_dir: Path, name: str, run_name: str, exclusive: bool) ->
         try:
             fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
         except BlockingIOError:
-            shared = {
-                "who": "a run that will publish it (python -m train or convert export; its run folder's .lock names it)"
-            }
-            holder = read_holder(path) or shared  # the nightly job records itself; shared holders do not
+            shared = "a run that will publish it (python -m train or convert export; its run folder's .lock names it)"
+            holder = read_holder(path) or {"who": shared}  # the nightly job records itself; shared holders do not
             raise LockHeld(f"{gguf_dir / name}.gguf (what publishes it)", path, holder) from None
-        if exclusive:
-            _write_holder(
-                path,
-                {
-                    "pid": os.getpid(),
-                    "run_name": run_name,
-                    "host": socket.gethostname(),
-                    "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                },
-            )
-        try:
+        with _holder_recorded(path, run_name) if exclusive else nullcontext():
             yield
-        finally:
-            if exclusive:
-                _write_holder(path, None)
     finally:
         os.close(fd)  # the lock goes with the descriptor (and with the process, however it ends)

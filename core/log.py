@@ -19,11 +19,6 @@ PACKAGES = ("core", "train", "convert")
 log = logging.getLogger(__name__)
 
 
-class _BelowError(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno < logging.ERROR
-
-
 class _ToStdout(logging.StreamHandler):
     """stdout, until its reader goes away (`python -m train ... | head`): then the run goes on, quietly, instead of
     logging's "--- Logging error ---" traceback on every line. What the run does never depends on its console."""
@@ -37,13 +32,12 @@ class _ToStdout(logging.StreamHandler):
 
 def setup_cli_logging(level: int = logging.INFO) -> None:
     """Route our loggers to stdout (below ERROR) and stderr (ERROR and above), message only."""
-    fmt = logging.Formatter("%(message)s")
     out = _ToStdout(sys.stdout)
-    out.addFilter(_BelowError())
+    out.addFilter(lambda record: record.levelno < logging.ERROR)
     err = logging.StreamHandler(sys.stderr)
     err.setLevel(logging.ERROR)
     for handler in (out, err):
-        handler.setFormatter(fmt)
+        handler.setFormatter(logging.Formatter("%(message)s"))
     for name in PACKAGES:
         logger = logging.getLogger(name)
         logger.handlers[:] = [out, err]

@@ -26,19 +26,19 @@ def what_is(path: Path) -> str:
         return "not readable (permission denied)"
     if stat.S_ISDIR(st.st_mode):
         return "a folder"
+    if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+        return "a device or other special file"
     if not stat.S_ISREG(st.st_mode):
-        return (
-            "a device or other special file"
-            if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
-            else ("not a regular file (a pipe or socket)")
-        )
+        return "not a regular file (a pipe or socket)"
     if not os.access(path, os.R_OK):
         return "not readable (permission denied)"
     return "an empty file" if st.st_size == 0 else "a file"
 
 
-def _where(path: Path) -> str:
-    return str(path) if path.is_absolute() else f"{path} (relative to {Path.cwd()})"
+def _refused(what: str, path: str | os.PathLike, problem: str, fix: str = "") -> PathError:
+    given = Path(path)
+    where = given if given.is_absolute() else f"{given} (relative to {Path.cwd()})"
+    return PathError(f"{what} {where}: {problem}" + (f"\n  fix: {fix}" if fix else ""))
 
 
 def user_path(path: str | os.PathLike) -> Path:
@@ -48,39 +48,29 @@ def user_path(path: str | os.PathLike) -> Path:
 
 def require_file(path: str | os.PathLike, what: str, fix: str = "", allow_empty: bool = False) -> Path:
     """`path` as an absolute path, if it is a readable regular file (non-empty unless allow_empty)."""
-    given = Path(os.fspath(path))
-    full = user_path(given)
+    full = user_path(path)
     found = what_is(full)
     if found == "a file" or (allow_empty and found == "an empty file"):
         return full
-    hint = f"\n  fix: {fix}" if fix else ""
-    expected = "a file with content" if found == "an empty file" else "a file"
-    raise PathError(f"{what} {_where(given)}: is {found}, not {expected}{hint}")
+    raise _refused(what, path, f"is {found}, not a file" + (" with content" if found == "an empty file" else ""), fix)
 
 
 def require_dir(path: str | os.PathLike, what: str, fix: str = "") -> Path:
-    """`path` as an absolute path, if it is a folder."""
-    given = Path(os.fspath(path))
-    full = user_path(given)
+    full = user_path(path)
     found = what_is(full)
     if found == "a folder":
         return full
-    hint = f"\n  fix: {fix}" if fix else ""
-    raise PathError(f"{what} {_where(given)}: is {found}, not a folder{hint}")
+    raise _refused(what, path, f"is {found}, not a folder", fix)
 
 
 def creatable_dir(path: str | os.PathLike, what: str) -> Path:
     """`path` as an absolute path, if it is a folder or can become one (its nearest existing parent is a folder)."""
-    given = Path(os.fspath(path))
-    full = user_path(given)
-    probe = full
+    full = probe = user_path(path)
     while not probe.exists() and not probe.is_symlink() and probe != probe.parent:
         probe = probe.parent
     found = what_is(probe)
     if found != "a folder":
         blocker = "" if probe == full else f" ({probe} is {found})"
-        raise PathError(
-            f"{what} {_where(given)}: cannot be a folder{blocker}; it is {what_is(full)}.\n"
-            f"  fix: point it at a folder, or move the file out of the way"
-        )
+        problem = f"cannot be a folder{blocker}; it is {what_is(full)}."
+        raise _refused(what, path, problem, "point it at a folder, or move the file out of the way")
     return full

@@ -37,18 +37,13 @@ def package_versions() -> dict[str, str | None]:
 
 def git_commit(folder: Path | None = None) -> str | None:
     """Commit of the project checkout (with '+dirty' when it has local changes), or None outside git."""
-    folder = folder or Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        cwd = folder or Path(__file__).resolve().parent.parent
+        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
+
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=folder,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
+        commit, dirty = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.CalledProcessError):
         return None
     return commit + ("+dirty" if dirty else "")

@@ -102,8 +102,6 @@ def float_gguf_type(float_type: str, quants: list[str], model_dir: Path) -> str:
     """The float GGUF an export converts to (export.float_type; auto: see ExportSection.float_type)."""
     if float_type != "auto":
         return float_type
-    listed = [q for q in quants if QUANTS[q].is_float]
-    if listed:
-        return listed[0]
-    dtype = checkpoint_dtype(model_dir)
-    return FLOAT_OF_DTYPE.get(dtype, "f32")  # e.g. an F64 checkpoint: f32 is the widest GGUF float type
+    listed = next((q for q in quants if QUANTS[q].is_float), None)
+    # an F64 checkpoint, say: f32 is the widest GGUF float type
+    return listed or FLOAT_OF_DTYPE.get(checkpoint_dtype(model_dir), "f32")

@@ -6,12 +6,9 @@ goes through publish(), the one writer of models/gguf/.
     models/gguf/.releases/<name>/<release>/             one run's files and release.json, never modified
     models/gguf/.releases/<name>/history.jsonl          every switch, appended: what rollback returns to
 
-Why immutable releases and one pointer rather than renaming each file into place: one rename switches the whole
-set. An application that opens <name>.gguf and then <name>.f16.gguf gets both from the same run; a release with
-fewer files leaves no older run's file behind under the name (its link dangles and is removed); and a file an
-application has open stays whole, since nothing is written in place. The kernel resolves the links when a file is
-opened. Killed before the switch, the old release is live, untouched; after it, the new one is, whole; a staging
-folder left behind has a name no release has (.<release>.*) and the next publish removes it.
+Why immutable releases and one pointer rather than renaming each file into place: docs/architecture.md ("What is
+published"). Killed before the switch, the old release is live, untouched; after it, the new one is, whole; a
+staging folder left behind has a name no release has (.<release>.*) and the next publish removes it.
 """
 
 from __future__ import annotations
@@ -84,11 +81,9 @@ def live(gguf_dir: Path, name: str) -> Release | None:
 def release_ids(gguf_dir: Path, name: str) -> list[str]:
     """Every release of `name` on disk (not the live pointer, not a staging folder)."""
     folder = releases_dir(gguf_dir, name)
-    return (
-        sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.is_symlink() and not p.name.startswith("."))
-        if folder.is_dir()
-        else []
-    )
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.is_symlink() and not p.name.startswith("."))
 
 
 def history(gguf_dir: Path, name: str) -> list[dict[str, Any]]:
@@ -132,12 +127,11 @@ def publish(
             event = "publish"
         else:
             found = release(gguf_dir, name, rollback_to)
-            if found is None or found.problems():
+            problems = found.problems() if found else [f"{releases_dir(gguf_dir, name) / rollback_to}: missing"]
+            if found is None or problems:
                 raise RunError(
                     f"cannot make {rollback_to} live again: its files are not the ones that were live:\n    "
-                    + "\n    ".join(
-                        found.problems() if found else [f"{releases_dir(gguf_dir, name) / rollback_to}: missing"]
-                    )
+                    + "\n    ".join(problems)
                 )
             new, event = found, "rollback"
         was = live(gguf_dir, name)
@@ -178,13 +172,10 @@ def _stage(gguf_dir: Path, name: str, run: str, files: dict[str, Path], meta: di
         fsync_dir(stage)
         os.rename(stage, folder / release_id)
         fsync_dir(folder)
-    except OSError as e:
+    except BaseException as e:
         shutil.rmtree(stage, ignore_errors=True)
-        if e.errno == errno.ENOSPC:
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
             raise DiskSpaceError(f"no space left in {folder} while publishing {run}'s files") from None
-        raise
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
         raise
     reached("after_stage")
     return Release(name, release_id, folder / release_id, record)

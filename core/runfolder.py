@@ -1,20 +1,13 @@
 """Where a config's files live (Layout), a run folder, outputs/<run_name>/ (RunFolder), and its contract:
-manifest.json.
+manifest.json, whose status says what the folder vouches for (the states: docs/architecture.md, "The manifest").
 
 Every CLI addresses runs the same way (the config's run_name and paths) and reads and writes a run's state only
-through `RunFolder` and `Manifest`. The manifest's status says what the folder vouches for:
-
-    training -> (interrupted | failed)             training stopped; a rerun resumes from the last commit
-    training -> exporting -> exported -> complete  the adapter is final; export verified (exported), published
-    training -> exporting -> export_failed         the adapter is final; an export may be retried
-
-A nightly candidate stops at `exported` unless its gates pass: the nightly job publishes it, not the export.
+through `RunFolder` and `Manifest`.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from core.config import Config
+from core.config import RUN_NAME, Config
 from core.errors import RunError
 from core.files import atomic_write_json
 from core.locks import hold_lock
@@ -31,7 +24,6 @@ from core.locks import hold_lock
 Status = Literal["training", "interrupted", "failed", "exporting", "export_failed", "exported", "complete"]
 # What may be exported and published: the adapter is final and the manifest vouches for it.
 TRAINED = ("exporting", "export_failed", "exported", "complete")
-RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")  # Config.run_name's pattern: never a path
 
 
 class Manifest(BaseModel):
@@ -61,15 +53,8 @@ class Manifest(BaseModel):
 
 @dataclass(frozen=True)
 class Layout:
-    """Where a config's files live:
-
-    outputs/<run>/                          a run folder (RunFolder)
-    models/finetuned/adapters/<run>/        each promoted adapter
-    models/finetuned/final_models/<run>/    each promoted merged model
-    models/finetuned/registry.jsonl         the nightly job's decisions (train/nightly)
-    models/finetuned/nightly/               the nightly job's lock and cached scores
-    <export.gguf_dir>/                      the GGUF releases and the names applications open (core/releases.py)
-    """
+    """Where a config's files live: run folders, promoted adapters and merged models, the nightly job's registry
+    (its decisions) and folder (its lock and cached scores), and the GGUF releases (core/releases.py)."""
 
     outputs: Path
     models: Path
@@ -99,6 +84,16 @@ class Layout:
         return self.models / "finetuned" / "nightly"
 
 
+class _InRun:
+    """A path in the run folder, by name: RunFolder.manifest is <root>/manifest.json."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __get__(self, folder: RunFolder, owner: type) -> Path:
+        return folder.root / self.name
+
+
 @dataclass(frozen=True)
 class RunFolder:
     root: Path  # outputs/<run>
@@ -110,37 +105,15 @@ class RunFolder:
     def of(cls, cfg: Config) -> RunFolder:
         return Layout.of(cfg).run(cfg.run_name)
 
-    @property
-    def config(self) -> Path:
-        return self.root / "config.yaml"
-
-    @property
-    def manifest(self) -> Path:
-        return self.root / "manifest.json"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
-
-    @property
-    def adapter(self) -> Path:
-        return self.root / "adapter"
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / "metrics.jsonl"
-
-    @property
-    def export_dir(self) -> Path:
-        return self.root / "export"
-
-    @property
-    def verify_md(self) -> Path:
-        return self.root / "verify.md"
-
-    @property
-    def lock_file(self) -> Path:
-        return self.root / ".lock"
+    # what the run folder holds (docs/architecture.md, "The run folder")
+    config = _InRun("config.yaml")
+    manifest = _InRun("manifest.json")
+    checkpoints = _InRun("checkpoints")
+    adapter = _InRun("adapter")
+    metrics = _InRun("metrics.jsonl")
+    export_dir = _InRun("export")
+    verify_md = _InRun("verify.md")
+    lock_file = _InRun(".lock")
 
     @contextmanager
     def locked(self) -> Iterator[None]:

@@ -47,13 +47,9 @@ def _handle(signum: int, frame: object) -> None:
     _pending = signum
 
 
-def received() -> int:
-    """How many stop signals this process has received (the CLI tells a stop from a bug by it)."""
-    return len(_received)
-
-
-def last() -> int | None:
-    return _received[-1] if _received else None
+def received() -> list[int]:
+    """Every stop signal this process has received, oldest first (the CLI tells a stop from a bug by them)."""
+    return list(_received)
 
 
 @contextmanager

@@ -1,9 +1,5 @@
-"""Saving a Gemma tokenizer so that transformers and llama.cpp's converter both read it as it was trained.
-
-transformers 5's `save_pretrained` drops `tokenizer.model` (the converter reads Gemma's vocab from it:
-convert_hf_to_gguf.py, Gemma2Model.set_vocab -> _set_vocab_sentencepiece) and the `add_bos_token` /
-`added_tokens_decoder` keys llama.cpp needs; every folder this pipeline writes goes through here.
-"""
+"""Saving a Gemma tokenizer so that transformers and llama.cpp's converter both read it as it was trained; every
+folder this pipeline writes goes through here."""
 
 from __future__ import annotations
 
@@ -13,7 +9,8 @@ from pathlib import Path
 
 
 def save_tokenizer(tokenizer, folder: Path, sentencepiece_model: Path) -> None:
-    """save_pretrained, then put back what it drops: the SentencePiece file and the special-token keys."""
+    """save_pretrained, then put back what transformers 5 drops: the SentencePiece file (the converter reads Gemma's
+    vocab from it: convert_hf_to_gguf.py, Gemma2Model.set_vocab -> _set_vocab_sentencepiece) and the token keys."""
     tokenizer.save_pretrained(str(folder))
     shutil.copyfile(sentencepiece_model, folder / "tokenizer.model")
     added = {i: {k: getattr(t, k) for k in ADDED_TOKEN_FIELDS} for i, t in tokenizer.added_tokens_decoder.items()}

@@ -33,11 +33,6 @@ class HeldOut:
         return hashlib.sha256(repr((self.ids, self.labels)).encode()).hexdigest()[:16]
 
 
-def heldout_paths(cfg: Config) -> list[str]:
-    """verify.heldout_files, then data.eval_files: the held-out set, in order."""
-    return list(cfg.verify.heldout_files) + [s.path for s in cfg.data.eval_files]
-
-
 def render_records(tokenizer, cfg: Config, paths: list[str], limit: int, what: str) -> list[HeldOut]:
     """The first `limit` records of `paths`, rendered as training renders them (chat template, loss masks) but never
     cut (scoring windows long texts instead). DataError on any problem: scoring silently fewer records would change
@@ -45,26 +40,24 @@ def render_records(tokenizer, cfg: Config, paths: list[str], limit: int, what: s
     problems: list[str] = []
     rows = [row for path in paths for row in read_source(path, problems=problems).rows][:limit]
     problems += [f"{row.where}: {row.problem[0]}: {row.problem[1]}" for row in rows if row.problem]
-    ok = [row for row in rows if row.record is not None]
-    opts = RenderOptions(
-        max_seq_length=1 << 30,
-        system_message=cfg.data.system_message,
-        assistant_only_loss=cfg.data.assistant_only_loss,
-        completion_only_loss=cfg.data.completion_only_loss,
-    )
-    rendered = Renderer(tokenizer, opts).render_many([row.record for row in ok], ["auto"] * len(ok))
+    ok = [(row.where, row.record) for row in rows if row.record is not None]
+    d = cfg.data
+    opts = RenderOptions(1 << 30, d.system_message, d.assistant_only_loss, d.completion_only_loss)  # never cut
+    rendered = Renderer(tokenizer, opts).render_many([record for _, record in ok], ["auto"] * len(ok))
     out = []
-    for row, result in zip(ok, rendered, strict=True):
+    for (where, _), result in zip(ok, rendered, strict=True):
         if isinstance(result, RecordProblem):
-            problems.append(f"{row.where}: {result.field}: {result.reason}")
+            problems.append(f"{where}: {result.field}: {result.reason}")
         else:
-            out.append(HeldOut(row.where, result.input_ids, result.labels))
+            out.append(HeldOut(where, result.input_ids, result.labels))
     if problems:
         raise DataError(problems, f"in {what}")
     return out
 
 
 def heldout_records(tokenizer, cfg: Config, limit: int | None = None) -> list[HeldOut]:
-    """The held-out set (heldout_paths), its first verify.max_heldout_records (or `limit`) records."""
+    """The held-out set: verify.heldout_files, then data.eval_files; its first verify.max_heldout_records (or
+    `limit`) records."""
+    paths = list(cfg.verify.heldout_files) + [s.path for s in cfg.data.eval_files]
     n = cfg.verify.max_heldout_records if limit is None else limit
-    return render_records(tokenizer, cfg, heldout_paths(cfg), n, "verify.heldout_files / data.eval_files")
+    return render_records(tokenizer, cfg, paths, n, "verify.heldout_files / data.eval_files")

@@ -1,15 +1,8 @@
 """One record -> validated, rendered token ids and labels (what the loss sees).
 
-How each format becomes tokens (docs/data.md shows each with an example):
-- messages: rendered with the tokenizer's chat template (core/templates/gemma.jinja by default). With
-  `assistant_only_loss` the loss covers each assistant turn's content and its `<end_of_turn>\\n`, so the model
-  learns to stop; never the `<start_of_turn>model\\n` header, user text, tool results or the system text.
-  Assistant tool calls become the assistant's text, `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`,
-  the form the model writes them in; tool results render as a user-side turn (see the template).
-- prompt_completion: prompt text, then completion text + <eos>; with `completion_only_loss` the loss covers
-  the completion and <eos> only.
-- text: the text + <eos>, all of it supervised (completion-style pretraining text).
-Every example starts with exactly one <bos>, never supervised, whatever the template and tokenizer add.
+docs/data.md ("Formats and how they render") shows each format rendered and what the loss covers: assistant turns
+with their <end_of_turn> (chat), the completion + <eos>, all of a text + <eos>. Every example starts with exactly
+one <bos>, never supervised, whatever the template and tokenizer add.
 
 The rendered text is tokenized in pieces cut at the supervised spans: the prompt side is tokenized exactly as
 an application tokenizes it at inference (ending in the `<start_of_turn>model\\n` header), so no token
@@ -33,6 +26,7 @@ from core.records.sources import json_error, json_type
 IGNORE_INDEX = -100  # labels the loss skips (torch CrossEntropyLoss ignore_index)
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"  # core/templates: the chat templates we ship
 ROLES = ("system", "user", "assistant", "tool")
+FORMATS = {"messages": ("messages",), "prompt_completion": ("prompt", "completion"), "text": ("text",)}  # its fields
 
 TextCheck = Callable[[str, str], None]  # (text, field) -> None; raises RecordProblem when the text is unusable
 
@@ -69,23 +63,21 @@ def not_a_string(field: str, value: Any) -> RecordProblem:
 
 
 def record_format(record: dict[str, Any], declared: str) -> str:
-    """The record's format: the declared one (whose fields must be there), or detected from its keys."""
-    present = {k for k in ("messages", "prompt", "completion", "text") if record.get(k) is not None}
+    """The record's format: the declared one (whose fields must be there), or the first of FORMATS it has a field of."""
+    present = {k for fields in FORMATS.values() for k in fields if record.get(k) is not None}
     if declared != "auto":
-        needed = {"messages": ("messages",), "prompt_completion": ("prompt", "completion"), "text": ("text",)}
-        missing = [k for k in needed[declared] if k not in present]
+        missing = [k for k in FORMATS[declared] if k not in present]
         if missing:
             raise RecordProblem(
                 missing[0], f"missing (the source declares format: {declared}; the record has keys {sorted(record)})"
             )
         return declared
-    if "messages" in present:
-        return "messages"
-    if "prompt" in present or "completion" in present:
-        return "prompt_completion"
-    if "text" in present:
-        return "text"
-    raise RecordProblem("(record)", f"no 'messages', 'prompt'/'completion' or 'text' field (keys: {sorted(record)})")
+    found = next((fmt for fmt, fields in FORMATS.items() if present.intersection(fields)), None)
+    if found is None:
+        raise RecordProblem(
+            "(record)", f"no 'messages', 'prompt'/'completion' or 'text' field (keys: {sorted(record)})"
+        )
+    return found
 
 
 def message_text(content: Any, field: str) -> str | None:
@@ -105,20 +97,8 @@ def message_text(content: Any, field: str) -> str | None:
     raise RecordProblem(field, f"must be a string, got {json_type(content)}")
 
 
-def call_arguments(args: Any, field: str) -> dict[str, Any]:
-    """A tool call's arguments as an object; the OpenAI wire format carries them as JSON text."""
-    if isinstance(args, str):
-        try:
-            args = json.loads(args)
-        except json.JSONDecodeError as e:
-            raise RecordProblem(field, f"not valid JSON: {json_error(e)}") from None
-    if not isinstance(args, dict):
-        raise RecordProblem(field, f"must be an object (or JSON text of one), got {json_type(args)}")
-    return args
-
-
 def tool_call_text(call: Any, where: str) -> str:
-    """One OpenAI-style tool call as the text the model writes (the module docstring shows the form)."""
+    """An OpenAI-style tool call as the model writes it: <tool_call>{"name": ..., "arguments": {...}}</tool_call>"""
     if not isinstance(call, dict):
         raise RecordProblem(where, f"must be an object, got {json_type(call)}")
     fn = call.get("function", call)  # OpenAI nests name/arguments under "function"; flat is accepted too
@@ -131,7 +111,14 @@ def tool_call_text(call: Any, where: str) -> str:
         raise not_a_string(f"{where}.name", name)
     if not name.strip():
         raise RecordProblem(f"{where}.name", "is empty")
-    args = call_arguments(fn.get("arguments", {}), f"{where}.arguments")
+    args = fn.get("arguments", {})
+    if isinstance(args, str):  # the OpenAI wire format carries them as JSON text
+        try:
+            args = json.loads(args)
+        except json.JSONDecodeError as e:
+            raise RecordProblem(f"{where}.arguments", f"not valid JSON: {json_error(e)}") from None
+    if not isinstance(args, dict):
+        raise RecordProblem(f"{where}.arguments", f"must be an object (or JSON text of one), got {json_type(args)}")
     return "<tool_call>" + json.dumps({"name": name, "arguments": args}, ensure_ascii=False) + "</tool_call>"
 
 
@@ -154,8 +141,16 @@ class Turn(NamedTuple):
     call_ids: set[str]  # ids of an assistant message's tool calls (empty otherwise)
 
 
-def message_content(m: dict[str, Any], role: str, field: str, check_text: TextCheck) -> tuple[str, set[str]]:
-    """The text a message gives the template (its content, then its tool calls), and the tool calls' ids."""
+def checked_message(m: Any, field: str, check_text: TextCheck) -> Turn:
+    """One message on its own: role, content, tool calls, weight (its place in the conversation is checked later).
+    The template gets its content, then its tool calls."""
+    if not isinstance(m, dict):
+        raise RecordProblem(field, f"must be an object with 'role' and 'content', got {json_type(m)}")
+    role = m.get("role")
+    if not isinstance(role, str):
+        raise not_a_string(f"{field}.role", role)
+    if role not in ROLES:
+        raise RecordProblem(f"{field}.role", f"'{role}' is not one of {', '.join(ROLES)}")
     content = message_text(m.get("content"), f"{field}.content")
     if content is not None:
         check_text(content, f"{field}.content")
@@ -169,19 +164,6 @@ def message_content(m: dict[str, Any], role: str, field: str, check_text: TextCh
         content = text + "\n" + calls if text else calls
     if content is None:
         raise RecordProblem(f"{field}.content", "missing" + (" (and no tool_calls)" if role == "assistant" else ""))
-    return content, ids
-
-
-def checked_message(m: Any, field: str, check_text: TextCheck) -> Turn:
-    """One message on its own: role, content, tool calls, weight (its place in the conversation is checked later)."""
-    if not isinstance(m, dict):
-        raise RecordProblem(field, f"must be an object with 'role' and 'content', got {json_type(m)}")
-    role = m.get("role")
-    if not isinstance(role, str):
-        raise not_a_string(f"{field}.role", role)
-    if role not in ROLES:
-        raise RecordProblem(f"{field}.role", f"'{role}' is not one of {', '.join(ROLES)}")
-    content, ids = message_content(m, role, field, check_text)
     if role == "assistant" and not content.strip():
         raise RecordProblem(f"{field}.content", "assistant message is empty")
     weight = m.get("weight")
@@ -202,18 +184,6 @@ def check_tool_call_id(call_id: Any, field: str, earlier: list[Turn]) -> None:
             f"'{call_id}' matches no tool call of the assistant message at index {asked} "
             f"(ids: {', '.join(sorted(earlier[asked].call_ids))})",
         )
-
-
-def opens_with_system(turns: list[Turn], system_message: str) -> bool:
-    """Whether the first message is a system message, which data.system_message=error rejects."""
-    if turns[0].message["role"] != "system":
-        return False
-    if system_message == "error":
-        raise RecordProblem(
-            "messages[0].role",
-            "system messages are rejected (data.system_message=error); remove it, or set data.system_message=merge",
-        )
-    return True
 
 
 def turn_order_problem(role: str, i: int, prev_role: str | None, prev_i: int) -> str | None:
@@ -281,7 +251,12 @@ def normalize_messages(
         if turn.message["role"] == "tool":
             check_tool_call_id(m.get("tool_call_id"), f"messages[{i}]", turns)
         turns.append(turn)
-    start = 1 if opens_with_system(turns, system_message) else 0
+    start = 1 if turns[0].message["role"] == "system" else 0
+    if start and system_message == "error":
+        raise RecordProblem(
+            "messages[0].role",
+            "system messages are rejected (data.system_message=error); remove it, or set data.system_message=merge",
+        )
     check_turn_order(turns, start)
     msgs, trained = [t.message for t in turns], [t.trained for t in turns]
     if start and system_message == "merge":
@@ -312,10 +287,9 @@ def compile_template(text: str):
 
     A model's own template is untrusted code: it runs in transformers' sandboxed environment, as
     apply_chat_template runs it. This repository's templates (core/templates) are trusted and run in a plain
-    jinja environment configured like transformers' (trim_blocks, lstrip_blocks, loopcontrols,
-    raise_exception, its tojson): the same text at half the cost, the sandbox's per-attribute checks being
-    most of the data stage's time. tests/unit/test_data_render.py compares both with apply_chat_template.
-    """
+    jinja environment configured like transformers' (trim_blocks, lstrip_blocks, loopcontrols, raise_exception,
+    its tojson): the same text without the sandbox's per-attribute checks (their cost: docs/data.md).
+    tests/unit/test_data_render.py compares both with apply_chat_template."""
     if text not in {p.read_text(encoding="utf-8") for p in TEMPLATES.glob("*.jinja")}:
         return _compile_jinja_template(text)
 
@@ -405,7 +379,7 @@ class Renderer:
             return [text], [True], False
         # Assistant turn i is the text between the rendering of msgs[:i] with the generation prompt (which ends
         # in the model header) and the rendering of msgs[:i+1]; this holds for any prefix-stable template.
-        spans = []
+        pieces, flags, pos = [], [], 0
         for i, m in enumerate(msgs):
             if m["role"] != "assistant" or not trained[i]:
                 continue
@@ -418,15 +392,10 @@ class Renderer:
                     "as the start of the whole, so assistant turns cannot be located "
                     "(check model.chat_template)",
                 )
-            spans.append((len(before), len(upto)))
-        pieces, flags, pos = [], [], 0
-        for s, e in spans:
-            pieces += [text[pos:s], text[s:e]]
+            pieces += [text[pos : len(before)], text[len(before) : len(upto)]]
             flags += [False, True]
-            pos = e
-        pieces.append(text[pos:])
-        flags.append(False)
-        return pieces, flags, False
+            pos = len(upto)
+        return [*pieces, text[pos:]], [*flags, False], False
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
@@ -458,14 +427,11 @@ class Renderer:
             first, flags, eos = plan
             ids: list[int] = []
             labels: list[int] = []
-            for k, supervised in enumerate(flags):
-                tok = encoded[first + k]
+            for tok, supervised in zip(encoded[first : first + len(flags)], flags, strict=True):
                 ids += tok
                 labels += tok if supervised else [IGNORE_INDEX] * len(tok)
-            if eos:
-                ids.append(self.eos)
-                labels.append(self.eos)
-            out.append(self.finish(ids, labels))
+            tail = [self.eos] if eos else []
+            out.append(self.finish(ids + tail, labels + tail))
         return out
 
     def finish(self, ids: list[int], labels: list[int]) -> Rendered | RecordProblem:

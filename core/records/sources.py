@@ -1,20 +1,11 @@
-"""Reading data sources into records, each with the place it came from.
-
-A source (config `data.train_files` / `data.eval_files` entry) is one of:
-- a file: .jsonl, .json (an array of records, or JSON Lines), .parquet, .csv;
-- a folder of such files; which files form the `split` follows `datasets`' own conventions
-  (`datasets.data_files.get_data_patterns`: train-*.jsonl, data/test.parquet, ...; files without a split
-  name are "train");
-- a folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`;
-- a Hugging Face dataset id (org/name) already in the local cache: a snapshot downloaded with
-  `hf download --repo-type dataset` (read as a folder), or a dataset `datasets.load_dataset` prepared
-  before (read from the datasets cache). Nothing is downloaded.
+"""Reading data sources (a file, a folder of files, a save_to_disk folder, a dataset in the local HF cache: nothing is
+downloaded; docs/data.md, "Sources") into records, each with the place it came from for error messages: `where`,
+`file:line` in text formats, `file:row N` in row-based ones.
 
 Text formats (JSONL, JSON, CSV) are parsed here, line-aware, rather than by `datasets`' loaders: those
 report one pyarrow error for a whole file instead of `file:line`, and unify the schema of every record
 (a tool call's `arguments` object gains `null` for every key any other record used). Parquet, Arrow and
-hub datasets are read through `datasets`. Every record carries `where` (`file:line`, or `file:row N` for
-row-based formats) for error messages.
+hub datasets are read through `datasets`.
 """
 
 from __future__ import annotations
@@ -23,6 +14,7 @@ import csv
 import io
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,11 +24,13 @@ import huggingface_hub.constants as hf_constants
 from datasets.data_files import DataFilesDict, get_data_patterns
 
 from core.files import sha256_file
+from core.hub import cached_snapshot, repo_folder_name
 from core.paths import user_path, what_is
 
 TEXT_SUFFIXES = (".jsonl", ".json", ".csv")
 JSON_TYPES: dict[type, str] = {str: "string", list: "array", dict: "object"}  # besides null, boolean, number
 DATA_SUFFIXES = (*TEXT_SUFFIXES, ".parquet")
+UNDECODABLE = re.compile("[\udc80-\udcff]")  # a byte that was not UTF-8, in text decoded with surrogateescape
 
 
 @dataclass
@@ -72,12 +66,10 @@ def json_error(e: json.JSONDecodeError) -> str:
     return f"{e.msg.removesuffix(' at')} at column {e.colno}"
 
 
-def _has_undecodable(text: str) -> int:
-    """Index of the first byte that was not UTF-8 (decoded with surrogateescape), or -1."""
-    for i, ch in enumerate(text):
-        if "\udc80" <= ch <= "\udcff":
-            return i
-    return -1
+def object_row(record: Any, where: str, field: str) -> Row:
+    if isinstance(record, dict):
+        return Row(where, record)
+    return Row(where, problem=(field, f"expected a JSON object, got {json_type(record)}"))
 
 
 # ----------------------------------------------------------------------------- text formats
@@ -90,36 +82,20 @@ def read_jsonl(path: Path, label: str, problems: list[str]) -> list[Row]:
         problems.append(f"{label}: file is empty")
         return []
     lines = raw.split(b"\n")
-    rows = []
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{label}:{n}"
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as e:
-            rows.append(
-                Row(
-                    where,
-                    problem=(
-                        "(line)",
-                        f"not UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1}); re-encode the file as UTF-8",
-                    ),
-                )
-            )
-            continue
-        try:
-            record = json.loads(text)
-        except json.JSONDecodeError as e:
-            # The last line without its newline: the typical end of a file whose writer was interrupted.
-            cut = " (the line looks cut off: an interrupted write?)" if n == len(lines) else ""
-            rows.append(Row(where, problem=("(line)", f"invalid JSON: {json_error(e)}{cut}")))
-            continue
-        if not isinstance(record, dict):
-            rows.append(Row(where, problem=("(line)", f"expected a JSON object, got {json_type(record)}")))
-            continue
-        rows.append(Row(where, record))
-    return rows
+    return [jsonl_row(line, f"{label}:{n}", n == len(lines)) for n, line in enumerate(lines, 1) if line.strip()]
+
+
+def jsonl_row(line: bytes, where: str, last: bool) -> Row:
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        reason = f"not UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1}); re-encode the file as UTF-8"
+        return Row(where, problem=("(line)", reason))
+    except json.JSONDecodeError as e:
+        # The last line without its newline: the typical end of a file whose writer was interrupted.
+        cut = " (the line looks cut off: an interrupted write?)" if last else ""
+        return Row(where, problem=("(line)", f"invalid JSON: {json_error(e)}{cut}"))
+    return object_row(record, where, "(line)")
 
 
 def read_json(path: Path, label: str, problems: list[str]) -> list[Row]:
@@ -155,21 +131,9 @@ class LineCounter:
 
 
 def _skip_whitespace(text: str, pos: int) -> int:
-    """The position of the first character at or after `pos` that is not JSON whitespace."""
     while pos < len(text) and text[pos] in " \t\r\n":
         pos += 1
     return pos
-
-
-def json_array_row(text: str, record: Any, where: str) -> Row:
-    """One decoded element of the array (`text` is its source) as a Row."""
-    if _has_undecodable(text) >= 0:
-        return Row(
-            where, problem=("(record)", "not UTF-8 (an invalid byte in this record); re-encode the file as UTF-8")
-        )
-    if not isinstance(record, dict):
-        return Row(where, problem=("(record)", f"expected a JSON object, got {json_type(record)}"))
-    return Row(where, record)
 
 
 def read_json_array(text: str, pos: int, label: str, problems: list[str]) -> list[Row]:
@@ -192,7 +156,11 @@ def read_json_array(text: str, pos: int, label: str, problems: list[str]) -> lis
                 f"the rest of the array cannot be read (JSON Lines can skip one bad line, arrays cannot)"
             )
             return rows
-        rows.append(json_array_row(text[pos:end], record, where))
+        if UNDECODABLE.search(text, pos, end):
+            reason = "not UTF-8 (an invalid byte in this record); re-encode the file as UTF-8"
+            rows.append(Row(where, problem=("(record)", reason)))
+        else:
+            rows.append(object_row(record, where, "(record)"))
         pos = _skip_whitespace(text, end)
         after = text[pos : pos + 1]  # "" at the end of the text
         if after == ",":
@@ -222,13 +190,10 @@ def read_csv(path: Path, label: str, problems: list[str]) -> list[Row]:
             last = reader.line_num
             extra = values.pop("\0extra", None)
             if extra is not None:
-                rows.append(
-                    Row(
-                        where, problem=("(line)", f"{len(header) + len(extra)} fields but the header has {len(header)}")
-                    )
-                )
+                reason = f"{len(header) + len(extra)} fields but the header has {len(header)}"
+                rows.append(Row(where, problem=("(line)", reason)))
                 continue
-            if any(v is not None and _has_undecodable(v) >= 0 for v in values.values()):
+            if any(v is not None and UNDECODABLE.search(v) for v in values.values()):
                 rows.append(Row(where, problem=("(line)", "not UTF-8; re-encode the file as UTF-8")))
                 continue
             # CSV cannot tell an empty cell from a missing value: both are absent (a "text" column left empty
@@ -257,11 +222,8 @@ def _with_parsed_messages(record: dict[str, Any], where: str, what: str) -> Row:
 
 def rows_of_dataset(ds, label: str) -> list[Row]:
     """Rows of a `datasets.Dataset`; `messages` stored as JSON text (a common export) is parsed."""
-    rows = []
-    for i, record in enumerate(ds.to_list() if len(ds) else [], start=1):
-        where = f"{label}:row {i}"
-        rows.append(_with_parsed_messages(record, where, "the value"))
-    return rows
+    records = ds.to_list() if len(ds) else []
+    return [_with_parsed_messages(record, f"{label}:row {i}", "the value") for i, record in enumerate(records, 1)]
 
 
 def read_parquet(path: Path, label: str, problems: list[str]) -> list[Row]:
@@ -341,24 +303,15 @@ def read_saved_dataset(folder: Path, label: str, split: str, out: SourceRows, pr
             return
         ds, label = ds[split], f"{label}[{split}]"
     out.rows += rows_of_dataset(ds, label)
-    for f in ds.cache_files:
-        out.files[f["filename"]] = sha256_file(Path(f["filename"]))
+    out.files |= {f["filename"]: sha256_file(Path(f["filename"])) for f in ds.cache_files}
     if len(ds) == 0:
         problems.append(f"{label}: the dataset has 0 rows")
 
 
-def hub_snapshot(repo_id: str, revision: str) -> tuple[Path, str] | None:
-    """A dataset snapshot in the HF hub cache (`hf download --repo-type dataset`), as huggingface_hub lays it out."""
-    # The module's attribute, not a name imported from it: the cache huggingface_hub uses now (tests repoint it).
-    repo = Path(hf_constants.HF_HUB_CACHE) / ("datasets--" + repo_id.replace("/", "--"))
-    ref = repo / "refs" / revision
-    commit = ref.read_text().strip() if ref.is_file() else revision
-    folder = repo / "snapshots" / commit
-    return (folder, commit) if folder.is_dir() else None
-
-
 def read_hub(repo_id: str, name: str | None, split: str, revision: str, out: SourceRows, problems: list[str]) -> None:
-    snapshot = hub_snapshot(repo_id, revision)
+    # a snapshot from `hf download --repo-type dataset`; hf_constants' attribute, not a name imported from it: the
+    # cache huggingface_hub uses now (tests repoint it)
+    snapshot = cached_snapshot(Path(hf_constants.HF_HUB_CACHE) / repo_folder_name(repo_id, "dataset"), revision)
     if snapshot is not None and name is None:
         folder, out.revision = snapshot
         read_folder(folder, repo_id, split, out, problems)
@@ -376,8 +329,7 @@ def read_hub(repo_id: str, name: str | None, split: str, revision: str, out: Sou
         return
     label = f"{repo_id}[{split}]" if name is None else f"{repo_id}/{name}[{split}]"
     out.rows += rows_of_dataset(ds, label)
-    for f in ds.cache_files:
-        out.files[f["filename"]] = sha256_file(Path(f["filename"]))
+    out.files |= {f["filename"]: sha256_file(Path(f["filename"])) for f in ds.cache_files}
 
 
 def read_source(
