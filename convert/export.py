@@ -21,9 +21,9 @@ from transformers import AutoTokenizer
 from convert.ggufs import ModelGGUFs, export_ggufs, gguf_filename
 from convert.llamacpp import version_info
 from convert.lora_gguf import LoraReport, export_lora_gguf
-from convert.merge import merge_adapter
+from convert.merge import is_tokenizer_file, merge_adapter
 from convert.modelfile import write_modelfile
-from convert.verify import VerificationFailed, recommend, write_reports
+from convert.verify import VerificationFailed, write_reports
 from core import releases
 from core.config import BASE_EXPORT, Config, keys_affecting
 from core.errors import PipelineError, RunError
@@ -74,8 +74,6 @@ def scored_inputs(cfg: Config, tokenizer) -> tuple[list[HeldOut], list[list[int]
 
 
 # ----------------------------------------------------------------------------- export
-
-
 def export_run(
     cfg: Config,
     folder: RunFolder,
@@ -119,7 +117,8 @@ def export_run(
         names = {str(p): gguf_filename(m.name, q, cfg.export.default_quant) for q, p in m.files.items()}
         for r in m.reports:
             r.path = names.get(r.path, r.path)
-    write_reports(folder.root, {m.name: m.reports for m in models}, cfg.verify, True, folder.merged_out.absolute())
+    groups = {m.name: m.reports for m in models}
+    written = write_reports(folder.root, groups, cfg.verify, True, folder.merged_out.absolute())
     art = manifest.artifacts
     art["merged"] = {"path": str(merged), "files": record_files(merged)}
     art["gguf"] = {label: _entries(cfg, m) for label, m in zip(("finetuned", "base"), models, strict=False)}
@@ -135,12 +134,11 @@ def export_run(
             "measures": lora.measures,
             "summary": lora.describe(),
         }
-    best = {m.name: recommend(m.reports, cfg.verify.recommend_max_kld) for m in models}
     manifest.verification = {
         "passed": True,
         "report": str(folder.verify_md),
         "files": {Path(r.path).name: r.measures for m in models for r in m.reports},
-        "recommended": {name: (Path(r.path).name if r else None) for name, r in best.items()},
+        "recommended": written["recommended"],
     }
     manifest.status = "exported"
     folder.write_manifest(manifest)
@@ -213,7 +211,7 @@ def _export_base(
     try:
         staged.mkdir(parents=True)
         for p in base.path.iterdir():
-            if not (p.name.startswith("tokenizer") or p.name in ("special_tokens_map.json", "chat_template.jinja")):
+            if not is_tokenizer_file(p):
                 (staged / p.name).symlink_to(p.resolve())
         tokenizer = AutoTokenizer.from_pretrained(str(folder.adapter))
         save_tokenizer(tokenizer, staged, folder.adapter / "tokenizer.model")
@@ -261,8 +259,6 @@ def _export_lora(
 
 
 # ----------------------------------------------------------------------------- publish
-
-
 def publish_run(
     cfg: Config, folder: RunFolder, manifest: Manifest, by: str = "python -m train", meta: dict | None = None
 ) -> Manifest:

@@ -97,8 +97,6 @@ class VerificationFailed(PipelineError):
 
 
 # ----------------------------------------------------------------------------- the scored token sequences
-
-
 @dataclass
 class ScoredSet:
     """The token sequences every file is scored on: chat-rendered prompts (last-token NMSE/top-1), then windows of
@@ -250,8 +248,6 @@ def _verify_file(
 
 
 # ----------------------------------------------------------------------------- reports
-
-
 def recommend(reports: list[FileReport], max_kld: float) -> FileReport | None:
     """The smallest file that passed with mean KLD within the budget (its own reference's KLD), or None."""
     within = [r for r in reports if r.passed and r.measures.get("kld", math.inf) <= max_kld]
@@ -296,26 +292,24 @@ def to_table(reports: list[FileReport]) -> str:
 
 def write_reports(
     run_dir: Path, groups: dict[str, list[FileReport]], verify_cfg, passed: bool, reference: Path | None = None
-) -> None:
-    """verify.json (machine-readable) and verify.md (the quality table, the reference, the scored token count, the
-    gates and a recommendation per exported model) in the run folder. groups: the reports of each model (its name)."""
+) -> dict:
+    """verify.json (machine-readable, returned) and verify.md (the quality table, the reference, the scored token
+    count, the gates and a recommendation per exported model) in the run folder. groups: each model's reports."""
     reports = [r for group in groups.values() for r in group]
     scored = min((int(r.measures.get("positions", 0)) for r in reports), default=0)
     minimum, budget = verify_cfg.min_scored_tokens, verify_cfg.recommend_max_kld
     recommended = {name: recommend(group, budget) for name, group in groups.items() if group}
-    atomic_write_json(
-        run_dir / "verify.json",
-        {
-            "passed": passed and all(r.passed for r in reports),
-            "reference": str(reference) if reference else None,
-            "scored_tokens": scored,
-            "min_scored_tokens": minimum,
-            "short_of_minimum": scored < minimum,
-            "recommend_max_kld": budget,
-            "recommended": {n: (Path(r.path).name if r else None) for n, r in recommended.items()},
-            "files": to_json(reports),
-        },
-    )
+    summary = {
+        "passed": passed and all(r.passed for r in reports),
+        "reference": str(reference) if reference else None,
+        "scored_tokens": scored,
+        "min_scored_tokens": minimum,
+        "short_of_minimum": scored < minimum,
+        "recommend_max_kld": budget,
+        "recommended": {n: (Path(r.path).name if r else None) for n, r in recommended.items()},
+        "files": to_json(reports),
+    }
+    atomic_write_json(run_dir / "verify.json", summary)
     head = ["# Verification", ""]
     if reference:
         head += [
@@ -339,6 +333,7 @@ def write_reports(
     ]
     tail = ["", "Notes:", *notes] if notes else []
     atomic_write_text(run_dir / "verify.md", "\n".join([*head, *lines, *legend, *tail]) + "\n")
+    return summary
 
 
 def to_json(reports: list[FileReport]) -> list[dict]:
