@@ -66,8 +66,6 @@ def native_output_to(log_path: Path | None) -> Iterator[None]:
 
 
 # ----------------------------------------------------------------------------- one GGUF in llama.cpp
-
-
 class GGUF:
     """One GGUF in llama.cpp: logits of CHUNK positions at a time (llama_decode with a batch of its own: Llama.eval
     with logits_all keeps n_ctx x vocab float32 scores besides llama.cpp's), tokens, greedy replies.
@@ -179,8 +177,6 @@ def answer(path: Path, prompt: str, max_tokens: int = 64) -> str:
 
 
 # ----------------------------------------------------------------------------- what is scored
-
-
 @dataclass
 class Sequence:
     """Token ids scored at every position. A held-out record's carry the labels training puts a loss on
@@ -217,8 +213,6 @@ def windows(seq: Sequence, bos: int, window: int) -> list[Sequence]:
 
 
 # ----------------------------------------------------------------------------- the reference, chunk by chunk
-
-
 class ReferenceChunks:
     """The reference's logits chunks for every file: the output layer (~1/5 of a forward) runs for the first file,
     whose pass writes the chunks to an unnamed file in `scratch_dir` (disk and page cache, not the process's
@@ -290,8 +284,6 @@ class ReferenceChunks:
 
 
 # ----------------------------------------------------------------------------- the measures
-
-
 def log_softmax(x: np.ndarray) -> torch.Tensor:
     """float64 log-probabilities of logits [rows, vocab] (KLDs of f16 files are ~1e-7: float32 rounding would be of
     their size). torch, not numpy: its kernels use every core, numpy's one (docs/export-and-verify.md, "Scoring")."""
