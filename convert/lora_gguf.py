@@ -38,8 +38,8 @@ log = logging.getLogger(__name__)
 LORA_MAX_KLD = {"f32": 1e-4, "f16": 1e-4, "bf16": 1e-3}
 LORA_MIN_TOP1 = 0.99  # share of positions whose argmax agrees
 # Scored positions: the failures this catches (a dropped module, a wrong scale) move every position, so a few
-# hundred suffice, and each costs two forward passes of the 2B on the CPU.
-CHECK_TOKENS = 512
+# hundred suffice, and each costs two forward passes of the 2B on the CPU; in windows of CHECK_WINDOW tokens.
+CHECK_TOKENS, CHECK_WINDOW = 512, 256
 ADAPTER_TYPES = ("f32", "f16", "bf16")  # convert_lora_to_gguf.py --outtype choices that are float
 
 
@@ -105,26 +105,19 @@ def _adapter_report(lora_gguf: Path) -> LoraReport:
 
 
 def check_adapter(
-    lora_gguf: Path,
-    runtime: Path,
-    scale: float,
-    reference_dir: Path,
-    ids: list[list[int]],
-    log_path: Path | None,
-    n_ctx: int = 256,
-    budget: int = CHECK_TOKENS,
+    lora_gguf: Path, runtime: Path, scale: float, reference_dir: Path, ids: list[list[int]], log_path: Path | None
 ) -> LoraReport:
     """llama.cpp running `runtime` with the adapter applied at `scale` against the HF model in `reference_dir`, over
-    about `budget` positions of `ids` (token sequences starting with <bos>, windowed to n_ctx)."""
+    about CHECK_TOKENS positions of `ids` (token sequences starting with <bos>)."""
     report = _adapter_report(lora_gguf)
     sequences: list[Sequence] = []
     for seq in ids:
-        if sum(len(s.ids) for s in sequences) >= budget:
+        if sum(len(s.ids) for s in sequences) >= CHECK_TOKENS:
             break
-        sequences += windows(Sequence(seq), seq[0], n_ctx)
+        sequences += windows(Sequence(seq), seq[0], CHECK_WINDOW)
     if not sequences:
         raise ValueError("the adapter check needs at least one token sequence")
-    with GGUF(runtime, n_ctx, log_path=log_path, lora=lora_gguf, lora_scale=scale) as g:
+    with GGUF(runtime, CHECK_WINDOW, log_path=log_path, lora=lora_gguf, lora_scale=scale) as g:
         tally, _ = compare(reference_dir, g, sequences)
     m = tally.measures()
     report.measures = {"kld": m["kld"], "top1": m["top1_all"], "positions": m["positions"]}
