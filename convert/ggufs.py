@@ -68,8 +68,9 @@ def export_ggufs(
             calibration = training or [r.ids for r in heldout]
             log.info(f"  importance matrix from {len(calibration)} record(s) (llama-imatrix; log: {log_path})")
             tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-            text = [tokenizer.decode(ids[1:]) for ids in calibration]  # llama-imatrix tokenizes its text file itself
-            imatrix = compute_imatrix(source, text, work_dir / f"{name}.imatrix.gguf", log_path)
+            # llama-imatrix tokenizes its text file itself; decoding one sequence gives a str (the stubs allow a list)
+            text = [tokenizer.decode(ids[1:]) for ids in calibration]
+            imatrix = compute_imatrix(source, text, work_dir / f"{name}.imatrix.gguf", log_path)  # type: ignore[arg-type]
         for quant in export_cfg.quants:
             if quant != float_type:
                 files[quant] = work_dir / f"{name}.{quant}.gguf"

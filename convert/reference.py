@@ -169,7 +169,7 @@ def _decoder(ckpt: _Checkpoint, config, texts_ids: list[list[int]]) -> list[torc
             embeddings = cos_sin[t, layer_type]
             hidden[t] = layer(h, position_embeddings=embeddings, attention_mask=mask, position_ids=positions[t])
         del layer
-    norm.load_state_dict({"weight": ckpt.tensors([f"{ckpt.prefix}norm.weight"], [norm.weight.shape])[0]})
+    norm.load_state_dict({"weight": ckpt.tensors([f"{ckpt.prefix}norm.weight"], [torch.Size([config.hidden_size])])[0]})
     return [norm(h)[0] for h in hidden]
 
 
