@@ -34,8 +34,8 @@ import numpy as np  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 from convert.imatrix import DEFAULT_MAX_TOKENS, compute_imatrix  # noqa: E402
-from convert.llamacpp import convert_hf_to_gguf, native_output_to, quantize  # noqa: E402
-from convert.verify import log_softmax  # noqa: E402
+from convert.llamacpp import convert_hf_to_gguf, quantize  # noqa: E402
+from convert.score import log_softmax, native_output_to  # noqa: E402
 
 TEMPLATE = ROOT / "core" / "templates" / "gemma.jinja"
 DATA = ROOT / "data" / "demo"

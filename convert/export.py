@@ -21,9 +21,9 @@ from transformers import AutoTokenizer
 from convert.ggufs import ModelGGUFs, export_ggufs, gguf_filename
 from convert.llamacpp import version_info
 from convert.lora_gguf import LoraReport, export_lora_gguf
-from convert.merge import merge_adapter
+from convert.merge import is_tokenizer_file, merge_adapter
 from convert.modelfile import write_modelfile
-from convert.verify import VerificationFailed, recommend, write_reports
+from convert.verify import VerificationFailed, write_reports
 from core import releases
 from core.config import BASE_EXPORT, Config, keys_affecting
 from core.errors import PipelineError, RunError
@@ -38,11 +38,9 @@ log = logging.getLogger(__name__)
 
 
 def vouched_adapter(folder: RunFolder) -> Manifest:
-    """The run's manifest, if it vouches for the adapter in the run folder: training finished and every adapter
-    file has the sha256 recorded when training ended.
-
-    Only then may the adapter be exported and published: models/finetuned/adapters/<run> may hold an older run's
-    adapter (a --fresh run interrupted mid-training), and the run folder is the only witness of what was trained."""
+    """The run's manifest, if it vouches for the adapter in the run folder: training finished and every adapter file
+    has the sha256 recorded when training ended. Only then may it be exported and published: the run folder is the
+    only witness of what was trained (models/finetuned/adapters/<run> may hold an older run's adapter)."""
     manifest = folder.read_manifest()
     status = manifest.status if manifest else "no manifest"
     if manifest is None or manifest.status not in TRAINED:
@@ -76,8 +74,6 @@ def scored_inputs(cfg: Config, tokenizer) -> tuple[list[HeldOut], list[list[int]
 
 
 # ----------------------------------------------------------------------------- export
-
-
 def export_run(
     cfg: Config,
     folder: RunFolder,
@@ -118,11 +114,11 @@ def export_run(
         raise
     _drop_float_intermediates(cfg, models)
     for m in models:  # the reports name each file as it ships (<name>.gguf is the default quant)
-        for q, path in m.files.items():
-            published = gguf_filename(m.name, q, cfg.export.default_quant)
-            for r in m.reports:
-                r.path = published if r.path == str(path) else r.path
-    write_reports(folder.root, {m.name: m.reports for m in models}, cfg.verify, True, folder.merged_out.absolute())
+        names = {str(p): gguf_filename(m.name, q, cfg.export.default_quant) for q, p in m.files.items()}
+        for r in m.reports:
+            r.path = names.get(r.path, r.path)
+    groups = {m.name: m.reports for m in models}
+    written = write_reports(folder.root, groups, cfg.verify, True, folder.merged_out.absolute())
     art = manifest.artifacts
     art["merged"] = {"path": str(merged), "files": record_files(merged)}
     art["gguf"] = {label: _entries(cfg, m) for label, m in zip(("finetuned", "base"), models, strict=False)}
@@ -138,12 +134,11 @@ def export_run(
             "measures": lora.measures,
             "summary": lora.describe(),
         }
-    best = {m.name: recommend(m.reports, cfg.verify.recommend_max_kld) for m in models}
     manifest.verification = {
         "passed": True,
         "report": str(folder.verify_md),
         "files": {Path(r.path).name: r.measures for m in models for r in m.reports},
-        "recommended": {name: (Path(r.path).name if r else None) for name, r in best.items()},
+        "recommended": written["recommended"],
     }
     manifest.status = "exported"
     folder.write_manifest(manifest)
@@ -151,8 +146,8 @@ def export_run(
 
 
 def _drop_float_intermediates(cfg: Config, models: list[ModelGGUFs]) -> None:
-    """The float GGUF each quant was made from is deleted when export.quants does not list it (the 2B's is 5 GB),
-    unless export.keep_float; its report says so."""
+    """The float GGUF the quants were made from, deleted unless export.quants lists it or export.keep_float (the
+    2B's is 5 GB); its report says so."""
     for m in models:
         if m.float_type in cfg.export.quants or cfg.export.keep_float:
             continue
@@ -208,16 +203,15 @@ def current_base_export(cfg: Config, base: ResolvedModel) -> releases.Release | 
 def _export_base(
     cfg: Config, folder: RunFolder, base: ResolvedModel, heldout: list[HeldOut], training: list[list[int]]
 ) -> ModelGGUFs:
-    """The base model's GGUFs, exported with the run's tokenizer: google/gemma-2-2b ships no chat template, and the
-    base GGUF is comparable with the fine-tuned one only with the same template and stop token. The weight files
-    are linked, not copied."""
+    """The base model's GGUFs, exported with the run's tokenizer (weights linked, not copied): google/gemma-2-2b
+    ships no chat template, and the base GGUF is comparable with the fine-tuned one only with the same template."""
     staged = folder.export_dir / "base_model"  # a fixed name: the console shows no temporary folders
     shutil.rmtree(staged, ignore_errors=True)
     log.info(f"exporting base model as {cfg.export.base_name}")
     try:
         staged.mkdir(parents=True)
         for p in base.path.iterdir():
-            if not (p.name.startswith("tokenizer") or p.name in ("special_tokens_map.json", "chat_template.jinja")):
+            if not is_tokenizer_file(p):
                 (staged / p.name).symlink_to(p.resolve())
         tokenizer = AutoTokenizer.from_pretrained(str(folder.adapter))
         save_tokenizer(tokenizer, staged, folder.adapter / "tokenizer.model")
@@ -238,9 +232,9 @@ def _export_lora(
     heldout: list[HeldOut],
     training: list[list[int]],
 ) -> LoraReport | None:
-    """The adapter as <name>.lora.gguf in the fine-tuned export's work folder, checked on a base GGUF of the
-    fine-tuned float type when there is one (this export's, or the live base release's), else by removing it from
-    the merged GGUF. Not shipped when its check fails (a warning: the model GGUFs are fine)."""
+    """The adapter as <name>.lora.gguf beside the fine-tuned GGUFs, checked on a base GGUF of their float type when
+    there is one (this export's, or the live base release's). Not shipped when its check fails (a warning: the
+    model GGUFs are fine)."""
     if not cfg.export.lora_gguf:
         return None
     tuned = models[0]
@@ -265,17 +259,14 @@ def _export_lora(
 
 
 # ----------------------------------------------------------------------------- publish
-
-
 def publish_run(
     cfg: Config, folder: RunFolder, manifest: Manifest, by: str = "python -m train", meta: dict | None = None
 ) -> Manifest:
-    """Make an exported run's artifacts the ones applications use: the adapter to models/finetuned/adapters/<run>,
-    the merged model to models/finetuned/final_models/<run>, the fine-tuned GGUFs (with the adapter GGUF and a
-    Modelfile for each model GGUF) and a base export made by this run as releases of their names (core/releases.py).
-    `meta` goes into the fine-tuned release's record (the nightly job's decision). Stopped midway, each target is
-    whole (old or new) and the manifest still says `exported`: publishing again finishes it. A complete run whose
-    release another has replaced (the nightly job promoting it again) is published again, as a new release."""
+    """Make an exported run's artifacts the ones applications use: the adapter and merged model to
+    models/finetuned/, the fine-tuned GGUFs (with the adapter GGUF and a Modelfile per model GGUF) and a base export
+    made by this run as releases (core/releases.py); `meta` goes into the fine-tuned release's record. Stopped
+    midway, each target is whole and the manifest still says `exported`: publishing again finishes it. A complete
+    run whose release another has replaced (the nightly job promoting it again) is published as a new release."""
     art = manifest.artifacts
     with promotion_lock(folder.adapter_out, cfg.run_name):
         atomic_replace_dir(folder.adapter, folder.adapter_out)
@@ -315,9 +306,9 @@ def publish_run(
 
 
 def _finished(gguf_dir: Path, folder: RunFolder, name: str, entry: dict[str, Any]) -> Path:
-    """The finished file to publish as entry["file"]: the export's work file (entry["path"]); or, when a publish of
-    this run has moved it into a release already (a publish stopped before the manifest said so, or a complete run
-    published again), a link to the release's copy, with the sha256 the export recorded: the same bytes, not copied."""
+    """The finished file to publish as entry["file"]: the export's work file; or, when a publish of this run moved
+    it into a release already (stopped before the manifest said so, or a complete run published again), a link to
+    the release's copy with the sha256 the export recorded."""
     path = Path(entry["path"])
     if path.is_file() and not path.is_symlink():
         return path

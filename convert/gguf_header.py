@@ -17,27 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import gguf
+import numpy as np
 
 from core.errors import InvalidInput
 from core.paths import require_file
 
 MAGIC = b"GGUF"
-# GGUF value types (gguf-py's GGUFValueType numbers) and their struct formats; STRING (8) and ARRAY (9) are
+# gguf-py's own table of the scalar value types (GGUFReader reads them with it); STRING and ARRAY are
 # variable-sized and handled apart.
-SCALARS = {
-    0: "B",  # uint8
-    1: "b",  # int8
-    2: "H",  # uint16
-    3: "h",  # int16
-    4: "I",  # uint32
-    5: "i",  # int32
-    6: "f",  # float32
-    7: "?",  # bool
-    10: "Q",  # uint64
-    11: "q",  # int64
-    12: "d",  # float64
-}
-STRING, ARRAY = 8, 9
+SCALARS = {int(t): np.dtype(d).newbyteorder("<") for t, d in gguf.GGUFReader.gguf_scalar_to_np.items()}
+STRING, ARRAY = int(gguf.GGUFValueType.STRING), int(gguf.GGUFValueType.ARRAY)
 _U32, _U64 = struct.Struct("<I"), struct.Struct("<Q")
 
 
@@ -92,13 +81,9 @@ class _Cursor:
         start = self.take(n)
         return bytes(self.buf[start : start + n]).decode("utf-8", errors="replace")
 
-    def scalar(self, vtype: int):
-        fmt = struct.Struct("<" + SCALARS[vtype])
-        return fmt.unpack_from(self.buf, self.take(fmt.size))[0]
-
     def value(self, vtype: int) -> object:
         if vtype in SCALARS:
-            return self.scalar(vtype)
+            return np.frombuffer(self.buf, SCALARS[vtype], 1, self.take(SCALARS[vtype].itemsize))[0].item()
         if vtype == STRING:
             return self.string()
         if vtype == ARRAY:
@@ -109,7 +94,7 @@ class _Cursor:
 
     def skip_array(self, item: int, count: int) -> None:
         if item in SCALARS:
-            self.take(struct.calcsize("<" + SCALARS[item]) * count)
+            self.take(SCALARS[item].itemsize * count)
         elif item == STRING:
             buf, off, size = self.buf, self.off, self.size
             for _ in range(count):  # the vocabulary: length, bytes, length, bytes, ...
@@ -174,8 +159,7 @@ def read_header(path: Path) -> GGUFHeader:
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
                 return parse(mapped)
         except (GGUFFormatError, ValueError) as e:  # ValueError: mmap of an empty file
-            damaged = f.read(4) == MAGIC
-            if damaged:  # a GGUF cut short or overwritten: what made it can make it again
+            if f.read(4) == MAGIC:  # a GGUF cut short or overwritten: what made it can make it again
                 what, fix = (
                     "truncated or damaged (its header is a GGUF's)",
                     "export it again (python -m convert export)",

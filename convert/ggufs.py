@@ -1,10 +1,6 @@
-"""One HF model's GGUF files: float GGUF -> (importance matrix) -> quants -> verification, in a work folder.
-
-The float GGUF is written straight in export.float_type (bf16 for a bf16 base: exact, and half an f32 file's
-bytes), with the run's provenance keys written by the converter itself; every quant is made from it. Every file
-is scored against the HF model (convert/verify.py). A failed gate raises VerificationFailed and leaves the files
-for inspection; an export stopped for any other reason (SIGINT/SIGTERM, a tool failing) removes its work files.
-The run's export stage (convert/export.py) calls this for the fine-tuned and the base model.
+"""One HF model's GGUF files in a work folder: the float GGUF (export.float_type, the run's provenance keys written
+by the converter itself) -> an importance matrix if asked -> every quant, made from the float GGUF -> every file
+verified against the HF model (convert/verify.py). convert/export.py calls this for the fine-tuned and the base model.
 """
 
 from __future__ import annotations
@@ -27,7 +23,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class ModelGGUFs:
     name: str  # the file stem: <name>.gguf is the default quant, <name>.<quant>.gguf the others
-    float_type: str  # the float GGUF converted first: the quants' source and reference
+    float_type: str  # the float GGUF converted first: the quants' source
     files: dict[str, Path] = field(default_factory=dict)  # quant -> verified GGUF in the work folder
     reports: list[FileReport] = field(default_factory=list)
 
@@ -55,11 +51,9 @@ def export_ggufs(
     heldout: list[HeldOut],
     training: list[list[int]],
 ) -> ModelGGUFs:
-    """Convert one HF folder to every configured GGUF type in work_dir and verify all.
-
-    heldout: held-out records, scored in full; training: the run's training records (token ids), the importance
-    matrix's calibration text and the scored set's filler up to verify.min_scored_tokens.
-    Raises VerificationFailed if a gate fails (the files stay for inspection); any other stop removes them."""
+    """Convert one HF folder to every configured GGUF type in work_dir and verify all. training: the run's training
+    records' ids, the importance matrix's calibration text and the scored set's filler. Raises VerificationFailed if
+    a gate fails (the files stay for inspection); any other stop removes them."""
     work_dir.mkdir(parents=True, exist_ok=True)
     remove_work_files(work_dir, name)  # an earlier attempt's files are not this attempt's
     log_path = work_dir / "convert.log"
@@ -74,8 +68,9 @@ def export_ggufs(
             calibration = training or [r.ids for r in heldout]
             log.info(f"  importance matrix from {len(calibration)} record(s) (llama-imatrix; log: {log_path})")
             tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-            text = [tokenizer.decode(ids[1:]) for ids in calibration]  # llama-imatrix tokenizes its text file itself
-            imatrix = compute_imatrix(source, text, work_dir / f"{name}.imatrix.gguf", log_path)
+            # llama-imatrix tokenizes its text file itself; decoding one sequence gives a str (the stubs allow a list)
+            text = [tokenizer.decode(ids[1:]) for ids in calibration]
+            imatrix = compute_imatrix(source, text, work_dir / f"{name}.imatrix.gguf", log_path)  # type: ignore[arg-type]
         for quant in export_cfg.quants:
             if quant != float_type:
                 files[quant] = work_dir / f"{name}.{quant}.gguf"
@@ -83,15 +78,8 @@ def export_ggufs(
                 weights = None if QUANTS[quant].is_float else imatrix
                 quantize(source, files[quant], quant, export_cfg.token_embedding_type, log_path, imatrix=weights)
         log.info(f"  verifying {len(files)} file(s) against the HF model, one at a time")
-        reports = verify_files(
-            model_dir,
-            list(files.items()),
-            verify_cfg,
-            heldout,
-            log_path,
-            fallback=training,
-            scratch_dir=work_dir,  # the reference's logits between files (2.1 GB at 2,048 positions), unnamed
-        )
+        # work_dir keeps the reference's logits between files (unnamed: gone with the process)
+        reports = verify_files(model_dir, list(files.items()), verify_cfg, heldout, log_path, training, work_dir)
     except BaseException:
         remove_work_files(work_dir, name)
         raise

@@ -1,17 +1,11 @@
 """The LoRA adapter as a GGUF (llama.cpp's convert_lora_to_gguf.py), verified before it ships.
 
-An adapter GGUF is a few MB where a merged model is GBs: llama.cpp applies it at load time on the base GGUF
-(`llama-cli -m base.gguf --lora <name>.lora.gguf`). It ships only if llama.cpp running the base GGUF with the
-adapter gives the merged HF model's logits, scored as verification scores every file (convert/score.py: the HF
-model streamed in float32). When the export made no base GGUF of that float type (export.export_base off),
-converting the base (5 GB at the 2B's size) just for this check is avoided: the adapter is applied at scale -1 to
-the merged GGUF, which must then give the base HF model's logits. merged - s*BA = base holds exactly when
-base + s*BA = merged, so it is the same identity, checked through llama.cpp's own LoRA path.
-
-The gate (LORA_MAX_KLD, LORA_MIN_TOP1): llama.cpp's side differs from the float32 reference by the GGUF's float
-type's rounding only, as the float GGUF verification gates on NMSE (f16 KLD ~5e-7 on the tiny model). The gate
-is 1e-4 for f32/f16 (ten times under q8_0's) and 1e-3 for bf16 (3 fewer mantissa bits, as verify's NMSE gates);
-a dropped delta measures > 1e-2, and a wrong scale (rsLoRA read as plain LoRA) far above the gate.
+An adapter GGUF is a few MB where a merged model is GBs: llama.cpp applies it on the base GGUF (`llama-cli -m
+base.gguf --lora <name>.lora.gguf`). It ships only if llama.cpp running the base GGUF with the adapter gives the
+merged HF model's logits, scored as every file is (convert/score.py). Without a base GGUF of that float type
+(export.export_base off), rather than converting the base (5 GB at the 2B's size) for the check, the adapter is
+applied at scale -1 to the merged GGUF, which must give the base HF model's logits: merged - s*BA = base holds
+exactly when base + s*BA = merged, the same identity through llama.cpp's own LoRA path.
 """
 
 from __future__ import annotations
@@ -37,11 +31,15 @@ from core.quants import quant_of_file_type
 
 log = logging.getLogger(__name__)
 
-LORA_MAX_KLD = {"f32": 1e-4, "f16": 1e-4, "bf16": 1e-3}  # mean KL(merged || base + adapter), every position
+# Mean KL(merged || base + adapter) over every position. llama.cpp's side differs from the float32 reference by the
+# float type's rounding only, as the float GGUFs' NMSE gates say: ten times under q8_0's gate for f32/f16, bf16 (3
+# fewer mantissa bits) as verify.max_nmse. A dropped delta or a wrong scale (rsLoRA read as plain LoRA) measures
+# far above (docs/export-and-verify.md, "Adapter GGUF").
+LORA_MAX_KLD = {"f32": 1e-4, "f16": 1e-4, "bf16": 1e-3}
 LORA_MIN_TOP1 = 0.99  # share of positions whose argmax agrees
 # Scored positions: the failures this catches (a dropped module, a wrong scale) move every position, so a few
-# hundred suffice, and each costs two forward passes of the 2B on the CPU.
-CHECK_TOKENS = 512
+# hundred suffice, and each costs two forward passes of the 2B on the CPU; in windows of CHECK_WINDOW tokens.
+CHECK_TOKENS, CHECK_WINDOW = 512, 256
 ADAPTER_TYPES = ("f32", "f16", "bf16")  # convert_lora_to_gguf.py --outtype choices that are float
 
 
@@ -107,28 +105,19 @@ def _adapter_report(lora_gguf: Path) -> LoraReport:
 
 
 def check_adapter(
-    lora_gguf: Path,
-    runtime: Path,
-    scale: float,
-    reference_dir: Path,
-    ids: list[list[int]],
-    log_path: Path | None,
-    n_ctx: int = 256,
-    budget: int = CHECK_TOKENS,
+    lora_gguf: Path, runtime: Path, scale: float, reference_dir: Path, ids: list[list[int]], log_path: Path | None
 ) -> LoraReport:
-    """llama.cpp running `runtime` with the adapter applied at `scale`, against the HF model in `reference_dir`
-    (float32, streamed), over about `budget` positions of `ids` (token sequences starting with <bos>, windowed to
-    n_ctx): base GGUF + adapter (scale 1) against the merged model, or merged GGUF - adapter (scale -1) against the
-    base model. The gates decide `passed`."""
+    """llama.cpp running `runtime` with the adapter applied at `scale` against the HF model in `reference_dir`, over
+    about CHECK_TOKENS positions of `ids` (token sequences starting with <bos>)."""
     report = _adapter_report(lora_gguf)
     sequences: list[Sequence] = []
     for seq in ids:
-        if sum(len(s.ids) for s in sequences) >= budget:
+        if sum(len(s.ids) for s in sequences) >= CHECK_TOKENS:
             break
-        sequences += windows(Sequence(seq), seq[0], n_ctx)
+        sequences += windows(Sequence(seq), seq[0], CHECK_WINDOW)
     if not sequences:
         raise ValueError("the adapter check needs at least one token sequence")
-    with GGUF(runtime, n_ctx, log_path=log_path, lora=lora_gguf, lora_scale=scale) as g:
+    with GGUF(runtime, CHECK_WINDOW, log_path=log_path, lora=lora_gguf, lora_scale=scale) as g:
         tally, _ = compare(reference_dir, g, sequences)
     m = tally.measures()
     report.measures = {"kld": m["kld"], "top1": m["top1_all"], "positions": m["positions"]}
@@ -149,12 +138,8 @@ def export_lora_gguf(
     log_path: Path | None,
     base_gguf: Path | None = None,
 ) -> LoraReport:
-    """Convert the adapter to `out` (in the float type of merged_gguf) and verify it.
-
-    base_gguf: the base model's GGUF in that same float type: base + adapter must give the merged model's logits.
-    If None (export.export_base off), rather than converting the base (5 GB at the 2B's size) for the check, the
-    adapter is removed from the merged GGUF (scale -1), which must give the base model's logits. On a failed gate
-    `out` is deleted and the report says why."""
+    """Convert the adapter to `out` in the float type of merged_gguf and check it on base_gguf (of that type), or
+    without one on merged_gguf at scale -1. On a failed gate `out` is deleted and the report says why."""
     file_type = read_metadata(merged_gguf).get("general.file_type")
     merged_type = quant_of_file_type(file_type) if isinstance(file_type, int) else None
     outtype = merged_type if merged_type in ADAPTER_TYPES else "f32"

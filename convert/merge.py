@@ -15,7 +15,7 @@ import math
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -29,6 +29,7 @@ from core.tokenizer import save_tokenizer
 
 # safetensors' dtype names (the format's spec, safetensors/src/tensor.rs `Dtype`) for what checkpoints hold.
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+TORCH_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 PEFT_PREFIX = "base_model.model."  # PEFT's key prefix in adapter_model.safetensors
 # Adapter features that change the arithmetic above; a merge must refuse them rather than merge wrongly.
 UNSUPPORTED = {
@@ -39,6 +40,11 @@ UNSUPPORTED = {
     "fan_in_fan_out": "fan_in_fan_out",
     "lora_bias": "lora_bias",
 }
+
+
+def is_tokenizer_file(path: Path) -> bool:
+    """A file of an HF folder that the run's tokenizer replaces (it carries the chat template the run trained with)."""
+    return path.name.startswith("tokenizer") or path.name in ("special_tokens_map.json", "chat_template.jinja")
 
 
 def lora_deltas(adapter_dir: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float]:
@@ -78,12 +84,6 @@ def _header(shapes: dict[str, tuple[torch.dtype, list[int]]], metadata: dict[str
     return text + b" " * (-len(text) % 8)  # the data starts 8-byte aligned (the format pads the header)
 
 
-def _write_tensor(out: BinaryIO, tensor: torch.Tensor) -> None:
-    # the tensor's own bytes (a memoryview), not a copy: .tobytes() would double the largest tensor (1.2 GB
-    # of embedding at the 2B's shapes)
-    out.write(tensor.contiguous().view(torch.uint8).numpy().data)
-
-
 def merge_file(src: Path, dst: Path, deltas: dict[str, tuple[torch.Tensor, torch.Tensor]], scaling: float) -> int:
     """Write dst: src's tensors in src's order and dtypes, each with its LoRA delta merged; returns merges done."""
     merged = 0
@@ -92,8 +92,7 @@ def merge_file(src: Path, dst: Path, deltas: dict[str, tuple[torch.Tensor, torch
         shapes = {}
         for name in names:
             view = st.get_slice(name)
-            dtype = getattr(torch, {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}[view.get_dtype()])
-            shapes[name] = (dtype, list(view.get_shape()))
+            shapes[name] = (TORCH_DTYPES[view.get_dtype()], list(view.get_shape()))
         header = _header(shapes, st.metadata())
         out.write(len(header).to_bytes(8, "little"))
         out.write(header)
@@ -102,16 +101,17 @@ def merge_file(src: Path, dst: Path, deltas: dict[str, tuple[torch.Tensor, torch
             merged += lora is not None
             with signals.deferred():  # a signal inside get_tensor would surface as a ValueError
                 tensor = st.get_tensor(name)
-            _write_tensor(out, merged_tensor(tensor, lora, scaling))
+            # the tensor's own bytes (a memoryview), not a copy: .tobytes() would double the largest tensor (1.2 GB
+            # of embedding at the 2B's shapes)
+            out.write(merged_tensor(tensor, lora, scaling).contiguous().view(torch.uint8).numpy().data)
     return merged
 
 
 def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
     """Fold adapter_dir's LoRA weights into base_dir's model and write out_dir (replaced as a whole).
 
-    Every file of the base is kept (config, generation config, shard index); weight files get the merge,
-    tokenizer files come from the adapter folder (the chat template the run trained with).
-    """
+    Every file of the base is kept (config, generation config, shard index); weight files get the merge, tokenizer
+    files come from the adapter folder."""
     deltas, scaling = lora_deltas(adapter_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
@@ -119,7 +119,7 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
         stage.mkdir()
         merged = 0
         for path in sorted(base_dir.iterdir()):
-            if path.name.startswith("tokenizer") or path.name in ("special_tokens_map.json", "chat_template.jinja"):
+            if is_tokenizer_file(path):
                 continue
             if path.suffix == ".safetensors":
                 merged += merge_file(path, stage / path.name, deltas, scaling)

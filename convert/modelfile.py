@@ -45,11 +45,8 @@ TEMPLATE = """\
 
 
 def turn_end_token(tokenizer) -> str:
-    """The special token that closes an assistant turn in the tokenizer's chat template (<end_of_turn> for
-    Gemma): what follows the assistant's text when the template renders a reply, as the tokenizer splits it.
-
-    Read from the template and the vocabulary, not assumed: a tokenizer whose template closes turns with
-    something else gets that as the Modelfile's stop."""
+    """The special token that closes an assistant turn in the tokenizer's chat template (<end_of_turn> for Gemma),
+    read from a rendered reply rather than assumed: a template that closes turns otherwise gets its own stop."""
     probe = "\x00reply\x00"
     text = tokenizer.apply_chat_template(
         [{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}], tokenize=False

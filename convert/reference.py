@@ -1,23 +1,14 @@
 """Gemma logits in float32 without the model in float32: the verification reference, streamed.
 
-`AutoModelForCausalLM.from_pretrained(dtype=float32)` holds the whole model upcast (10.5 GB for Gemma 2 2B).
-This computes the same logits holding one decoder layer at a time:
-
-1. embeddings: only the rows of the tokens used are read from the safetensors (the 256k x 2304 table is
-   never upcast), times sqrt(hidden) as a float32 tensor (Gemma's scaled word embedding);
-2. decoder: for each layer, transformers' own decoder layer of the model's family (Gemma, Gemma 2, Gemma 3:
-   core.hub.FAMILIES) is built with that layer's weights in float32, every text's hidden states (tokens x
-   hidden, small) go through it, and it is dropped; masks and rotary embeddings come from transformers'
-   functions with eager attention (Gemma 2's attention softcap, sliding windows on "sliding_attention" layers,
-   Gemma 3's local and global RoPE bases and QK-norm inside its layer), positions from 0;
-3. final norm, then the tied output layer in vocabulary tiles upcast one at a time, and the final logit
-   softcap where the family has one: logits exist for one chunk of positions at a time (chunk x vocab x 4 bytes).
-
-The arithmetic is transformers 5.24's modeling code run per text with batch size 1, as verify does;
-tests/unit/test_reference.py compares it with AutoModelForCausalLM (eager, float32) on tiny models.
-Peak memory is one layer in float32 (~0.3 GB at the 2B's shapes), one logits chunk, one vocabulary tile
-and the hidden states; files are opened per read so that mapped pages of the checkpoint do not pile up
-in the resident set.
+`AutoModelForCausalLM.from_pretrained(dtype=float32)` holds the whole model upcast (10.5 GB for Gemma 2 2B); this
+holds one decoder layer at a time. Embeddings: only the rows of the tokens used are read, times sqrt(hidden) as a
+float32 tensor (Gemma's scaled word embedding). Decoder: each layer is transformers' own decoder layer of the
+model's family (core.hub.FAMILIES), built with that layer's weights in float32; every text's hidden states go
+through it (batch size 1, as llama.cpp scores them), then it is dropped; masks and rotary embeddings come from
+transformers' functions, eager attention. Output: final norm, the output layer upcast one vocabulary tile at a
+time, the final softcap where the family has one. tests/unit/test_reference.py compares it with
+AutoModelForCausalLM (eager, float32) on tiny models; docs/export-and-verify.md measures its memory and time.
+Files are opened per read so that mapped pages of the checkpoint do not pile up in the resident set.
 """
 
 from __future__ import annotations
@@ -75,12 +66,8 @@ class _Checkpoint:
         return self.files[name]
 
     def tensors(self, names: list[str], shapes: list[torch.Size], into: list[torch.Tensor] | None = None):
-        """The named tensors, which must have `shapes`, in float32: copied into `into` when given.
-
-        Copying into buffers reused from one layer to the next spares a fresh allocation per layer (page
-        faults on ~0.3 GB at the 2B's shapes); get_tensor is a view of the mapped file, so the upcast is one
-        copy. Each file is closed before returning.
-        """
+        """The named tensors, which must have `shapes`, in float32: copied into `into` when given (buffers reused
+        from one layer to the next spare page faults on ~0.3 GB per layer at the 2B's shapes)."""
         out = into or [torch.empty(shape, dtype=torch.float32) for shape in shapes]
         by_file: dict[Path, list[int]] = {}
         for i, name in enumerate(names):
@@ -182,7 +169,7 @@ def _decoder(ckpt: _Checkpoint, config, texts_ids: list[list[int]]) -> list[torc
             embeddings = cos_sin[t, layer_type]
             hidden[t] = layer(h, position_embeddings=embeddings, attention_mask=mask, position_ids=positions[t])
         del layer
-    norm.load_state_dict({"weight": ckpt.tensors([f"{ckpt.prefix}norm.weight"], [norm.weight.shape])[0]})
+    norm.load_state_dict({"weight": ckpt.tensors([f"{ckpt.prefix}norm.weight"], [torch.Size([config.hidden_size])])[0]})
     return [norm(h)[0] for h in hidden]
 
 
@@ -203,9 +190,8 @@ def _chunk_logits(ckpt: _Checkpoint, config, output: str, hidden: torch.Tensor) 
 
 class Reference:
     """The reference of one set of texts: the decoder runs once (construction), then `logits_of()` gives logits of
-    any positions as often as asked, each time from the kept final hidden states (texts x tokens
-    x hidden floats: 19 MB for 2,048 tokens at the 2B's shapes) through the output layer (~1/5 of a forward each
-    time; verification keeps the first pass's logits in a scratch file, convert/verify.py ReferenceChunks)."""
+    any positions as often as asked, from the kept final hidden states (texts x tokens x hidden floats) through the
+    output layer (~1/5 of a forward each time: convert/score.py ReferenceChunks keeps them for several files)."""
 
     def __init__(self, model_dir: Path, texts_ids: list[list[int]]):
         model_dir = Path(model_dir)
@@ -232,8 +218,7 @@ class Reference:
 
     def logits_of(self, spans: list[tuple[int, int, int]]) -> np.ndarray:
         """float32 logits of several (text, start, stop) spans, their rows one after another: one pass over the
-        output weight for all of them (each pass upcasts the whole 256k x 2304 table, ~0.3 s at the 2B's size
-        whatever the number of rows)."""
+        output weight for all of them (each pass upcasts the whole vocabulary table, whatever the number of rows)."""
         with torch.inference_mode():  # entered and left here: never held across a caller's yield (thread state)
             hidden = torch.cat([self.hidden[t][start:stop] for t, start, stop in spans])
             return _chunk_logits(self.ckpt, self.config, self.output, hidden)

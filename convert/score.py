@@ -1,17 +1,9 @@
-"""Scoring a model: the one place that runs a GGUF in llama.cpp, and the one tally that compares its logits with the
-HF model's (convert/reference.py, streamed layer by layer in float32).
-
-Verification (convert/verify.py), the adapter GGUF's check (convert/lora_gguf.py), the nightly job's scores and the
-summary's answers all score through here:
-
-    GGUF          one file in llama.cpp: logits CHUNK positions at a time, tokens, greedy replies with the file's
-                  own chat template; optionally with a LoRA adapter GGUF applied at a scale
-    Sequence      token ids to score, with the labels training would put a loss on (held-out records) or none
-    ReferenceChunks  the reference's logits for every sequence, in chunks, computed once for several files
-    Tally         per position: KL(reference || file), top-1 agreement, the next token's log-likelihood; per
-                  held-out record: the loss on its supervised tokens
-    score()       one file over every sequence in step with the reference
-    losses()      the supervised loss of some records through the HF model and a GGUF (nightly's hf/gguf_loss)
+"""Scoring a model: the one place that runs a GGUF in llama.cpp (GGUF: logits CHUNK positions at a time, tokens,
+greedy replies, optionally with an adapter GGUF at a scale), and the one tally that compares its logits with the HF
+model's (convert/reference.py, its logits computed once for several files by ReferenceChunks): per position
+KL(reference || file), top-1 agreement and the next token's log-likelihood; per held-out record the loss on the
+tokens training supervises. Verification, the adapter GGUF's check, the nightly job's losses and the summary's
+answers all score through here.
 """
 
 from __future__ import annotations
@@ -42,8 +34,8 @@ log = logging.getLogger(__name__)
 # Positions compared at a time. Each file's llama.cpp context keeps the logits of one chunk (chunk x vocab x 4
 # bytes: 128 MB at 256k), and so does the HF reference; smaller chunks cost more calls, not more accuracy.
 CHUNK = 128
-# Rows turned into float64 log-probabilities at once (8 x 256k x 8 bytes = 16 MB an array). At 16 the scoring
-# loop's peak was 226 MiB above its start against 54 MiB at 8, for the same speed (measured at the 256k vocabulary).
+# Rows turned into float64 log-probabilities at once (8 x 256k x 8 bytes = 16 MB an array): the lowest peak memory
+# for the same speed (measured: docs/export-and-verify.md, "Scoring").
 BLOCK = 8
 
 
@@ -61,30 +53,26 @@ def native_output_to(log_path: Path | None) -> Iterator[None]:
     log_path = log_path or Path(os.devnull)
     sys.stdout.flush()
     sys.stderr.flush()
-    saved = [os.dup(1), os.dup(2)]
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
     with signals.deferred(), open(log_path, "ab") as out:
-        os.dup2(out.fileno(), 1)
-        os.dup2(out.fileno(), 2)
+        for fd in saved:
+            os.dup2(out.fileno(), fd)
         try:
             yield
         finally:
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            for fd in saved:
-                os.close(fd)
+            for fd, copy in saved.items():
+                os.dup2(copy, fd)
+                os.close(copy)
 
 
 # ----------------------------------------------------------------------------- one GGUF in llama.cpp
-
-
 class GGUF:
     """One GGUF in llama.cpp: logits of CHUNK positions at a time (llama_decode with a batch of its own: Llama.eval
     with logits_all keeps n_ctx x vocab float32 scores besides llama.cpp's), tokens, greedy replies.
 
-    lora: an adapter GGUF applied at `lora_scale`. It is attached to the context rather than through
-    Llama(lora_path=...): llama-cpp-python then turns mmap off (a rule from when llama.cpp merged adapters at load),
-    which reads the whole GGUF into anonymous memory (5.2 GB for the 2B in f16) although llama.cpp applies the
-    adapter at run time, to weights it can keep mapped."""
+    lora: an adapter GGUF applied at `lora_scale`, attached to the context: given Llama(lora_path=...),
+    llama-cpp-python turns mmap off and reads the whole GGUF into memory (5.2 GB for the 2B in f16), although
+    llama.cpp applies the adapter at run time to weights it can keep mapped."""
 
     def __init__(
         self,
@@ -132,14 +120,6 @@ class GGUF:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    @property
-    def n_vocab(self) -> int:
-        return self.llm.n_vocab()
-
-    @property
-    def metadata(self) -> dict[str, str]:
-        return self.llm.metadata
-
     def tokenize(self, text: str, bos: bool) -> list[int]:
         """Token ids of `text`, special markers (<start_of_turn>) as the single tokens they are."""
         return self.llm.tokenize(text.encode("utf-8"), add_bos=bos, special=True)
@@ -165,7 +145,7 @@ class GGUF:
         if rc != 0:
             raise LlamaCppError(f"llama_decode failed on {self.path.name} (code {rc}) at position {pos0}")
         ptr = ctypes.cast(llama_cpp.llama_get_logits(self.llm.ctx), ctypes.POINTER(ctypes.c_float))
-        return np.ctypeslib.as_array(ptr, shape=(len(ids), self.n_vocab))
+        return np.ctypeslib.as_array(ptr, shape=(len(ids), self.llm.n_vocab()))
 
     def reply(self, prompt: str, max_tokens: int = 64) -> tuple[str, bool]:
         """Greedy reply to one user turn, rendered with the file's own chat template and stopped by its own
@@ -197,8 +177,6 @@ def answer(path: Path, prompt: str, max_tokens: int = 64) -> str:
 
 
 # ----------------------------------------------------------------------------- what is scored
-
-
 @dataclass
 class Sequence:
     """Token ids scored at every position. A held-out record's carry the labels training puts a loss on
@@ -211,14 +189,11 @@ class Sequence:
     def targets(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         """For positions start..stop: the next token (-1 at the end), and the next token where it is supervised
         (-1 elsewhere): logits at position p predict token p + 1, the shift training applies."""
-        n = len(self.ids)
-        nxt = np.array([self.ids[p + 1] if p + 1 < n else -1 for p in range(start, stop)])
+        nxt = np.array([*self.ids[1:], -1][start:stop])
         if self.labels is None:
             return nxt, np.full(stop - start, -1)
-        sup = [
-            self.labels[p + 1] if p + 1 < n and self.labels[p + 1] != IGNORE_INDEX else -1 for p in range(start, stop)
-        ]
-        return nxt, np.array(sup)
+        sup = np.array([*self.labels[1:], IGNORE_INDEX][start:stop])
+        return nxt, np.where(sup == IGNORE_INDEX, -1, sup)
 
 
 def windows(seq: Sequence, bos: int, window: int) -> list[Sequence]:
@@ -238,15 +213,12 @@ def windows(seq: Sequence, bos: int, window: int) -> list[Sequence]:
 
 
 # ----------------------------------------------------------------------------- the reference, chunk by chunk
-
-
 class ReferenceChunks:
-    """The reference's logits chunks for every file: the output layer (~1/5 of a forward) runs for the first
-    file, whose pass writes the chunks to an unnamed file in `scratch_dir` (disk and page cache, not the
-    process's memory: positions x vocab float32, 2.1 GB at 2,052 positions of a 256k vocabulary); the passes
-    after it read them back. Up to `budget` bytes: chunks past it (a large held-out set) are recomputed by
-    every pass. Without a scratch_dir, or once a write fails (a full disk), every pass recomputes.
-    A chunk read back is a view of one buffer: valid until the next one is asked for."""
+    """The reference's logits chunks for every file: the output layer (~1/5 of a forward) runs for the first file,
+    whose pass writes the chunks to an unnamed file in `scratch_dir` (disk and page cache, not the process's
+    memory); the passes after it read them back. Chunks past `budget` bytes, and every chunk without a scratch_dir
+    or once a write fails (a full disk), are recomputed by every pass. A chunk read back is a view of one buffer:
+    valid until the next one is asked for."""
 
     def __init__(self, reference: Reference, chunk: int, scratch_dir: Path | None, budget: int = SCRATCH_BUDGET):
         self.reference, self.plan, self.chunk, self.budget = reference, reference.plan(chunk), chunk, budget
@@ -256,14 +228,13 @@ class ReferenceChunks:
         self.buf: np.ndarray | None = None
 
     def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
-        vocab = self.reference.config.vocab_size
         offset, i = 0, 0
         while i < len(self.plan):
             if self.file is not None and i < self.kept:
                 t, start, stop = self.plan[i]
-                yield t, self._read(offset, stop - start)
-                offset += (stop - start) * vocab * 4
-                i += 1
+                part = self._read(offset, stop - start)
+                yield t, part
+                offset, i = offset + part.nbytes, i + 1
                 continue
             group = self._group(i)
             logits, row = self.reference.logits_of(group), 0
@@ -272,8 +243,7 @@ class ReferenceChunks:
                 if self.file is not None and i == self.kept and offset + part.nbytes <= self.budget:
                     self._keep(offset, part)
                 yield t, part
-                offset += (stop - start) * vocab * 4
-                row, i = row + stop - start, i + 1
+                offset, row, i = offset + part.nbytes, row + stop - start, i + 1
 
     def _group(self, i: int) -> list[tuple[int, int, int]]:
         """Chunks i.. computed in one call, up to `chunk` rows together: a short text is a chunk of its own, and
@@ -298,9 +268,8 @@ class ReferenceChunks:
 
     def _read(self, offset: int, rows: int) -> np.ndarray:
         assert self.file is not None
-        vocab = self.reference.config.vocab_size
         if self.buf is None or self.buf.shape[0] < rows:
-            self.buf = np.empty((rows, vocab), dtype=np.float32)
+            self.buf = np.empty((rows, self.reference.config.vocab_size), dtype=np.float32)
         view = self.buf[:rows]
         self.file.seek(offset)
         got = self.file.readinto(view.data.cast("B"))
@@ -315,35 +284,24 @@ class ReferenceChunks:
 
 
 # ----------------------------------------------------------------------------- the measures
-
-
 def log_softmax(x: np.ndarray) -> torch.Tensor:
     """float64 log-probabilities of logits [rows, vocab] (KLDs of f16 files are ~1e-7: float32 rounding would be of
-    their size). torch, not numpy: its kernels use every core, where numpy's run on one (per position at a 256k
-    vocabulary, the measures cost ~2 ms on this project's 2-core box against 4.7 with numpy, and they run between
-    llama.cpp's passes, not beside them)."""
+    their size). torch, not numpy: its kernels use every core, numpy's one (docs/export-and-verify.md, "Scoring")."""
     return torch.log_softmax(torch.as_tensor(x, dtype=torch.float64), dim=-1)
 
 
 @dataclass
 class Block:
-    """Log-probabilities of a block of rows, with what every comparison against them reuses."""
+    """Log-probabilities of a block of rows and their argmax."""
 
     lp: torch.Tensor
-    top1: np.ndarray  # argmax per row
-    _p: torch.Tensor | None = None
+    top1: np.ndarray
 
     @classmethod
     def of(cls, logits: np.ndarray) -> Block:
         """From float32 logits [rows, vocab]; the argmax is taken on them (log-softmax keeps each row's order, and
         numpy's float32 argmax is ~20x faster than torch's on float64)."""
         return cls(log_softmax(logits), logits.argmax(-1))
-
-    @property
-    def p(self) -> torch.Tensor:
-        if self._p is None:
-            self._p = self.lp.exp()
-        return self._p
 
 
 @dataclass
@@ -364,7 +322,7 @@ class Tally:
         (-1 where none)."""
         # as Python floats: a tensor per block, kept, would sit between the blocks' ~30 MB temporaries in the
         # malloc heap and keep it from shrinking (RSS grew by ~2 MB per position, measured)
-        self.kld.extend((ref.lp - got.lp).mul_(ref.p).sum(-1).tolist())
+        self.kld.extend((ref.lp - got.lp).mul_(ref.lp.exp()).sum(-1).tolist())
         self.top1_hits += int((ref.top1 == got.top1).sum())
         self.add_nll(got, nxt, sup, record)
 

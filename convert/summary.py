@@ -38,12 +38,10 @@ def _answers(cfg: Config, manifest: Manifest) -> list[str]:
 def _artifact_lines(art: dict) -> list[str]:
     """Where the adapter, the merged model, each GGUF and the adapter GGUF went (with sizes)."""
     lines = []
-    if "adapter" in art:
-        size = sum(f["size"] for f in art["adapter"]["files"].values())
-        lines.append(f"adapter:      {art['adapter']['path']} ({human_size(size)})")
-    if "merged" in art:
-        size = sum(f["size"] for f in art["merged"]["files"].values())
-        lines.append(f"merged model: {art['merged']['path']} ({human_size(size)})")
+    for key, label in (("adapter", "adapter:     "), ("merged", "merged model:")):
+        if key in art:
+            size = human_size(sum(f["size"] for f in art[key]["files"].values()))
+            lines.append(f"{label} {art[key]['path']} ({size})")
     for label, export in art.get("gguf", {}).items():
         for quant, entry in export["files"].items():
             lines.append(f"GGUF {label:>9} {quant:>7}: {entry['path']} ({human_size(entry['size'])})")

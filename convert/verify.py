@@ -1,30 +1,12 @@
 """Prove a GGUF is the model that was trained, and measure what each quant costs.
 
-Every file is scored against the model that was trained: the HF model in float32, which convert/reference.py
-streams layer by layer (never whole in float32). Its decoder runs once over the scored token sequences; then
-the files are run by llama.cpp one after another, each in step with the reference's logits CHUNK positions at
-a time: per position the KL divergence, top-1 agreement and next-token log-likelihood are computed and the
-logits dropped. So one GGUF is mapped at a time and no [tokens, vocab] array for the whole text set is held
-in memory (256k vocab: 1 MB per position): the reference's logits go to a scratch file on the first file's
-pass and are read back for the others (convert/score.py: ReferenceChunks), rather than the output layer (~1/5 of
-a forward) running once per file.
-(llama.cpp's own llama-perplexity --kl-divergence scores quants against the f16 file instead; scoring each
-against the trained model measures what a user gets, and the float file's own distance is in the table.)
-
-Measured per file:
-- tokens:       llama.cpp token ids == HF tokenizer ids on a fixed set of hard strings (unicode,
-                whitespace runs, emoji, chat markers), with and without <bos>.
-- nmse / top1:  last-token logits of chat-rendered prompts; NMSE = MSE / Var(reference), and the share
-                of prompts whose argmax agrees (the llama.cpp way of checking a conversion).
-- kld, kld_p99, top1_all: mean and 99th percentile of KL(reference || file) and argmax agreement over every
-                scored position (the scored set: scored_set()).
-- ppl:          perplexity of the scored text under the file's own logits (llama.cpp's).
-- losses:       per held-out record, the loss on the tokens training supervises, through the file and through the
-                HF model (what the nightly job's hf_loss and gguf_loss are made of: computed here, not again).
-- size, bits_per_weight: file bytes, and file bytes x 8 / parameters (all of the file: metadata and vocab too).
-- chat_template: the GGUF's tokenizer.chat_template equals the tokenizer's.
-- stop_token:   llama.cpp treats <end_of_turn> as end of generation.
-Float types are gated on nmse and top1, quants on kld (thresholds from the config's verify section).
+Every file is scored against the model that was trained: the HF model in float32, streamed layer by layer
+(convert/reference.py), one GGUF at a time in step with the reference's logits (convert/score.py), on the scored set
+(scored_set()). Each file's tokenizer, chat template and stop token are checked as an application loading it sees
+them. Float types are gated on the prompts' last-token NMSE and top-1, quants on mean KLD (the config's verify
+section); docs/export-and-verify.md has every measure and gate. (llama.cpp's llama-perplexity --kl-divergence scores
+quants against the f16 file instead; scoring each against the trained model measures what a user gets, and the
+float file's own distance is in the table.)
 """
 
 from __future__ import annotations
@@ -77,6 +59,7 @@ REFERENCE_TEXTS = [
     "The data volume is at 91%; the system disk has 40 GB free.<end_of_turn>\n",
 ]
 
+CHECKS = ("tokens_identical", "chat_template", "stop_token")  # every file's, whatever its type (_checks)
 HF_REFERENCE = "HF model"  # FileReport.reference of a file scored against the HF model
 
 
@@ -114,8 +97,6 @@ class VerificationFailed(PipelineError):
 
 
 # ----------------------------------------------------------------------------- the scored token sequences
-
-
 @dataclass
 class ScoredSet:
     """The token sequences every file is scored on: chat-rendered prompts (last-token NMSE/top-1), then windows of
@@ -214,12 +195,9 @@ def verify_files(
     fallback: list[list[int]] | None = None,
     scratch_dir: Path | None = None,
 ) -> list[FileReport]:
-    """Verify several GGUFs ((quant name, path) pairs) of one HF model, every one against the HF model.
-
-    The reference's decoder runs once; the files are scored one after another (one GGUF mapped at a time).
-    `heldout` records are scored in full; `fallback` (training records' ids) only while short of
-    verify.min_scored_tokens. scratch_dir: where the reference's logits are kept between files (ReferenceChunks;
-    None: recomputed for each file)."""
+    """Verify several GGUFs ((quant name, path) pairs) of the HF model in `model_dir`. `heldout` records are scored
+    in full; `fallback` (training records' ids) only while short of verify.min_scored_tokens. scratch_dir: where the
+    reference's logits are kept between files (ReferenceChunks; None: recomputed for each file)."""
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     context = getattr(AutoConfig.from_pretrained(str(model_dir)), "max_position_embeddings", None) or 8192
     window = min(verify_cfg.max_tokens_per_text, context)
@@ -270,8 +248,6 @@ def _verify_file(
 
 
 # ----------------------------------------------------------------------------- reports
-
-
 def recommend(reports: list[FileReport], max_kld: float) -> FileReport | None:
     """The smallest file that passed with mean KLD within the budget (its own reference's KLD), or None."""
     within = [r for r in reports if r.passed and r.measures.get("kld", math.inf) <= max_kld]
@@ -302,18 +278,13 @@ def to_table(reports: list[FileReport]) -> str:
     )
     rows = [head, "|" + "---|" * 15]
     for r in reports:
-        g = {x.name: x for x in r.gates}
-        m = r.measures
-
-        def mark(name: str, gates=g) -> str:
-            return "-" if name not in gates else ("ok" if gates[name].passed else "FAIL")
-
-        nan = math.nan
+        g, m, nan = {x.name: x for x in r.gates}, r.measures, math.nan
+        marks = [("ok" if g[n].passed else "FAIL") if n in g else "-" for n in CHECKS]
         rows.append(
             f"| {Path(r.path).name} | {r.quant} | {r.reference} | {human_size(int(m.get('size', 0)))} | "
             f"{m.get('bits_per_weight', nan):.2f} | {m.get('kld', nan):.2e} | {m.get('kld_p99', nan):.2e} | "
             f"{m.get('top1_all', nan):.1%} | {m.get('ppl', nan):.4g} | {m.get('nmse', nan):.2e} | "
-            f"{mark('tokens_identical')} | {mark('chat_template')} | {mark('stop_token')} | {gate_text(r.gates)} | "
+            f"{' | '.join(marks)} | {gate_text(r.gates)} | "
             f"{'PASS' if r.passed else 'FAIL: ' + '; '.join(r.failures())} |"
         )
     return "\n".join(rows)
@@ -321,26 +292,24 @@ def to_table(reports: list[FileReport]) -> str:
 
 def write_reports(
     run_dir: Path, groups: dict[str, list[FileReport]], verify_cfg, passed: bool, reference: Path | None = None
-) -> None:
-    """verify.json (machine-readable) and verify.md (the quality table, the reference, the scored token count, the
-    gates and a recommendation per exported model) in the run folder. groups: the reports of each model (its name)."""
+) -> dict:
+    """verify.json (machine-readable, returned) and verify.md (the quality table, the reference, the scored token
+    count, the gates and a recommendation per exported model) in the run folder. groups: each model's reports."""
     reports = [r for group in groups.values() for r in group]
     scored = min((int(r.measures.get("positions", 0)) for r in reports), default=0)
     minimum, budget = verify_cfg.min_scored_tokens, verify_cfg.recommend_max_kld
     recommended = {name: recommend(group, budget) for name, group in groups.items() if group}
-    atomic_write_json(
-        run_dir / "verify.json",
-        {
-            "passed": passed and all(r.passed for r in reports),
-            "reference": str(reference) if reference else None,
-            "scored_tokens": scored,
-            "min_scored_tokens": minimum,
-            "short_of_minimum": scored < minimum,
-            "recommend_max_kld": budget,
-            "recommended": {n: (Path(r.path).name if r else None) for n, r in recommended.items()},
-            "files": to_json(reports),
-        },
-    )
+    summary = {
+        "passed": passed and all(r.passed for r in reports),
+        "reference": str(reference) if reference else None,
+        "scored_tokens": scored,
+        "min_scored_tokens": minimum,
+        "short_of_minimum": scored < minimum,
+        "recommend_max_kld": budget,
+        "recommended": {n: (Path(r.path).name if r else None) for n, r in recommended.items()},
+        "files": to_json(reports),
+    }
+    atomic_write_json(run_dir / "verify.json", summary)
     head = ["# Verification", ""]
     if reference:
         head += [
@@ -364,6 +333,7 @@ def write_reports(
     ]
     tail = ["", "Notes:", *notes] if notes else []
     atomic_write_text(run_dir / "verify.md", "\n".join([*head, *lines, *legend, *tail]) + "\n")
+    return summary
 
 
 def to_json(reports: list[FileReport]) -> list[dict]:
