@@ -43,4 +43,7 @@ def fix_tokenizer_config(folder: Path, special_tokens: dict[int, str]) -> None:
         for i, t in sorted(special_tokens.items())
     }
     config.pop("vocab_file", None)  # an absolute temp path is meaningless once copied
+    # How the saving process loaded it (true under HF_HUB_OFFLINE=1), not what the tokenizer is: kept, the same
+    # tokenizer saved online and offline differed, and so did the tiny model's revision hash
+    config.pop("local_files_only", None)
     path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
