@@ -85,8 +85,9 @@ class Case:
 class Cli:
     """`python -m <module> <args>` through the CLI server: exit rc, each of `expect` in its output, not `absent`,
     models/ byte for byte as it was and no path added or removed anywhere in the workspace.
-    elsewhere: run from an empty folder of the test's own ({work} in args is the workspace), as a user who is not in
-    the project's folder; publishing: while a `python -m train` that publishes export.name holds its lock."""
+    elsewhere: run from an empty folder of the test's own, as a user who is not in the project's folder; publishing:
+    while a `python -m train` that publishes export.name holds its lock. args and expect may name {work} (the
+    workspace), {elsewhere}, {root} (the project's folder), {size} and {mib} (the published default GGUF's size)."""
 
     id: str
     cls: str
@@ -172,9 +173,11 @@ def exported(ctx: Ctx) -> object:
 
 CASES = [
     # ---------------------------------------------------------------- 1. paths: good forms work, bad ones say what
-    Case("data-relative-folder-slash", "paths", data("data.train_files=[bad/data_dir/]"), None, 0, "300 training"),
-    Case("data-relative-folder", "paths", data("data.train_files=[bad/data_dir]"), None, 0, "300 training"),
-    Case("data-symlinked-folder", "paths", data("data.train_files=[bad/link_dir/]"), None, 0, "300 training"),
+    Case(
+        "data-relative-folder-slash", "paths", data("data.train_files=[bad/data_dir/]"), None, 0, "300 training records"
+    ),
+    Case("data-relative-folder", "paths", data("data.train_files=[bad/data_dir]"), None, 0, "300 training records"),
+    Case("data-symlinked-folder", "paths", data("data.train_files=[bad/link_dir/]"), None, 0, "300 training records"),
     Case(
         "data-dot-relative-file",
         "paths",
