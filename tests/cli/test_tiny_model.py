@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
 
 from scripts import tiny_model
-from tests.conftest import DEMO_DATA, TINY_REPO, small_config
+from tests.conftest import DEMO_DATA, ROOT, TINY_REPO, cli_env, small_config
 
 REPO_DIR = "models--tiny-gemma--gemma-2-tiny"
 
@@ -59,16 +61,19 @@ def test_build_is_deterministic(hf_home: Path, tmp_path: Path):
 
 
 def test_loads_by_repo_id_offline_and_tokenizes_gemma_style(hf_home: Path):
-    """By its repo id, from the cache alone, as `from_pretrained("tiny-gemma/gemma-2-tiny")` finds it with
-    HF_HOME=hf_home and HF_HUB_OFFLINE=1 (cache_dir is what HF_HOME's hub/ sets)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    cache = {"cache_dir": str(hf_home / "hub"), "local_files_only": True}
-    m = AutoModelForCausalLM.from_pretrained(TINY_REPO, **cache)
-    t = AutoTokenizer.from_pretrained(TINY_REPO, **cache)
-    ids = t("<start_of_turn>user\nHi").input_ids
-    assert (type(m).__name__, ids[:2], t.pad_token_id, t.eos_token_id) == ("Gemma2ForCausalLM", [2, 4], 0, 1)
-    # one <bos>, and the turn marker is one token
+    """A process of its own: HF_HOME and HF_HUB_OFFLINE=1 are read when transformers is imported (in this process,
+    online, the same load waits ~25 s on the network it does not have)."""
+    code = (
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        f"m = AutoModelForCausalLM.from_pretrained('{TINY_REPO}')\n"
+        f"t = AutoTokenizer.from_pretrained('{TINY_REPO}')\n"
+        "ids = t('<start_of_turn>user\\nHi').input_ids\n"
+        "print(type(m).__name__, ids[:2], t.pad_token_id, t.eos_token_id)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=cli_env(hf_home), capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    assert out.stdout.split("\n")[0] == "Gemma2ForCausalLM [2, 4] 0 1"  # one <bos>, marker is one token
 
 
 def test_missing_model_names_the_cache_and_the_download_command(cli, tmp_path: Path):
