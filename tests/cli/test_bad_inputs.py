@@ -1,11 +1,12 @@
 """Every CLI verb fed a table of bad inputs, as a demanding new user types them (issue 9).
 
-Each case runs the real CLI in a process of its own and must end with its documented exit code, a message naming the
-offending thing, no traceback, and `models/` byte for byte (and mode for mode) as it was. The cases share one
-trained and exported tiny run (module fixture) and run in its folder with relative paths; a case that changes
-the run folder gets a copy. A few cases are the good forms of a path (relative, trailing slash, symlink): those
-must succeed. The cases' processes are forks of tests/support/cli_server.py, which has imported both CLIs once
-(~8 s a process otherwise); the few tests of a process's own start (`| head`) start `python -m` themselves.
+Each case must end with its documented exit code, a message naming the offending thing, and nothing written; the
+good forms of a path (relative, trailing slash, symlink) must work. CASES are direct calls of the function that
+decides (config and overrides, paths, data sources, GGUF headers, --report, resume checkpoints, trainer settings,
+argument parsing): its exception, the exit code the CLIs turn it into (core.errors.exit_status) and the message they
+print. END_TO_END runs the real CLIs (forks of the CLI server, tests/conftest.py `cli`), chosen so that every verb
+and every way a user's command ends stays covered through the command itself; `| head` starts real processes.
+All cases work in one copy of the golden run, with relative paths; a case that changes the run gets its own copy.
 """
 
 from __future__ import annotations
@@ -15,343 +16,633 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import yaml
 
-from tests.conftest import DEMO_DATA, CliServer, cli_env, run_cli, small_config
+from convert.__main__ import hf_model_dir, quant_of, report_path
+from convert.export import vouched_adapter
+from convert.llamacpp import read_metadata
+from core.config import load_config
+from core.errors import (
+    ConfigError,
+    DataError,
+    InvalidInput,
+    ModelNotFoundError,
+    PathError,
+    PipelineError,
+    RunError,
+    exit_status,
+)
+from core.hub import CACHE_ENV, MODELS_CACHE, resolve_model
+from core.runfolder import RunFolder
+from tests.conftest import DEMO_DATA, GOLDEN_RUN, ROOT, cli_env, copy_workspace
 from tests.support.snapshots import tree_snapshot
+from train.__main__ import parse_args as train_args
+from train.data import load_data
+from train.model import chat_template_text
+from train.report import check_complete_run_config
+from train.resume import plan_resume
+from train.run import publishing
+from train.validate import validate_training_setup
 
 pytestmark = pytest.mark.slow
 
 GGUF = "models/gguf/gemma_2b_finetuned.gguf"
-MERGED = "models/finetuned/final_models/t"
-CHECKPOINT = "outputs/t/checkpoints/checkpoint-4"
+MERGED = f"models/finetuned/final_models/{GOLDEN_RUN}"
+CHECKPOINTS = f"outputs/{GOLDEN_RUN}/checkpoints"
+CLASSES = {"paths", "files", "stale", "validation", "parsing", "surprises"}  # the issue's classes
+
+
+class Ctx(NamedTuple):
+    """What a direct call needs besides the workspace (its working directory)."""
+
+    tok: object  # the tiny model's tokenizer
+    hf_home: Path
 
 
 @dataclass(frozen=True)
 class Case:
+    """A direct call, in the workspace: `call` raises `error`, which the CLIs end with exit `rc` and a message that
+    holds `expect` (and not `absent`); a good form (rc 0, error None) returns a description holding `expect`."""
+
     id: str
-    cls: str  # the issue's class: paths, files, stale, validation, parsing, surprises
+    cls: str
+    call: Callable[[Ctx], object]
+    error: type[BaseException] | None
+    rc: int
+    expect: str
+    absent: str = ""
+    mutate: str = ""  # a function below that changes a copy of the workspace first
+
+
+@dataclass(frozen=True)
+class Cli:
+    """`python -m <module> <args>` through the CLI server: exit rc, each of `expect` in its output, not `absent`,
+    models/ byte for byte as it was and no path added or removed anywhere in the workspace.
+    elsewhere: run from an empty folder of the test's own, as a user who is not in the project's folder; publishing:
+    while a `python -m train` that publishes export.name holds its lock. args and expect may name {work} (the
+    workspace), {elsewhere}, {root} (the project's folder), {size} and {mib} (the published default GGUF's size)."""
+
+    id: str
+    cls: str
     module: str
     args: list[str]
     rc: int
-    expect: str  # must appear in stdout + stderr
-    mutate: str = ""  # name of a function below that changes a copy of the run before the command
-    extra: dict = field(default_factory=dict)
+    expect: tuple[str, ...]
+    absent: str = ""
+    mutate: str = ""
+    elsewhere: bool = False
+    publishing: bool = False
 
 
-def dry(*overrides: str) -> list[str]:
-    """A dry run of a new run: the shared run is complete, and a complete run only compares configs."""
-    return ["--config", "config.yaml", "--dry-run", "run_name=new", *overrides]
+# ----------------------------------------------------------------------------- the calls the commands make
+
+
+def config(*overrides: str):
+    """The workspace's config with overrides, as `python -m train --config config.yaml <overrides>` reads it."""
+    return load_config("config.yaml", list(overrides))
+
+
+def data(*overrides: str) -> Callable[[Ctx], str]:
+    """The data stage (train.data.load_data: training, eval and held-out sources), as a run and its dry run call it."""
+
+    def call(ctx: Ctx) -> str:
+        cfg = config(*overrides)
+        prepared = load_data(ctx.tok, cfg, RunFolder.of(cfg).root)
+        return f"{prepared.train_stats.records} training records"
+
+    return call
+
+
+def validate(*overrides: str) -> Callable[[Ctx], None]:
+    """The trainer settings and output folders a run checks before it writes anything (train.validate)."""
+
+    def call(ctx: Ctx) -> None:
+        cfg = config(*overrides)
+        base = resolve_model(cfg.model.name_or_path, cfg.model.revision, ctx.hf_home)
+        validate_training_setup(cfg, RunFolder.of(cfg), base, False)
+
+    return call
+
+
+def model(*overrides: str) -> Callable[[Ctx], object]:
+    def call(ctx: Ctx) -> object:
+        cfg = config(*overrides)
+        return resolve_model(cfg.model.name_or_path, cfg.model.revision, ctx.hf_home)
+
+    return call
+
+
+def template(spec: str) -> Callable[[Ctx], str]:
+    return lambda ctx: chat_template_text(config(f"model.chat_template={spec}").model.chat_template)
+
+
+def parsed(*overrides: str) -> Callable[[Ctx], object]:
+    return lambda ctx: config(*overrides)
+
+
+def config_file(path: str) -> Callable[[Ctx], object]:
+    return lambda ctx: load_config(path)
+
+
+def resume_from(checkpoint: str) -> Callable[[Ctx], object]:
+    """--resume-from: what the run (and its dry run) would resume from (train.resume.plan_resume)."""
+
+    def call(ctx: Ctx) -> object:
+        cfg = config()
+        return plan_resume(RunFolder.of(cfg), cfg, False, {}, Path(checkpoint))
+
+    return call
+
+
+def architecture(gguf: str) -> Callable[[Ctx], str]:
+    """`convert info`'s reading of a GGUF (convert.llamacpp.read_metadata)."""
+    return lambda ctx: f"general.architecture: {read_metadata(Path(gguf))['general.architecture']}"
+
+
+def exported(ctx: Ctx) -> object:
+    """What `convert export` checks before it exports: that the run folder vouches for its adapter."""
+    return vouched_adapter(RunFolder.of(config()))
 
 
 CASES = [
-    # ---------------------------------------------------------------- 1. paths: good forms succeed, bad ones say what
-    Case("data-relative-folder-slash", "paths", "train", dry("data.train_files=[bad/data_dir/]"), 0, "dry run"),
-    Case("data-relative-folder", "paths", "train", dry("data.train_files=[bad/data_dir]"), 0, "dry run"),
-    Case("data-symlinked-folder", "paths", "train", dry("data.train_files=[bad/link_dir/]"), 0, "dry run"),
+    # ---------------------------------------------------------------- 1. paths: good forms work, bad ones say what
     Case(
-        "data-dot-relative-file", "paths", "train", dry("data.train_files=[./bad/data_dir/train.jsonl]"), 0, "dry run"
+        "data-relative-folder-slash", "paths", data("data.train_files=[bad/data_dir/]"), None, 0, "300 training records"
+    ),
+    Case("data-relative-folder", "paths", data("data.train_files=[bad/data_dir]"), None, 0, "300 training records"),
+    Case("data-symlinked-folder", "paths", data("data.train_files=[bad/link_dir/]"), None, 0, "300 training records"),
+    Case(
+        "data-dot-relative-file",
+        "paths",
+        data("data.train_files=[./bad/data_dir/train.jsonl]"),
+        None,
+        0,
+        "300 training records",
     ),
     Case(
         "data-missing-file",
         "paths",
-        "train",
-        dry("data.train_files=[bad/nope.jsonl]"),
+        data("data.train_files=[bad/nope.jsonl]"),
+        DataError,
         2,
         "bad/nope.jsonl: file not found",
     ),
     Case(
-        "data-missing-folder-slash",
-        "paths",
-        "train",
-        dry("data.train_files=[bad/nope/]"),
-        2,
-        "bad/nope/: file not found",
+        "data-missing-folder-slash", "paths", data("data.train_files=[bad/nope/]"), DataError, 2, "bad/nope/: file not"
     ),
-    Case("data-device", "paths", "train", dry("data.train_files=[/dev/null]"), 2, "/dev/null: is a device"),
     Case(
-        "data-empty-file",
+        "data-device",
         "paths",
-        "train",
-        dry("data.train_files=[bad/empty.jsonl]"),
+        data("data.train_files=[/dev/null]"),
+        DataError,
         2,
-        "bad/empty.jsonl: file is empty",
+        "/dev/null: is a device or other special file, not a data file",
     ),
-    Case("data-empty-folder", "paths", "train", dry("data.train_files=[bad/empty_dir/]"), 2, "no data files"),
-    Case("data-dangling-link", "paths", "train", dry("data.train_files=[bad/dangling.jsonl]"), 2, "broken symlink"),
     Case(
-        "eval-missing", "paths", "train", dry("data.eval_files=[bad/nope.jsonl]"), 2, "bad/nope.jsonl: file not found"
+        "data-empty-file", "paths", data("data.train_files=[bad/empty.jsonl]"), DataError, 2, "bad/empty.jsonl: file is"
+    ),
+    Case(
+        "data-empty-folder", "paths", data("data.train_files=[bad/empty_dir/]"), DataError, 2, "bad/empty_dir/: no data"
+    ),
+    Case("data-dangling-link", "paths", data("data.train_files=[bad/dangling.jsonl]"), DataError, 2, "broken symlink"),
+    Case(
+        "eval-missing",
+        "paths",
+        data("data.eval_files=[bad/nope.jsonl]"),
+        DataError,
+        2,
+        "bad/nope.jsonl: file not found (relative paths start at {work})\n  nothing was trained",
     ),
     Case(
         "heldout-missing",
         "paths",
-        "train",
-        dry("verify.heldout_files=[bad/nope.jsonl]", "export.enabled=true"),
+        data("verify.heldout_files=[bad/nope.jsonl]"),
+        DataError,
         2,
-        "bad/nope.jsonl: file not found",
+        "bad/nope.jsonl: file not found (relative paths start at {work})\n  in verify.heldout_files / data.eval_files",
     ),
     Case(
         "heldout-folder-empty",
         "paths",
-        "train",
-        dry("verify.heldout_files=[bad/empty_dir]", "export.enabled=true"),
+        data("verify.heldout_files=[bad/empty_dir]"),
+        DataError,
         2,
-        "no data files",
+        "bad/empty_dir: no data files (.jsonl, .json, .csv, .parquet) in this folder\n  in verify.heldout_files",
     ),
-    Case("template-missing", "paths", "train", dry("model.chat_template=bad/nope.jinja"), 2, "bad/nope.jinja"),
-    Case("model-folder-without-config", "paths", "train", dry("model.name_or_path=bad/empty_dir"), 2, "no config.json"),
+    Case("template-missing", "paths", template("bad/nope.jinja"), RunError, 2, "no template 'bad/nope.jinja'"),
+    Case(
+        "model-folder-without-config",
+        "paths",
+        model("model.name_or_path=bad/empty_dir"),
+        ModelNotFoundError,
+        2,
+        "bad/empty_dir is a folder but has no config.json",
+    ),
     Case(
         "model-not-cached",
         "paths",
-        "train",
-        dry("model.name_or_path=acme/not-there"),
+        model("model.name_or_path=acme/not-there"),
+        ModelNotFoundError,
         2,
-        "not in the Hugging Face cache",
+        "model 'acme/not-there' (revision main) is not in the Hugging Face cache",
     ),
     Case(
-        "output-dir-is-a-file", "paths", "train", dry("paths.output_dir=bad/a_file"), 2, "paths.output_dir bad/a_file"
+        "output-dir-is-a-file",
+        "paths",
+        validate("paths.output_dir=bad/a_file"),
+        RunError,
+        2,
+        "paths.output_dir bad/a_file",
     ),
     Case(
         "gguf-dir-under-a-file",
         "paths",
-        "train",
-        dry("export.enabled=true", "export.gguf_dir=bad/a_file/gguf"),
+        validate("export.gguf_dir=bad/a_file/gguf"),
+        RunError,
         2,
         "export.gguf_dir bad/a_file/gguf",
     ),
+    Case("config-missing", "paths", config_file("bad/nope.yaml"), ConfigError, 2, "config file not found: bad/nope"),
+    Case("config-folder", "paths", config_file("bad"), ConfigError, 2, "--config bad: is a folder"),
+    Case("config-device", "paths", config_file("/dev/null"), ConfigError, 2, "--config /dev/null: is a device"),
     Case(
-        "config-missing",
-        "paths",
-        "train",
-        ["--config", "bad/nope.yaml", "--dry-run"],
-        2,
-        "config file not found: bad/nope.yaml",
+        "config-empty", "paths", config_file("bad/empty.yaml"), ConfigError, 2, "--config bad/empty.yaml: is an empty"
     ),
-    Case("config-folder", "paths", "train", ["--config", "bad", "--dry-run"], 2, "--config bad: is a folder"),
-    Case(
-        "config-device", "paths", "train", ["--config", "/dev/null", "--dry-run"], 2, "--config /dev/null: is a device"
-    ),
-    Case(
-        "config-empty", "paths", "train", ["--config", "bad/empty.yaml"], 2, "--config bad/empty.yaml: is an empty file"
-    ),
-    Case(
-        "resume-from-missing",
-        "paths",
-        "train",
-        ["--config", "config.yaml", "--resume-from", "bad/nope"],
-        2,
-        "not a checkpoint of this run",
-    ),
-    Case(
-        "resume-from-file",
-        "paths",
-        "train",
-        ["--config", "config.yaml", "--resume-from", "config.yaml"],
-        2,
-        "not a checkpoint of this run",
-    ),
+    Case("resume-from-missing", "paths", resume_from("bad/nope"), RunError, 2, "not a checkpoint of this run"),
+    Case("resume-from-file", "paths", resume_from("config.yaml"), RunError, 2, "not a checkpoint of this run"),
     Case(
         "resume-from-missing-step",
         "paths",
-        "train",
-        ["--config", "config.yaml", "--resume-from", "outputs/t/checkpoints/checkpoint-99/"],
+        resume_from(f"{CHECKPOINTS}/checkpoint-99/"),
+        RunError,
         2,
-        "checkpoint-99",
+        "checkpoint-99: is missing; this run's committed checkpoints: checkpoint-20, checkpoint-40",
     ),
-    Case("info-relative", "paths", "convert", ["info", GGUF], 0, "general.architecture: gemma2"),
-    Case("info-symlink", "paths", "convert", ["info", "bad/link.gguf"], 0, "general.architecture: gemma2"),
+    Case("info-relative", "paths", architecture(GGUF), None, 0, "general.architecture: gemma2"),
+    Case("info-symlink", "paths", architecture("bad/link.gguf"), None, 0, "general.architecture: gemma2"),
     Case(
         "verify-report-folder-missing",
         "paths",
-        "convert",
-        ["verify", "--model", MERGED, GGUF, "--report", "bad/nope/r.json"],
+        lambda ctx: report_path("bad/nope/r.json"),
+        PathError,
         2,
         "--report's folder",
     ),
-    Case(
-        "verify-report-is-folder",
-        "paths",
-        "convert",
-        ["verify", "--model", MERGED, GGUF, "--report", "bad"],
-        2,
-        "--report bad: is a folder",
-    ),
-    Case(
-        "verify-config-missing",
-        "paths",
-        "convert",
-        ["verify", "--model", MERGED, GGUF, "--config", "bad/n.yaml"],
-        2,
-        "config file not found",
-    ),
-    Case("export-config-folder", "paths", "convert", ["export", "--config", "bad"], 2, "--config bad: is a folder"),
+    Case("verify-report-is-folder", "paths", lambda ctx: report_path("bad"), PathError, 2, "--report bad: is a folder"),
+    Case("verify-config-missing", "paths", config_file("bad/n.yaml"), ConfigError, 2, "config file not found"),
+    Case("export-config-folder", "paths", config_file("bad/"), ConfigError, 2, "--config bad: is a folder"),
     # ---------------------------------------------------------------- 2. files that are not what they claim
-    Case("info-missing", "files", "convert", ["info", "bad/nope.gguf"], 2, "GGUF file bad/nope.gguf"),
-    Case("info-folder", "files", "convert", ["info", "bad/folder.gguf"], 2, "is a folder, not a file"),
-    Case("info-empty", "files", "convert", ["info", "bad/empty.gguf"], 2, "is an empty file"),
-    Case("info-text", "files", "convert", ["info", "bad/text.gguf"], 2, "not a GGUF file (wrong magic)"),
-    Case("info-truncated", "files", "convert", ["info", "bad/truncated.gguf"], 2, "truncated or damaged"),
-    Case("info-device", "files", "convert", ["info", "/dev/null"], 2, "is a device"),
-    Case("info-dangling-link", "files", "convert", ["info", "bad/dangling.gguf"], 2, "broken symlink"),
-    Case("verify-model-missing", "files", "convert", ["verify", "--model", "bad/nope", GGUF], 2, "--model bad/nope"),
+    Case("info-missing", "files", architecture("bad/nope.gguf"), PathError, 2, "GGUF file bad/nope.gguf"),
+    Case("info-folder", "files", architecture("bad/folder.gguf"), PathError, 2, "is a folder, not a file"),
+    Case("info-empty", "files", architecture("bad/empty.gguf"), PathError, 2, "is an empty file"),
     Case(
-        "verify-model-file",
+        "info-truncated",
+        "files",
+        architecture("bad/truncated.gguf"),
+        InvalidInput,
+        2,
+        "truncated or damaged (its header is a GGUF's)",
+    ),
+    Case("info-device", "files", architecture("/dev/null"), PathError, 2, "GGUF file /dev/null: is a device"),
+    Case("info-dangling-link", "files", architecture("bad/dangling.gguf"), PathError, 2, "broken symlink"),
+    Case(
+        "verify-model-file", "files", lambda ctx: hf_model_dir("config.yaml"), PathError, 2, "is a file, not a folder"
+    ),
+    Case(
+        "verify-model-no-config",
+        "files",
+        lambda ctx: hf_model_dir("bad/empty_dir"),
+        PathError,
+        2,
+        "--model bad/empty_dir: has no config.json",
+    ),
+    Case(
+        "verify-truncated",
+        "files",
+        lambda ctx: quant_of(Path("bad/truncated.gguf")),
+        InvalidInput,
+        2,
+        "bad/truncated.gguf: truncated or damaged",
+    ),
+    Case(
+        "verify-text",
+        "files",
+        lambda ctx: quant_of(Path("bad/text.gguf")),
+        InvalidInput,
+        2,
+        "bad/text.gguf: not a GGUF file (wrong magic)",
+        absent="export it again",  # what wrote it was not our export
+    ),
+    Case("verify-empty", "files", lambda ctx: quant_of(Path("bad/empty.gguf")), PathError, 2, "is an empty file"),
+    # ------------------------------------------------------------ 4. only what the run folder vouches for is exported
+    Case("export-adapter-changed", "stale", exported, RunError, 2, "is not the adapter", mutate="tamper_adapter"),
+    Case("export-adapter-missing", "stale", exported, RunError, 2, "is not the adapter", mutate="remove_adapter"),
+    Case(
+        "export-failed-training", "stale", exported, RunError, 2, "(status: interrupted)", mutate="interrupted_status"
+    ),
+    # ------------------------------------------------------------ 5. validation a dry run does not leave to training
+    Case("optim-unknown", "validation", validate("training.optim=adamw_bogus"), RunError, 2, "adamw_bogus is not a"),
+    Case(
+        "scheduler-unknown",
+        "validation",
+        validate("training.lr_scheduler_type=cosinus"),
+        RunError,
+        2,
+        "cosinus is not a valid SchedulerType",
+    ),
+    Case(
+        "report-to-unknown",
+        "validation",
+        validate("training.report_to=[nonsense]"),
+        RunError,
+        2,
+        "training.report_to: nonsense is not supported",
+    ),
+    Case(
+        "report-to-missing-package",
+        "validation",
+        validate("training.report_to=[mlflow]"),
+        RunError,
+        2,
+        "training.report_to: mlflow not installed",
+    ),
+    Case(
+        "lora-target-none",
+        "validation",
+        validate("lora.target_modules=[qkv_proj]"),
+        RunError,
+        2,
+        "lora.target_modules: qkv_proj match no module",
+    ),
+    Case(
+        "lora-target-partly",
+        "validation",
+        validate("lora.target_modules=[q_proj,c_attn]"),
+        RunError,
+        2,
+        "lora.target_modules: c_attn match no module",
+    ),
+    Case("template-unknown", "validation", template("llama9"), RunError, 2, "no template 'llama9'"),
+    # ---------------------------------------------------------------- 6. parsing
+    Case("override-broken-yaml", "parsing", parsed("data.train_files=[a.jsonl"), ConfigError, 2, "not valid YAML"),
+    Case("override-unclosed-quote", "parsing", parsed("run_name='abc"), ConfigError, 2, "not valid YAML"),
+    Case("override-no-equals", "parsing", parsed("training.max_steps"), ConfigError, 2, "not of the form dotted.key="),
+    Case("override-empty-key", "parsing", parsed("=5"), ConfigError, 2, "not of the form dotted.key=value"),
+    Case("override-empty-part", "parsing", parsed("training..max_steps=5"), ConfigError, 2, "not of the form"),
+    Case("override-into-value", "parsing", parsed("run_name.x=1"), ConfigError, 2, "'run_name' is not a section"),
+    Case(
+        "bool-as-int",
+        "parsing",
+        parsed("training.max_steps=true"),
+        ConfigError,
+        2,
+        "training.max_steps: Input should be a valid integer (got True)",
+    ),
+    Case(
+        "bool-as-float",
+        "parsing",
+        parsed("training.learning_rate=true"),
+        ConfigError,
+        2,
+        "training.learning_rate: Input should be a valid number (got True)",
+    ),
+    Case(
+        "int-as-bool",
+        "parsing",
+        parsed("data.packing=1"),
+        ConfigError,
+        2,
+        "data.packing: Input should be a valid boolean (got 1)",
+    ),
+    Case(
+        "float-as-int",
+        "parsing",
+        parsed("lora.r=8.5"),
+        ConfigError,
+        2,
+        "lora.r: Input should be a valid integer (got 8.5)",
+    ),
+    Case("max-steps-zero", "parsing", parsed("training.max_steps=0"), ConfigError, 2, "training.max_steps: 0"),
+    Case(
+        "run-name-empty",
+        "parsing",
+        parsed("run_name="),
+        ConfigError,
+        2,
+        "run_name: Input should be a valid string (got nothing: give a value, run_name=..., or leave the key out",
+    ),
+    Case("duplicate-key", "parsing", config_file("bad/dup.yaml"), ConfigError, 2, "duplicate key 'run_name'"),
+    Case("duplicate-nested-key", "parsing", config_file("bad/dup_nested.yaml"), ConfigError, 2, "duplicate key 'r'"),
+    Case(
+        "negative-kld-gate",
+        "parsing",
+        parsed("verify.max_kld.q8_0=-1"),
+        ConfigError,
+        2,
+        "verify.max_kld.q8_0: -1.0 must be above 0",
+    ),
+    Case(
+        "zero-nmse-gate",
+        "parsing",
+        parsed("verify.max_nmse.f16=0"),
+        ConfigError,
+        2,
+        "verify.max_nmse.f16: 0.0 must be above 0",
+    ),
+    Case(
+        "top1-above-one",
+        "parsing",
+        parsed("verify.min_top1.f16=1.5"),
+        ConfigError,
+        2,
+        "verify.min_top1.f16: 1.5 is not a fraction in (0, 1]",
+    ),
+    Case("gate-unknown-type", "parsing", parsed("verify.max_kld.q9_9=0.1"), ConfigError, 2, "q9_9: unknown type"),
+    Case(
+        "duplicate-quants",
+        "parsing",
+        parsed("export.quants=[q8_0,q8_0]", "export.default_quant=q8_0"),
+        ConfigError,
+        2,
+        "q8_0 listed more than once",
+    ),
+    Case("no-quants", "parsing", parsed("export.quants=[]"), ConfigError, 2, "export.quants: is empty"),
+    Case("no-prompts", "parsing", parsed("verify.prompts=[]"), ConfigError, 2, "verify.prompts: needs at least one"),
+    Case(
+        "run-name-escape", "parsing", parsed("run_name=../x"), ConfigError, 2, "run_name: String should match pattern"
+    ),
+    Case("config-top-level-list", "parsing", config_file("bad/list.yaml"), ConfigError, 2, "top level must be a"),
+    Case(
+        "config-binary",
+        "parsing",
+        config_file("bad/binary.yaml"),
+        ConfigError,
+        2,
+        "bad/binary.yaml: not UTF-8 text (byte 0)",
+    ),
+    Case(
+        "config-tab-indent",
+        "parsing",
+        config_file("bad/tabs.yaml"),
+        ConfigError,
+        2,
+        "bad/tabs.yaml:2:1: not valid YAML",
+    ),
+    Case("config-only-comments", "parsing", config_file("bad/comments.yaml"), ConfigError, 2, "holds no settings"),
+    Case("export-override-broken", "parsing", parsed("export.quants=[f16"), ConfigError, 2, "not valid YAML"),
+    Case("no-config", "parsing", lambda ctx: train_args([]), SystemExit, 2, "--config is required"),
+    # ---------------------------------------------------------------- 7. silent surprises
+    Case(
+        "complete-run-changed-key-dry",
+        "surprises",
+        lambda ctx: check_complete_run_config(RunFolder.of(config("lora.r=4")), config("lora.r=4")),
+        RunError,
+        2,
+        "lora.r: 8 -> 4",
+    ),
+]
+
+
+def dry(*overrides: str) -> list[str]:
+    return ["--config", "config.yaml", "--dry-run", *overrides]
+
+
+END_TO_END = [
+    # a dry run on the complete golden run checks a new data file first, then refuses the changed key as the real
+    # command would: a missing file is the data error, a good one is read and then refused
+    Cli(
+        "complete-run-dry-new-data-missing",
+        "paths",
+        "train",
+        dry("data.train_files=[bad/nope.jsonl]"),
+        2,
+        ("error: 1 data problem(s):\n  bad/nope.jsonl: file not found",),
+        absent="would be ignored",
+    ),
+    Cli(
+        "complete-run-dry-new-data-good",
+        "surprises",
+        "train",
+        dry("data.train_files=[bad/data_dir/train.jsonl]"),
+        2,
+        (
+            "train bad/data_dir/train.jsonl: 300 records -> 300 examples",
+            f"run {GOLDEN_RUN} is complete",
+            "these changes would be ignored:\n    data.train_files: [",
+        ),
+    ),
+    Cli(
+        "dry-run-eval-fraction",
+        "validation",
+        "train",
+        dry("run_name=new", "data.eval_fraction=0.1"),
+        0,
+        ("held out for eval) -> ", "\n    eval: ", "--- the command would: train from step 0"),
+    ),
+    Cli(
+        "another-working-directory",
+        "paths",
+        "train",
+        ["--config", "{work}/config.yaml", "--dry-run"],
+        2,
+        (
+            "is not in the Hugging Face cache",
+            "(relative paths start at {elsewhere}, not at the project's root folder {root}: run commands from there)",
+            "python -m scripts.tiny_model",  # built on this machine: no hub serves it
+        ),
+        absent="hf download",
+        elsewhere=True,
+    ),
+    Cli(
+        "unknown-key",
+        "parsing",
+        "train",
+        dry("training.lerning_rate=1e-4"),
+        2,
+        ("did you mean 'training.learning_rate'",),
+    ),
+    Cli(
+        "fresh-and-resume",
+        "parsing",
+        "train",
+        ["--config", "config.yaml", "--fresh", "--resume-from", f"{CHECKPOINTS}/checkpoint-20"],
+        2,
+        ("--fresh and --resume-from exclude each other",),
+    ),
+    Cli("convert-unknown-verb", "parsing", "convert", ["exprot"], 2, ("invalid choice: 'exprot'",)),
+    Cli(
+        "info-file-type-and-size",
         "files",
         "convert",
-        ["verify", "--model", "config.yaml", GGUF],
+        ["info", GGUF],
+        0,
+        ("general.architecture: gemma2", "general.file_type: 7 (q8_0)", "file size: {mib} MiB ({size:,} bytes)"),
+    ),
+    Cli(
+        "info-text",
+        "files",
+        "convert",
+        ["info", "bad/text.gguf"],
         2,
-        "is a file, not a folder",
+        ("bad/text.gguf: not a GGUF file (wrong magic)", "fix: give the path of a .gguf file that llama.cpp wrote"),
+        absent="export it again",
     ),
-    Case(
-        "verify-model-no-config", "files", "convert", ["verify", "--model", "bad/empty_dir", GGUF], 2, "no config.json"
+    Cli(
+        "verify-model-missing",
+        "files",
+        "convert",
+        ["verify", "--model", "bad/nope", GGUF],
+        2,
+        ("--model bad/nope (relative to {work}): is missing, not a folder",),
     ),
-    Case("verify-truncated", "files", "convert", ["verify", "--model", MERGED, "bad/truncated.gguf"], 2, "truncated"),
-    Case("verify-text", "files", "convert", ["verify", "--model", MERGED, GGUF, "bad/text.gguf"], 2, "bad/text.gguf"),
-    Case("verify-empty", "files", "convert", ["verify", "--model", MERGED, "bad/empty.gguf"], 2, "is an empty file"),
-    # ------------------------------------------------------------ 4. only what the run folder vouches for is promoted
-    Case(
+    Cli(
+        "export-never-trained",  # and no outputs/other/ (nor its .lock) is made for it: the snapshot
+        "stale",
+        "convert",
+        ["export", "--config", "config.yaml", "run_name=other"],
+        2,
+        ("outputs/other has no finished training to export (status: no manifest)",),
+    ),
+    Cli(
         "export-fresh-restarted",
         "stale",
         "convert",
         ["export", "--config", "config.yaml"],
         2,
-        "no finished training to export (status: training)",
+        ("no finished training to export (status: training)",),
         mutate="restarted_fresh",
     ),
-    Case(
-        "export-adapter-changed",
-        "stale",
-        "convert",
-        ["export", "--config", "config.yaml"],
-        2,
-        "is not the adapter",
-        mutate="tamper_adapter",
-    ),
-    Case(
-        "export-adapter-missing",
-        "stale",
-        "convert",
-        ["export", "--config", "config.yaml"],
-        2,
-        "is not the adapter",
-        mutate="remove_adapter",
-    ),
-    Case(
-        "export-never-trained",
-        "stale",
-        "convert",
-        ["export", "--config", "config.yaml", "run_name=other"],
-        2,
-        "no finished training to export (status: no manifest)",
-    ),
-    Case(
-        "export-failed-training",
-        "stale",
-        "convert",
-        ["export", "--config", "config.yaml"],
-        2,
-        "(status: interrupted)",
-        mutate="interrupted_status",
-    ),
-    # ------------------------------------------------------------ 5. validation a dry run does not leave to training
-    Case("optim-unknown", "validation", "train", dry("training.optim=adamw_bogus"), 2, "adamw_bogus is not a valid"),
-    Case("scheduler-unknown", "validation", "train", dry("training.lr_scheduler_type=cosinus"), 2, "cosinus"),
-    Case("report-to-unknown", "validation", "train", dry("training.report_to=[nonsense]"), 2, "training.report_to"),
-    Case(
-        "report-to-missing-package", "validation", "train", dry("training.report_to=[mlflow]"), 2, "training.report_to"
-    ),
-    Case(
-        "lora-target-none",
-        "validation",
-        "train",
-        dry("lora.target_modules=[qkv_proj]"),
-        2,
-        "lora.target_modules: qkv_proj match no module",
-    ),
-    Case("lora-target-partly", "validation", "train", dry("lora.target_modules=[q_proj,c_attn]"), 2, "c_attn"),
-    Case("template-unknown", "validation", "train", dry("model.chat_template=llama9"), 2, "no template 'llama9'"),
-    # ---------------------------------------------------------------- 6. parsing
-    Case("override-broken-yaml", "parsing", "train", dry("data.train_files=[a.jsonl"), 2, "not valid YAML"),
-    Case("override-unclosed-quote", "parsing", "train", dry("run_name='abc"), 2, "not valid YAML"),
-    Case("override-no-equals", "parsing", "train", dry("training.max_steps"), 2, "not of the form dotted.key=value"),
-    Case("override-empty-key", "parsing", "train", dry("=5"), 2, "not of the form dotted.key=value"),
-    Case("override-empty-part", "parsing", "train", dry("training..max_steps=5"), 2, "not of the form"),
-    Case("override-into-value", "parsing", "train", dry("run_name.x=1"), 2, "'run_name' is not a section"),
-    Case("bool-as-int", "parsing", "train", dry("training.max_steps=true"), 2, "training.max_steps"),
-    Case("bool-as-float", "parsing", "train", dry("training.learning_rate=true"), 2, "training.learning_rate"),
-    Case("int-as-bool", "parsing", "train", dry("data.packing=1"), 2, "data.packing"),
-    Case("float-as-int", "parsing", "train", dry("lora.r=8.5"), 2, "lora.r"),
-    Case("max-steps-zero", "parsing", "train", dry("training.max_steps=0"), 2, "training.max_steps: 0"),
-    Case("duplicate-key", "parsing", "train", ["--config", "bad/dup.yaml", "--dry-run"], 2, "duplicate key 'run_name'"),
-    Case("duplicate-nested-key", "parsing", "train", ["--config", "bad/dup_nested.yaml"], 2, "duplicate key 'r'"),
-    Case("negative-kld-gate", "parsing", "train", dry("verify.max_kld.q8_0=-1"), 2, "verify.max_kld.q8_0"),
-    Case("zero-nmse-gate", "parsing", "train", dry("verify.max_nmse.f16=0"), 2, "verify.max_nmse.f16"),
-    Case("top1-above-one", "parsing", "train", dry("verify.min_top1.f16=1.5"), 2, "verify.min_top1.f16"),
-    Case("gate-unknown-type", "parsing", "train", dry("verify.max_kld.q9_9=0.1"), 2, "q9_9: unknown type"),
-    Case(
-        "duplicate-quants",
-        "parsing",
-        "train",
-        dry("export.quants=[q8_0,q8_0]", "export.default_quant=q8_0"),
-        2,
-        "q8_0 listed more than once",
-    ),
-    Case("no-quants", "parsing", "train", dry("export.quants=[]"), 2, "export.quants"),
-    Case("no-prompts", "parsing", "train", dry("verify.prompts=[]"), 2, "verify.prompts"),
-    Case(
-        "unknown-key", "parsing", "train", dry("training.lerning_rate=1e-4"), 2, "did you mean 'training.learning_rate'"
-    ),
-    Case("run-name-escape", "parsing", "train", dry("run_name=../x"), 2, "run_name"),
-    Case("config-top-level-list", "parsing", "train", ["--config", "bad/list.yaml"], 2, "top level must be a mapping"),
-    Case("config-binary", "parsing", "train", ["--config", "bad/binary.yaml"], 2, "not UTF-8"),
-    Case("config-tab-indent", "parsing", "train", ["--config", "bad/tabs.yaml"], 2, "bad/tabs.yaml:2"),
-    Case("config-only-comments", "parsing", "train", ["--config", "bad/comments.yaml"], 2, "holds no settings"),
-    Case(
-        "export-override-broken",
-        "parsing",
-        "convert",
-        ["export", "--config", "config.yaml", "export.quants=[f16"],
-        2,
-        "not valid YAML",
-    ),
-    Case(
-        "fresh-and-resume",
-        "parsing",
-        "train",
-        ["--config", "config.yaml", "--fresh", "--resume-from", CHECKPOINT],
-        2,
-        "exclude each other",
-    ),
-    Case("no-config", "parsing", "train", [], 2, "--config is required"),
-    Case("convert-unknown-verb", "parsing", "convert", ["exprot"], 2, "invalid choice"),
-    # ---------------------------------------------------------------- 7. silent surprises
-    Case(
+    Cli(
         "complete-run-changed-key",
         "surprises",
         "train",
         ["--config", "config.yaml", "training.learning_rate=1e-3"],
         2,
-        "training.learning_rate: 0.003 -> 0.001",
+        ("training.learning_rate: 0.003 -> 0.001", "pass --fresh to retrain with them"),
     ),
-    Case(
-        "complete-run-changed-key-dry",
-        "surprises",
-        "train",
-        ["--config", "config.yaml", "--dry-run", "lora.r=4"],
-        2,
-        "lora.r: 8 -> 4",
-    ),
-    Case(
+    Cli(
         "complete-run-export-key",
         "surprises",
         "train",
         ["--config", "config.yaml", "export.quants=[f16]", "export.default_quant=f16"],
         2,
-        "python -m convert export",
+        ("export.quants: ['f16', 'q8_0', 'q4_k_m'] -> ['f16']", "python -m convert export"),
+    ),
+    Cli(
+        "nightly-during-a-training",
+        "surprises",
+        "train.nightly",
+        ["run", "--config", "config.yaml"],
+        75,
+        ("models/gguf/gemma_2b_finetuned.gguf (what publishes it) is in use by a run that will publish it",),
+        publishing=True,
     ),
 ]
 
@@ -361,31 +652,35 @@ CASES = [
 
 def restarted_fresh(work: Path) -> None:
     """What `--fresh` leaves when interrupted mid-training: a run folder that vouches for no adapter yet, while
-    models/finetuned/adapters/t still holds the previous run's."""
-    run = work / "outputs" / "t"
+    models/finetuned/adapters/<run> still holds the previous run's."""
+    run = work / "outputs" / GOLDEN_RUN
     shutil.rmtree(run / "adapter")
     manifest = json.loads((run / "manifest.json").read_text())
-    (run / "manifest.json").write_text(json.dumps({"status": "training", "run_name": "t", "data": manifest["data"]}))
+    (run / "manifest.json").write_text(
+        json.dumps({"status": "training", "run_name": GOLDEN_RUN, "data": manifest["data"]})
+    )
 
 
 def tamper_adapter(work: Path) -> None:
-    path = work / "outputs" / "t" / "adapter" / "adapter_model.safetensors"
+    path = work / "outputs" / GOLDEN_RUN / "adapter" / "adapter_model.safetensors"
     data = bytearray(path.read_bytes())
     data[-1] ^= 1
     path.write_bytes(bytes(data))
 
 
 def remove_adapter(work: Path) -> None:
-    shutil.rmtree(work / "outputs" / "t" / "adapter")
+    shutil.rmtree(work / "outputs" / GOLDEN_RUN / "adapter")
 
 
 def interrupted_status(work: Path) -> None:
-    path = work / "outputs" / "t" / "manifest.json"
-    manifest = json.loads(path.read_text())
-    path.write_text(json.dumps(manifest | {"status": "interrupted"}))
+    path = work / "outputs" / GOLDEN_RUN / "manifest.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"status": "interrupted"}))
 
 
-# ----------------------------------------------------------------------------- the shared run and the bad files
+MUTATIONS = {f.__name__: f for f in (restarted_fresh, tamper_adapter, remove_adapter, interrupted_status)}
+
+
+# ----------------------------------------------------------------------------- the workspace and its bad files
 
 
 def write_bad_files(work: Path) -> None:
@@ -406,9 +701,9 @@ def write_bad_files(work: Path) -> None:
     (bad / "dangling.gguf").symlink_to(work / "bad" / "gone.gguf")
     (bad / "dangling.jsonl").symlink_to(work / "bad" / "gone.jsonl")
     (bad / "dup.yaml").write_text("run_name: a\nrun_name: b\n")
-    config = yaml.safe_load((work / "config.yaml").read_text())
-    text = yaml.safe_dump(config, sort_keys=False).replace("  r: 8\n", "  r: 8\n  r: 4\n")
-    (bad / "dup_nested.yaml").write_text(text)
+    text = (work / "config.yaml").read_text()
+    assert "  r: 8\n" in text
+    (bad / "dup_nested.yaml").write_text(text.replace("  r: 8\n", "  r: 8\n  r: 4\n"))
     (bad / "list.yaml").write_text("- run_name: a\n")
     (bad / "binary.yaml").write_bytes(b"\xff\xfe\x00run_name")
     (bad / "tabs.yaml").write_text("run_name: a\n\ttraining: {}\n")
@@ -416,64 +711,94 @@ def write_bad_files(work: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def trained(hf_home: Path, tmp_path_factory) -> Path:
-    """A complete, exported tiny run whose config uses relative paths; cases run in its folder."""
-    work = tmp_path_factory.mktemp("bad_inputs")
-    small_config(
-        work,
-        training={
-            "max_steps": 4,
-            "save_steps": 2,
-            "logging_steps": 2,
-            "report_to": [],
-            "seed": 7,
-            "per_device_train_batch_size": 4,
-            "learning_rate": 3e-3,
-        },
-        export={
-            "enabled": True,
-            "quants": ["f16", "q8_0"],
-            "default_quant": "q8_0",
-            "export_base": False,
-            "gguf_dir": "models/gguf",
-        },
-        paths={"output_dir": "outputs", "models_dir": "models"},
-    )
-    res = run_cli("train", ["--config", "config.yaml"], work, hf_home)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    write_bad_files(work)
-    return work
+def work(golden: Path, tmp_path_factory) -> Path:
+    """A copy of the golden run with the bad files beside it; no case may change it."""
+    ws = copy_workspace(golden, tmp_path_factory.mktemp("bad_inputs") / "ws")
+    write_bad_files(ws)
+    return ws
 
 
-@pytest.fixture(scope="module")
-def cli(trained: Path, hf_home: Path, tmp_path_factory):
-    server = CliServer(hf_home, trained, tmp_path_factory.mktemp("cli_output"))
-    yield server
-    server.close()
+def changed_copy(work: Path, mutation: str, tmp_path: Path) -> Path:
+    ws = copy_workspace(work, tmp_path / "ws")
+    MUTATIONS[mutation](ws)
+    return ws
+
+
+# ----------------------------------------------------------------------------- the table
+
+
+def outcome(case: Case, ctx: Ctx, capsys) -> tuple[BaseException | None, int, str]:
+    """(the exception, the exit status and the message the CLIs end with); a good form: (None, 0, its description)."""
+    try:
+        result = case.call(ctx)
+    except PipelineError as e:
+        status = exit_status(e)  # what cli_exit turns it into
+        assert status is not None
+        return e, *status
+    except SystemExit as e:  # argparse: the usage and the error went to stderr
+        return e, e.code, capsys.readouterr().err  # type: ignore[return-value]
+    return None, 0, str(result)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_bad_input(case: Case, trained: Path, cli: CliServer, tmp_path: Path):
-    work = trained
-    if case.mutate:
-        work = tmp_path / "work"
-        shutil.copytree(trained, work, symlinks=True)
-        globals()[case.mutate](work)
-    before = tree_snapshot(work / "models")
-    res = cli.run(case.module, case.args, work, timeout=300)
+def test_bad_input(case: Case, work: Path, tok, hf_home: Path, tmp_path: Path, monkeypatch, capsys):
+    ws = changed_copy(work, case.mutate, tmp_path) if case.mutate else work
+    monkeypatch.chdir(ws)  # relative paths start here, as in a user's shell
+    before = tree_snapshot(ws, contents=False)
+    error, rc, message = outcome(case, Ctx(tok, hf_home), capsys)
+    assert type(error) is (case.error or type(None)), message
+    assert rc == case.rc, message
+    assert case.expect.format(work=ws) in message
+    assert not case.absent or case.absent not in message
+    assert tree_snapshot(ws, contents=False) == before
+
+
+@pytest.mark.parametrize("case", END_TO_END, ids=lambda c: c.id)
+def test_bad_input_end_to_end(case: Cli, work: Path, cli, hf_home: Path, tmp_path: Path, monkeypatch):
+    ws = changed_copy(work, case.mutate, tmp_path) if case.mutate else work
+    cwd, env = ws, None
+    if case.elsewhere:  # HF_HOME: what configure_cache_env makes of models/.cache there (a user sets none)
+        cwd = tmp_path / "elsewhere"
+        cwd.mkdir()
+        env = {"HF_HOME": str(cwd / MODELS_CACHE / CACHE_ENV["HF_HOME"])}
+    size = (ws / GGUF).stat().st_size
+    fill = {"work": ws, "elsewhere": cwd, "root": ROOT, "size": size, "mib": f"{size / 2**20:.1f}"}
+    args = [a.format(**fill) for a in case.args]
+    models, paths = tree_snapshot(ws / "models"), set(tree_snapshot(ws, contents=False))
+    monkeypatch.chdir(ws)
+    held = nullcontext()
+    if case.publishing:  # what `python -m train` holds while it trains a run that publishes export.name
+        held = publishing(config(), True)
+    with held:
+        res = cli.run(case.module, args, cwd, timeout=300, env=env)
     out = res.stdout + res.stderr
     assert res.returncode == case.rc, out[-3000:]
     assert "Traceback" not in out, out[-3000:]
-    assert case.expect in out, out[-3000:]
-    assert tree_snapshot(work / "models") == before
+    for text in case.expect:
+        assert text.format(**fill) in out, out[-3000:]
+    assert not case.absent or case.absent not in out, out[-3000:]
+    assert tree_snapshot(ws / "models") == models
+    assert set(tree_snapshot(ws, contents=False)) == paths  # nothing made, nothing removed (locks, run folders)
+    assert not case.elsewhere or list(cwd.iterdir()) == []
 
 
-def test_the_table_covers_every_class_with_sixty_distinct_inputs():
-    ids = [c.id for c in CASES]
+def test_the_table_covers_every_class_and_verb_with_sixty_distinct_inputs():
+    cases = [*CASES, *END_TO_END]
+    ids = [c.id for c in cases]
     assert len(ids) == len(set(ids))
-    bad = [c for c in CASES if c.rc != 0]
-    assert len(bad) >= 60
-    assert {c.cls for c in CASES} == {"paths", "files", "stale", "validation", "parsing", "surprises"}
+    assert len([c for c in cases if c.rc != 0]) >= 60
+    assert {c.cls for c in cases} == CLASSES
+    # end to end: every command, every convert verb, and each way a bad input ends a command (argparse's usage
+    # error, a PipelineError's exit 2, a held lock's 75) besides success
+    assert {(c.module, c.args[0] if c.module != "train" else "") for c in END_TO_END} >= {
+        ("train", ""),
+        ("convert", "export"),
+        ("convert", "verify"),
+        ("convert", "info"),
+        ("train.nightly", "run"),
+    }
+    assert {c.rc for c in END_TO_END} == {0, 2, 75}
+    assert 10 <= len(END_TO_END) <= 20
 
 
 # ----------------------------------------------------------------------------- a reader that goes away (| head)
@@ -484,49 +809,60 @@ def test_the_table_covers_every_class_with_sixty_distinct_inputs():
     [["train", "--print-defaults"], ["convert", "info", GGUF], ["train", "--config", "config.yaml"]],
     ids=["print-defaults", "info", "complete-rerun"],
 )
-def test_output_piped_into_a_reader_that_stops_early(args: list[str], trained: Path, hf_home: Path):
-    """`... | head -1`: the reader closes the pipe after one line; the CLI ends quietly with its usual status."""
-    before = tree_snapshot(trained / "models")
+def test_output_piped_into_a_reader_that_stops_early(args: list[str], work: Path, hf_home: Path):
+    """`... | head -1`: the reader closes the pipe after one line; the CLI ends quietly with its usual status. A real
+    process: what is under test is its exit, the interpreter's last flush of a closed stdout included."""
+    before = tree_snapshot(work / "models")
     proc = subprocess.Popen(
         [sys.executable, "-m", *args],
-        cwd=trained,
+        cwd=work,
         env=cli_env(hf_home),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     assert proc.stdout is not None and proc.stderr is not None
-    proc.stdout.readline()
+    first = proc.stdout.readline()
     proc.stdout.close()  # as head does after its first line
     err = proc.stderr.read()
     assert proc.wait(timeout=300) == 0, err[-3000:]
+    assert first.strip(), err[-3000:]  # it had begun to answer
     assert "Traceback" not in err and "BrokenPipeError" not in err and "Logging error" not in err, err[-3000:]
-    assert tree_snapshot(trained / "models") == before
+    assert tree_snapshot(work / "models") == before
 
 
-# ----------------------------------------------------------------------------- what ships
+# ----------------------------------------------------------------------------- what a run prints and ships
 
 
-def test_promoted_files_are_readable_by_others_and_only_what_a_consumer_needs(trained: Path):
-    models = trained / "models"
+def test_progress_to_a_pipe_is_a_line_per_interval(golden: Path):
+    """The golden run's output went to a pipe: progress bars would redraw one line with carriage returns, thousands
+    of characters long. The Trainer prints a line per logged step instead, the scoring a line per file (and per
+    interval), and no line is longer than a terminal's few widths."""
+    out = (golden / "train.out").read_text()
+    lines = out.split("\n")  # not splitlines(): a carriage return does not end a line in a file
+    assert max(len(line) for line in lines) <= 300, max(lines, key=len)[:400]
+    assert "\r" not in out
+    steps = [yaml.safe_load(line) for line in lines if line.startswith("{'loss': ")]
+    assert len(steps) == 8  # 40 steps, logging_steps 5
+    scored = [line for line in lines if line.startswith("score ") and " tokens in " in line]
+    assert len(scored) >= 6  # each GGUF of the fine-tuned and the base model
+
+
+def test_promoted_files_are_readable_by_others_and_only_what_a_consumer_needs(golden: Path):
+    models = golden / "models"
     umask = os.umask(0)
     os.umask(umask)
     for p in models.rglob("*"):
         if p.is_file() and not p.is_symlink() and p.parent.name != ".locks":
-            assert p.stat().st_mode & 0o777 == 0o666 & ~umask, p
-    adapter = {p.name for p in (models / "finetuned" / "adapters" / "t").iterdir()}
+            # a release's files never change under a reader (core/releases.py); the rest is the umask's
+            mode = 0o444 if p.parents[2].name == ".releases" else 0o666 & ~umask
+            assert p.stat().st_mode & 0o777 == mode, p
+    adapter = {p.name for p in (models / "finetuned" / "adapters" / GOLDEN_RUN).iterdir()}
     assert "adapter_model.safetensors" in adapter and "training_args.bin" not in adapter
-    assert sorted(p.name for p in (models / "gguf").iterdir()) == [
-        ".locks",
-        "gemma_2b_finetuned.Modelfile",  # Ollama's, one per model GGUF
-        "gemma_2b_finetuned.f16.Modelfile",
-        "gemma_2b_finetuned.f16.gguf",
-        "gemma_2b_finetuned.gguf",
-        "gemma_2b_finetuned.lora.gguf",  # the adapter, for llama.cpp on the base GGUF
-    ]
-    report = json.loads((trained / "outputs" / "t" / "verify.json").read_text())
-    for entry in report["files"]:  # every path a report names exists (relative ones from the run's working
-        # directory, `trained`), or is a bare name with a note
-        assert (trained / entry["path"]).is_file() or (os.sep not in entry["path"] and entry["notes"]), entry
-    md = (trained / "outputs" / "t" / "verify.md").read_text()
-    assert f"Reference: {trained / MERGED} " in md and "q8_0: mean KLD <= 0.001" in md
+    gguf = models / "gguf"
+    assert sorted(p.name for p in gguf.iterdir() if not p.is_symlink()) == [".locks", ".releases"]
+    report = json.loads((golden / "outputs" / GOLDEN_RUN / "verify.json").read_text())
+    for entry in report["files"]:  # each file by the name it ships under
+        assert (gguf / entry["path"]).is_file(), entry
+    md = (golden / "outputs" / GOLDEN_RUN / "verify.md").read_text()
+    assert f"Reference: {golden / MERGED} " in md and "\n- q8_0: kld <= 0.001\n" in md

@@ -1,5 +1,6 @@
-"""The data stage through the real CLI: malformed data stops the run before training, --dry-run shows what the
-model will be trained on, and a tolerant run lists every skipped record in the run folder and manifest."""
+"""The data stage through the real CLI (forks of the CLI server): malformed data stops the run before training,
+--dry-run shows what the model will be trained on, and a tolerant run lists every skipped record in the run folder and
+manifest (one short run that is also the CPU proof of QLoRA with activation checkpointing)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from core.config import DataSection
-from tests.conftest import DEMO_DATA, ROOT, run_cli, small_config
+from tests.conftest import DEMO_DATA, ROOT, small_config
 from train.data import DataError, load_datasets
 
 FIXTURES = ROOT / "tests" / "fixtures" / "data"
@@ -40,12 +41,12 @@ def test_each_malformed_fixture_is_one_clear_problem(tok, name: str):
     assert err.value.problems == [expected_problem(name)]
 
 
-def test_malformed_data_exits_non_zero_and_trains_nothing(hf_home: Path, tmp_path: Path):
+def test_malformed_data_exits_non_zero_and_trains_nothing(cli, tmp_path: Path):
     names = sorted(MALFORMED)
     cfg = small_config(
         tmp_path, data={"train_files": [str(FIXTURES / n) for n in names] + [str(DEMO_DATA)], "max_seq_length": 128}
     )
-    res = run_cli("train", ["--config", str(cfg)], tmp_path, hf_home)  # a real run, not --dry-run
+    res = cli.run("train", ["--config", str(cfg)], tmp_path)  # a real run, not --dry-run
     assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
     lines = res.stderr.splitlines()
     assert lines[0] == f"error: {len(names)} data problem(s):"
@@ -57,7 +58,7 @@ def test_malformed_data_exits_non_zero_and_trains_nothing(hf_home: Path, tmp_pat
     assert not (tmp_path / "models" / "finetuned").exists()
 
 
-def test_dry_run_shows_counts_lengths_truncation_supervision_and_the_marked_example(tok, hf_home, tmp_path: Path):
+def test_dry_run_shows_counts_lengths_truncation_supervision_and_the_marked_example(tok, cli, tmp_path: Path):
     chat = tmp_path / "chat.jsonl"
     chat.write_text(
         json.dumps({"messages": [{"role": "user", "content": "Disk?"}, {"role": "assistant", "content": "61% used."}]})
@@ -74,7 +75,7 @@ def test_dry_run_shows_counts_lengths_truncation_supervision_and_the_marked_exam
             "max_invalid_fraction": 0.2,
         },
     )
-    res = run_cli("train", ["--config", str(cfg), "--dry-run"], tmp_path, hf_home)
+    res = cli.run("train", ["--config", str(cfg), "--dry-run"], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     out = res.stdout
 
@@ -110,7 +111,10 @@ def test_dry_run_shows_counts_lengths_truncation_supervision_and_the_marked_exam
     assert not (tmp_path / "outputs").exists()  # a dry run writes nothing
 
 
-def test_tolerant_packed_run_records_skips_split_and_fingerprint(tok, hf_home: Path, tmp_path: Path):
+@pytest.mark.slow
+def test_tolerant_packed_qlora_run_records_skips_split_and_fingerprint(tok, cli, tmp_path: Path):
+    """One short run for two proofs: a tolerant, packed run with an eval split records what it skipped and what it
+    trained on; and it trains QLoRA (bitsandbytes' CPU backend) with activation checkpointing, without warnings."""
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": []}\n{"text": "fine"}\n{"prompt": "p"}\n')
     data = {
@@ -120,9 +124,13 @@ def test_tolerant_packed_run_records_skips_split_and_fingerprint(tok, hf_home: P
         "eval_fraction": 0.1,
         "max_invalid_fraction": 0.01,
     }
-    cfg = small_config(tmp_path, data=data, training={"max_steps": 4, "save_steps": 4})
-    res = run_cli("train", ["--config", str(cfg)], tmp_path, hf_home)
+    training = {"max_steps": 4, "save_steps": 4, "activation_checkpointing": True}
+    cfg = small_config(tmp_path, data=data, model={"load_in_4bit": True}, training=training)
+    res = cli.run("train", ["--config", str(cfg)], tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    out = res.stdout + res.stderr
+    assert "FutureWarning" not in out  # gradient_checkpointing*'s deprecation, PEFT's included
+    assert max(len(line) for line in out.split("\n")) <= 300  # a file: no progress bar redrawn on one line
     run = tmp_path / "outputs" / "t"
     skipped = [json.loads(line) for line in (run / "skipped_records.jsonl").read_text().splitlines()]
     assert skipped == [
@@ -131,7 +139,8 @@ def test_tolerant_packed_run_records_skips_split_and_fingerprint(tok, hf_home: P
     ]
 
     m = json.loads((run / "manifest.json").read_text())["data"]
-    _, train, _, evals = load_datasets(tok, DataSection(**data))[:4]  # the same data, prepared in this process
+    prepared = load_datasets(tok, DataSection(**data))  # the same data, prepared in this process
+    train, evals = prepared.train_stats, prepared.eval_stats
     assert m["skipped_records"] == 2 and m["skipped_file"] == str(run / "skipped_records.jsonl")
     assert m["fingerprint"] == train.fingerprint and m["train"]["fingerprint"] == train.fingerprint
     demo, extra = m["sources"][0], m["sources"][1]
@@ -141,5 +150,9 @@ def test_tolerant_packed_run_records_skips_split_and_fingerprint(tok, hf_home: P
     assert m["train"]["rows"] < m["train"]["examples"] / 2  # packed
     assert m["train_files"] == {str(DEMO_DATA): m["train_files"][str(DEMO_DATA)], str(bad): m["train_files"][str(bad)]}
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in metrics if "loss" in r] == [2, 4]
-    assert any("eval_loss" in r for r in metrics)
+    losses = [r["loss"] for r in metrics if "loss" in r]
+    assert [r["step"] for r in metrics if "loss" in r] == [2, 4] and all(0 < x < 20 for x in losses)
+    assert [r["step"] for r in metrics if "eval_loss" in r] == [2, 4]
+    adapter = tmp_path / "models" / "finetuned" / "adapters" / "t"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["r"] == 8 and (adapter / "adapter_model.safetensors").is_file()

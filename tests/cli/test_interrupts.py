@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -28,7 +30,7 @@ from convert.llamacpp import read_metadata
 from convert.tools import TOOLS, tool, version_info
 from core.files import sha256_file
 from tests.conftest import GOLDEN_RUN, ROOT
-from tests.support.processes import alive, start, stop, wait_for_line, wait_until
+from tests.support.processes import alive, logged_steps, start, stop, wait_for_line, wait_until
 from tests.support.snapshots import tree_snapshot
 
 pytestmark = pytest.mark.slow
@@ -220,9 +222,17 @@ def test_fresh_run_stopped_while_loading_and_in_training_is_neither_exported_nor
     assert "no finished training to export (status: interrupted)" in refused.stderr
     assert tree_snapshot(workspace / "models") == before
 
-    res = cli.run("train", ["--config", "config.yaml", *FRESH], workspace)
+    # the hint the stop printed, followed verbatim: the same command without --fresh, which would have discarded
+    # the checkpoint just committed
+    hint = re.search(r"to resume: `(.*)`", out)
+    assert hint is not None, out[-3000:]
+    argv = shlex.split(hint.group(1))
+    assert argv == ["python", "-m", "train", "--config", "config.yaml", *FRESH]
+    res = cli.run("train", argv[3:], workspace)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert f"resuming from checkpoint-{step}" in res.stdout
+    assert manifest(workspace)["training"]["resumed_from"] == f"checkpoint-{step}"
+    assert logged_steps(metrics) == list(range(1, 7))
     assert manifest(workspace)["status"] == "complete" and manifest(workspace)["training"]["global_step"] == 6
     published_adapter_is_the_runs(workspace)
     assert sha256_file(run_dir(workspace) / "adapter" / "adapter_model.safetensors") != golden_adapter

@@ -8,7 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import ROOT, TINY_REPO, build_tiny_model, cli_env, run_cli, small_config
+import torch
+
+from scripts import tiny_model
+from tests.conftest import DEMO_DATA, ROOT, TINY_REPO, cli_env, small_config
 
 REPO_DIR = "models--tiny-gemma--gemma-2-tiny"
 
@@ -48,12 +51,18 @@ def test_architecture_matches_the_2b_features(hf_home: Path):
 
 
 def test_build_is_deterministic(hf_home: Path, tmp_path: Path):
-    other = build_tiny_model(tmp_path / "again")
+    """The command's main() again, in this process: the session's build ran in a process of its own with
+    HF_HUB_OFFLINE=1 (tests/conftest.py cli_env), this one in the test process's environment; the bytes must not
+    depend on it."""
+    with torch.random.fork_rng():  # it seeds torch's global generator
+        assert tiny_model.main(["--hf-home", str(tmp_path / "again"), "--data", str(DEMO_DATA)]) == 0
     rev = lambda home: (home / "hub" / REPO_DIR / "refs" / "main").read_text()  # noqa: E731
-    assert rev(other) == rev(hf_home)  # the revision is a hash of every file's bytes
+    assert rev(tmp_path / "again") == rev(hf_home)  # the revision is a hash of every file's bytes
 
 
 def test_loads_by_repo_id_offline_and_tokenizes_gemma_style(hf_home: Path):
+    """A process of its own: HF_HOME and HF_HUB_OFFLINE=1 are read when transformers is imported (in this process,
+    online, the same load waits ~25 s on the network it does not have)."""
     code = (
         "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
         f"m = AutoModelForCausalLM.from_pretrained('{TINY_REPO}')\n"
@@ -67,11 +76,11 @@ def test_loads_by_repo_id_offline_and_tokenizes_gemma_style(hf_home: Path):
     assert out.stdout.split("\n")[0] == "Gemma2ForCausalLM [2, 4] 0 1"  # one <bos>, marker is one token
 
 
-def test_missing_model_names_the_cache_and_the_download_command(tmp_path: Path):
+def test_missing_model_names_the_cache_and_the_download_command(cli, tmp_path: Path):
     empty = tmp_path / "empty_home"
     empty.mkdir()
     cfg = small_config(tmp_path, model={"name_or_path": "google/gemma-2-2b", "dtype": "float32"})
-    res = run_cli("train", ["--config", str(cfg), "--dry-run"], tmp_path, empty)
+    res = cli.run("train", ["--config", str(cfg), "--dry-run"], tmp_path, env={"HF_HOME": str(empty)})
     assert res.returncode == 2
     assert "model 'google/gemma-2-2b' (revision main) is not in the Hugging Face cache" in res.stderr
     assert str(empty / "hub" / "models--google--gemma-2-2b") in res.stderr

@@ -30,6 +30,11 @@ import traceback
 from core.hub import configure_cache_env
 
 configure_cache_env()  # as both CLIs' main() does before importing transformers
+# Every command's stderr is a file (_child), so its main()'s setup_cli_logging (core/log.py) turns the libraries'
+# progress bars off, through variables they read when imported: that is here, once for every command. Without
+# this, "Loading weights" redrew itself with carriage returns into one line of ~600 characters per command.
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 from convert.__main__ import main as convert_main  # noqa: E402
 from convert.commands import cmd_export  # noqa: E402, F401 (the heavy imports the verbs make on first use)
 from tests.support.faults import main as faults_main  # noqa: E402

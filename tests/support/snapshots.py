@@ -8,8 +8,10 @@ import stat
 from pathlib import Path
 
 
-def tree_snapshot(folder: Path) -> dict[str, tuple[str, str]]:
-    """{relative path: (kind and mode, sha256 or link target)} of everything under folder (links not followed)."""
+def tree_snapshot(folder: Path, contents: bool = True) -> dict[str, tuple[str, str]]:
+    """{relative path: (kind and mode, sha256 or link target)} of everything under folder (links not followed).
+    contents=False: a file's size and modification time instead of its sha256 (what any write changes; for large
+    trees compared many times)."""
     out: dict[str, tuple[str, str]] = {}
     if not folder.exists():
         return out
@@ -23,5 +25,6 @@ def tree_snapshot(folder: Path) -> dict[str, tuple[str, str]]:
             elif stat.S_ISDIR(st.st_mode):
                 out[rel] = (f"dir {stat.S_IMODE(st.st_mode):o}", "")
             else:
-                out[rel] = (f"file {stat.S_IMODE(st.st_mode):o}", hashlib.sha256(p.read_bytes()).hexdigest())
+                what = hashlib.sha256(p.read_bytes()).hexdigest() if contents else f"{st.st_size} {st.st_mtime_ns}"
+                out[rel] = (f"file {stat.S_IMODE(st.st_mode):o}", what)
     return out

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from core.config import DataSection
-from tests.conftest import run_cli, small_config
+from tests.conftest import small_config
 from train.data import DataError, load_datasets
 
 RECORDS = [
@@ -69,7 +69,7 @@ def write_csv(path: Path, records: list[dict]) -> Path:
 
 
 def fingerprint_of(tok, *sources, records: int = len(RECORDS)) -> str:
-    _, stats, _, _ = load_datasets(tok, DataSection(train_files=list(sources), max_seq_length=256))[:4]
+    stats = load_datasets(tok, DataSection(train_files=list(sources), max_seq_length=256)).train_stats
     assert stats.records == records
     return stats.fingerprint
 
@@ -94,9 +94,8 @@ def test_every_format_renders_the_same_examples(tok, tmp_path: Path):
     write_jsonl(tmp_path / "folder" / "data" / "test.jsonl", [{"text": "held out"}])
     (tmp_path / "folder" / "README.md").write_text("# a dataset card is not data")
     assert fingerprint_of(tok, str(tmp_path / "folder")) == expected
-    _, stats, _, _ = load_datasets(
-        tok, DataSection(train_files=[{"path": str(tmp_path / "folder"), "split": "test"}], max_seq_length=64)
-    )[:4]
+    test_split = DataSection(train_files=[{"path": str(tmp_path / "folder"), "split": "test"}], max_seq_length=64)
+    stats = load_datasets(tok, test_split).train_stats
     assert stats.records == 1
     assert list(stats.sources[0].files) == [str(tmp_path / "folder" / "data" / "test.jsonl")]
 
@@ -147,7 +146,7 @@ def _prepared_hub_cache(datasets_cache: Path, repo: str, records_file: Path) -> 
     shutil.rmtree(scratch)
 
 
-def test_cached_hub_datasets_offline_through_the_cli(tok, hf_home: Path, tmp_path: Path):
+def test_cached_hub_datasets_offline_through_the_cli(tok, hf_home: Path, cli, tmp_path: Path):
     # A snapshot as `hf download --repo-type dataset acme/wren-chats` stores it, and a dataset that
     # datasets.load_dataset prepared earlier; both are read with HF_HUB_OFFLINE=1.
     commit = "c0ffee" + "0" * 34
@@ -160,7 +159,7 @@ def test_cached_hub_datasets_offline_through_the_cli(tok, hf_home: Path, tmp_pat
     cfg = small_config(
         tmp_path, data={"train_files": ["acme/wren-chats", "acme/prepared-chats"], "max_seq_length": 256}
     )
-    res = run_cli("train", ["--config", str(cfg), "--dry-run"], tmp_path, hf_home)
+    res = cli.run("train", ["--config", str(cfg), "--dry-run"], tmp_path)  # the CLI server's HF_HOME is hf_home
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"    train acme/wren-chats: 5 records -> 5 examples @ {commit[:12]}\n" in res.stdout
     assert "    train acme/prepared-chats: 3 records -> 3 examples\n" in res.stdout
