@@ -6,9 +6,10 @@ therefore never leaves a stale lock behind and nobody has to delete lock files b
 file itself stays (deleting it would let two processes lock two different files of the same name);
 while held it names its holder (pid, run name, host, start time), only so that the refusal can say who.
 
-flock is advisory and local: it serializes processes that use this code on one machine. Two machines
-sharing a run folder over NFS are not protected (flock over NFS depends on the server); give each
-machine its own `paths.output_dir`.
+flock is advisory and local: it serializes processes that use this code on one machine. Two runs on two
+machines sharing a run folder over NFS are not protected (flock over NFS depends on the server); give each
+its own run_name or `paths.output_dir`. One run across machines (torchrun --nnodes) shares its run folder on
+purpose: rank 0 alone takes its lock (train/distributed.py, docs/gpu-box.md "Several machines").
 """
 
 from __future__ import annotations
