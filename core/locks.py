@@ -1,8 +1,9 @@
 """One process per run folder and per promotion target, with `fcntl.flock` locks: the kernel drops one when its
 holder exits, however it exits (SIGKILL, the OOM killer), so no lock is ever stale. flock is advisory and local:
-machines sharing a folder over NFS are not protected (docs/operations.md, "Locking"). A lock file stays (deleting
-it would let two processes lock two different files of the same name); while held it names its holder, only so
-that a refusal can say who.
+machines sharing a folder over NFS are not protected (docs/operations.md, "Locking"); one run across machines
+(torchrun --nnodes) shares its run folder on purpose, and rank 0 alone takes its lock (docs/gpu-box.md). A lock file
+stays (deleting it would let two processes lock two different files of the same name); while held it names its
+holder, only so that a refusal can say who.
 """
 
 from __future__ import annotations

@@ -9,18 +9,22 @@ step and the collectives of the training loop never hang on a rank that left.
 Our coordination goes through its own gloo process group on the CPU, with a long timeout: rank 0 may export
 for many minutes while the others wait at a barrier, far longer than the training group's (NCCL) timeout.
 Every helper is a no-op in a single process (WORLD_SIZE unset or 1), so the single-GPU path is unchanged.
+
+Several machines (torchrun --nnodes N): every rank must see the same outputs/ and models/ (check_shared).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
 import socket
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import torch
@@ -28,6 +32,7 @@ import torch.distributed as dist
 
 from core import signals
 from core.errors import RunError, exit_status
+from core.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +148,16 @@ def broadcast(obj: T) -> T:
     return box[0]
 
 
+def all_gather(obj: T) -> list[T]:
+    """Every rank's obj, in rank order, on every rank ([obj] in one process)."""
+    group = _group()
+    if group is None:
+        return [obj]
+    box: list[Any] = [None] * world().size
+    dist.all_gather_object(box, obj, group=group)
+    return box
+
+
 class FollowsMain(RunError):
     """A rank other than 0 stops because rank 0 stopped; rank 0 logged why. Exit: rank 0's status."""
 
@@ -194,7 +209,9 @@ def leave_after_main(e: BaseException) -> NoReturn:
             time.sleep(0.05)
     status = exit_status(e)
     message = status[1] if status else f"{type(e).__name__}: {e}"
-    print(f"rank {world().rank}: {message.splitlines()[0]}", file=sys.stderr, flush=True)
+    if not isinstance(e, NotShared):  # rank 0 prints the hints; NotShared's fix is for this node's output too
+        message = message.splitlines()[0]
+    print(f"rank {world().rank}: {message}", file=sys.stderr, flush=True)
     sys.stdout.flush()
     os._exit(code)
 
@@ -207,6 +224,56 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+class NotShared(RunError):
+    """A rank cannot see the run folder or models/ where rank 0 has them: the nodes do not share that storage."""
+
+
+def check_shared(places: dict[str, Path]) -> None:
+    """Every rank must see rank 0's outputs/ and models/ (`places`: what -> this rank's path of it).
+
+    Every rank writes into the run folder (its RNG state in each checkpoint) and reads from it (the checkpoint it
+    resumes from, which rank 0 picks), and what rank 0 promotes to models/ is what the next command, on any node,
+    reads. On one machine that holds by itself; across machines only on storage every node mounts. So rank 0,
+    holding the run folder's lock, leaves a file named and filled with a fresh random token in each place; then
+    every rank looks for it at its own path; then rank 0 removes the files. Any rank that does not find one stops
+    every rank (NotShared, exit 2) before anything is loaded or trained. A new name each time: no stale file, and no
+    negative lookup a network file system cached earlier, can answer for it."""
+    if _group() is None:
+        return
+    token, main_host, main_places = on_main(lambda: _leave_token(places))
+    missing = [] if is_main() else [what for what, path in places.items() if not _holds(path / token, token)]
+    unseen = all_gather((world().rank, socket.gethostname(), [str(places[what].absolute()) for what in missing]))
+    if is_main():
+        for path in places.values():
+            (path / token).unlink(missing_ok=True)
+    problems = [f"rank {rank} on host {host} cannot see {' or '.join(paths)}" for rank, host, paths in unseen if paths]
+    if problems:
+        raise NotShared(
+            f"the nodes do not share the run's storage: {'; '.join(problems)} (rank 0 on host {main_host} has "
+            f"them: {', '.join(f'{what} {path}' for what, path in main_places.items())})\n"
+            "  every rank writes its part of each checkpoint into the run folder and reads the checkpoint it resumes "
+            "from; rank 0 promotes the adapter and the exports into models/\n"
+            "  fix: put paths.output_dir and paths.models_dir on storage every node mounts at the same path (NFS, "
+            'a cluster file system), and start every node with the same config (docs/gpu-box.md, "Several machines")'
+        )
+
+
+def _leave_token(places: dict[str, Path]) -> tuple[str, str, dict[str, str]]:
+    """Rank 0: the token file in each place; (token, this host, each place's absolute path)."""
+    token = f".shared-{secrets.token_hex(8)}"
+    for path in places.values():
+        path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path / token, token)  # fsynced and renamed: complete once another node can open it
+    return token, socket.gethostname(), {what: str(path.absolute()) for what, path in places.items()}
+
+
+def _holds(path: Path, token: str) -> bool:
+    try:
+        return path.read_text() == token
+    except OSError:
+        return False
 
 
 def check_one_process_per_gpu(cuda: bool) -> None:

@@ -27,7 +27,7 @@ from core.errors import NonFiniteLoss, Preempted, RunError
 from core.files import atomic_replace_dir
 from core.hub import ResolvedModel, resolve_model
 from core.locks import promotion_lock, publisher_lock
-from core.runfolder import Manifest, RunFolder
+from core.runfolder import Layout, Manifest, RunFolder
 from train import distributed
 from train.data import PreparedData, load_data, show_example
 from train.device import Placement, placement
@@ -68,14 +68,17 @@ def run(
             return _run(cfg, folder, fresh, resume_from, None, publish)
     where = placement(cfg)  # every rank alike: the process group's backend depends on it
     w = distributed.init(where.cuda)
+    shared = {"run folder": folder.root, "models_dir": Layout.of(cfg).models}  # several machines: on shared storage
     if w.main:
         with ExitStack() as held:
             distributed.on_main(lambda: [held.enter_context(c) for c in (folder.locked(), publishing(cfg, publish))])
+            distributed.check_shared(shared)
             return _run(cfg, folder, fresh, resume_from, where, publish)
     try:
         distributed.on_main(lambda: None)  # rank 0 takes the lock
+        distributed.check_shared(shared)
         return _run(cfg, folder, fresh, resume_from, where, publish)
-    except (distributed.FollowsMain, Preempted, NonFiniteLoss) as e:  # rank 0 stops too, with the same status
+    except (distributed.FollowsMain, distributed.NotShared, Preempted, NonFiniteLoss) as e:  # rank 0 stops alike
         distributed.leave_after_main(e)
 
 
@@ -180,6 +183,8 @@ def _run(
     if isinstance(started, Manifest):  # complete already: reported, nothing trained
         return started
     resume, manifest, identity = started
+    if resume is not None:  # rank 0's pick, at this rank's path (rank 0's may be absolute, from --resume-from)
+        resume = folder.checkpoints / resume.name
     if local.inputs is None:  # not rank 0
         local.inputs = _inputs(cfg, folder)
         if local.inputs.identity != identity:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,6 +16,7 @@ from types import SimpleNamespace
 import torch
 import torch.multiprocessing as mp
 
+from core import signals
 from train import distributed
 
 
@@ -55,13 +57,15 @@ def _rank(rank: int, port: int, out: str) -> None:
     args = SimpleNamespace(output_dir=out)
     state = TrainerState(global_step=3)
     stop, control = StopOnSignal(), TrainerControl()
-    stop.received = 15 if rank == 1 else None  # SIGTERM reached rank 1 only
-    stop.on_step_end(args, state, control)
-    got["stop_controls"] = [control.should_save, control.should_training_stop, control.should_log]
-    try:
-        stop.on_train_end(args, state, control)
-    except Preempted as e:
-        got["preempted"] = e.exit_code
+    with signals.handled(), signals.deferred():  # as train.trainer.fit runs the training loop
+        if rank == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # reaches rank 1 only: pending until the step's end
+        stop.on_step_end(args, state, control)
+        got["stop_controls"] = [control.should_save, control.should_training_stop, control.should_log]
+        try:
+            stop.on_train_end(args, state, control)
+        except Preempted as e:
+            got["preempted"] = e.exit_code
 
     model = torch.nn.Linear(2, 1)
     model(torch.ones(1, 2)).sum().backward()
