@@ -262,7 +262,7 @@ def test_the_candidate_scores_are_read_from_its_verification(night1, monkeypatch
 
 def test_a_worse_candidate_is_rejected_and_the_champion_untouched(night1, rejected):
     ws, champion, out, line = rejected["ws"], night1["run"], rejected["out"], rejected["line"]
-    assert "rejected: nightly-" in out and f"{champion} stays live" in out
+    assert "rejected: nightly-" in out and f"{NAME}.gguf stays {champion}'s" in out
     assert f"scores of {champion} on eval set {line['eval_set']}: cached" in out
     assert line["decision"] == "rejected" and line["exit_code"] == 7 and line["champion_before"] == champion
     assert line["changed"] == ["data"]
@@ -316,6 +316,7 @@ def test_a_plain_train_replaces_the_live_model_and_the_next_night_gates_against_
     assert registry(ws)[-1] | {"time": None, "host": None} == {
         "time": None,
         "host": None,
+        "name": NAME,  # the champion belongs to the GGUF name, not to the config
         "event": "rollback",
         "run": other,
         "from_run": first,
