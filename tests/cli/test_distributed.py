@@ -241,9 +241,11 @@ def test_two_nodes_without_shared_storage_are_refused(hf_home: Path, tmp_path: P
         node.popen.wait(timeout=300)
     outs = [node.output() for node in nodes]
     assert [node.popen.returncode for node in nodes] == [1, 1], outs
-    codes = [rank_exit_codes(out) for out in outs]
-    assert sorted(codes, key=list) == [{0: 2}, {1: 2}], outs
-    main, other = dirs if 0 in codes[0] else dirs[::-1]
+    # torchrun reports each failed rank's exit code, unless its agent lost the rendezvous store first (the store
+    # lives in the other node's agent, which may already have exited): torchrun's race, not the pipeline's
+    codes = {rank: code for out in outs for rank, code in rank_exit_codes(out).items()}
+    assert codes and set(codes.values()) == {2}, outs
+    main, other = dirs if (dirs[0] / "outputs").exists() else dirs[::-1]
     host = socket.gethostname()
     refusal = (
         f"the nodes do not share the run's storage: rank 1 on host {host} cannot see {other / 'outputs' / RUN} or "
