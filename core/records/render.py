@@ -1,12 +1,6 @@
-"""One record -> validated, rendered token ids and labels (what the loss sees).
-
-docs/data.md ("Formats and how they render") shows each format rendered and what the loss covers: assistant turns
-with their <end_of_turn> (chat), the completion + <eos>, all of a text + <eos>. Every example starts with exactly
-one <bos>, never supervised, whatever the template and tokenizer add.
-
-The rendered text is tokenized in pieces cut at the supervised spans: the prompt side is tokenized exactly as
-an application tokenizes it at inference (ending in the `<start_of_turn>model\\n` header), so no token
-straddles the boundary between what the model is given and what it must produce.
+"""One record -> validated, rendered token ids and labels (what the loss sees: docs/data.md, "Formats and how they
+render"). The text is tokenized in pieces cut at the supervised spans, so the prompt side is tokenized exactly as an
+application tokenizes it at inference and no token straddles what the model is given and what it must produce.
 """
 
 from __future__ import annotations
@@ -268,14 +262,8 @@ def normalize_messages(
 
 
 def with_single_bos(ids: list[int], labels: list[int], bos: int) -> tuple[list[int], list[int]]:
-    """Exactly one <bos>, first, never supervised.
-
-    Gemma's official chat template opens with `{{ bos_token }}` (as core/templates/gemma.jinja does) and its
-    tokenizer adds <bos> too (transformers' GemmaTokenizer, add_bos_token=True): two <bos> where the model was
-    trained on one, with no error anywhere. transformers' chat templating guide (docs/source/en/chat_templating.md)
-    warns that special tokens added to a rendered template are "incorrect or duplicated, which will hurt model
-    performance"; llama.cpp warns at inference that "the final prompt starts with 2 BOS tokens"
-    (src/llama-vocab.cpp)."""
+    """Exactly one <bos>, first, never supervised: Gemma's template opens with `{{ bos_token }}` and its tokenizer
+    adds <bos> too (add_bos_token=True), two where the model was trained on one, with no error anywhere."""
     k = 0
     while k < len(ids) and ids[k] == bos:
         k += 1
@@ -283,13 +271,9 @@ def with_single_bos(ids: list[int], labels: list[int], bos: int) -> tuple[list[i
 
 
 def compile_template(text: str):
-    """The chat template, compiled to render exactly what tokenizer.apply_chat_template renders.
-
-    A model's own template is untrusted code: it runs in transformers' sandboxed environment, as
-    apply_chat_template runs it. This repository's templates (core/templates) are trusted and run in a plain
-    jinja environment configured like transformers' (trim_blocks, lstrip_blocks, loopcontrols, raise_exception,
-    its tojson): the same text without the sandbox's per-attribute checks (their cost: docs/data.md).
-    tests/unit/test_data_render.py compares both with apply_chat_template."""
+    """The chat template, compiled to render exactly what tokenizer.apply_chat_template renders. A model's own
+    template is untrusted code and runs in transformers' sandbox; ours (core/templates) run in a plain jinja
+    environment configured like transformers', without the sandbox's per-attribute checks (their cost: docs/data.md)."""
     if text not in {p.read_text(encoding="utf-8") for p in TEMPLATES.glob("*.jinja")}:
         return _compile_jinja_template(text)
 
