@@ -1,7 +1,5 @@
-"""Where models live: the Hugging Face cache under models/.cache, and resolving a model in it offline.
-
-The cache layout is huggingface_hub's own (`$HF_HOME/hub/models--ORG--NAME/snapshots/<rev>/`), so a
-model downloaded with `hf download` on a connected machine, or copied in a volume, is found as is.
+"""Resolving a model offline in the Hugging Face cache under models/.cache, laid out as huggingface_hub lays it out
+(so a model from `hf download` on a connected machine, or copied in a volume, is found as is).
 """
 
 from __future__ import annotations
@@ -15,11 +13,7 @@ from core.errors import InvalidInput, ModelNotFoundError
 
 # models/.cache holds every cache the stack keeps (see models/README.md); HF_HOME is one of them.
 MODELS_CACHE = Path("models/.cache")
-CACHE_ENV = {
-    "HF_HOME": "huggingface",
-    "HF_DATASETS_CACHE": "datasets",
-    "TORCH_HOME": "torch",
-}
+CACHE_ENV = {"HF_HOME": "huggingface", "HF_DATASETS_CACHE": "datasets", "TORCH_HOME": "torch"}
 # In a snapshot that was not downloaded as it is: where its weights came from (scripts/real_gemma.py writes it).
 MODEL_SOURCE_FILE = "model_source.json"
 

@@ -1,8 +1,5 @@
-"""Records rendered for scoring rather than training: the held-out set that verification and the nightly job score
-(token ids with the labels training would put a loss on), and the first training records (the scored set's filler
-and the importance matrix's calibration text).
-
-Rendered once per run and handed on as token ids: nothing downstream decodes them to text and tokenizes again.
+"""Records rendered for scoring rather than training (the held-out set, the scored set's filler, the importance
+matrix's calibration text), once per run and handed on as token ids: nothing downstream tokenizes them again.
 """
 
 from __future__ import annotations
