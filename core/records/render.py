@@ -219,10 +219,8 @@ def check_turn_order(turns: list[Turn], start: int) -> None:
 
 
 def merge_system(msgs: list[dict[str, str]]) -> list[dict[str, str]]:
-    """The conversation with its system message merged into the first user message.
-
-    Gemma has no system role. Merged the way the template (and llama.cpp's built-in Gemma formatter) merges
-    one at inference: "<system>\\n\\n<first user message>"."""
+    """The system message merged into the first user message (Gemma has no system role) as the template and
+    llama.cpp's built-in Gemma formatter merge one at inference: "<system>\\n\\n<first user message>"."""
     system, first = msgs[0]["content"].strip(), msgs[1]
     if not system:
         return msgs[1:]
@@ -351,7 +349,7 @@ class Renderer:
             return [prompt, completion], [not self.opts.completion_only_loss, True], True
         text = record["text"]
         if not isinstance(text, str):
-            raise RecordProblem("text", f"must be a string, got {json_type(text)}")
+            raise not_a_string("text", text)
         if not text.strip():
             raise RecordProblem("text", "is empty")
         self.check_text(text, "text")
