@@ -228,7 +228,7 @@ def merge_system(msgs: list[dict[str, str]]) -> list[dict[str, str]]:
 
 
 def normalize_messages(
-    messages: Any, system_message: str, check_text: TextCheck = lambda text, field: None
+    messages: Any, system_message: str, check_text: TextCheck
 ) -> tuple[list[dict[str, str]], list[bool]]:
     """Validate an OpenAI-style conversation; return {role, content} messages for the template and, per
     message, whether the loss covers it. Raises RecordProblem naming the message index and the rule.
