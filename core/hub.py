@@ -26,7 +26,7 @@ def configure_cache_env(cache_root: Path = MODELS_CACHE) -> None:
 
 
 def default_hf_home() -> Path:
-    return Path(os.environ.get("HF_HOME") or MODELS_CACHE / "huggingface")
+    return Path(os.environ.get("HF_HOME") or MODELS_CACHE / CACHE_ENV["HF_HOME"])
 
 
 def hub_cache_dir(hf_home: Path) -> Path:
