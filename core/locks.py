@@ -41,8 +41,7 @@ def _holder_recorded(lock_file: Path, run_name: str) -> Iterator[None]:
 
 @contextmanager
 def hold_lock(lock_file: Path, what: str, run_name: str, wait_s: float = 0.0) -> Iterator[None]:
-    """Hold an exclusive lock on lock_file for the block; waits up to wait_s seconds for another holder to finish,
-    then raises LockHeld naming it."""
+    """An exclusive lock for the block, waiting up to wait_s seconds for another holder before LockHeld names it."""
     lock_file.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(lock_file, timeout=wait_s, mode=0o644, poll_interval=0.2)
     try:
