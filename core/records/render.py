@@ -230,9 +230,8 @@ def merge_system(msgs: list[dict[str, str]]) -> list[dict[str, str]]:
 def normalize_messages(
     messages: Any, system_message: str, check_text: TextCheck
 ) -> tuple[list[dict[str, str]], list[bool]]:
-    """Validate an OpenAI-style conversation; return {role, content} messages for the template and, per
-    message, whether the loss covers it. Raises RecordProblem naming the message index and the rule.
-    `check_text(text, field)` vets every text that reaches the template."""
+    """Validate an OpenAI-style conversation: {role, content} messages for the template and, per message, whether
+    the loss covers it. `check_text(text, field)` vets every text that reaches the template."""
     if not isinstance(messages, list):
         raise RecordProblem("messages", f"must be an array of messages, got {json_type(messages)}")
     if not messages:
