@@ -1,8 +1,5 @@
-"""Errors a user can act on, each carrying the exit status the CLIs return for it.
-
-`python -m train --help` and `python -m convert --help` list the statuses. Anything that is not a
-PipelineError (or an interrupt) is a bug and keeps its traceback. `cli_exit` is the one place where the CLIs
-turn exceptions (and SIGINT/SIGTERM, and a closed stdout) into exit statuses.
+"""Errors a user can act on, each carrying the exit status the CLIs return for it (`cli_exit`, the one place that
+turns exceptions into statuses). Anything but a PipelineError (or an interrupt) is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -187,13 +184,9 @@ def stdout_gone() -> None:
 
 
 def cli_exit(call: Callable[[], object]) -> int:
-    """Run a CLI command and return its exit status: the command's own int (0 if it returns none), or
-    the status of an error a user can act on, whose message is logged. Other errors raise.
-
-    SIGINT/SIGTERM become Interrupted while the command runs, so they end in 130/143 like any other error.
-    Native code that calls back into Python (safetensors, tokenizers, llama.cpp's log callback) can turn the
-    handler's Interrupted into an unrelated error; any error that escapes after a stop signal arrived is
-    therefore the stop, not a bug."""
+    """Run a CLI command and return its exit status: the command's own int (0 if none), or the status of an error a
+    user can act on, whose message is logged; other errors raise. Native code that calls back into Python can turn the
+    signal handler's Interrupted into an unrelated error: any error that escapes after a stop signal is the stop."""
     signals_before = len(signals.received())
     try:
         with signals.handled():

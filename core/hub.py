@@ -1,7 +1,5 @@
-"""Where models live: the Hugging Face cache under models/.cache, and resolving a model in it offline.
-
-The cache layout is huggingface_hub's own (`$HF_HOME/hub/models--ORG--NAME/snapshots/<rev>/`), so a
-model downloaded with `hf download` on a connected machine, or copied in a volume, is found as is.
+"""Resolving a model offline in the Hugging Face cache under models/.cache, laid out as huggingface_hub lays it out
+(so a model from `hf download` on a connected machine, or copied in a volume, is found as is).
 """
 
 from __future__ import annotations
@@ -15,11 +13,7 @@ from core.errors import InvalidInput, ModelNotFoundError
 
 # models/.cache holds every cache the stack keeps (see models/README.md); HF_HOME is one of them.
 MODELS_CACHE = Path("models/.cache")
-CACHE_ENV = {
-    "HF_HOME": "huggingface",
-    "HF_DATASETS_CACHE": "datasets",
-    "TORCH_HOME": "torch",
-}
+CACHE_ENV = {"HF_HOME": "huggingface", "HF_DATASETS_CACHE": "datasets", "TORCH_HOME": "torch"}
 # In a snapshot that was not downloaded as it is: where its weights came from (scripts/real_gemma.py writes it).
 MODEL_SOURCE_FILE = "model_source.json"
 
@@ -32,7 +26,7 @@ def configure_cache_env(cache_root: Path = MODELS_CACHE) -> None:
 
 
 def default_hf_home() -> Path:
-    return Path(os.environ.get("HF_HOME") or MODELS_CACHE / "huggingface")
+    return Path(os.environ.get("HF_HOME") or MODELS_CACHE / CACHE_ENV["HF_HOME"])
 
 
 def hub_cache_dir(hf_home: Path) -> Path:
@@ -62,8 +56,7 @@ class ResolvedModel:
 
 
 def resolve_model(name_or_path: str, revision: str = "main", hf_home: Path | None = None) -> ResolvedModel:
-    """Find a model folder offline: a local directory, or a repo id in the HF hub cache; ModelNotFoundError names the
-    path searched and the command that fills the cache."""
+    """Find a model folder offline: a local directory, or a repo id in the HF hub cache."""
     local = Path(name_or_path)
     if local.is_dir():
         if not (local / "config.json").is_file():
@@ -97,8 +90,7 @@ FAMILIES = {"gemma2": "Gemma 2", "gemma3_text": "Gemma 3 (text)", "gemma": "Gemm
 
 
 def model_family(model_dir: Path) -> str:
-    """The model_type of a model folder's config.json; ModelNotFoundError (exit 2) for a family this pipeline does
-    not support, naming the ones it does."""
+    """The model_type of a model folder's config.json, if this pipeline supports that family."""
     try:
         model_type = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8")).get("model_type")
     except (OSError, ValueError) as e:
@@ -131,9 +123,8 @@ def where_relative_paths_start() -> str:
 
 
 def model_source(path: Path) -> dict | None:
-    """The provenance record of a model folder built from something else than a download (the real Gemma 3 270M,
-    rebuilt from a GGUF by scripts/real_gemma.py: package, file and sha256, what was done to it); None for a
-    folder without one (a Hub download, a plain local folder, the tiny model)."""
+    """The provenance record of a model folder built from something else than a download (scripts/real_gemma.py
+    rebuilds the real Gemma 3 270M from a GGUF); None for a folder without one."""
     record = Path(path) / MODEL_SOURCE_FILE
     if not record.is_file():
         return None

@@ -1,9 +1,5 @@
-"""One process per run folder and per promotion target, with `fcntl.flock` locks: the kernel drops one when its
-holder exits, however it exits (SIGKILL, the OOM killer), so no lock is ever stale. flock is advisory and local:
-machines sharing a folder over NFS are not protected (docs/operations.md, "Locking"); one run across machines
-(torchrun --nnodes) shares its run folder on purpose, and rank 0 alone takes its lock (docs/gpu-box.md). A lock file
-stays (deleting it would let two processes lock two different files of the same name); while held it names its
-holder, only so that a refusal can say who.
+"""One process per run folder and per promotion target, with `fcntl.flock` locks, never stale (docs/operations.md,
+"Locking"). A lock file stays: deleting it would let two processes lock two different files of the same name.
 """
 
 from __future__ import annotations
@@ -45,8 +41,7 @@ def _holder_recorded(lock_file: Path, run_name: str) -> Iterator[None]:
 
 @contextmanager
 def hold_lock(lock_file: Path, what: str, run_name: str, wait_s: float = 0.0) -> Iterator[None]:
-    """Hold an exclusive lock on lock_file for the block; waits up to wait_s seconds for another holder to finish,
-    then raises LockHeld naming it."""
+    """An exclusive lock for the block, waiting up to wait_s seconds for another holder before LockHeld names it."""
     lock_file.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(lock_file, timeout=wait_s, mode=0o644, poll_interval=0.2)
     try:
@@ -66,22 +61,17 @@ PROMOTION_WAIT_S = 120.0
 
 
 def promotion_lock(target: Path, run_name: str, wait_s: float = PROMOTION_WAIT_S):
-    """The lock of one promotion target (a folder, or a GGUF file stem): <parent>/.locks/<name>.lock.
-
-    In a hidden folder of the target's own folder, not beside the artifacts: what ships (models/gguf, a volume
-    the application mounts) holds only what a consumer loads, and containers sharing the volume share the lock."""
+    """The lock of one promotion target (a folder, or a GGUF file stem): <parent>/.locks/<name>.lock, hidden so that
+    what ships holds only what a consumer loads, while containers sharing the volume share the lock."""
     return hold_lock(target.parent / ".locks" / f"{target.name}.lock", f"promotion target {target}", run_name, wait_s)
 
 
 @contextmanager
 def publisher_lock(gguf_dir: Path, name: str, run_name: str, exclusive: bool) -> Iterator[None]:
-    """Held for a whole run by what will publish `name` (models/gguf/<name>.gguf): shared by `python -m train` and
-    `python -m convert export` (runs of one name may overlap; promotion_lock serializes their publications),
-    exclusive by the nightly job, which gates its candidate against the live model and must not have it replaced
-    meanwhile (rollback and prune change what is live too). The other kind gets LockHeld at once: a nightly job
-    started during a manual training of the same name is refused, and the other way round.
-
-    flock directly (filelock has no shared lock); the holder recorded is the exclusive one's."""
+    """Held for a whole run by what will publish `name`: shared by `python -m train` and `convert export` (runs of
+    one name may overlap; promotion_lock serializes their publications), exclusive by the nightly job, which gates its
+    candidate against the live model and must not have it replaced meanwhile. The other kind gets LockHeld at once.
+    flock directly: filelock has no shared lock."""
     path = gguf_dir / ".locks" / f"{name}.publishers.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)

@@ -1,7 +1,5 @@
-"""What the CLIs print goes through `logging`: modules log, the entry point decides where it goes.
-
-The CLIs send our packages' records as bare messages: errors to stderr, everything else to stdout (what a
-user pipes or greps). Libraries and tests that import the modules get no handler from us.
+"""What the CLIs print goes through `logging`: modules log, the entry point decides where it goes (libraries and
+tests that import the modules get no handler from us).
 """
 
 from __future__ import annotations
@@ -20,8 +18,8 @@ log = logging.getLogger(__name__)
 
 
 class _ToStdout(logging.StreamHandler):
-    """stdout, until its reader goes away (`python -m train ... | head`): then the run goes on, quietly, instead of
-    logging's "--- Logging error ---" traceback on every line. What the run does never depends on its console."""
+    """stdout, until its reader goes away (`... | head`): then the run goes on quietly, instead of logging's
+    "--- Logging error ---" traceback on every line."""
 
     def handleError(self, record: logging.LogRecord) -> None:
         if isinstance(sys.exc_info()[1], BrokenPipeError):
@@ -42,14 +40,12 @@ def setup_cli_logging(level: int = logging.INFO) -> None:
         logger = logging.getLogger(name)
         logger.handlers[:] = [out, err]
         logger.setLevel(level)
-    # PEFT imports bitsandbytes whenever it is installed; on CPUs with AVX512-BF16 its CPU backend warns, at
-    # import, that it cannot download an optional kernel from the Hub (bitsandbytes/backends/cpu/ops.py). Offline
-    # that is always so and changes nothing: its own fallback runs. Errors still show.
+    # bitsandbytes (imported by PEFT) warns on AVX512-BF16 CPUs that it cannot download an optional kernel: offline
+    # that is always so and changes nothing (its fallback runs).
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     if not on_terminal():
-        # Progress bars redraw one line with carriage returns: in a file or a pipe that is one line of thousands of
-        # characters. The libraries' bars go (their own switches, read when they are imported, which is after
-        # this); ours and the Trainer's print a line per interval instead (progress(), train.trainer).
+        # In a file or a pipe a bar is one line of thousands of carriage returns: the libraries' bars go (switches
+        # read at their import, after this); ours and the Trainer's print a line per interval (progress()).
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # huggingface_hub and transformers' loading
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 

@@ -1,8 +1,5 @@
-"""Paths a user gives (config, data, --model, --resume-from, GGUF files), checked once and early.
-
-Relative paths start at the working directory, with or without a trailing slash, through symlinks. A path
-that is missing, or not what belongs there (a folder where a file is expected, a device, an empty file),
-is a PathError (exit 2) that names the path, what it is, and what to do.
+"""Paths a user gives (config, data, --model, --resume-from, GGUF files), checked once and early: one that is not
+what belongs there is a PathError (exit 2) naming the path, what it is, and what to do.
 """
 
 from __future__ import annotations

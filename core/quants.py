@@ -1,8 +1,5 @@
-"""The GGUF types this pipeline exports: one table, from which the config's choices and every lookup derive.
-
-Names are llama.cpp's `llama-quantize` names, lower-cased. File types and tensor types are gguf-py's enums
-(`gguf.LlamaFileType` mirrors llama.h `enum llama_ftype`; `gguf.GGMLQuantizationType` mirrors ggml.h
-`enum ggml_type`), so the numbers are those of the pinned llama.cpp release.
+"""The GGUF types this pipeline exports: one table, from which the config's choices and every lookup derive. Names
+are `llama-quantize`'s, lower-cased; the enums are gguf-py's, so the numbers are those of the pinned llama.cpp.
 """
 
 from __future__ import annotations

@@ -1,14 +1,6 @@
-"""Making GGUF files live: every promotion (python -m train, python -m convert export, the nightly job, rollback)
-goes through publish(), the one writer of models/gguf/.
-
-    models/gguf/<name>[.<quant>].gguf -> .releases/<name>/live/<name>[.<quant>].gguf     what applications open
-    models/gguf/.releases/<name>/live -> <release>      which release of <name> is live: switched by one rename
-    models/gguf/.releases/<name>/<release>/             one run's files and release.json, never modified
-    models/gguf/.releases/<name>/history.jsonl          every switch, appended: what rollback returns to
-
-Why immutable releases and one pointer rather than renaming each file into place: docs/architecture.md ("What is
-published"). Killed before the switch, the old release is live, untouched; after it, the new one is, whole; a
-staging folder left behind has a name no release has (.<release>.*) and the next publish removes it.
+"""Making GGUF files live: publish() is the one writer of models/gguf/ (the layout: docs/architecture.md, "What is
+published"). Killed before the switch, the old release is live, untouched; after it, the new one is, whole; a staging
+folder left behind has a name no release has (.<release>.*) and the next publish removes it.
 """
 
 from __future__ import annotations

@@ -1,8 +1,5 @@
-"""Where a config's files live (Layout), a run folder, outputs/<run_name>/ (RunFolder), and its contract:
-manifest.json, whose status says what the folder vouches for (the states: docs/architecture.md, "The manifest").
-
-Every CLI addresses runs the same way (the config's run_name and paths) and reads and writes a run's state only
-through `RunFolder` and `Manifest`.
+"""Where a config's files live (Layout), a run folder, outputs/<run_name>/ (RunFolder), and its contract,
+manifest.json (docs/architecture.md, "The manifest"): every CLI reads and writes a run's state only through these.
 """
 
 from __future__ import annotations
@@ -27,9 +24,7 @@ TRAINED = ("exporting", "export_failed", "exported", "complete")
 
 
 class Manifest(BaseModel):
-    """manifest.json: what the run was trained on, what it wrote (with hashes), and where it stands.
-
-    Only the fields a run has reached are written (a field set to None is written as null)."""
+    """manifest.json: only the fields a run has reached are written (a field set to None is written as null)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 

@@ -1,12 +1,8 @@
-"""Stop signals (SIGINT: Ctrl-C; SIGTERM: docker stop, a scheduler's preemption): one handler for the process,
-installed by the CLIs (core.errors.cli_exit) and by training.
-
-A signal raises Interrupted (exit 130/143) where the process is, except inside a `deferred()` block: there it is
-recorded and raised when the block ends. Native code that calls back into Python would lose or garble an exception
-raised inside it (ctypes discards one raised in llama.cpp's log callback; in the middle of safetensors' get_tensor it
-surfaced as an unrelated ValueError), and training finishes its optimizer step and commits a checkpoint first: it
-defers the whole loop and asks `pending()` at each step's end (train.callbacks.StopOnSignal). A second signal
-inside a deferred block stops the process at once, by the signal itself.
+"""Stop signals (SIGINT, SIGTERM): one handler, which raises Interrupted where the process is, except inside a
+`deferred()` block, where it is raised when the block ends: native code that calls back into Python loses or garbles
+an exception raised inside it (ctypes discards one raised in llama.cpp's log callback), and training commits its step
+first (train.callbacks.StopOnSignal asks `pending()`). A second signal inside a deferred block stops the process
+at once.
 """
 
 from __future__ import annotations
@@ -20,10 +16,8 @@ STOP = (signal.SIGINT, signal.SIGTERM)
 
 
 class Interrupted(KeyboardInterrupt):
-    """A stop signal, raised where the process was (exit 128 + signal number).
-
-    A KeyboardInterrupt, not an Exception: `except Exception` never swallows it, while every `finally` and
-    `except BaseException` on the way out runs, so work files are removed and nothing is half-published."""
+    """A stop signal (exit 128 + signal number); a KeyboardInterrupt so that `except Exception` never swallows it
+    while every `finally` on the way out runs."""
 
     def __init__(self, signum: int):
         self.signum = signum

@@ -27,15 +27,11 @@ def special_tokens(tokens: dict[int, str]) -> dict[int, dict]:
 
 
 def fix_tokenizer_config(folder: Path, added_tokens: dict[int, dict]) -> None:
-    """Restore the keys transformers 5's save_pretrained drops but llama.cpp's converter reads.
-
-    Without `add_bos_token` the GGUF does not add <bos>; without `added_tokens_decoder` marking the
-    turn markers special, llama.cpp tokenizes "<start_of_turn>" as plain text (the converter's SpecialVocab and
-    the token types it writes come from this file: gguf-py vocab.py, SpecialVocab._try_load_from_tokenizer_json).
-    Each added token keeps its own flag: the converter makes every one marked special a CONTROL token, and the
-    real Gemma 3's added whitespace runs and HTML tags are not (as CONTROL tokens, llama.cpp would stop making
-    them from text: token ids differ on every run of spaces). added_tokens: {id: the AddedToken's fields}.
-    """
+    """Restore the keys transformers 5's save_pretrained drops but llama.cpp's converter reads (gguf-py vocab.py,
+    SpecialVocab._try_load_from_tokenizer_json): without `add_bos_token` the GGUF adds no <bos>; without
+    `added_tokens_decoder` marking the turn markers special, llama.cpp reads "<start_of_turn>" as plain text. Each
+    added token keeps its own flag: the converter makes every special one a CONTROL token, which the real Gemma 3's
+    whitespace runs and HTML tags must not become (llama.cpp would stop making them from text)."""
     path = folder / "tokenizer_config.json"
     config = json.loads(path.read_text())
     config["add_bos_token"] = True

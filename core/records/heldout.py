@@ -1,8 +1,5 @@
-"""Records rendered for scoring rather than training: the held-out set that verification and the nightly job score
-(token ids with the labels training would put a loss on), and the first training records (the scored set's filler
-and the importance matrix's calibration text).
-
-Rendered once per run and handed on as token ids: nothing downstream decodes them to text and tokenizes again.
+"""Records rendered for scoring rather than training (the held-out set, the scored set's filler, the importance
+matrix's calibration text), once per run and handed on as token ids: nothing downstream tokenizes them again.
 """
 
 from __future__ import annotations
@@ -56,8 +53,7 @@ def render_records(tokenizer, cfg: Config, paths: list[str], limit: int, what: s
 
 
 def heldout_records(tokenizer, cfg: Config, limit: int | None = None) -> list[HeldOut]:
-    """The held-out set: verify.heldout_files, then data.eval_files; its first verify.max_heldout_records (or
-    `limit`) records."""
+    """The held-out set: the first records of verify.heldout_files, then data.eval_files."""
     paths = list(cfg.verify.heldout_files) + [s.path for s in cfg.data.eval_files]
     n = cfg.verify.max_heldout_records if limit is None else limit
     return render_records(tokenizer, cfg, paths, n, "verify.heldout_files / data.eval_files")

@@ -1,12 +1,6 @@
-"""One record -> validated, rendered token ids and labels (what the loss sees).
-
-docs/data.md ("Formats and how they render") shows each format rendered and what the loss covers: assistant turns
-with their <end_of_turn> (chat), the completion + <eos>, all of a text + <eos>. Every example starts with exactly
-one <bos>, never supervised, whatever the template and tokenizer add.
-
-The rendered text is tokenized in pieces cut at the supervised spans: the prompt side is tokenized exactly as
-an application tokenizes it at inference (ending in the `<start_of_turn>model\\n` header), so no token
-straddles the boundary between what the model is given and what it must produce.
+"""One record -> validated, rendered token ids and labels (what the loss sees: docs/data.md, "Formats and how they
+render"). The text is tokenized in pieces cut at the supervised spans, so the prompt side is tokenized exactly as an
+application tokenizes it at inference and no token straddles what the model is given and what it must produce.
 """
 
 from __future__ import annotations
@@ -225,10 +219,8 @@ def check_turn_order(turns: list[Turn], start: int) -> None:
 
 
 def merge_system(msgs: list[dict[str, str]]) -> list[dict[str, str]]:
-    """The conversation with its system message merged into the first user message.
-
-    Gemma has no system role. Merged the way the template (and llama.cpp's built-in Gemma formatter) merges
-    one at inference: "<system>\\n\\n<first user message>"."""
+    """The system message merged into the first user message (Gemma has no system role) as the template and
+    llama.cpp's built-in Gemma formatter merge one at inference: "<system>\\n\\n<first user message>"."""
     system, first = msgs[0]["content"].strip(), msgs[1]
     if not system:
         return msgs[1:]
@@ -236,11 +228,10 @@ def merge_system(msgs: list[dict[str, str]]) -> list[dict[str, str]]:
 
 
 def normalize_messages(
-    messages: Any, system_message: str, check_text: TextCheck = lambda text, field: None
+    messages: Any, system_message: str, check_text: TextCheck
 ) -> tuple[list[dict[str, str]], list[bool]]:
-    """Validate an OpenAI-style conversation; return {role, content} messages for the template and, per
-    message, whether the loss covers it. Raises RecordProblem naming the message index and the rule.
-    `check_text(text, field)` vets every text that reaches the template."""
+    """Validate an OpenAI-style conversation: {role, content} messages for the template and, per message, whether
+    the loss covers it. `check_text(text, field)` vets every text that reaches the template."""
     if not isinstance(messages, list):
         raise RecordProblem("messages", f"must be an array of messages, got {json_type(messages)}")
     if not messages:
@@ -268,14 +259,8 @@ def normalize_messages(
 
 
 def with_single_bos(ids: list[int], labels: list[int], bos: int) -> tuple[list[int], list[int]]:
-    """Exactly one <bos>, first, never supervised.
-
-    Gemma's official chat template opens with `{{ bos_token }}` (as core/templates/gemma.jinja does) and its
-    tokenizer adds <bos> too (transformers' GemmaTokenizer, add_bos_token=True): two <bos> where the model was
-    trained on one, with no error anywhere. transformers' chat templating guide (docs/source/en/chat_templating.md)
-    warns that special tokens added to a rendered template are "incorrect or duplicated, which will hurt model
-    performance"; llama.cpp warns at inference that "the final prompt starts with 2 BOS tokens"
-    (src/llama-vocab.cpp)."""
+    """Exactly one <bos>, first, never supervised: Gemma's template opens with `{{ bos_token }}` and its tokenizer
+    adds <bos> too (add_bos_token=True), two where the model was trained on one, with no error anywhere."""
     k = 0
     while k < len(ids) and ids[k] == bos:
         k += 1
@@ -283,13 +268,9 @@ def with_single_bos(ids: list[int], labels: list[int], bos: int) -> tuple[list[i
 
 
 def compile_template(text: str):
-    """The chat template, compiled to render exactly what tokenizer.apply_chat_template renders.
-
-    A model's own template is untrusted code: it runs in transformers' sandboxed environment, as
-    apply_chat_template runs it. This repository's templates (core/templates) are trusted and run in a plain
-    jinja environment configured like transformers' (trim_blocks, lstrip_blocks, loopcontrols, raise_exception,
-    its tojson): the same text without the sandbox's per-attribute checks (their cost: docs/data.md).
-    tests/unit/test_data_render.py compares both with apply_chat_template."""
+    """The chat template, compiled to render exactly what tokenizer.apply_chat_template renders. A model's own
+    template is untrusted code and runs in transformers' sandbox; ours (core/templates) run in a plain jinja
+    environment configured like transformers', without the sandbox's per-attribute checks (their cost: docs/data.md)."""
     if text not in {p.read_text(encoding="utf-8") for p in TEMPLATES.glob("*.jinja")}:
         return _compile_jinja_template(text)
 
@@ -367,7 +348,7 @@ class Renderer:
             return [prompt, completion], [not self.opts.completion_only_loss, True], True
         text = record["text"]
         if not isinstance(text, str):
-            raise RecordProblem("text", f"must be a string, got {json_type(text)}")
+            raise not_a_string("text", text)
         if not text.strip():
             raise RecordProblem("text", "is empty")
         self.check_text(text, "text")

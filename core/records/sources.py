@@ -1,11 +1,6 @@
-"""Reading data sources (a file, a folder of files, a save_to_disk folder, a dataset in the local HF cache: nothing is
-downloaded; docs/data.md, "Sources") into records, each with the place it came from for error messages: `where`,
-`file:line` in text formats, `file:row N` in row-based ones.
-
-Text formats (JSONL, JSON, CSV) are parsed here, line-aware, rather than by `datasets`' loaders: those
-report one pyarrow error for a whole file instead of `file:line`, and unify the schema of every record
-(a tool call's `arguments` object gains `null` for every key any other record used). Parquet, Arrow and
-hub datasets are read through `datasets`.
+"""Reading data sources (docs/data.md, "Sources": nothing is downloaded) into records, each with the place it came
+from for error messages: `file:line` in text formats, parsed here for that reason, `file:row N` in those read through
+`datasets` (Parquet, Arrow, hub datasets).
 """
 
 from __future__ import annotations
@@ -27,9 +22,7 @@ from core.files import sha256_file
 from core.hub import cached_snapshot, repo_folder_name
 from core.paths import user_path, what_is
 
-TEXT_SUFFIXES = (".jsonl", ".json", ".csv")
 JSON_TYPES: dict[type, str] = {str: "string", list: "array", dict: "object"}  # besides null, boolean, number
-DATA_SUFFIXES = (*TEXT_SUFFIXES, ".parquet")
 UNDECODABLE = re.compile("[\udc80-\udcff]")  # a byte that was not UTF-8, in text decoded with surrogateescape
 
 
@@ -238,6 +231,7 @@ def read_parquet(path: Path, label: str, problems: list[str]) -> list[Row]:
 
 
 READERS = {".jsonl": read_jsonl, ".json": read_json, ".csv": read_csv, ".parquet": read_parquet}
+DATA_SUFFIXES = tuple(READERS)
 
 
 def read_file(path: Path, label: str, problems: list[str]) -> list[Row]:
