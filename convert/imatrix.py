@@ -11,10 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import llama_cpp
-
 from convert.llamacpp import run_child
-from convert.score import native_output_to
+from convert.score import GGUF
 from convert.tools import tool
 from core.errors import InvalidInput, LlamaCppError
 
@@ -33,17 +31,13 @@ def calibration_text(float_gguf: Path, texts: list[str], max_tokens: int) -> tup
 
     Tokens are counted with the GGUF's own tokenizer, special markers as single tokens, as llama-imatrix
     reads the file with --parse-special."""
-    with native_output_to(None):
-        vocab = llama_cpp.Llama(model_path=str(float_gguf), vocab_only=True, verbose=False)
-    try:
-        kept, n_tokens = [], 0
+    kept, n_tokens = [], 0
+    with GGUF(float_gguf, vocab_only=True) as vocab:
         for text in texts:
             if n_tokens >= max_tokens:
                 break
             kept.append(text)
-            n_tokens += len(vocab.tokenize(text.encode("utf-8"), add_bos=False, special=True))
-    finally:
-        vocab.close()
+            n_tokens += len(vocab.tokenize(text, bos=False))
     return "".join(kept), n_tokens
 
 
