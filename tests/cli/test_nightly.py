@@ -279,6 +279,26 @@ def test_a_worse_candidate_is_rejected_and_the_champion_untouched(night1, reject
     assert (ws / "outputs" / line["run"] / "nightly_scores.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_prune_dry_run_names_what_it_would_delete_and_prune_deletes_only_that(cli, night1, rejected, tmp_path):
+    """`prune --dry-run` lists the rejected candidate's folders and changes nothing; `prune` deletes exactly those,
+    keeps the champion live and intact, and a second prune has nothing to delete."""
+    ws, champion, stale = copy_workspace(rejected["ws"], tmp_path / "ws"), night1["run"], rejected["line"]["run"]
+    keep_none = "nightly.keep_candidates=0"
+    before = tree(ws)
+    rc, out = nightly(cli, ws, "prune", "--dry-run", keep_none)
+    assert rc == 0 and "retention: would delete " in out and f"outputs/{stale}" in out, out[-3000:]
+    assert champion not in out.split("retention: would delete ", 1)[1].splitlines()[0]
+    assert tree(ws) == before
+    rc, out = nightly(cli, ws, "prune", keep_none)
+    assert rc == 0 and "retention: deleted " in out and f"outputs/{stale}" in out, out[-3000:]
+    assert not (ws / "outputs" / stale).exists() and (ws / "outputs" / champion).is_dir()
+    assert live(ws).run == champion and live_files(ws) == live_files(night1["ws"])
+    rc, out = nightly(cli, ws, "prune", keep_none)
+    assert rc == 0 and "retention: nothing to delete" in out, out[-3000:]
+    rc, out = nightly(cli, ws, "status")
+    assert rc == 0 and f"live:      {champion}, since 20" in out, out[-3000:]
+
+
 def test_a_plain_train_replaces_the_live_model_and_the_next_night_gates_against_it(cli, night1, rejected, tmp_path):
     """`python -m train` of the same export.name (here: publishing the rejected candidate, whose run folder has
     everything but the publication) replaces the champion; the next night is gated against that model."""
