@@ -19,12 +19,20 @@ from core.tokenizer import save_tokenizer
 from tests.conftest import DEMO_HELDOUT, TINY_REPO
 
 
-def base_and_adapter(hf_home: Path, tok, tmp_path: Path, rslora: bool) -> tuple[Path, Path]:
-    """The tiny base in float32 and a LoRA on every linear layer with a real (non-zero) delta."""
+@pytest.fixture(scope="module")
+def base(hf_home: Path, tok, tmp_path_factory) -> tuple[Path, Path]:
+    """The tiny base in float32 and its f32 GGUF, made once for the module (the tests only read them)."""
     src = resolve_model(TINY_REPO, hf_home=hf_home).path
-    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    root = tmp_path_factory.mktemp("lora_base")
+    base_dir, base_gguf = root / "base", root / "base.f32.gguf"
     AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).save_pretrained(str(base_dir))
     save_tokenizer(tok, base_dir, src / "tokenizer.model")
+    convert_hf_to_gguf(base_dir, base_gguf, "f32")
+    return base_dir, base_gguf
+
+
+def make_adapter(base_dir: Path, tok, out: Path, rslora: bool) -> Path:
+    """A LoRA on every linear layer of the base with a real (non-zero) delta."""
     torch.manual_seed(0)
     lora = LoraConfig(r=8, lora_alpha=16, use_rslora=rslora, target_modules="all-linear")
     peft = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32), lora)
@@ -32,9 +40,9 @@ def base_and_adapter(hf_home: Path, tok, tmp_path: Path, rslora: bool) -> tuple[
         for name, p in peft.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05)
-    peft.save_pretrained(str(adapter_dir))
-    save_tokenizer(tok, adapter_dir, src / "tokenizer.model")
-    return base_dir, adapter_dir
+    peft.save_pretrained(str(out))
+    save_tokenizer(tok, out, base_dir / "tokenizer.model")
+    return out
 
 
 def heldout_ids(tok) -> list[list[int]]:
@@ -44,19 +52,23 @@ def heldout_ids(tok) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("rslora, with_base_gguf", [(False, True), (True, False)])
-def test_adapter_gguf_reproduces_the_merged_model(hf_home, tok, tmp_path, rslora, with_base_gguf):
+def test_adapter_gguf_reproduces_the_merged_model(base, tok, tmp_path, rslora, with_base_gguf):
     """On the base GGUF (base + adapter vs the merged HF model), or without (merged GGUF - adapter vs the HF base)."""
-    base_dir, adapter_dir = base_and_adapter(hf_home, tok, tmp_path, rslora)
+    base_dir, base_gguf = base
+    adapter_dir = make_adapter(base_dir, tok, tmp_path / "adapter", rslora)
     merged_gguf = tmp_path / "merged.f32.gguf"
     merged_dir = merge_adapter(base_dir, adapter_dir, tmp_path / "merged")
     convert_hf_to_gguf(merged_dir, merged_gguf, "f32")
-    base_gguf = None
-    if with_base_gguf:
-        base_gguf = tmp_path / "base.f32.gguf"
-        convert_hf_to_gguf(base_dir, base_gguf, "f32")
     out = tmp_path / "export" / "m.lora.gguf"
     report = export_lora_gguf(
-        adapter_dir, base_dir, merged_dir, merged_gguf, out, heldout_ids(tok), tmp_path / "log", base_gguf=base_gguf
+        adapter_dir,
+        base_dir,
+        merged_dir,
+        merged_gguf,
+        out,
+        heldout_ids(tok),
+        tmp_path / "log",
+        base_gguf=base_gguf if with_base_gguf else None,
     )
     print(report.describe())
     assert report.passed, report.describe()
@@ -70,10 +82,9 @@ def test_adapter_gguf_reproduces_the_merged_model(hf_home, tok, tmp_path, rslora
 
 
 @pytest.mark.parametrize("with_base_gguf", [True, False])
-def test_an_adapter_that_does_not_reproduce_the_merged_model_is_not_kept(hf_home, tok, tmp_path, with_base_gguf):
-    base_dir, adapter_dir = base_and_adapter(hf_home, tok, tmp_path, rslora=False)
-    base_gguf = tmp_path / "base.f32.gguf"
-    convert_hf_to_gguf(base_dir, base_gguf, "f32")
+def test_an_adapter_that_does_not_reproduce_the_merged_model_is_not_kept(base, tok, tmp_path, with_base_gguf):
+    base_dir, base_gguf = base
+    adapter_dir = make_adapter(base_dir, tok, tmp_path / "adapter", rslora=False)
     out = tmp_path / "export" / "m.lora.gguf"
     # "merged" = the base itself: what a converter that dropped the adapter's delta would verify against
     report = export_lora_gguf(
