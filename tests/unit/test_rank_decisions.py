@@ -15,9 +15,12 @@ from types import SimpleNamespace
 
 import torch
 import torch.multiprocessing as mp
+from transformers import TrainerControl, TrainerState
 
 from core import signals
+from core.errors import NonFiniteLoss, Preempted, RunError
 from train import distributed
+from train.callbacks import NonFiniteGuard, StopOnSignal
 
 
 def _free_port() -> int:
@@ -28,13 +31,9 @@ def _free_port() -> int:
 
 def _rank(rank: int, port: int, out: str) -> None:
     """One of two ranks: every decision this module makes, recorded to <out>/<rank>.json."""
+    torch.set_num_threads(1)  # a forked child: no OpenMP team inherited from the parent's (DataLoader workers do it)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
     os.environ["MASTER_PORT"] = str(port)
-    from transformers import TrainerControl, TrainerState  # noqa: PLC0415  (in the spawned process)
-
-    from core.errors import NonFiniteLoss, Preempted, RunError  # noqa: PLC0415
-    from train.callbacks import NonFiniteGuard, StopOnSignal  # noqa: PLC0415
-
     assert distributed.init(cuda=False).distributed
     got: dict = {
         "flag_any": distributed.all_reduce_flag(rank == 1),
@@ -84,7 +83,8 @@ def _rank(rank: int, port: int, out: str) -> None:
 
 
 def test_two_ranks_decide_alike(tmp_path: Path):
-    mp.spawn(_rank, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    # forked, not spawned: the ranks share this process's imports (transformers' trainer modules: ~6 s each)
+    mp.start_processes(_rank, args=(_free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork")
     r0, r1 = (json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1))
     for got in (r0, r1):
         assert got["flag_any"] is True and got["flag_none"] is False and got["max"] == 15
