@@ -11,10 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import llama_cpp
-
-from convert.llamacpp import run_child
-from convert.score import native_output_to
+from convert.llamacpp import replaced_when_done, run_child
+from convert.score import GGUF
 from convert.tools import tool
 from core.errors import InvalidInput, LlamaCppError
 
@@ -33,17 +31,13 @@ def calibration_text(float_gguf: Path, texts: list[str], max_tokens: int) -> tup
 
     Tokens are counted with the GGUF's own tokenizer, special markers as single tokens, as llama-imatrix
     reads the file with --parse-special."""
-    with native_output_to(None):
-        vocab = llama_cpp.Llama(model_path=str(float_gguf), vocab_only=True, verbose=False)
-    try:
+    with GGUF(float_gguf, vocab_only=True) as vocab:
         kept, n_tokens = [], 0
         for text in texts:
             if n_tokens >= max_tokens:
                 break
             kept.append(text)
-            n_tokens += len(vocab.tokenize(text.encode("utf-8"), add_bos=False, special=True))
-    finally:
-        vocab.close()
+            n_tokens += len(vocab.tokenize(text, bos=False))
     return "".join(kept), n_tokens
 
 
@@ -74,7 +68,6 @@ def compute_imatrix(
     out.parent.mkdir(parents=True, exist_ok=True)
     calibration = out.with_name(f".{out.name}.calibration.txt")
     tmp = out.with_name(f".{out.stem}.tmp.gguf")  # .gguf: the tool picks its output format from the suffix
-    calibration.write_text(text, encoding="utf-8")
     cmd = [
         str(tool("llama-imatrix")),
         "--model", str(float_gguf),
@@ -86,12 +79,14 @@ def compute_imatrix(
         "--no-ppl",  # perplexity of the chunks is not needed and costs a softmax over the vocab per token
         "--threads", str(os.cpu_count() or 1),
     ]  # fmt: skip
+    calibration.write_text(text, encoding="utf-8")
     try:
-        rc = run_child(cmd, log_path)
-        if rc != 0 or not tmp.is_file():
-            raise LlamaCppError(f"llama-imatrix failed on {float_gguf.name} (exit {rc}); its output is in {log_path}")
-        os.replace(tmp, out)
+        with replaced_when_done(out, tmp):
+            rc = run_child(cmd, log_path)
+            if rc != 0 or not tmp.is_file():
+                raise LlamaCppError(
+                    f"llama-imatrix failed on {float_gguf.name} (exit {rc}); its output is in {log_path}"
+                )
     finally:
-        tmp.unlink(missing_ok=True)
         calibration.unlink(missing_ok=True)
     return out

@@ -12,6 +12,8 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from convert.gguf_header import read_header
@@ -39,34 +41,39 @@ def convert_hf_to_gguf(
     if not (model_dir / "tokenizer.model").is_file():
         # Gemma's vocab is read from the SentencePiece file; without it the converter fails late.
         raise LlamaCppError(f"{model_dir} has no tokenizer.model: the Gemma converter needs it")
-    folder = tree()
     model_dir, out_path = model_dir.resolve(), out_path.resolve()  # the converter runs in its own folder
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
-    script = str(folder / "convert_hf_to_gguf.py")
-    if metadata:  # the same script, run by converter_child.py, which hands the keys to its writer
-        script_and_keys = [str(Path(__file__).with_name("converter_child.py")), script, json.dumps(metadata)]
-    else:
-        script_and_keys = [script]
-    cmd = [
-        sys.executable,
-        *script_and_keys,
-        str(model_dir),
-        "--outfile",
-        str(tmp),
-        "--outtype",
-        outtype,
-    ] + (["--model-name", model_name] if model_name else [])
-    # Without NO_LOCAL_GGUF the converter imports the gguf-py next to it, the one it was written for.
-    env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"} | {"HF_HUB_OFFLINE": "1"}
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        rc = run_child(cmd, log_path, cwd=folder, env=env)
+    with replaced_when_done(out_path) as tmp:
+        args = [str(model_dir), "--outfile", str(tmp), "--outtype", outtype]
+        args += ["--model-name", model_name] if model_name else []
+        rc = run_converter("convert_hf_to_gguf.py", args, log_path, metadata)
         if rc != 0:
             where = f"; its output is in {log_path}" if log_path else ""
             raise LlamaCppError(f"convert_hf_to_gguf.py failed on {model_dir.name} (exit {rc}){where}")
-        os.replace(tmp, out_path)
+
+
+def run_converter(script: str, args: list[str], log_path: Path | None, keys: dict[str, str] | None = None) -> int:
+    """One of the pinned tree's converter scripts, offline, run from its own folder (run_child); its exit status.
+    keys: string keys its GGUFWriter adds to the file (convert/converter_child.py runs the script unchanged)."""
+    folder = tree()
+    cmd = [sys.executable, str(folder / script), *args]
+    if keys:
+        cmd[1:2] = [str(Path(__file__).with_name("converter_child.py")), cmd[1], json.dumps(keys)]
+    # Without NO_LOCAL_GGUF the converter imports the gguf-py next to it, the one it was written for.
+    env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"} | {"HF_HUB_OFFLINE": "1"}
+    return run_child(cmd, log_path, cwd=folder, env=env)
+
+
+@contextmanager
+def replaced_when_done(out: Path, tmp: Path | None = None) -> Iterator[Path]:
+    """A temporary path (.<name>.tmp beside `out`) that becomes `out` when the block completes, and is removed
+    however it ends: a failed or interrupted tool leaves no partial file."""
+    tmp = tmp or out.with_name(f".{out.name}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, out)
     finally:
-        tmp.unlink(missing_ok=True)  # a failed or interrupted conversion leaves no partial file
+        tmp.unlink(missing_ok=True)
 
 
 def run_child(cmd: list[str], log_path: Path | None, cwd: Path | None = None, env: dict[str, str] | None = None) -> int:
@@ -103,16 +110,11 @@ def quantize(
 
     With an importance matrix, llama-quantize's loader turns the matrix file into the per-tensor weights
     llama_model_quantize takes, and records it in the quant's quantize.imatrix.* keys."""
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    cmd = quantize_tool_command(src, tmp, quant, token_embedding_type, imatrix)
-    try:
-        rc = run_child(cmd, log_path)
+    with replaced_when_done(dst) as tmp:
+        rc = run_child(quantize_tool_command(src, tmp, quant, token_embedding_type, imatrix), log_path)
         if rc != 0:
             where = f"; see {log_path}" if log_path else ""
             raise LlamaCppError(f"llama-quantize {src.name} -> {quant} failed (code {rc}){where}")
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)  # a failed or interrupted quantization leaves no partial file
 
 
 def quantize_tool_command(

@@ -13,18 +13,15 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import gguf
 
 from convert.gguf_header import read_header
-from convert.llamacpp import read_metadata, run_child
+from convert.llamacpp import read_metadata, replaced_when_done, run_converter
 from convert.score import GGUF, Sequence, compare, windows
-from convert.tools import tree
 from core.errors import LlamaCppError
 from core.gates import Gate, at_least, at_most
 from core.quants import quant_of_file_type
@@ -70,7 +67,6 @@ def convert_lora(adapter_dir: Path, base_dir: Path, out: Path, outtype: str, log
         raise ValueError(f"adapter GGUF type {outtype!r}: one of {', '.join(ADAPTER_TYPES)}")
     out = out.resolve()
     stage = out.with_name(f".{out.name}.adapter")
-    tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
     try:
@@ -80,17 +76,13 @@ def convert_lora(adapter_dir: Path, base_dir: Path, out: Path, outtype: str, log
             config["use_rslora"] = False
         (stage / "adapter_config.json").write_text(json.dumps(config, indent=2))
         (stage / "adapter_model.safetensors").symlink_to((adapter_dir / "adapter_model.safetensors").resolve())
-        folder = tree()
-        cmd = [sys.executable, str(folder / "convert_lora_to_gguf.py"), "--base", str(base_dir.resolve())]
-        cmd += ["--outtype", outtype, "--outfile", str(tmp), str(stage)]
-        env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"} | {"HF_HUB_OFFLINE": "1"}
-        rc = run_child(cmd, log_path, cwd=folder, env=env)
-        if rc != 0 or not tmp.is_file():
-            where = f"; its output is in {log_path}" if log_path else ""
-            raise LlamaCppError(f"convert_lora_to_gguf.py failed on {adapter_dir} (exit {rc}){where}")
-        os.replace(tmp, out)
+        with replaced_when_done(out) as tmp:
+            args = ["--base", str(base_dir.resolve()), "--outtype", outtype, "--outfile", str(tmp), str(stage)]
+            rc = run_converter("convert_lora_to_gguf.py", args, log_path)
+            if rc != 0 or not tmp.is_file():
+                where = f"; its output is in {log_path}" if log_path else ""
+                raise LlamaCppError(f"convert_lora_to_gguf.py failed on {adapter_dir} (exit {rc}){where}")
     finally:
-        tmp.unlink(missing_ok=True)
         shutil.rmtree(stage, ignore_errors=True)
     return out
 
