@@ -1,11 +1,9 @@
 """A GGUF file's header, metadata and tensor table, read without turning the vocabulary into Python objects.
 
-gguf-py's GGUFReader makes a numpy view for every part of every array element: on a 256k vocabulary
-(tokens, scores, token types) that is ~4 million views and 8 s per file, spent by verification, which only
-needs a string or two, the file type and the weight count. This reads the same layout (the GGUF spec, v2 and
-v3: little-endian counts and lengths in 64 bits) from a mapped file and steps over arrays by their lengths.
-Scalars and strings come back as Python values, arrays as their length, and every tensor's data is checked
-to lie inside the file; tests/unit/test_gguf_header.py checks the result against GGUFReader's.
+gguf-py's GGUFReader makes a numpy view for every part of every array element (~4 million views and 8 s for a 256k
+vocabulary); verification needs a string or two, the file type and the weight count. This reads the same layout (GGUF
+v2 and v3) from a mapped file and steps over arrays by their lengths; tests/unit/test_gguf_header.py checks it
+against GGUFReader.
 """
 
 from __future__ import annotations

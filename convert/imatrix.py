@@ -1,9 +1,6 @@
-"""An importance matrix from the run's own data (llama-imatrix), for quants calibrated on what the model will see.
-
-llama-quantize weighs each weight's rounding error by the mean squared activation that multiplies it
-(llama.cpp PR 4861); the matrix is collected by running the float GGUF over calibration text. Here that text
-is the run's records rendered with the chat template, so the quant spends its precision where the user's
-prompts put their activation mass. K-quants and IQ quants use it; q8_0 and float types ignore it.
+"""An importance matrix from the run's own data (llama-imatrix, llama.cpp PR 4861): llama-quantize weighs each
+weight's rounding error by the activations the run's chat-rendered records put on it. K-quants and IQ quants use it;
+q8_0 and float types ignore it.
 """
 
 from __future__ import annotations

@@ -1,9 +1,5 @@
-"""llama.cpp tooling, all from one pinned release: converter, gguf-py, quantizer, runtime.
-
-The converter tree (convert_hf_to_gguf.py, conversion/, gguf-py/) is unpacked from the
-llama-cpp-python sdist by scripts/fetch_llama_cpp.sh; the quantizer (llama-quantize) and the runtime (the
-binding's libllama) come from one compilation of that sdist's llama.cpp (scripts/build_llama_cpp.sh).
-convert/tools.py finds each piece and checks they are one release.
+"""Running the pinned llama.cpp tools (convert/tools.py finds them): the converters and llama-quantize, each a child
+process that a signal stops and whose output appears only when complete.
 """
 
 from __future__ import annotations

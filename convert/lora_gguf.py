@@ -1,11 +1,6 @@
-"""The LoRA adapter as a GGUF (llama.cpp's convert_lora_to_gguf.py), verified before it ships.
-
-An adapter GGUF is a few MB where a merged model is GBs: llama.cpp applies it on the base GGUF (`llama-cli -m
-base.gguf --lora <name>.lora.gguf`). It ships only if llama.cpp running the base GGUF with the adapter gives the
-merged HF model's logits, scored as every file is (convert/score.py). Without a base GGUF of that float type
-(export.export_base off), rather than converting the base (5 GB at the 2B's size) for the check, the adapter is
-applied at scale -1 to the merged GGUF, which must give the base HF model's logits: merged - s*BA = base holds
-exactly when base + s*BA = merged, the same identity through llama.cpp's own LoRA path.
+"""The LoRA adapter as a GGUF (llama.cpp's convert_lora_to_gguf.py), shipped only if llama.cpp applying it gives the
+HF model's logits: base GGUF + adapter = merged model, or without a base GGUF of that type, merged GGUF - adapter =
+base model, the same identity (docs/export-and-verify.md, "Adapter GGUF").
 """
 
 from __future__ import annotations

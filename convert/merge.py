@@ -1,11 +1,8 @@
-"""Merge a LoRA adapter into its base model and save a complete, convertible HF folder.
+"""Merge a LoRA adapter into its base model and save a complete, convertible HF folder, one tensor at a time.
 
-The merge streams: one base tensor at a time is read from the base's safetensors files, its LoRA delta is
-added in float32, and the result is written in the base's dtype straight into the output file. Memory is
-one tensor, not the model (PEFT's merge_and_unload holds the whole model, in float32 for an exact sum:
-~10 GB for Gemma 2 2B). The arithmetic is PEFT's (peft/tuners/lora/layer.py, Linear.get_delta_weight and
-merge): W + (B @ A) * scaling, with scaling = lora_alpha / r (lora_alpha / sqrt(r) with use_rslora), summed
-in float32 and rounded once to the base dtype; tests/unit/test_merge.py checks the bytes equal PEFT's.
+PEFT's merge_and_unload holds the whole model (in float32 for an exact sum: ~10 GB for Gemma 2 2B); this streams
+each base tensor from the safetensors, adds PEFT's delta (W + (B @ A) * scaling) in float32, and writes it in the
+base's dtype. tests/unit/test_merge.py checks the bytes equal PEFT's.
 """
 
 from __future__ import annotations

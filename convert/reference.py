@@ -1,14 +1,6 @@
-"""Gemma logits in float32 without the model in float32: the verification reference, streamed.
-
-`AutoModelForCausalLM.from_pretrained(dtype=float32)` holds the whole model upcast (10.5 GB for Gemma 2 2B); this
-holds one decoder layer at a time. Embeddings: only the rows of the tokens used are read, times sqrt(hidden) as a
-float32 tensor (Gemma's scaled word embedding). Decoder: each layer is transformers' own decoder layer of the
-model's family (core.hub.FAMILIES), built with that layer's weights in float32; every text's hidden states go
-through it (batch size 1, as llama.cpp scores them), then it is dropped; masks and rotary embeddings come from
-transformers' functions, eager attention. Output: final norm, the output layer upcast one vocabulary tile at a
-time, the final softcap where the family has one. tests/unit/test_reference.py compares it with
-AutoModelForCausalLM (eager, float32) on tiny models; docs/export-and-verify.md measures its memory and time.
-Files are opened per read so that mapped pages of the checkpoint do not pile up in the resident set.
+"""Gemma logits in float32 without the model in float32: the verification reference, streamed one decoder layer at a
+time through transformers' own layer classes (docs/export-and-verify.md, "The streamed reference"). Files are opened
+per read so that mapped pages of the checkpoint do not pile up in the resident set.
 """
 
 from __future__ import annotations

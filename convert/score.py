@@ -1,9 +1,7 @@
-"""Scoring a model: the one place that runs a GGUF in llama.cpp (GGUF: logits CHUNK positions at a time, tokens,
-greedy replies, optionally with an adapter GGUF at a scale), and the one tally that compares its logits with the HF
-model's (convert/reference.py, its logits computed once for several files by ReferenceChunks): per position
-KL(reference || file), top-1 agreement and the next token's log-likelihood; per held-out record the loss on the
-tokens training supervises. Verification, the adapter GGUF's check, the nightly job's losses and the summary's
-answers all score through here.
+"""The scoring layer: the one place that runs a GGUF in llama.cpp (logits, tokens, greedy replies, optionally with an
+adapter GGUF), and the one tally that compares its logits with the HF model's (convert/reference.py). Verification,
+the adapter GGUF's check, the nightly job's losses and the summary's answers all score through here
+(docs/export-and-verify.md, "How files are scored").
 """
 
 from __future__ import annotations

@@ -1,11 +1,6 @@
-"""Where the pinned llama.cpp pieces are: the converter tree (`tree()`) and the command-line tools (`tool()`).
-
-The converter tree (convert_hf_to_gguf.py, convert_lora_to_gguf.py, conversion/, gguf-py/) is unpacked from
-the llama-cpp-python sdist by scripts/fetch_llama_cpp.sh; `tree()` refuses a tree whose release differs from
-the installed binding's. scripts/build_llama_cpp.sh compiles that sdist's llama.cpp once: the tools
-(llama-imatrix, llama-quantize) and the libraries they and the binding load, into <root>/<llama.cpp commit>/bin/
-(root: $LLAMA_TOOLS_DIR, else ~/.cache/gemma-lora-pipeline/llama.cpp), so a new pin looks in a new folder and
-never runs a tool of another commit. `make setup` builds them once.
+"""Where the pinned llama.cpp pieces are: the converter tree (`tree()`, unpacked by scripts/fetch_llama_cpp.sh) and
+the tools built from the same release (`tool()`, scripts/build_llama_cpp.sh, one folder per llama.cpp commit so that
+a new pin never runs an old tool; docs/export-and-verify.md, "Tools").
 """
 
 from __future__ import annotations
