@@ -21,6 +21,8 @@ from core.quants import QUANTS
 
 # Starts each child so that it dies with this process (see the file; Linux's prctl, hence Linux only).
 DIE_WITH_PARENT = Path(__file__).with_name("die_with_parent.py")
+# Runs the converter unchanged, handing extra keys to its GGUF writer (see the file).
+CONVERTER_CHILD = Path(__file__).with_name("converter_child.py")
 
 
 def convert_hf_to_gguf(
@@ -42,22 +44,23 @@ def convert_hf_to_gguf(
     with replaced_when_done(out_path) as tmp:
         args = [str(model_dir), "--outfile", str(tmp), "--outtype", outtype]
         args += ["--model-name", model_name] if model_name else []
-        rc = run_converter("convert_hf_to_gguf.py", args, log_path, metadata)
-        if rc != 0:
-            where = f"; its output is in {log_path}" if log_path else ""
-            raise LlamaCppError(f"convert_hf_to_gguf.py failed on {model_dir.name} (exit {rc}){where}")
+        run_converter("convert_hf_to_gguf.py", model_dir.name, args, tmp, log_path, metadata)
 
 
-def run_converter(script: str, args: list[str], log_path: Path | None, keys: dict[str, str] | None = None) -> int:
-    """One of the pinned tree's converter scripts, offline, run from its own folder (run_child); its exit status.
-    keys: string keys its GGUFWriter adds to the file (convert/converter_child.py runs the script unchanged)."""
+def run_converter(
+    script: str, source: str, args: list[str], out: Path, log_path: Path | None, keys: dict[str, str] | None = None
+) -> None:
+    """One of the pinned tree's converter scripts, offline, run from its own folder (run_child), which must write
+    `out`. keys: string keys its GGUFWriter adds to the file (convert/converter_child.py runs the script unchanged)."""
     folder = tree()
-    cmd = [sys.executable, str(folder / script), *args]
-    if keys:
-        cmd[1:2] = [str(Path(__file__).with_name("converter_child.py")), cmd[1], json.dumps(keys)]
+    script_and_keys = [str(CONVERTER_CHILD), str(folder / script), json.dumps(keys)] if keys else [str(folder / script)]
+    cmd = [sys.executable, *script_and_keys, *args]
     # Without NO_LOCAL_GGUF the converter imports the gguf-py next to it, the one it was written for.
     env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"} | {"HF_HUB_OFFLINE": "1"}
-    return run_child(cmd, log_path, cwd=folder, env=env)
+    rc = run_child(cmd, log_path, cwd=folder, env=env)
+    if rc != 0 or not out.is_file():
+        where = f"; its output is in {log_path}" if log_path else ""
+        raise LlamaCppError(f"{script} failed on {source} (exit {rc}){where}")
 
 
 @contextmanager
@@ -75,12 +78,10 @@ def replaced_when_done(out: Path, tmp: Path | None = None) -> Iterator[Path]:
 def run_child(cmd: list[str], log_path: Path | None, cwd: Path | None = None, env: dict[str, str] | None = None) -> int:
     """Run a llama.cpp tool as a child process, its output appended to log_path; return its exit status.
 
-    Long native calls cannot be interrupted from Python (a signal handler runs only between bytecodes, and an
-    exception raised in a ctypes callback is discarded), so they run in a child that the parent can stop: on
-    SIGINT/SIGTERM (Interrupted) or any other error while waiting, the child is killed and reaped before the
-    exception goes on. The child has its own session, so a terminal's Ctrl-C reaches the parent only. A parent
-    killed outright (SIGKILL, the OOM killer) runs none of that; on Linux the kernel then kills the child, which
-    starts through convert/die_with_parent.py. Elsewhere such a child runs on to its end."""
+    A child, because long native calls cannot be interrupted from Python (signal handlers run between bytecodes):
+    on any exception while waiting (SIGINT/SIGTERM's Interrupted included) it is killed and reaped first. It has its
+    own session (a terminal's Ctrl-C reaches the parent only) and, on Linux, dies with a parent killed outright
+    (convert/die_with_parent.py)."""
     if sys.platform.startswith("linux"):
         cmd = [sys.executable, "-I", "-S", str(DIE_WITH_PARENT), str(os.getpid()), *cmd]
     with open(log_path or os.devnull, "a") as log:
@@ -102,10 +103,7 @@ def quantize(
     imatrix: Path | None = None,
 ) -> None:
     """llama-quantize from a float GGUF, as a child process that SIGINT/SIGTERM stop (run_child; minutes for the 2B
-    model: docs/operations.md). The output appears only when complete.
-
-    With an importance matrix, llama-quantize's loader turns the matrix file into the per-tensor weights
-    llama_model_quantize takes, and records it in the quant's quantize.imatrix.* keys."""
+    model: docs/operations.md), with an importance matrix if given. The output appears only when complete."""
     with replaced_when_done(dst) as tmp:
         rc = run_child(quantize_tool_command(src, tmp, quant, token_embedding_type, imatrix), log_path)
         if rc != 0:

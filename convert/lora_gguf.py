@@ -73,10 +73,7 @@ def convert_lora(adapter_dir: Path, base_dir: Path, out: Path, outtype: str, log
         (stage / "adapter_model.safetensors").symlink_to((adapter_dir / "adapter_model.safetensors").resolve())
         with replaced_when_done(out) as tmp:
             args = ["--base", str(base_dir.resolve()), "--outtype", outtype, "--outfile", str(tmp), str(stage)]
-            rc = run_converter("convert_lora_to_gguf.py", args, log_path)
-            if rc != 0 or not tmp.is_file():
-                where = f"; its output is in {log_path}" if log_path else ""
-                raise LlamaCppError(f"convert_lora_to_gguf.py failed on {adapter_dir} (exit {rc}){where}")
+            run_converter("convert_lora_to_gguf.py", str(adapter_dir), args, tmp, log_path)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return out

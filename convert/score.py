@@ -37,12 +37,6 @@ CHUNK = 128
 BLOCK = 8
 
 
-def threads() -> int:
-    """llama.cpp's threads: OMP_NUM_THREADS when set (torch reads it too; the tests give each worker its share of
-    the cores), else every core (llama-cpp-python's default is half of them)."""
-    return int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1
-
-
 @contextmanager
 def native_output_to(log_path: Path | None) -> Iterator[None]:
     """Run native code with what it prints on stdout/stderr (llama.cpp's load logs, which ignore verbose=False in
@@ -66,11 +60,8 @@ def native_output_to(log_path: Path | None) -> Iterator[None]:
 # ----------------------------------------------------------------------------- one GGUF in llama.cpp
 class GGUF:
     """One GGUF in llama.cpp: logits of CHUNK positions at a time (llama_decode with a batch of its own: Llama.eval
-    with logits_all keeps n_ctx x vocab float32 scores besides llama.cpp's), tokens, greedy replies.
-
-    lora: an adapter GGUF applied at `lora_scale`, attached to the context: given Llama(lora_path=...),
-    llama-cpp-python turns mmap off and reads the whole GGUF into memory (5.2 GB for the 2B in f16), although
-    llama.cpp applies the adapter at run time to weights it can keep mapped."""
+    with logits_all keeps n_ctx x vocab float32 scores besides llama.cpp's), tokens, greedy replies. lora: an adapter
+    GGUF attached to the context at `lora_scale` (Llama(lora_path=) would read the whole GGUF into memory)."""
 
     def __init__(
         self,
@@ -83,7 +74,9 @@ class GGUF:
         vocab_only: bool = False,
     ):
         self.path, self.log_path = Path(path), log_path
-        n = threads()
+        # OMP_NUM_THREADS when set (torch reads it too; the tests give each worker its share of the cores), else every
+        # core (llama-cpp-python's default is half of them)
+        n = int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1
         with native_output_to(log_path):
             self.llm = llama_cpp.Llama(
                 model_path=str(path),
@@ -98,17 +91,15 @@ class GGUF:
             )
         self.adapter = None
         self.batch = None if vocab_only else llama_cpp.llama_batch_init(CHUNK, 0, 1)
-        if lora is not None:
-            self._attach(lora, lora_scale)
-
-    def _attach(self, lora: Path, scale: float) -> None:
-        with native_output_to(self.log_path):
+        if lora is None:
+            return
+        with native_output_to(log_path):
             self.adapter = llama_cpp.llama_adapter_lora_init(self.llm.model, str(lora).encode("utf-8"))
         if self.adapter is None:
             self.close()
             raise LlamaCppError(f"llama.cpp could not load the adapter {lora} on {self.path.name}")
         adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self.adapter)
-        if llama_cpp.llama_set_adapters_lora(self.llm.ctx, adapters, 1, (ctypes.c_float * 1)(scale)):
+        if llama_cpp.llama_set_adapters_lora(self.llm.ctx, adapters, 1, (ctypes.c_float * 1)(lora_scale)):
             self.close()
             raise LlamaCppError(f"llama.cpp could not apply the adapter {lora} to {self.path.name}")
 
