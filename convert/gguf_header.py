@@ -129,23 +129,19 @@ def parse(buf) -> GGUFHeader:
             raise GGUFFormatError(f"tensor {name!r} has {n_dims} dimensions")
         shape = tuple(cur.u64() for _ in range(n_dims))
         header.tensors.append(TensorInfo(name, shape, cur.u32(), cur.u64()))
-    _check_data(header, cur.off, len(buf))
-    return header
-
-
-def _check_data(header: GGUFHeader, table_end: int, size: int) -> None:
-    """Every tensor's bytes lie inside the file (a file cut in its tensor data has a whole header)."""
+    # every tensor's bytes lie inside the file (a file cut in its tensor data has a whole header)
     alignment = header.metadata.get("general.alignment", 32)
     if not isinstance(alignment, int) or alignment < 1:
         raise GGUFFormatError(f"general.alignment is {alignment!r}")
-    data_start = -(-table_end // alignment) * alignment
+    data_start = -(-cur.off // alignment) * alignment
     for t in header.tensors:
         if t.type not in gguf.GGML_QUANT_SIZES:
             raise GGUFFormatError(f"tensor {t.name!r} has unknown ggml type {t.type}")
         block, block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(t.type)]
         end = data_start + t.offset + t.n_elements // block * block_bytes
-        if end > size:
-            raise GGUFFormatError(f"tensor {t.name!r} ends at byte {end}, past the end of the file ({size} bytes)")
+        if end > len(buf):
+            raise GGUFFormatError(f"tensor {t.name!r} ends at byte {end}, past the end of the file ({len(buf)} bytes)")
+    return header
 
 
 def read_header(path: Path) -> GGUFHeader:

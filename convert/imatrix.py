@@ -23,21 +23,6 @@ MIN_CHUNK_TOKENS = 64
 DEFAULT_MAX_TOKENS = 16384
 
 
-def calibration_text(float_gguf: Path, texts: list[str], max_tokens: int) -> tuple[str, int]:
-    """The texts joined, cut at a record boundary once max_tokens are reached; and its token count.
-
-    Tokens are counted with the GGUF's own tokenizer, special markers as single tokens, as llama-imatrix
-    reads the file with --parse-special."""
-    with GGUF(float_gguf, vocab_only=True) as vocab:
-        kept, n_tokens = [], 0
-        for text in texts:
-            if n_tokens >= max_tokens:
-                break
-            kept.append(text)
-            n_tokens += len(vocab.tokenize(text, bos=False))
-    return "".join(kept), n_tokens
-
-
 def chunk_size(n_tokens: int) -> int:
     """CHUNK_TOKENS, or the largest power of two that still gives llama-imatrix its two chunks."""
     size = CHUNK_TOKENS
@@ -54,7 +39,15 @@ def compute_imatrix(
 
     InvalidInput when the texts are too short to calibrate on; LlamaCppError when the tool fails."""
     out = out.resolve()
-    text, n_tokens = calibration_text(float_gguf, texts, max_tokens)
+    # the texts, cut at a record boundary once max_tokens are reached; counted with the GGUF's own tokenizer, special
+    # markers as single tokens, as llama-imatrix reads the file with --parse-special
+    with GGUF(float_gguf, vocab_only=True) as vocab:
+        kept, n_tokens = [], 0
+        for text in texts:
+            if n_tokens >= max_tokens:
+                break
+            kept.append(text)
+            n_tokens += len(vocab.tokenize(text, bos=False))
     chunk = chunk_size(n_tokens)
     if n_tokens < 2 * chunk:
         raise InvalidInput(
@@ -76,7 +69,7 @@ def compute_imatrix(
         "--no-ppl",  # perplexity of the chunks is not needed and costs a softmax over the vocab per token
         "--threads", str(os.cpu_count() or 1),
     ]  # fmt: skip
-    calibration.write_text(text, encoding="utf-8")
+    calibration.write_text("".join(kept), encoding="utf-8")
     try:
         with replaced_when_done(out, tmp):
             rc = run_child(cmd, log_path)

@@ -79,21 +79,17 @@ def convert_lora(adapter_dir: Path, base_dir: Path, out: Path, outtype: str, log
     return out
 
 
-def _adapter_report(lora_gguf: Path) -> LoraReport:
-    header = read_header(lora_gguf)
-    meta = header.metadata
-    if meta.get("general.type") != "adapter" or meta.get("adapter.type") != "lora":
-        raise LlamaCppError(f"{lora_gguf} is not a LoRA adapter GGUF (general.type {meta.get('general.type')})")
-    # an adapter GGUF has no general.file_type: its type is its tensors' (lora_a/lora_b, all of one type)
-    return LoraReport(str(lora_gguf), gguf.GGMLQuantizationType(header.tensors[0].type).name.lower())
-
-
 def check_adapter(
     lora_gguf: Path, runtime: Path, scale: float, reference_dir: Path, ids: list[list[int]], log_path: Path | None
 ) -> LoraReport:
     """llama.cpp running `runtime` with the adapter applied at `scale` against the HF model in `reference_dir`, over
     about CHECK_TOKENS positions of `ids` (token sequences starting with <bos>)."""
-    report = _adapter_report(lora_gguf)
+    header = read_header(lora_gguf)
+    meta = header.metadata
+    if meta.get("general.type") != "adapter" or meta.get("adapter.type") != "lora":
+        raise LlamaCppError(f"{lora_gguf} is not a LoRA adapter GGUF (general.type {meta.get('general.type')})")
+    # an adapter GGUF has no general.file_type: its type is its tensors' (lora_a/lora_b, all of one type)
+    report = LoraReport(str(lora_gguf), gguf.GGMLQuantizationType(header.tensors[0].type).name.lower())
     sequences: list[Sequence] = []
     for seq in ids:
         if sum(len(s.ids) for s in sequences) >= CHECK_TOKENS:

@@ -46,21 +46,14 @@ def version_info(folder: Path | None = None) -> dict[str, str]:
     return dict(line.split("=", 1) for line in path.read_text().split() if "=" in line)
 
 
-def tools_root() -> Path:
-    """The cache root the build script writes to (same rule as scripts/build_llama_cpp.sh)."""
-    env = os.environ.get("LLAMA_TOOLS_DIR")
-    if env:
-        return Path(env)
-    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(cache) / "gemma-lora-pipeline" / "llama.cpp"
-
-
 def tools_dir() -> Path:
     """<root>/<llama.cpp commit>/bin for the release the converter tree (and binding) are from."""
     info = version_info(tree())
     commit = info.get("llama.cpp", "unknown")
     key = commit if commit and commit != "unknown" else f"llama-cpp-python-{info.get('llama-cpp-python')}"
-    return tools_root() / key / "bin"
+    # the root the build script writes to (the same rule as scripts/build_llama_cpp.sh)
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gemma-lora-pipeline" / "llama.cpp"
+    return Path(os.environ.get("LLAMA_TOOLS_DIR") or cache) / key / "bin"
 
 
 def tool(name: str) -> Path:
