@@ -35,9 +35,7 @@ def compute_imatrix(
     float_gguf: Path, texts: list[str], out: Path, log_path: Path, max_tokens: int = DEFAULT_MAX_TOKENS
 ) -> Path:
     """Run llama-imatrix on `float_gguf` over the texts (at most ~max_tokens of them); the matrix (GGUF format)
-    appears at `out` only when complete. Returns `out`.
-
-    InvalidInput when the texts are too short to calibrate on; LlamaCppError when the tool fails."""
+    appears at `out` only when complete. InvalidInput when the texts are too short to calibrate on."""
     out = out.resolve()
     # the texts, cut at a record boundary once max_tokens are reached; counted with the GGUF's own tokenizer, special
     # markers as single tokens, as llama-imatrix reads the file with --parse-special

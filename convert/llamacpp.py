@@ -33,9 +33,8 @@ def convert_hf_to_gguf(
     model_name: str | None = None,
     metadata: dict[str, str] | None = None,
 ) -> None:
-    """Run the pinned convert_hf_to_gguf.py on a HF folder; the output appears only when complete.
-
-    metadata: string keys written into the GGUF by the converter's own pass (convert/converter_child.py)."""
+    """Run the pinned convert_hf_to_gguf.py on a HF folder, with `metadata` written in the converter's own pass; the
+    output appears only when complete."""
     if not (model_dir / "tokenizer.model").is_file():
         # Gemma's vocab is read from the SentencePiece file; without it the converter fails late.
         raise LlamaCppError(f"{model_dir} has no tokenizer.model: the Gemma converter needs it")

@@ -105,10 +105,8 @@ def merge_file(src: Path, dst: Path, deltas: dict[str, tuple[torch.Tensor, torch
 
 
 def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
-    """Fold adapter_dir's LoRA weights into base_dir's model and write out_dir (replaced as a whole).
-
-    Every file of the base is kept (config, generation config, shard index); weight files get the merge, tokenizer
-    files come from the adapter folder."""
+    """Fold adapter_dir's LoRA weights into base_dir's model and write out_dir (replaced as a whole): every file of
+    the base (config, generation config, shard index), merged weights, the adapter folder's tokenizer."""
     deltas, scaling = lora_deltas(adapter_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:

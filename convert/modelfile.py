@@ -72,8 +72,7 @@ def modelfile_text(gguf_name: str, stop: str) -> str:
 
 
 def write_modelfile(gguf_path: Path, published_as: str, tokenizer) -> Path:
-    """The Modelfile of a GGUF that is published as `published_as`, written next to it as <stem>.Modelfile (it is
-    published beside the GGUF); returns its path."""
+    """<stem>.Modelfile of a GGUF published as `published_as`, written next to it (it is published beside it)."""
     path = gguf_path.with_name(f"{Path(published_as).stem}.Modelfile")
     atomic_write_text(path, modelfile_text(published_as, turn_end_token(tokenizer)))
     return path

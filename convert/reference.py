@@ -163,9 +163,8 @@ def _chunk_logits(ckpt: _Checkpoint, config, output: str, hidden: torch.Tensor) 
 
 
 class Reference:
-    """The reference of one set of texts: the decoder runs once (construction), then `logits_of()` gives logits of
-    any positions as often as asked, from the kept final hidden states (texts x tokens x hidden floats) through the
-    output layer (~1/5 of a forward each time: convert/score.py ReferenceChunks keeps them for several files)."""
+    """The reference of one set of texts: the decoder runs once (construction), then `logits_of()` runs the kept
+    final hidden states of any positions through the output layer (~1/5 of a forward each time)."""
 
     def __init__(self, model_dir: Path, texts_ids: list[list[int]]):
         model_dir = Path(model_dir)

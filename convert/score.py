@@ -203,11 +203,9 @@ def windows(seq: Sequence, bos: int, window: int) -> list[Sequence]:
 
 # ----------------------------------------------------------------------------- the reference, chunk by chunk
 class ReferenceChunks:
-    """The reference's logits chunks for every file: the output layer (~1/5 of a forward) runs for the first file,
-    whose pass writes the chunks to an unnamed file in `scratch_dir` (disk and page cache, not the process's
-    memory); the passes after it read them back. Chunks past `budget` bytes, and every chunk without a scratch_dir
-    or once a write fails (a full disk), are recomputed by every pass. A chunk read back is a view of one buffer:
-    valid until the next one is asked for."""
+    """The reference's logits chunks for every file: the first pass writes them to an unnamed file in `scratch_dir`
+    (disk and page cache, not the process's memory), the passes after it read them back; chunks past `budget` bytes,
+    without a scratch_dir or after a failed write, are recomputed. A chunk read back is valid until the next."""
 
     def __init__(self, reference: Reference, chunk: int, scratch_dir: Path | None, budget: int = SCRATCH_BUDGET):
         self.reference, self.plan, self.chunk, self.budget = reference, reference.plan(chunk), chunk, budget
@@ -295,8 +293,7 @@ class Block:
 
 @dataclass
 class Tally:
-    """Running measures of one model's logits; against a reference (add_block) or alone (add_nll).
-    Per-position KLD is kept (a float per position); the loss is kept per held-out record."""
+    """Running measures of one model's logits, against a reference (add_block) or alone (add_nll)."""
 
     kld: list[float] = field(default_factory=list)
     top1_hits: int = 0
@@ -392,9 +389,8 @@ def compare(model_dir: Path, gguf: GGUF, sequences: list[Sequence]) -> tuple[Tal
 
 
 def losses(model_dir: Path, gguf_path: Path, sequences: list[Sequence], n_ctx: int) -> tuple[dict, dict]:
-    """The supervised loss per held-out record through the HF model and through a GGUF: ({record: [NLL, tokens]}
-    of the GGUF, of the HF model). For records no verification has scored already (nightly: a champion scored on a
-    new eval set)."""
+    """({record: [NLL, supervised tokens]} through a GGUF, through the HF model), for records no verification has
+    scored already (nightly: a champion scored on a new eval set)."""
     with GGUF(gguf_path, n_ctx) as g:
         tally, ref = compare(model_dir, g, sequences)
     return tally.loss, ref.loss

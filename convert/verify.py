@@ -93,9 +93,7 @@ class VerificationFailed(PipelineError):
 # ----------------------------------------------------------------------------- the scored token sequences
 @dataclass
 class ScoredSet:
-    """The token sequences every file is scored on: chat-rendered prompts (last-token NMSE/top-1), then windows of
-    the held-out records, the reference texts and, while short of the minimum, training records. `sources` counts
-    the positions per origin."""
+    """The token sequences every file is scored on (scored_set); `sources` counts the positions per origin."""
 
     prompts: list[Sequence]
     windows: list[Sequence]
@@ -123,8 +121,8 @@ def scored_set(
     min_tokens: int,
     window: int,
 ) -> ScoredSet:
-    """Prompts, every held-out record, REFERENCE_TEXTS, then training records (token ids) only while the total is
-    short of min_tokens. Sequences longer than `window` are scored in several windows, none is cut."""
+    """Chat-rendered prompts (last-token NMSE/top-1), every held-out record, REFERENCE_TEXTS, then training records
+    (token ids) only while the total is short of min_tokens; longer than `window`, in several windows, none cut."""
     bos = tokenizer.bos_token_id
 
     def ids_of(text: str) -> list[int]:
