@@ -70,12 +70,14 @@ def merged_tensor(base: torch.Tensor, lora: tuple[torch.Tensor, torch.Tensor] | 
     return (base.float() + delta).to(base.dtype)
 
 
-def _header(shapes: dict[str, tuple[torch.dtype, list[int]]], metadata: dict[str, str] | None) -> bytes:
+def _header(views: dict[str, Any], metadata: dict[str, str] | None) -> bytes:
+    """The safetensors header of tensors with the dtypes and shapes of `views` (safe_open's slices), in their order."""
     entries: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
     offset = 0
-    for name, (dtype, shape) in shapes.items():
-        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        entries[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": shape, "data_offsets": [offset, offset + size]}
+    for name, view in views.items():
+        dtype, shape = view.get_dtype(), list(view.get_shape())
+        size = math.prod(shape) * torch.empty((), dtype=TORCH_DTYPES[dtype]).element_size()
+        entries[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
         offset += size
     text = json.dumps(entries, separators=(",", ":")).encode()
     return text + b" " * (-len(text) % 8)  # the data starts 8-byte aligned (the format pads the header)
@@ -85,15 +87,12 @@ def merge_file(src: Path, dst: Path, deltas: dict[str, tuple[torch.Tensor, torch
     """Write dst: src's tensors in src's order and dtypes, each with its LoRA delta merged; returns merges done."""
     merged = 0
     with safe_open(src, framework="pt") as st, open(dst, "wb") as out:
-        names = list(st.keys())
-        shapes = {}
-        for name in names:
-            view = st.get_slice(name)
-            shapes[name] = (TORCH_DTYPES[view.get_dtype()], list(view.get_shape()))
-        header = _header(shapes, st.metadata())
+        names = st.keys()  # safe_open is no mapping: it has keys() but no iteration
+        views = {name: st.get_slice(name) for name in names}
+        header = _header(views, st.metadata())
         out.write(len(header).to_bytes(8, "little"))
         out.write(header)
-        for name in names:
+        for name in views:
             lora = deltas.get(name)
             merged += lora is not None
             with signals.deferred():  # a signal inside get_tensor would surface as a ValueError
