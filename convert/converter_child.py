@@ -2,13 +2,8 @@
 
     python converter_child.py CONVERTER KEYS_JSON [converter arguments...]
 
-Provenance keys (run, adapter hash, versions) used to be added by rewriting the finished GGUF with gguf-py:
-a second copy of a 5 GB file at the 2B's size. Here the converter runs unchanged (as `__main__`, from its own
-folder, with the gguf-py next to it, as it would from a shell), and its GGUFWriter gets the keys just before it
-writes the header, so they are in the one file it writes. The quantizer copies every key into the quants.
-
-Run by file path, not as a module of this package: it imports nothing of ours, so the child sees only the
-vendored llama.cpp tree.
+The converter runs unchanged, as from a shell; its GGUFWriter gets the keys just before it writes the header, so no
+second copy of a 5 GB file is needed to add them. Run by file path: it imports nothing of ours.
 """
 
 import json

@@ -2,18 +2,10 @@
 
     python -I -S die_with_parent.py PARENT_PID COMMAND [ARGUMENTS...]
 
-run_child (convert/llamacpp.py) starts every llama.cpp child through this. A SIGKILL of the export (kill -9, the
-OOM killer) runs none of the parent's cleanup, and a child left running would go on writing the temporary GGUF that
-a rerun writes too. prctl(PR_SET_PDEATHSIG) acts on the calling process only, so the child must ask between fork
-and exec. subprocess's preexec_fn could ask, but it runs Python in a fork of a process with threads (torch's,
-OpenMP's, the tokenizers'), which deadlocks if that code needs a lock another thread held at fork time, and it makes
-subprocess fork() instead of vfork(): the page tables are copied, a cost that grows with the parent's memory
-(0.44 s per child for a parent with 4 GiB resident, measured on the 2-core box). This costs one interpreter start
-without site (~25 ms there), then execs the command: the same process, so the parent's kill() and wait() reach the
-tool, and the request stays (prctl(2): exec clears it only for set-user-ID, set-group-ID or file-capability
-programs).
-
-Linux only. Run by file path in isolated mode (-I: no PYTHONPATH, no user site), so it imports nothing of ours.
+run_child (convert/llamacpp.py) starts every llama.cpp child through this, so that a SIGKILLed export leaves no
+child writing the temporary GGUF a rerun writes too. prctl(PR_SET_PDEATHSIG) must be asked between fork and exec;
+subprocess's preexec_fn could, but it runs Python in a fork of a threaded process (deadlock-prone) and forces fork()
+over vfork() (docs/operations.md, "Kill"). exec keeps the request (prctl(2)). Linux only; -I: imports nothing of ours.
 """
 
 import ctypes

@@ -292,7 +292,7 @@ def publish_run(
             if lora and lora["path"]:
                 lora_file = f"{export['name']}.lora.gguf"
                 files[lora_file] = _finished(gguf_dir, folder, export["name"], {"file": lora_file} | lora)
-                lora["path"] = str(gguf_dir / f"{export['name']}.lora.gguf")
+                lora["path"] = str(gguf_dir / lora_file)
             record |= meta or {}
         else:
             record["export"] = base_export_keys(cfg, (manifest.base_model or {}).get("revision"))

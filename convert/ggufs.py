@@ -29,8 +29,7 @@ class ModelGGUFs:
 
 
 def remove_work_files(work_dir: Path, name: str) -> None:
-    """The GGUFs (finished or partial, the importance matrix too) of an export of `name` in its work folder;
-    convert.log stays."""
+    """The GGUFs (finished or partial, the importance matrix too) of an export of `name`; convert.log stays."""
     for p in work_dir.glob(f"*{name}.*"):
         if p.is_file() and (p.suffix in (".gguf", ".tmp")):
             p.unlink()

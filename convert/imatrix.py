@@ -1,9 +1,6 @@
-"""An importance matrix from the run's own data (llama-imatrix), for quants calibrated on what the model will see.
-
-llama-quantize weighs each weight's rounding error by the mean squared activation that multiplies it
-(llama.cpp PR 4861); the matrix is collected by running the float GGUF over calibration text. Here that text
-is the run's records rendered with the chat template, so the quant spends its precision where the user's
-prompts put their activation mass. K-quants and IQ quants use it; q8_0 and float types ignore it.
+"""An importance matrix from the run's own data (llama-imatrix, llama.cpp PR 4861): llama-quantize weighs each
+weight's rounding error by the activations the run's chat-rendered records put on it. K-quants and IQ quants use it;
+q8_0 and float types ignore it.
 """
 
 from __future__ import annotations
@@ -11,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from convert.llamacpp import run_child
+from convert.llamacpp import replaced_when_done, run_child
 from convert.score import GGUF
 from convert.tools import tool
 from core.errors import InvalidInput, LlamaCppError
@@ -26,21 +23,6 @@ MIN_CHUNK_TOKENS = 64
 DEFAULT_MAX_TOKENS = 16384
 
 
-def calibration_text(float_gguf: Path, texts: list[str], max_tokens: int) -> tuple[str, int]:
-    """The texts joined, cut at a record boundary once max_tokens are reached; and its token count.
-
-    Tokens are counted with the GGUF's own tokenizer, special markers as single tokens, as llama-imatrix
-    reads the file with --parse-special."""
-    kept, n_tokens = [], 0
-    with GGUF(float_gguf, vocab_only=True) as vocab:
-        for text in texts:
-            if n_tokens >= max_tokens:
-                break
-            kept.append(text)
-            n_tokens += len(vocab.tokenize(text, bos=False))
-    return "".join(kept), n_tokens
-
-
 def chunk_size(n_tokens: int) -> int:
     """CHUNK_TOKENS, or the largest power of two that still gives llama-imatrix its two chunks."""
     size = CHUNK_TOKENS
@@ -53,11 +35,17 @@ def compute_imatrix(
     float_gguf: Path, texts: list[str], out: Path, log_path: Path, max_tokens: int = DEFAULT_MAX_TOKENS
 ) -> Path:
     """Run llama-imatrix on `float_gguf` over the texts (at most ~max_tokens of them); the matrix (GGUF format)
-    appears at `out` only when complete. Returns `out`.
-
-    InvalidInput when the texts are too short to calibrate on; LlamaCppError when the tool fails."""
+    appears at `out` only when complete. InvalidInput when the texts are too short to calibrate on."""
     out = out.resolve()
-    text, n_tokens = calibration_text(float_gguf, texts, max_tokens)
+    # the texts, cut at a record boundary once max_tokens are reached; counted with the GGUF's own tokenizer, special
+    # markers as single tokens, as llama-imatrix reads the file with --parse-special
+    with GGUF(float_gguf, vocab_only=True) as vocab:
+        kept, n_tokens = [], 0
+        for text in texts:
+            if n_tokens >= max_tokens:
+                break
+            kept.append(text)
+            n_tokens += len(vocab.tokenize(text, bos=False))
     chunk = chunk_size(n_tokens)
     if n_tokens < 2 * chunk:
         raise InvalidInput(
@@ -68,7 +56,6 @@ def compute_imatrix(
     out.parent.mkdir(parents=True, exist_ok=True)
     calibration = out.with_name(f".{out.name}.calibration.txt")
     tmp = out.with_name(f".{out.stem}.tmp.gguf")  # .gguf: the tool picks its output format from the suffix
-    calibration.write_text(text, encoding="utf-8")
     cmd = [
         str(tool("llama-imatrix")),
         "--model", str(float_gguf),
@@ -80,12 +67,14 @@ def compute_imatrix(
         "--no-ppl",  # perplexity of the chunks is not needed and costs a softmax over the vocab per token
         "--threads", str(os.cpu_count() or 1),
     ]  # fmt: skip
+    calibration.write_text("".join(kept), encoding="utf-8")
     try:
-        rc = run_child(cmd, log_path)
-        if rc != 0 or not tmp.is_file():
-            raise LlamaCppError(f"llama-imatrix failed on {float_gguf.name} (exit {rc}); its output is in {log_path}")
-        os.replace(tmp, out)
+        with replaced_when_done(out, tmp):
+            rc = run_child(cmd, log_path)
+            if rc != 0 or not tmp.is_file():
+                raise LlamaCppError(
+                    f"llama-imatrix failed on {float_gguf.name} (exit {rc}); its output is in {log_path}"
+                )
     finally:
-        tmp.unlink(missing_ok=True)
         calibration.unlink(missing_ok=True)
     return out

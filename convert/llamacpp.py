@@ -1,9 +1,5 @@
-"""llama.cpp tooling, all from one pinned release: converter, gguf-py, quantizer, runtime.
-
-The converter tree (convert_hf_to_gguf.py, conversion/, gguf-py/) is unpacked from the
-llama-cpp-python sdist by scripts/fetch_llama_cpp.sh; the quantizer (llama-quantize) and the runtime (the
-binding's libllama) come from one compilation of that sdist's llama.cpp (scripts/build_llama_cpp.sh).
-convert/tools.py finds each piece and checks they are one release.
+"""Running the pinned llama.cpp tools (convert/tools.py finds them): the converters and llama-quantize, each a child
+process that a signal stops and whose output appears only when complete.
 """
 
 from __future__ import annotations
@@ -12,6 +8,8 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from convert.gguf_header import read_header
@@ -23,6 +21,8 @@ from core.quants import QUANTS
 
 # Starts each child so that it dies with this process (see the file; Linux's prctl, hence Linux only).
 DIE_WITH_PARENT = Path(__file__).with_name("die_with_parent.py")
+# Runs the converter unchanged, handing extra keys to its GGUF writer (see the file).
+CONVERTER_CHILD = Path(__file__).with_name("converter_child.py")
 
 
 def convert_hf_to_gguf(
@@ -33,51 +33,54 @@ def convert_hf_to_gguf(
     model_name: str | None = None,
     metadata: dict[str, str] | None = None,
 ) -> None:
-    """Run the pinned convert_hf_to_gguf.py on a HF folder; the output appears only when complete.
-
-    metadata: string keys written into the GGUF by the converter's own pass (convert/converter_child.py)."""
+    """Run the pinned convert_hf_to_gguf.py on a HF folder, with `metadata` written in the converter's own pass; the
+    output appears only when complete."""
     if not (model_dir / "tokenizer.model").is_file():
         # Gemma's vocab is read from the SentencePiece file; without it the converter fails late.
         raise LlamaCppError(f"{model_dir} has no tokenizer.model: the Gemma converter needs it")
-    folder = tree()
     model_dir, out_path = model_dir.resolve(), out_path.resolve()  # the converter runs in its own folder
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
-    script = str(folder / "convert_hf_to_gguf.py")
-    if metadata:  # the same script, run by converter_child.py, which hands the keys to its writer
-        script_and_keys = [str(Path(__file__).with_name("converter_child.py")), script, json.dumps(metadata)]
-    else:
-        script_and_keys = [script]
-    cmd = [
-        sys.executable,
-        *script_and_keys,
-        str(model_dir),
-        "--outfile",
-        str(tmp),
-        "--outtype",
-        outtype,
-    ] + (["--model-name", model_name] if model_name else [])
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with replaced_when_done(out_path) as tmp:
+        args = [str(model_dir), "--outfile", str(tmp), "--outtype", outtype]
+        args += ["--model-name", model_name] if model_name else []
+        run_converter("convert_hf_to_gguf.py", model_dir.name, args, tmp, log_path, metadata)
+
+
+def run_converter(
+    script: str, source: str, args: list[str], out: Path, log_path: Path | None, keys: dict[str, str] | None = None
+) -> None:
+    """One of the pinned tree's converter scripts, offline, run from its own folder (run_child), which must write
+    `out`. keys: string keys its GGUFWriter adds to the file (convert/converter_child.py runs the script unchanged)."""
+    folder = tree()
+    script_and_keys = [str(CONVERTER_CHILD), str(folder / script), json.dumps(keys)] if keys else [str(folder / script)]
+    cmd = [sys.executable, *script_and_keys, *args]
     # Without NO_LOCAL_GGUF the converter imports the gguf-py next to it, the one it was written for.
     env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"} | {"HF_HUB_OFFLINE": "1"}
-    out_path.parent.mkdir(parents=True, exist_ok=True)
+    rc = run_child(cmd, log_path, cwd=folder, env=env)
+    if rc != 0 or not out.is_file():
+        where = f"; its output is in {log_path}" if log_path else ""
+        raise LlamaCppError(f"{script} failed on {source} (exit {rc}){where}")
+
+
+@contextmanager
+def replaced_when_done(out: Path, tmp: Path | None = None) -> Iterator[Path]:
+    """A temporary path (.<name>.tmp beside `out`) that becomes `out` when the block completes, and is removed
+    however it ends: a failed or interrupted tool leaves no partial file."""
+    tmp = tmp or out.with_name(f".{out.name}.tmp")
     try:
-        rc = run_child(cmd, log_path, cwd=folder, env=env)
-        if rc != 0:
-            where = f"; its output is in {log_path}" if log_path else ""
-            raise LlamaCppError(f"convert_hf_to_gguf.py failed on {model_dir.name} (exit {rc}){where}")
-        os.replace(tmp, out_path)
+        yield tmp
+        os.replace(tmp, out)
     finally:
-        tmp.unlink(missing_ok=True)  # a failed or interrupted conversion leaves no partial file
+        tmp.unlink(missing_ok=True)
 
 
 def run_child(cmd: list[str], log_path: Path | None, cwd: Path | None = None, env: dict[str, str] | None = None) -> int:
     """Run a llama.cpp tool as a child process, its output appended to log_path; return its exit status.
 
-    Long native calls cannot be interrupted from Python (a signal handler runs only between bytecodes, and an
-    exception raised in a ctypes callback is discarded), so they run in a child that the parent can stop: on
-    SIGINT/SIGTERM (Interrupted) or any other error while waiting, the child is killed and reaped before the
-    exception goes on. The child has its own session, so a terminal's Ctrl-C reaches the parent only. A parent
-    killed outright (SIGKILL, the OOM killer) runs none of that; on Linux the kernel then kills the child, which
-    starts through convert/die_with_parent.py. Elsewhere such a child runs on to its end."""
+    A child, because long native calls cannot be interrupted from Python (signal handlers run between bytecodes):
+    on any exception while waiting (SIGINT/SIGTERM's Interrupted included) it is killed and reaped first. It has its
+    own session (a terminal's Ctrl-C reaches the parent only) and, on Linux, dies with a parent killed outright
+    (convert/die_with_parent.py)."""
     if sys.platform.startswith("linux"):
         cmd = [sys.executable, "-I", "-S", str(DIE_WITH_PARENT), str(os.getpid()), *cmd]
     with open(log_path or os.devnull, "a") as log:
@@ -99,20 +102,12 @@ def quantize(
     imatrix: Path | None = None,
 ) -> None:
     """llama-quantize from a float GGUF, as a child process that SIGINT/SIGTERM stop (run_child; minutes for the 2B
-    model: docs/operations.md). The output appears only when complete.
-
-    With an importance matrix, llama-quantize's loader turns the matrix file into the per-tensor weights
-    llama_model_quantize takes, and records it in the quant's quantize.imatrix.* keys."""
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    cmd = quantize_tool_command(src, tmp, quant, token_embedding_type, imatrix)
-    try:
-        rc = run_child(cmd, log_path)
+    model: docs/operations.md), with an importance matrix if given. The output appears only when complete."""
+    with replaced_when_done(dst) as tmp:
+        rc = run_child(quantize_tool_command(src, tmp, quant, token_embedding_type, imatrix), log_path)
         if rc != 0:
             where = f"; see {log_path}" if log_path else ""
             raise LlamaCppError(f"llama-quantize {src.name} -> {quant} failed (code {rc}){where}")
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)  # a failed or interrupted quantization leaves no partial file
 
 
 def quantize_tool_command(

@@ -1,11 +1,6 @@
-"""The LoRA adapter as a GGUF (llama.cpp's convert_lora_to_gguf.py), verified before it ships.
-
-An adapter GGUF is a few MB where a merged model is GBs: llama.cpp applies it on the base GGUF (`llama-cli -m
-base.gguf --lora <name>.lora.gguf`). It ships only if llama.cpp running the base GGUF with the adapter gives the
-merged HF model's logits, scored as every file is (convert/score.py). Without a base GGUF of that float type
-(export.export_base off), rather than converting the base (5 GB at the 2B's size) for the check, the adapter is
-applied at scale -1 to the merged GGUF, which must give the base HF model's logits: merged - s*BA = base holds
-exactly when base + s*BA = merged, the same identity through llama.cpp's own LoRA path.
+"""The LoRA adapter as a GGUF (llama.cpp's convert_lora_to_gguf.py), shipped only if llama.cpp applying it gives the
+HF model's logits: base GGUF + adapter = merged model, or without a base GGUF of that type, merged GGUF - adapter =
+base model, the same identity (docs/export-and-verify.md, "Adapter GGUF").
 """
 
 from __future__ import annotations
@@ -13,18 +8,15 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import gguf
 
 from convert.gguf_header import read_header
-from convert.llamacpp import read_metadata, run_child
+from convert.llamacpp import read_metadata, replaced_when_done, run_converter
 from convert.score import GGUF, Sequence, compare, windows
-from convert.tools import tree
 from core.errors import LlamaCppError
 from core.gates import Gate, at_least, at_most
 from core.quants import quant_of_file_type
@@ -70,7 +62,6 @@ def convert_lora(adapter_dir: Path, base_dir: Path, out: Path, outtype: str, log
         raise ValueError(f"adapter GGUF type {outtype!r}: one of {', '.join(ADAPTER_TYPES)}")
     out = out.resolve()
     stage = out.with_name(f".{out.name}.adapter")
-    tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
     try:
@@ -80,28 +71,12 @@ def convert_lora(adapter_dir: Path, base_dir: Path, out: Path, outtype: str, log
             config["use_rslora"] = False
         (stage / "adapter_config.json").write_text(json.dumps(config, indent=2))
         (stage / "adapter_model.safetensors").symlink_to((adapter_dir / "adapter_model.safetensors").resolve())
-        folder = tree()
-        cmd = [sys.executable, str(folder / "convert_lora_to_gguf.py"), "--base", str(base_dir.resolve())]
-        cmd += ["--outtype", outtype, "--outfile", str(tmp), str(stage)]
-        env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"} | {"HF_HUB_OFFLINE": "1"}
-        rc = run_child(cmd, log_path, cwd=folder, env=env)
-        if rc != 0 or not tmp.is_file():
-            where = f"; its output is in {log_path}" if log_path else ""
-            raise LlamaCppError(f"convert_lora_to_gguf.py failed on {adapter_dir} (exit {rc}){where}")
-        os.replace(tmp, out)
+        with replaced_when_done(out) as tmp:
+            args = ["--base", str(base_dir.resolve()), "--outtype", outtype, "--outfile", str(tmp), str(stage)]
+            run_converter("convert_lora_to_gguf.py", str(adapter_dir), args, tmp, log_path)
     finally:
-        tmp.unlink(missing_ok=True)
         shutil.rmtree(stage, ignore_errors=True)
     return out
-
-
-def _adapter_report(lora_gguf: Path) -> LoraReport:
-    header = read_header(lora_gguf)
-    meta = header.metadata
-    if meta.get("general.type") != "adapter" or meta.get("adapter.type") != "lora":
-        raise LlamaCppError(f"{lora_gguf} is not a LoRA adapter GGUF (general.type {meta.get('general.type')})")
-    # an adapter GGUF has no general.file_type: its type is its tensors' (lora_a/lora_b, all of one type)
-    return LoraReport(str(lora_gguf), gguf.GGMLQuantizationType(header.tensors[0].type).name.lower())
 
 
 def check_adapter(
@@ -109,7 +84,12 @@ def check_adapter(
 ) -> LoraReport:
     """llama.cpp running `runtime` with the adapter applied at `scale` against the HF model in `reference_dir`, over
     about CHECK_TOKENS positions of `ids` (token sequences starting with <bos>)."""
-    report = _adapter_report(lora_gguf)
+    header = read_header(lora_gguf)
+    meta = header.metadata
+    if meta.get("general.type") != "adapter" or meta.get("adapter.type") != "lora":
+        raise LlamaCppError(f"{lora_gguf} is not a LoRA adapter GGUF (general.type {meta.get('general.type')})")
+    # an adapter GGUF has no general.file_type: its type is its tensors' (lora_a/lora_b, all of one type)
+    report = LoraReport(str(lora_gguf), gguf.GGMLQuantizationType(header.tensors[0].type).name.lower())
     sequences: list[Sequence] = []
     for seq in ids:
         if sum(len(s.ids) for s in sequences) >= CHECK_TOKENS:

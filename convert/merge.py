@@ -1,11 +1,8 @@
-"""Merge a LoRA adapter into its base model and save a complete, convertible HF folder.
+"""Merge a LoRA adapter into its base model and save a complete, convertible HF folder, one tensor at a time.
 
-The merge streams: one base tensor at a time is read from the base's safetensors files, its LoRA delta is
-added in float32, and the result is written in the base's dtype straight into the output file. Memory is
-one tensor, not the model (PEFT's merge_and_unload holds the whole model, in float32 for an exact sum:
-~10 GB for Gemma 2 2B). The arithmetic is PEFT's (peft/tuners/lora/layer.py, Linear.get_delta_weight and
-merge): W + (B @ A) * scaling, with scaling = lora_alpha / r (lora_alpha / sqrt(r) with use_rslora), summed
-in float32 and rounded once to the base dtype; tests/unit/test_merge.py checks the bytes equal PEFT's.
+PEFT's merge_and_unload holds the whole model (in float32 for an exact sum: ~10 GB for Gemma 2 2B); this streams
+each base tensor from the safetensors, adds PEFT's delta (W + (B @ A) * scaling) in float32, and writes it in the
+base's dtype. tests/unit/test_merge.py checks the bytes equal PEFT's.
 """
 
 from __future__ import annotations
@@ -73,12 +70,14 @@ def merged_tensor(base: torch.Tensor, lora: tuple[torch.Tensor, torch.Tensor] | 
     return (base.float() + delta).to(base.dtype)
 
 
-def _header(shapes: dict[str, tuple[torch.dtype, list[int]]], metadata: dict[str, str] | None) -> bytes:
+def _header(views: dict[str, Any], metadata: dict[str, str] | None) -> bytes:
+    """The safetensors header of tensors with the dtypes and shapes of `views` (safe_open's slices), in their order."""
     entries: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
     offset = 0
-    for name, (dtype, shape) in shapes.items():
-        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        entries[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": shape, "data_offsets": [offset, offset + size]}
+    for name, view in views.items():
+        dtype, shape = view.get_dtype(), list(view.get_shape())
+        size = math.prod(shape) * torch.empty((), dtype=TORCH_DTYPES[dtype]).element_size()
+        entries[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
         offset += size
     text = json.dumps(entries, separators=(",", ":")).encode()
     return text + b" " * (-len(text) % 8)  # the data starts 8-byte aligned (the format pads the header)
@@ -88,15 +87,12 @@ def merge_file(src: Path, dst: Path, deltas: dict[str, tuple[torch.Tensor, torch
     """Write dst: src's tensors in src's order and dtypes, each with its LoRA delta merged; returns merges done."""
     merged = 0
     with safe_open(src, framework="pt") as st, open(dst, "wb") as out:
-        names = list(st.keys())
-        shapes = {}
-        for name in names:
-            view = st.get_slice(name)
-            shapes[name] = (TORCH_DTYPES[view.get_dtype()], list(view.get_shape()))
-        header = _header(shapes, st.metadata())
+        names = st.keys()  # safe_open is no mapping: it has keys() but no iteration
+        views = {name: st.get_slice(name) for name in names}
+        header = _header(views, st.metadata())
         out.write(len(header).to_bytes(8, "little"))
         out.write(header)
-        for name in names:
+        for name in views:
             lora = deltas.get(name)
             merged += lora is not None
             with signals.deferred():  # a signal inside get_tensor would surface as a ValueError
@@ -108,10 +104,8 @@ def merge_file(src: Path, dst: Path, deltas: dict[str, tuple[torch.Tensor, torch
 
 
 def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
-    """Fold adapter_dir's LoRA weights into base_dir's model and write out_dir (replaced as a whole).
-
-    Every file of the base is kept (config, generation config, shard index); weight files get the merge, tokenizer
-    files come from the adapter folder."""
+    """Fold adapter_dir's LoRA weights into base_dir's model and write out_dir (replaced as a whole): every file of
+    the base (config, generation config, shard index), merged weights, the adapter folder's tokenizer."""
     deltas, scaling = lora_deltas(adapter_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:

@@ -1,12 +1,8 @@
 """An Ollama Modelfile next to each promoted GGUF: `ollama create <name> -f <name>.Modelfile` in models/gguf.
 
-Ollama does not run the GGUF's Jinja chat template: it renders its own TEMPLATE, written in Go's text/template
-(https://github.com/ollama/ollama/blob/main/docs/template.md), and stops on the PARAMETER stop strings. The
-TEMPLATE below is core/templates/gemma.jinja rewritten in that syntax: same text for system (merged into the
-first user turn), user, assistant and tool messages, and the generation prompt after a user or tool turn.
-tests/unit/test_modelfile.py renders both on the same conversations. Two differences, by construction:
-Ollama adds <bos> itself (the GGUF's tokenizer.ggml.add_bos_token), so the template starts without it; and
-Go templates have no `trim`, so message text is used as given (the data renderer trims it for training).
+Ollama renders its own Go text/template TEMPLATE, not the GGUF's Jinja chat template: TEMPLATE below is
+core/templates/gemma.jinja rewritten in that syntax, without the leading <bos> (Ollama adds it) and without trimming
+(Go templates have none); tests/unit/test_modelfile.py renders both on the same conversations.
 """
 
 from __future__ import annotations
@@ -76,8 +72,7 @@ def modelfile_text(gguf_name: str, stop: str) -> str:
 
 
 def write_modelfile(gguf_path: Path, published_as: str, tokenizer) -> Path:
-    """The Modelfile of a GGUF that is published as `published_as`, written next to it as <stem>.Modelfile (it is
-    published beside the GGUF); returns its path."""
+    """<stem>.Modelfile of a GGUF published as `published_as`, written next to it (it is published beside it)."""
     path = gguf_path.with_name(f"{Path(published_as).stem}.Modelfile")
     atomic_write_text(path, modelfile_text(published_as, turn_end_token(tokenizer)))
     return path

@@ -1,14 +1,6 @@
-"""Gemma logits in float32 without the model in float32: the verification reference, streamed.
-
-`AutoModelForCausalLM.from_pretrained(dtype=float32)` holds the whole model upcast (10.5 GB for Gemma 2 2B); this
-holds one decoder layer at a time. Embeddings: only the rows of the tokens used are read, times sqrt(hidden) as a
-float32 tensor (Gemma's scaled word embedding). Decoder: each layer is transformers' own decoder layer of the
-model's family (core.hub.FAMILIES), built with that layer's weights in float32; every text's hidden states go
-through it (batch size 1, as llama.cpp scores them), then it is dropped; masks and rotary embeddings come from
-transformers' functions, eager attention. Output: final norm, the output layer upcast one vocabulary tile at a
-time, the final softcap where the family has one. tests/unit/test_reference.py compares it with
-AutoModelForCausalLM (eager, float32) on tiny models; docs/export-and-verify.md measures its memory and time.
-Files are opened per read so that mapped pages of the checkpoint do not pile up in the resident set.
+"""Gemma logits in float32 without the model in float32: the verification reference, streamed one decoder layer at a
+time through transformers' own layer classes (docs/export-and-verify.md, "The streamed reference"). Files are opened
+per read so that mapped pages of the checkpoint do not pile up in the resident set.
 """
 
 from __future__ import annotations
@@ -103,15 +95,6 @@ class _Checkpoint:
             return out[: rows.shape[0]].copy_(rows)
 
 
-def _config(model_dir: Path):
-    if not (model_dir / "config.json").is_file():
-        raise RunError(f"{model_dir}: no config.json; the reference needs a Hugging Face model folder")
-    model_family(model_dir)
-    config = AutoConfig.from_pretrained(str(model_dir))
-    config._attn_implementation = "eager"  # the reference is what HF computes with attn_implementation="eager"
-    return config
-
-
 def _modules(config) -> tuple[type, torch.nn.Module, torch.nn.Module]:
     """The family's decoder layer class, its final norm and its rotary embedding (float32, on the CPU), as
     transformers builds them: read off the model built on the meta device (no weights, no memory)."""
@@ -119,15 +102,6 @@ def _modules(config) -> tuple[type, torch.nn.Module, torch.nn.Module]:
         decoder = AutoModelForCausalLM.from_config(config).model
     norm = type(decoder.norm)(config.hidden_size, eps=config.rms_norm_eps)
     return type(decoder.layers[0]), norm, type(decoder.rotary_emb)(config)
-
-
-def _check_ids(texts_ids: list[list[int]], vocab_size: int) -> None:
-    for t, ids in enumerate(texts_ids):
-        if len(ids) == 0:
-            raise RunError(f"reference: text {t} has no tokens; every text needs at least one (its <bos>)")
-        bad = [i for i in ids if not 0 <= i < vocab_size]
-        if bad:
-            raise RunError(f"reference: text {t} has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
 
 
 def _layer(ckpt: _Checkpoint, config, layer_cls: type, index: int, buffers: list[torch.Tensor] | None):
@@ -189,20 +163,29 @@ def _chunk_logits(ckpt: _Checkpoint, config, output: str, hidden: torch.Tensor) 
 
 
 class Reference:
-    """The reference of one set of texts: the decoder runs once (construction), then `logits_of()` gives logits of
-    any positions as often as asked, from the kept final hidden states (texts x tokens x hidden floats) through the
-    output layer (~1/5 of a forward each time: convert/score.py ReferenceChunks keeps them for several files)."""
+    """The reference of one set of texts: the decoder runs once (construction), then `logits_of()` runs the kept
+    final hidden states of any positions through the output layer (~1/5 of a forward each time)."""
 
     def __init__(self, model_dir: Path, texts_ids: list[list[int]]):
         model_dir = Path(model_dir)
         self.texts_ids = [[int(i) for i in ids] for ids in texts_ids]  # lists, tuples or arrays of ids
-        self.config = _config(model_dir)
+        if not (model_dir / "config.json").is_file():
+            raise RunError(f"{model_dir}: no config.json; the reference needs a Hugging Face model folder")
+        model_family(model_dir)
+        self.config = AutoConfig.from_pretrained(str(model_dir))
+        self.config._attn_implementation = "eager"  # the reference is what HF computes with attn_implementation="eager"
         self.ckpt = _Checkpoint(model_dir)
-        _check_ids(self.texts_ids, self.config.vocab_size)
+        vocab = self.config.vocab_size
+        for t, ids in enumerate(self.texts_ids):
+            if len(ids) == 0:
+                raise RunError(f"reference: text {t} has no tokens; every text needs at least one (its <bos>)")
+            bad = [i for i in ids if not 0 <= i < vocab]
+            if bad:
+                raise RunError(f"reference: text {t} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
         prefix = self.ckpt.prefix
         self.output = "lm_head.weight" if not self.config.tie_word_embeddings else f"{prefix}embed_tokens.weight"
         for name in dict.fromkeys([f"{prefix}embed_tokens.weight", self.output]):
-            self.ckpt._check_shape(name, self.ckpt.shape(name), [self.config.vocab_size, self.config.hidden_size])
+            self.ckpt._check_shape(name, self.ckpt.shape(name), [vocab, self.config.hidden_size])
         with torch.inference_mode():
             self.hidden = _decoder(self.ckpt, self.config, self.texts_ids)
 

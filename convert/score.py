@@ -1,9 +1,7 @@
-"""Scoring a model: the one place that runs a GGUF in llama.cpp (GGUF: logits CHUNK positions at a time, tokens,
-greedy replies, optionally with an adapter GGUF at a scale), and the one tally that compares its logits with the HF
-model's (convert/reference.py, its logits computed once for several files by ReferenceChunks): per position
-KL(reference || file), top-1 agreement and the next token's log-likelihood; per held-out record the loss on the
-tokens training supervises. Verification, the adapter GGUF's check, the nightly job's losses and the summary's
-answers all score through here.
+"""The scoring layer: the one place that runs a GGUF in llama.cpp (logits, tokens, greedy replies, optionally with an
+adapter GGUF), and the one tally that compares its logits with the HF model's (convert/reference.py). Verification,
+the adapter GGUF's check, the nightly job's losses and the summary's answers all score through here
+(docs/export-and-verify.md, "How files are scored").
 """
 
 from __future__ import annotations
@@ -39,12 +37,6 @@ CHUNK = 128
 BLOCK = 8
 
 
-def threads() -> int:
-    """llama.cpp's threads: OMP_NUM_THREADS when set (torch reads it too; the tests give each worker its share of
-    the cores), else every core (llama-cpp-python's default is half of them)."""
-    return int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1
-
-
 @contextmanager
 def native_output_to(log_path: Path | None) -> Iterator[None]:
     """Run native code with what it prints on stdout/stderr (llama.cpp's load logs, which ignore verbose=False in
@@ -68,11 +60,8 @@ def native_output_to(log_path: Path | None) -> Iterator[None]:
 # ----------------------------------------------------------------------------- one GGUF in llama.cpp
 class GGUF:
     """One GGUF in llama.cpp: logits of CHUNK positions at a time (llama_decode with a batch of its own: Llama.eval
-    with logits_all keeps n_ctx x vocab float32 scores besides llama.cpp's), tokens, greedy replies.
-
-    lora: an adapter GGUF applied at `lora_scale`, attached to the context: given Llama(lora_path=...),
-    llama-cpp-python turns mmap off and reads the whole GGUF into memory (5.2 GB for the 2B in f16), although
-    llama.cpp applies the adapter at run time to weights it can keep mapped."""
+    with logits_all keeps n_ctx x vocab float32 scores besides llama.cpp's), tokens, greedy replies. lora: an adapter
+    GGUF attached to the context at `lora_scale` (Llama(lora_path=) would read the whole GGUF into memory)."""
 
     def __init__(
         self,
@@ -85,7 +74,9 @@ class GGUF:
         vocab_only: bool = False,
     ):
         self.path, self.log_path = Path(path), log_path
-        n = threads()
+        # OMP_NUM_THREADS when set (torch reads it too; the tests give each worker its share of the cores), else every
+        # core (llama-cpp-python's default is half of them)
+        n = int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1
         with native_output_to(log_path):
             self.llm = llama_cpp.Llama(
                 model_path=str(path),
@@ -100,17 +91,15 @@ class GGUF:
             )
         self.adapter = None
         self.batch = None if vocab_only else llama_cpp.llama_batch_init(CHUNK, 0, 1)
-        if lora is not None:
-            self._attach(lora, lora_scale)
-
-    def _attach(self, lora: Path, scale: float) -> None:
-        with native_output_to(self.log_path):
+        if lora is None:
+            return
+        with native_output_to(log_path):
             self.adapter = llama_cpp.llama_adapter_lora_init(self.llm.model, str(lora).encode("utf-8"))
         if self.adapter is None:
             self.close()
             raise LlamaCppError(f"llama.cpp could not load the adapter {lora} on {self.path.name}")
         adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self.adapter)
-        if llama_cpp.llama_set_adapters_lora(self.llm.ctx, adapters, 1, (ctypes.c_float * 1)(scale)):
+        if llama_cpp.llama_set_adapters_lora(self.llm.ctx, adapters, 1, (ctypes.c_float * 1)(lora_scale)):
             self.close()
             raise LlamaCppError(f"llama.cpp could not apply the adapter {lora} to {self.path.name}")
 
@@ -214,11 +203,9 @@ def windows(seq: Sequence, bos: int, window: int) -> list[Sequence]:
 
 # ----------------------------------------------------------------------------- the reference, chunk by chunk
 class ReferenceChunks:
-    """The reference's logits chunks for every file: the output layer (~1/5 of a forward) runs for the first file,
-    whose pass writes the chunks to an unnamed file in `scratch_dir` (disk and page cache, not the process's
-    memory); the passes after it read them back. Chunks past `budget` bytes, and every chunk without a scratch_dir
-    or once a write fails (a full disk), are recomputed by every pass. A chunk read back is a view of one buffer:
-    valid until the next one is asked for."""
+    """The reference's logits chunks for every file: the first pass writes them to an unnamed file in `scratch_dir`
+    (disk and page cache, not the process's memory), the passes after it read them back; chunks past `budget` bytes,
+    without a scratch_dir or after a failed write, are recomputed. A chunk read back is valid until the next."""
 
     def __init__(self, reference: Reference, chunk: int, scratch_dir: Path | None, budget: int = SCRATCH_BUDGET):
         self.reference, self.plan, self.chunk, self.budget = reference, reference.plan(chunk), chunk, budget
@@ -306,8 +293,7 @@ class Block:
 
 @dataclass
 class Tally:
-    """Running measures of one model's logits; against a reference (add_block) or alone (add_nll).
-    Per-position KLD is kept (a float per position); the loss is kept per held-out record."""
+    """Running measures of one model's logits, against a reference (add_block) or alone (add_nll)."""
 
     kld: list[float] = field(default_factory=list)
     top1_hits: int = 0
@@ -403,9 +389,8 @@ def compare(model_dir: Path, gguf: GGUF, sequences: list[Sequence]) -> tuple[Tal
 
 
 def losses(model_dir: Path, gguf_path: Path, sequences: list[Sequence], n_ctx: int) -> tuple[dict, dict]:
-    """The supervised loss per held-out record through the HF model and through a GGUF: ({record: [NLL, tokens]}
-    of the GGUF, of the HF model). For records no verification has scored already (nightly: a champion scored on a
-    new eval set)."""
+    """({record: [NLL, supervised tokens]} through a GGUF, through the HF model), for records no verification has
+    scored already (nightly: a champion scored on a new eval set)."""
     with GGUF(gguf_path, n_ctx) as g:
         tally, ref = compare(model_dir, g, sequences)
     return tally.loss, ref.loss

@@ -1,11 +1,6 @@
-"""Where the pinned llama.cpp pieces are: the converter tree (`tree()`) and the command-line tools (`tool()`).
-
-The converter tree (convert_hf_to_gguf.py, convert_lora_to_gguf.py, conversion/, gguf-py/) is unpacked from
-the llama-cpp-python sdist by scripts/fetch_llama_cpp.sh; `tree()` refuses a tree whose release differs from
-the installed binding's. scripts/build_llama_cpp.sh compiles that sdist's llama.cpp once: the tools
-(llama-imatrix, llama-quantize) and the libraries they and the binding load, into <root>/<llama.cpp commit>/bin/
-(root: $LLAMA_TOOLS_DIR, else ~/.cache/gemma-lora-pipeline/llama.cpp), so a new pin looks in a new folder and
-never runs a tool of another commit. `make setup` builds them once.
+"""Where the pinned llama.cpp pieces are: the converter tree (`tree()`, unpacked by scripts/fetch_llama_cpp.sh) and
+the tools built from the same release (`tool()`, scripts/build_llama_cpp.sh, one folder per llama.cpp commit so that
+a new pin never runs an old tool; docs/export-and-verify.md, "Tools").
 """
 
 from __future__ import annotations
@@ -51,21 +46,14 @@ def version_info(folder: Path | None = None) -> dict[str, str]:
     return dict(line.split("=", 1) for line in path.read_text().split() if "=" in line)
 
 
-def tools_root() -> Path:
-    """The cache root the build script writes to (same rule as scripts/build_llama_cpp.sh)."""
-    env = os.environ.get("LLAMA_TOOLS_DIR")
-    if env:
-        return Path(env)
-    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(cache) / "gemma-lora-pipeline" / "llama.cpp"
-
-
 def tools_dir() -> Path:
     """<root>/<llama.cpp commit>/bin for the release the converter tree (and binding) are from."""
     info = version_info(tree())
     commit = info.get("llama.cpp", "unknown")
     key = commit if commit and commit != "unknown" else f"llama-cpp-python-{info.get('llama-cpp-python')}"
-    return tools_root() / key / "bin"
+    # the root the build script writes to (the same rule as scripts/build_llama_cpp.sh)
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gemma-lora-pipeline" / "llama.cpp"
+    return Path(os.environ.get("LLAMA_TOOLS_DIR") or cache) / key / "bin"
 
 
 def tool(name: str) -> Path:

@@ -1,12 +1,6 @@
-"""Prove a GGUF is the model that was trained, and measure what each quant costs.
-
-Every file is scored against the model that was trained: the HF model in float32, streamed layer by layer
-(convert/reference.py), one GGUF at a time in step with the reference's logits (convert/score.py), on the scored set
-(scored_set()). Each file's tokenizer, chat template and stop token are checked as an application loading it sees
-them. Float types are gated on the prompts' last-token NMSE and top-1, quants on mean KLD (the config's verify
-section); docs/export-and-verify.md has every measure and gate. (llama.cpp's llama-perplexity --kl-divergence scores
-quants against the f16 file instead; scoring each against the trained model measures what a user gets, and the
-float file's own distance is in the table.)
+"""Prove a GGUF is the model that was trained, and measure what each quant costs: every file is scored against the
+HF model in float32 (convert/reference.py, convert/score.py), checked as an application loading it sees it, and gated
+(the config's verify section; docs/export-and-verify.md has every measure and gate).
 """
 
 from __future__ import annotations
@@ -99,9 +93,7 @@ class VerificationFailed(PipelineError):
 # ----------------------------------------------------------------------------- the scored token sequences
 @dataclass
 class ScoredSet:
-    """The token sequences every file is scored on: chat-rendered prompts (last-token NMSE/top-1), then windows of
-    the held-out records, the reference texts and, while short of the minimum, training records. `sources` counts
-    the positions per origin."""
+    """The token sequences every file is scored on (scored_set); `sources` counts the positions per origin."""
 
     prompts: list[Sequence]
     windows: list[Sequence]
@@ -129,8 +121,8 @@ def scored_set(
     min_tokens: int,
     window: int,
 ) -> ScoredSet:
-    """Prompts, every held-out record, REFERENCE_TEXTS, then training records (token ids) only while the total is
-    short of min_tokens. Sequences longer than `window` are scored in several windows, none is cut."""
+    """Chat-rendered prompts (last-token NMSE/top-1), every held-out record, REFERENCE_TEXTS, then training records
+    (token ids) only while the total is short of min_tokens; longer than `window`, in several windows, none cut."""
     bos = tokenizer.bos_token_id
 
     def ids_of(text: str) -> list[int]:
