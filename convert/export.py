@@ -101,7 +101,7 @@ def export_run(
             models.append(_export_base(cfg, folder, base, heldout, training))
         elif current is not None:
             log.info(f"base GGUF {cfg.export.base_name} is current ({current.run}, revision {base.revision})")
-        lora = _export_lora(cfg, folder, base, merged, models, current, heldout, training)
+        lora = _export_lora(cfg, folder, base, merged, models, current, heldout, training, keys)
     except VerificationFailed as e:
         groups = {m.name: m.reports for m in models} | {"": e.reports}
         write_reports(folder.root, groups, cfg.verify, passed=False)
@@ -231,10 +231,11 @@ def _export_lora(
     current: releases.Release | None,
     heldout: list[HeldOut],
     training: list[list[int]],
+    keys: dict[str, str],
 ) -> LoraReport | None:
-    """The adapter as <name>.lora.gguf beside the fine-tuned GGUFs, checked on a base GGUF of their float type when
-    there is one (this export's, or the live base release's). Not shipped when its check fails (a warning: the
-    model GGUFs are fine)."""
+    """The adapter as <name>.lora.gguf beside the fine-tuned GGUFs, with the fine-tuned GGUFs' provenance `keys`,
+    checked on a base GGUF of their float type when there is one (this export's, or the live base release's). Not
+    shipped when its check fails (a warning: the model GGUFs are fine)."""
     if not cfg.export.lora_gguf:
         return None
     tuned = models[0]
@@ -251,7 +252,7 @@ def _export_lora(
     log.info(f"  adapter -> {out.name} (convert_lora_to_gguf.py), checked {how}")
     ids = [r.ids for r in heldout] or training
     report = export_lora_gguf(
-        folder.adapter, base.path, merged, merged_gguf, out, ids, out.parent / "convert.log", base_gguf
+        folder.adapter, base.path, merged, merged_gguf, out, ids, out.parent / "convert.log", base_gguf, keys
     )
     if not report.passed:
         log.warning(f"adapter GGUF not shipped: {report.describe()}")

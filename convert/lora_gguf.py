@@ -53,8 +53,11 @@ class LoraReport:
         return f"{Path(self.path).name} [lora {self.outtype}] {self.against}: {shown}, {positions} positions"
 
 
-def convert_lora(adapter_dir: Path, base_dir: Path, out: Path, outtype: str, log_path: Path | None) -> Path:
-    """convert_lora_to_gguf.py of the pinned tree, offline (`--base` gives the config the Hub would), into `out`.
+def convert_lora(
+    adapter_dir: Path, base_dir: Path, out: Path, outtype: str, log_path: Path | None, keys: dict[str, str] | None
+) -> Path:
+    """convert_lora_to_gguf.py of the pinned tree, offline (`--base` gives the config the Hub would), into `out`;
+    `keys` (the run's provenance) written into the file as the merged model's GGUF carries them.
 
     llama.cpp scales an adapter by alpha / r; PEFT's rsLoRA scales by alpha / sqrt(r): such an adapter is
     converted with alpha * sqrt(r), which gives llama.cpp PEFT's scale."""
@@ -73,7 +76,7 @@ def convert_lora(adapter_dir: Path, base_dir: Path, out: Path, outtype: str, log
         (stage / "adapter_model.safetensors").symlink_to((adapter_dir / "adapter_model.safetensors").resolve())
         with replaced_when_done(out) as tmp:
             args = ["--base", str(base_dir.resolve()), "--outtype", outtype, "--outfile", str(tmp), str(stage)]
-            run_converter("convert_lora_to_gguf.py", str(adapter_dir), args, tmp, log_path)
+            run_converter("convert_lora_to_gguf.py", str(adapter_dir), args, tmp, log_path, keys)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return out
@@ -117,6 +120,7 @@ def export_lora_gguf(
     ids: list[list[int]],
     log_path: Path | None,
     base_gguf: Path | None = None,
+    keys: dict[str, str] | None = None,
 ) -> LoraReport:
     """Convert the adapter to `out` in the float type of merged_gguf and check it on base_gguf (of that type), or
     without one on merged_gguf at scale -1. On a failed gate `out` is deleted and the report says why."""
@@ -124,7 +128,7 @@ def export_lora_gguf(
     merged_type = quant_of_file_type(file_type) if isinstance(file_type, int) else None
     outtype = merged_type if merged_type in ADAPTER_TYPES else "f32"
     try:
-        convert_lora(adapter_dir, base_dir, out, outtype, log_path)
+        convert_lora(adapter_dir, base_dir, out, outtype, log_path, keys)
         if base_gguf is not None:
             report = check_adapter(out, base_gguf, 1.0, merged_dir, ids, log_path)
         else:

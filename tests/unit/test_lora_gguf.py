@@ -69,6 +69,7 @@ def test_adapter_gguf_reproduces_the_merged_model(base, tok, tmp_path, rslora, w
         heldout_ids(tok),
         tmp_path / "log",
         base_gguf=base_gguf if with_base_gguf else None,
+        keys={"finetune.run_name": "lora-test"},
     )
     print(report.describe())
     assert report.passed, report.describe()
@@ -77,6 +78,7 @@ def test_adapter_gguf_reproduces_the_merged_model(base, tok, tmp_path, rslora, w
     assert report.measures["positions"] > 500
     meta = read_metadata(out)
     assert (meta["general.type"], meta["adapter.type"], report.outtype) == ("adapter", "lora", "f32")
+    assert meta["finetune.run_name"] == "lora-test", "the run's provenance, as the model GGUFs carry it"
     # only the adapter is left: no base GGUF converted for the check, and the staged adapter folder is gone
     assert sorted(p.name for p in out.parent.iterdir()) == ["m.lora.gguf"]
 
