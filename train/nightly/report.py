@@ -3,7 +3,6 @@ and `status` (what is live, since when, its scores, the last nights)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ from core.config import Config
 from core.files import atomic_write_text
 from core.gates import Gate, table
 from core.runfolder import Layout
+from train.callbacks import save_figure
 from train.nightly.retention import registry
 from train.nightly.scores import number
 
@@ -59,13 +59,7 @@ def plot_history(lines: list[dict[str, Any]], out: Path) -> Path | None:
     ax.set_xticks(xs, [r["time"][5:16].replace("T", " ") for r in nights], rotation=45, fontsize=8)
     ax.set_ylabel("loss on the eval set (nats/token)")
     ax.set_title("nightly candidates (filled: promoted, hollow: rejected)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp")  # a reader never sees half a picture
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, out)
-    return out
+    return save_figure(fig, ax, out)
 
 
 def score_table(record: dict[str, Any]) -> list[str]:
