@@ -32,7 +32,7 @@ def driver_version() -> str:
 
 
 def cuda_problem() -> str | None:
-    """None when CUDA is usable; else what torch says when it initializes CUDA (driver too old, no device, ...)."""
+    """What torch says when it initializes CUDA (driver too old, no device, ...); None when CUDA is usable."""
     if torch.version.cuda is None:
         return "this torch is a CPU-only build (install the CUDA wheels: pip install -c constraints.txt -e '.[cuda]')"
     try:

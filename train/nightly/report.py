@@ -29,7 +29,6 @@ def scores_line(scores: dict[str, Any] | None) -> str:
 
 
 def night_line(r: dict[str, Any]) -> str:
-    """One registry line as `time  decision  run  why`."""
     run = r.get("run") or r.get("champion") or "-"
     why = r.get("reason") or (f"{run} live again, was {r['from_run']}" if r.get("event") == "rollback" else "")
     if r.get("recovered"):
@@ -77,8 +76,7 @@ def score_table(record: dict[str, Any]) -> list[str]:
 
 
 def write_report(folder: Path, record: dict[str, Any], lines: list[dict[str, Any]]) -> Path:
-    """nightly.md (decision, gates, scores, the last nights) and nightly_scores.png in the run folder; `lines`: the
-    registry, this night's line included."""
+    """nightly.md and nightly_scores.png in the run folder; `lines`: the registry, this night's line included."""
     png = plot_history(lines, folder / "nightly_scores.png")
     gates = [
         Gate(g["name"], g["value"] if g["value"] != "nan" else None, g["threshold"], g["op"]) for g in record["gates"]
@@ -117,8 +115,7 @@ def write_report(folder: Path, record: dict[str, Any], lines: list[dict[str, Any
 
 
 def status_text(cfg: Config, layout: Layout, nights: int = 7) -> str:
-    """What applications load now (the live release of export.name: whose, since when, its scores, whether its
-    files are intact), what a rollback returns to, and the last nights."""
+    """What applications load now, what a rollback returns to, and the last nights."""
     name = cfg.export.name
     live = releases.live(layout.gguf_dir, name)
     lines = []
