@@ -127,19 +127,6 @@ class MemoryEstimate:
         return self.peak + CUDA_CONTEXT
 
 
-def _meta_model(model_config: PretrainedConfig, cfg: Config, where: Placement):
-    attn = "eager" if where.attn_implementation == "eager" else "memory_estimate_fused"
-    with torch.device("meta"):
-        dtype = torch.bfloat16 if cfg.model.dtype == "auto" and where.cuda else compute_dtype(cfg)
-        model = AutoModelForCausalLM.from_config(model_config, dtype=dtype, attn_implementation=attn)
-    if cfg.training.activation_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    model = with_lora(model, cfg)
-    model.train()
-    return model
-
-
 def _weight_bytes(model: torch.nn.Module, quantized: bool) -> tuple[int, int]:
     """(all parameter bytes, trainable parameter count); QLoRA's frozen linear weights at nf4 size."""
     total = trainable = 0
@@ -173,7 +160,15 @@ def estimate_step_memory(
     batch = batch or cfg.training.per_device_train_batch_size
     seq = seq or cfg.data.max_seq_length
     fused = fused_lm_head_enabled(cfg, where.cuda)
-    model = _meta_model(model_config, cfg, where)
+    attn = "eager" if where.attn_implementation == "eager" else "memory_estimate_fused"
+    with torch.device("meta"):  # the LoRA model as the run builds it, without weights
+        dtype = torch.bfloat16 if cfg.model.dtype == "auto" and where.cuda else compute_dtype(cfg)
+        model = AutoModelForCausalLM.from_config(model_config, dtype=dtype, attn_implementation=attn)
+    if cfg.training.activation_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model = with_lora(model, cfg)
+    model.train()
     weights, trainable = _weight_bytes(model, cfg.model.load_in_4bit)
     optimizer = 2 * 4 * trainable  # AdamW exp_avg + exp_avg_sq, fp32 like the LoRA weights
     ids = torch.randint(4, model_config.vocab_size, (batch, seq), device="meta")
