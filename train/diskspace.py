@@ -1,8 +1,6 @@
-"""Disk space: a preflight estimate of what a run and its export will write, and full-disk diagnosis.
-
-planned_writes lists each file and folder, checked per file system (outputs/ and models/ are often separate Docker
-volumes). It is an upper bound on what the run adds, plus 10%, not on the peak: files already present (a resumed
-run's checkpoints) are not subtracted. `paths.check_free_space: false` skips the check.
+"""Disk space: a preflight estimate of what a run and its export will write, checked per file system (outputs/ and
+models/ are often separate Docker volumes), and full-disk diagnosis. An upper bound on what the run adds, plus 10%,
+not on the peak: files already present (a resumed run's checkpoints) are not subtracted.
 """
 
 from __future__ import annotations

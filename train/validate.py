@@ -1,8 +1,5 @@
-"""Checks that need transformers but no training: run by --dry-run and before a real run writes anything.
-
-A setting that only fails once training starts (an optimizer or scheduler name transformers does not know, a
-`report_to` integration that is not installed, LoRA target modules that match nothing in the model) would
-otherwise crash after the run folder was created; here it is a RunError (exit 2) naming the key.
+"""Checks that need transformers but no training, run by --dry-run and before a real run writes anything: a
+setting that only fails once training starts would otherwise crash after the run folder was created.
 """
 
 from __future__ import annotations
