@@ -55,8 +55,8 @@ def _check_world_size(folder: RunFolder, cfg: Config, checkpoint: Path | None, w
     # How many processes wrote it: one RNG state file each (train.checkpoint.rng_files).
     files = (read_record(checkpoint) or {}).get("files", {}) if checkpoint is not None else {}
     ranks = [n for n in files if n.startswith("rng_state_") and n.endswith(".pth")]
-    wrote = 1 if "rng_state.pth" in files else len(ranks) or None
-    if wrote is None or wrote == world_size:
+    wrote = 1 if "rng_state.pth" in files else len(ranks)
+    if not wrote or wrote == world_size:
         return
     launch = "python -m train" if wrote == 1 else f"torchrun --nproc-per-node {wrote} -m train"
     raise RunError(
