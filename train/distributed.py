@@ -185,14 +185,12 @@ def leave_after_main(e: BaseException) -> NoReturn:
     """End a rank other than 0 that stops with rank 0, after rank 0's process has ended: torchrun SIGTERMs the
     remaining ranks as soon as one exits with a failure, and rank 0 must not be killed while it writes its last
     words. os._exit: no late signal handler can turn it into another status than rank 0's."""
-    code = exit_code_of(e)
+    code, message = exit_status(e) or (1, f"{type(e).__name__}: {e}")
     signals.ignore()
     if _main_at is not None and _main_at[0] == socket.gethostname():
         deadline = time.monotonic() + LEAVE_WAIT_S
         while time.monotonic() < deadline and _alive(_main_at[1]):
             time.sleep(0.05)
-    status = exit_status(e)
-    message = status[1] if status else f"{type(e).__name__}: {e}"
     if not isinstance(e, NotShared):  # rank 0 prints the hints; NotShared's fix is for this node's output too
         message = message.splitlines()[0]
     print(f"rank {world().rank}: {message}", file=sys.stderr, flush=True)
