@@ -1,9 +1,5 @@
 """Small, single-purpose Trainer callbacks (train.trainer.training_callbacks orders them), metrics.jsonl and the
-loss-curve picture.
-
-Under several ranks (train/distributed.py) the stop and non-finite decisions are all-reduced, so every rank
-stops at the same step, and only rank 0 writes metrics.jsonl and commits checkpoints.
-"""
+loss-curve picture. Under several ranks only rank 0 writes metrics.jsonl and commits checkpoints."""
 
 from __future__ import annotations
 
@@ -28,9 +24,8 @@ log = logging.getLogger(__name__)
 
 
 class MetricsJsonl(TrainerCallback):
-    """Every Trainer log (loss, grad_norm, learning_rate, eval_loss, ...), one JSON line per logged step, closed at
-    once so that a killed run keeps every line it logged; NaN/inf as the strings "nan"/"inf" (JSON has no literal
-    for them), never hidden."""
+    """One JSON line per logged step, closed at once so that a killed run keeps every line it logged; NaN/inf as the
+    strings "nan"/"inf" (JSON has no literal for them), never hidden."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -60,11 +55,8 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def trim_metrics(path: Path, step: int) -> int:
-    """Keep only rows up to `step` (the checkpoint a run resumes from); return how many were dropped.
-
-    Steps after the last commit were lost with the process that ran them and are run again, so their
-    rows would otherwise appear twice.
-    """
+    """Keep only rows up to `step` (the checkpoint a run resumes from): the steps after it are run again, and their
+    rows would otherwise appear twice. Return how many were dropped."""
     rows = read_metrics(path)
     kept = [r for r in rows if r.get("step", 0) <= step]
     if len(kept) != len(rows) or (path.is_file() and not path.read_text().endswith("\n")):
@@ -87,13 +79,18 @@ def plot_losses(metrics_path: Path, out_path: Path) -> Path | None:
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy (supervised tokens)")
     ax.set_title(metrics_path.parent.name)
+    return save_figure(fig, ax, out_path)
+
+
+def save_figure(fig: Figure, ax, out: Path) -> Path:
+    """Grid, legend and layout, written under a temporary name: a reader never sees half a picture."""
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = out_path.with_name(f".{out_path.name}.tmp")  # a reader never sees half a picture
-    fig.savefig(tmp, format=out_path.suffix.lstrip(".") or "png")
-    os.replace(tmp, out_path)
-    return out_path
+    tmp = out.with_name(f".{out.name}.tmp")
+    fig.savefig(tmp, format=out.suffix.lstrip(".") or "png")
+    os.replace(tmp, out)
+    return out
 
 
 class IntervalsOfThisRun(TrainerCallback):
@@ -129,14 +126,10 @@ class CommitCheckpoints(TrainerCallback):
 
 
 class NonFiniteGuard(TrainerCallback):
-    """Stop before the optimizer applies a step whose loss or gradient norm is NaN or inf.
-
-    In Trainer._run_epoch (transformers 5.24) the gradients are clipped, then on_pre_optimizer_step runs, then
-    optimizer.step(): raising here leaves the weights, the optimizer state and the last commit as they were after
-    the previous step. The norm is recomputed from the clipped gradients (clipping turns a NaN/inf norm into NaN
-    gradients); the loss is read per micro-batch by a forward hook. Under several ranks the verdict is all-reduced:
-    each rank's loss is its own, so a NaN seen by one stops every rank before the step.
-    """
+    """Stop before the optimizer applies a step whose loss or gradient norm is NaN or inf: Trainer._run_epoch
+    (transformers 5.24) clips, then calls on_pre_optimizer_step, then optimizer.step(). The norm is recomputed from
+    the clipped gradients (clipping turns a NaN/inf norm into NaN gradients); the loss is read per micro-batch by a
+    forward hook. The verdict is all-reduced: a NaN seen by one rank stops every rank before the step."""
 
     def __init__(self):
         self.bad_loss: float | None = None
@@ -179,15 +172,10 @@ class NonFiniteGuard(TrainerCallback):
 
 
 class StopOnSignal(TrainerCallback):
-    """SIGTERM/SIGINT (docker stop, a scheduler's preemption, Ctrl-C): finish the optimizer step in progress, log,
-    save and commit a checkpoint, stop, and raise Preempted (exit 128 + signal number; docs/operations.md).
-
-    train.trainer.fit defers stop signals around the training loop (core/signals.py); this callback asks at each
-    step's end whether one is pending. Keep it last: it raises from on_train_end once the others have closed their
-    files. A signal may reach one rank only, or each at a different moment: what each received is all-reduced at
-    every step boundary, so all ranks save and stop at the same step and raise Preempted with the same signal (the
-    highest number when they differ).
-    """
+    """SIGTERM/SIGINT (deferred by train.trainer.fit): finish the step in progress, log, save and commit a
+    checkpoint, stop, and raise Preempted (docs/operations.md). Keep it last: it raises from on_train_end once the
+    others have closed their files. A signal may reach one rank only: what each received is all-reduced at every
+    step boundary, so all ranks stop at the same step with the same signal (the highest when they differ)."""
 
     def __init__(self) -> None:
         self.stopping: int = 0  # by any rank, as of the last step boundary

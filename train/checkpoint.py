@@ -1,10 +1,7 @@
-"""Committed checkpoints: a checkpoint counts only once its commit record is durably in place (docs/operations.md).
-
-transformers' Trainer writes checkpoint-N/ file by file, never fsyncs, and `resume_from_checkpoint=True` takes the
-highest-numbered folder without looking inside: a folder cut short by a kill, a full disk or a lost node looks just
-like a good one. A folder without its record, or whose files no longer match it, is moved to <run>/rejected/ (never
-deleted: it is evidence); only the checkpoint this process was writing when it failed is removed (remove_partial):
-known to be incomplete, and keeping it would keep the disk full.
+"""Committed checkpoints: a checkpoint counts only once its commit record is durably in place (docs/operations.md:
+the Trainer never fsyncs and resumes from the highest-numbered folder without looking inside). Only the checkpoint
+this process was writing when it failed is deleted (remove_partial): known to be incomplete, and keeping it would
+keep the disk full; any other bad one is evidence, moved to <run>/rejected/.
 """
 
 from __future__ import annotations
@@ -41,7 +38,7 @@ class CheckpointError(RuntimeError):
 
 
 def rng_files(world_size: int) -> list[str]:
-    """RNG state files Trainer._save_rng_state writes: one per process when distributed."""
+    """Trainer._save_rng_state's files: one per process when distributed."""
     return ["rng_state.pth"] if world_size <= 1 else [f"rng_state_{i}.pth" for i in range(world_size)]
 
 
@@ -51,7 +48,7 @@ def step_of(folder: Path) -> int | None:
 
 
 def checkpoint_dirs(checkpoints: Path) -> list[Path]:
-    """checkpoint-N folders, oldest step first."""
+    """Oldest step first."""
     found = [p for p in checkpoints.glob("checkpoint-*") if p.is_dir() and step_of(p) is not None]
     return sorted(found, key=lambda p: step_of(p) or 0)
 
@@ -84,7 +81,6 @@ def commit_checkpoint(
 
 
 def read_record(folder: Path) -> dict[str, Any] | None:
-    """The commit record, or None when there is none or it cannot be parsed."""
     try:
         record = json.loads((folder / COMMIT_FILE).read_text())
     except (OSError, ValueError):
@@ -120,7 +116,6 @@ def verify_checkpoint(folder: Path, world_size: int = 1) -> list[str]:
 
 
 def identity_mismatches(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """What differs between the checkpoint's identity and this run's: each would make a resume unsafe."""
     labels = {
         "base_model": "base model",
         "base_revision": "base model revision",
@@ -135,7 +130,7 @@ def identity_mismatches(recorded: dict[str, Any], current: dict[str, Any]) -> li
 
 
 def reject(folder: Path, why: str) -> Path:
-    """Move a checkpoint that may not be resumed from to <run>/rejected/, out of every resume's way."""
+    """Out of every resume's way, kept as evidence."""
     dest_dir = folder.parent.parent / "rejected"
     dest_dir.mkdir(parents=True, exist_ok=True)
     dest = dest_dir / folder.name
@@ -148,7 +143,7 @@ def reject(folder: Path, why: str) -> Path:
 
 
 def check_explicit(folder: Path, world_size: int = 1) -> None:
-    """An explicitly requested checkpoint must verify; otherwise fail naming the file."""
+    """--resume-from's checkpoint must verify."""
     if not folder.is_dir():
         committed = [c.name for c in checkpoint_dirs(folder.parent) if (c / COMMIT_FILE).is_file()]
         raise CheckpointError(

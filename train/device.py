@@ -32,7 +32,7 @@ def driver_version() -> str:
 
 
 def cuda_problem() -> str | None:
-    """None when CUDA is usable; else what torch says when it initializes CUDA (driver too old, no device, ...)."""
+    """What torch says when it initializes CUDA (driver too old, no device, ...); None when CUDA is usable."""
     if torch.version.cuda is None:
         return "this torch is a CPU-only build (install the CUDA wheels: pip install -c constraints.txt -e '.[cuda]')"
     try:
@@ -56,9 +56,7 @@ def placement(cfg: Config, for_card: bool = False) -> Placement:
         )
     attn = cfg.model.attn_implementation
     if attn == "auto":
-        # flex_attention applies the softcap inside a fused kernel, with O(T) memory and block-sparse causal,
-        # sliding-window and per-example masks; eager materializes B x H x T x T scores through a chain of softcap
-        # ops (docs/gpu-box.md compares them). On CPU flex has no backward.
+        # flex_attention: the softcap inside the kernel, no T x T scores (docs/gpu-box.md); on CPU it has no backward
         attn = "flex_attention" if cuda else "eager"
     elif attn == "flex_attention" and not cuda:
         raise RunError(

@@ -1,8 +1,6 @@
-"""Disk space: a preflight estimate of what a run and its export will write, and full-disk diagnosis.
-
-planned_writes lists each file and folder, checked per file system (outputs/ and models/ are often separate Docker
-volumes). It is an upper bound on what the run adds, plus 10%, not on the peak: files already present (a resumed
-run's checkpoints) are not subtracted. `paths.check_free_space: false` skips the check.
+"""Disk space: a preflight estimate of what a run and its export will write, checked per file system (outputs/ and
+models/ are often separate Docker volumes), and full-disk diagnosis. An upper bound on what the run adds, plus 10%,
+not on the peak: files already present (a resumed run's checkpoints) are not subtracted.
 """
 
 from __future__ import annotations
@@ -66,29 +64,17 @@ def gguf_bytes(counts: TensorCounts, quant: str, token_embedding_type: str | Non
     return int(bits / 8)
 
 
-def tokenizer_bytes(model_dir: Path) -> int:
-    return sum(
-        p.stat().st_size
-        for p in model_dir.iterdir()
-        if p.is_file() and (p.name.startswith("tokenizer") or p.name.endswith(".jinja"))
-    )
-
-
-def checkpoints_at_once(cfg: Config, total_steps: int, evaluating: bool) -> int:
-    saves = math.ceil(total_steps / cfg.training.save_steps) + 1  # + the final save
-    limit = cfg.training.save_total_limit
-    if limit is None:
-        return saves
-    # the new checkpoint is committed before retention removes the oldest; the best one is kept too
-    return min(saves, limit + 1 + (1 if evaluating else 0))
-
-
 def planned_writes(
     cfg: Config, paths: RunFolder, base_dir: Path, trainable_bytes: int, total_steps: int, evaluating: bool
 ) -> list[Write]:
-    run_root, tok = paths.root, tokenizer_bytes(base_dir)
+    run_root = paths.root
+    tokenizer_files = [p for p in base_dir.iterdir() if p.name.startswith("tokenizer") or p.name.endswith(".jinja")]
+    tok = sum(p.stat().st_size for p in tokenizer_files if p.is_file())
     per_checkpoint = 3 * trainable_bytes + tok + (64 << 10)  # adapter + AdamW's two moments, tokenizer, state files
-    n = checkpoints_at_once(cfg, total_steps, evaluating)
+    n = math.ceil(total_steps / cfg.training.save_steps) + 1  # + the final save
+    if cfg.training.save_total_limit is not None:
+        # the new checkpoint is committed before retention removes the oldest; the best one is kept too
+        n = min(n, cfg.training.save_total_limit + 1 + (1 if evaluating else 0))
     writes = [
         Write(f"checkpoints ({n} x {human_size(per_checkpoint)})", run_root / "checkpoints", n * per_checkpoint),
         Write("adapter", run_root / "adapter", trainable_bytes + tok),

@@ -1,16 +1,9 @@
-"""Several processes, one run (torchrun / accelerate launch): rank 0 alone writes, every rank decides alike.
-
-One process per GPU, each running the same `python -m train`. Rank 0 (the main process) holds the run folder's
-lock, prepares the folder, writes the manifest, commits checkpoints, saves and promotes the adapter and runs the
-export; the other ranks wait for it at the points below and leave with its exit status. A stop (SIGTERM/SIGINT to
-any rank) or a non-finite loss on any rank is all-reduced at the step boundary, so every rank stops at the same
-step and the collectives of the training loop never hang on a rank that left.
+"""Several processes, one run (torchrun / accelerate launch): rank 0 alone writes, every rank decides alike
+(docs/gpu-box.md, "Several GPUs on one machine" and "Several machines").
 
 Our coordination goes through its own gloo process group on the CPU, with a long timeout: rank 0 may export
 for many minutes while the others wait at a barrier, far longer than the training group's (NCCL) timeout.
 Every helper is a no-op in a single process (WORLD_SIZE unset or 1), so the single-GPU path is unchanged.
-
-Several machines (torchrun --nnodes N): every rank must see the same outputs/ and models/ (check_shared).
 """
 
 from __future__ import annotations
@@ -63,7 +56,6 @@ class World:
 
 
 def world() -> World:
-    """This process's place, from the launcher's environment (torchrun and accelerate launch set it)."""
     return World(
         rank=int(os.environ.get("RANK", "0")),
         local_rank=int(os.environ.get("LOCAL_RANK", "0")),
@@ -80,10 +72,8 @@ _main_at: tuple[str, int] | None = None  # rank 0's host and pid
 
 
 def init(cuda: bool) -> World:
-    """Join the launcher's process group (WORLD_SIZE > 1) and create the control group; a no-op in one process.
-
-    The Trainer (accelerate) finds the group initialized and uses it: NCCL on CUDA, gloo on the CPU. Under
-    several ranks, the replicas' log lines are quietened: rank 0 speaks for the run."""
+    """Join the launcher's process group and create the control group. The Trainer (accelerate) finds the group
+    initialized and uses it; the replicas' log lines are quietened: rank 0 speaks for the run."""
     global _control, _main_at
     w = world()
     if not w.distributed:
@@ -117,7 +107,6 @@ def _device(group: Any) -> torch.device:
 
 
 def barrier() -> None:
-    """Wait until every rank gets here."""
     group = _group()
     if group is not None:
         dist.barrier(group=group)
@@ -173,9 +162,8 @@ def exit_code_of(e: BaseException) -> int:
 
 
 def on_main(fn: Callable[[], T]) -> T:
-    """fn() on rank 0 alone, while the others wait; every rank returns rank 0's result.
-
-    When fn raises on rank 0, rank 0 re-raises it and the others raise FollowsMain with its exit status."""
+    """fn() on rank 0 alone, while the others wait; every rank returns rank 0's result. When fn raises on rank 0,
+    rank 0 re-raises it and the others raise FollowsMain with its exit status."""
     if _group() is None:
         return fn()
     result: Any = None
@@ -194,21 +182,15 @@ def on_main(fn: Callable[[], T]) -> T:
 
 
 def leave_after_main(e: BaseException) -> NoReturn:
-    """End a rank other than 0 that stops with rank 0 (exit status != 0): after rank 0's process has ended.
-
-    A launcher (torchrun) stops the remaining ranks with SIGTERM as soon as one rank exits with a failure. Rank 0
-    must not be that one's victim while it writes its last words, nor may this rank be killed with a status other
-    than rank 0's: so this rank ignores SIGTERM/SIGINT from here on, waits for rank 0 to end (same machine), says
-    why it stops and exits with os._exit, which no late signal handler can turn into another status. It has
-    nothing of its own to flush: rank 0 wrote everything the run keeps."""
-    code = exit_code_of(e)
+    """End a rank other than 0 that stops with rank 0, after rank 0's process has ended: torchrun SIGTERMs the
+    remaining ranks as soon as one exits with a failure, and rank 0 must not be killed while it writes its last
+    words. os._exit: no late signal handler can turn it into another status than rank 0's."""
+    code, message = exit_status(e) or (1, f"{type(e).__name__}: {e}")
     signals.ignore()
     if _main_at is not None and _main_at[0] == socket.gethostname():
         deadline = time.monotonic() + LEAVE_WAIT_S
         while time.monotonic() < deadline and _alive(_main_at[1]):
             time.sleep(0.05)
-    status = exit_status(e)
-    message = status[1] if status else f"{type(e).__name__}: {e}"
     if not isinstance(e, NotShared):  # rank 0 prints the hints; NotShared's fix is for this node's output too
         message = message.splitlines()[0]
     print(f"rank {world().rank}: {message}", file=sys.stderr, flush=True)
@@ -231,14 +213,8 @@ class NotShared(RunError):
 
 
 def check_shared(places: dict[str, Path]) -> None:
-    """Every rank must see rank 0's outputs/ and models/ (`places`: what -> this rank's path of it).
-
-    Every rank writes into the run folder (its RNG state in each checkpoint) and reads from it (the checkpoint it
-    resumes from, which rank 0 picks), and what rank 0 promotes to models/ is what the next command, on any node,
-    reads. On one machine that holds by itself; across machines only on storage every node mounts. So rank 0,
-    holding the run folder's lock, leaves a file named and filled with a fresh random token in each place; then
-    every rank looks for it at its own path; then rank 0 removes the files. Any rank that does not find one stops
-    every rank (NotShared, exit 2) before anything is loaded or trained. A new name each time: no stale file, and no
+    """Every rank must see rank 0's outputs/ and models/ (`places`: what -> this rank's path of it): rank 0 leaves a
+    token file in each place, every rank looks for it at its own path. A new name each time: no stale file, and no
     negative lookup a network file system cached earlier, can answer for it."""
     if _group() is None:
         return

@@ -1,16 +1,8 @@
-"""Will it fit? Peak GPU memory of one training step at the configured shapes, traced on the meta device.
-
-The model is built from config.json on the meta device (no weights, no GPU), wrapped in LoRA as the run does,
-and one forward + backward runs at per_device_train_batch_size x max_seq_length under a dispatch mode that
-tracks every tensor storage alive at each op: the peak is what the CUDA caching allocator would have to hold,
-tensors only. Added analytically: AdamW's two fp32 moments per trainable parameter (alive from the second step
-on) and the CUDA context (CUDA_CONTEXT). Not modelled: allocator fragmentation (reserved above allocated:
-docs/gpu-box.md measures both), NCCL buffers, torch.compile workspaces.
-
-Attention kernels that never build T x T scores (flex_attention, flash_attention_2) are traced as an op that
-saves q, k, v, the output and the log-sum-exp, which is what their backward keeps. QLoRA's 4-bit weights are
-counted at nf4 + double-quantized scales (~0.52 bytes per weight), the matmuls traced in the compute dtype.
-With activation_checkpointing=offload the layer inputs are counted as if kept on the GPU (an upper bound).
+"""Will it fit? Peak GPU memory of one training step at the configured shapes, traced on the meta device
+(docs/gpu-box.md): the LoRA model built from config.json, one forward + backward under a dispatch mode that tracks
+every tensor storage alive. AdamW's moments and the CUDA context are added analytically. Not modelled: allocator
+fragmentation, NCCL buffers, torch.compile workspaces; with activation_checkpointing=offload the layer inputs
+are counted as if kept on the GPU (an upper bound).
 """
 
 from __future__ import annotations
@@ -39,11 +31,8 @@ NF4_BYTES_PER_WEIGHT = 0.5 + 4 / 64 / 4 + 4 / (64 * 256)  # 4 bits + fp8 absmax 
 
 
 class PeakMemory(TorchDispatchMode):
-    """Bytes of tensor storage alive, and the most at any point, for storages created inside the mode.
-
-    Storages of `known` tensors (the parameters, counted apart) are never counted, nor are views of them (an
-    op such as `t()` returns a weight's storage again).
-    """
+    """Bytes of tensor storage alive, and the most at any point, for storages created inside the mode; never those
+    of `known` tensors (the parameters, counted apart) nor views of them (`t()` returns a weight's storage again)."""
 
     def __init__(self, known: list[torch.Tensor]) -> None:
         super().__init__()
@@ -70,7 +59,7 @@ class PeakMemory(TorchDispatchMode):
 
 
 class _FusedAttention(torch.autograd.Function):
-    """Shapes and saved tensors of a flash/flex attention kernel: out and lse in forward, dq, dk, dv in backward."""
+    """Flash/flex attention, which never builds T x T scores: what its backward keeps (q, k, v, out, lse)."""
 
     @staticmethod
     def forward(ctx, q, k, v):
@@ -138,19 +127,6 @@ class MemoryEstimate:
         return self.peak + CUDA_CONTEXT
 
 
-def _meta_model(model_config: PretrainedConfig, cfg: Config, where: Placement):
-    attn = "eager" if where.attn_implementation == "eager" else "memory_estimate_fused"
-    with torch.device("meta"):
-        dtype = torch.bfloat16 if cfg.model.dtype == "auto" and where.cuda else compute_dtype(cfg)
-        model = AutoModelForCausalLM.from_config(model_config, dtype=dtype, attn_implementation=attn)
-    if cfg.training.activation_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    model = with_lora(model, cfg)
-    model.train()
-    return model
-
-
 def _weight_bytes(model: torch.nn.Module, quantized: bool) -> tuple[int, int]:
     """(all parameter bytes, trainable parameter count); QLoRA's frozen linear weights at nf4 size."""
     total = trainable = 0
@@ -184,7 +160,15 @@ def estimate_step_memory(
     batch = batch or cfg.training.per_device_train_batch_size
     seq = seq or cfg.data.max_seq_length
     fused = fused_lm_head_enabled(cfg, where.cuda)
-    model = _meta_model(model_config, cfg, where)
+    attn = "eager" if where.attn_implementation == "eager" else "memory_estimate_fused"
+    with torch.device("meta"):  # the LoRA model as the run builds it, without weights
+        dtype = torch.bfloat16 if cfg.model.dtype == "auto" and where.cuda else compute_dtype(cfg)
+        model = AutoModelForCausalLM.from_config(model_config, dtype=dtype, attn_implementation=attn)
+    if cfg.training.activation_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model = with_lora(model, cfg)
+    model.train()
     weights, trainable = _weight_bytes(model, cfg.model.load_in_4bit)
     optimizer = 2 * 4 * trainable  # AdamW exp_avg + exp_avg_sq, fp32 like the LoRA weights
     ids = torch.randint(4, model_config.vocab_size, (batch, seq), device="meta")
@@ -207,10 +191,8 @@ def describe(est: MemoryEstimate, card: int | None, card_name: str) -> list[str]
         return [*lines, "    no GPU detected and no --gpu-memory given: pass --gpu-memory 24GiB to check a card"]
     fits = est.total <= card * 0.95
     lines.append(f"    {card_name} ({card / GiB:.1f} GiB): {'fits' if fits else 'does NOT fit'}")
-    return lines if fits else lines + [f"    turn first: {knob}" for knob in _knobs(est)]
-
-
-def _knobs(est: MemoryEstimate) -> list[str]:
+    if fits:
+        return lines
     knobs = []
     if not est.fused_lm_head:
         knobs.append("training.fused_lm_head=true (the 256k-vocab logits are most of the step)")
@@ -222,20 +204,16 @@ def _knobs(est: MemoryEstimate) -> list[str]:
         "model.load_in_4bit=true (QLoRA: the frozen weights in nf4)",
         "data.max_seq_length (cut the longest examples)",
     ]
-    return knobs
-
-
-def detected_card() -> tuple[int, str] | None:
-    if not torch.cuda.is_available():
-        return None
-    props = torch.cuda.get_device_properties(0)
-    return props.total_memory, props.name
+    return lines + [f"    turn first: {knob}" for knob in knobs]
 
 
 def memory_plan(model_dir: Path, cfg: Config, where: Placement, gpu_memory: int | None) -> list[str]:
     """The dry run's memory section, for --gpu-memory or the detected card."""
     model_config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=cfg.model.trust_remote_code)
-    card = (gpu_memory, "--gpu-memory") if gpu_memory else detected_card()
+    card = (gpu_memory, "--gpu-memory") if gpu_memory else None
+    if card is None and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        card = (props.total_memory, props.name)
     if not where.cuda and card is None:
         return ["--- GPU memory: training on the CPU (model.device); pass --gpu-memory 24GiB to plan for a card"]
     est = estimate_step_memory(model_config, cfg, where)

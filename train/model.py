@@ -101,11 +101,9 @@ def build_model(base: ResolvedModel, cfg: Config, where: Placement) -> PeftModel
 
 
 def compile_layers(model: PeftModel, mode: str = "default") -> int:
-    """torch.compile each decoder layer in place (training.torch_compile: layers), the way torchtitan compiles
-    its blocks: the LoRA modules are compiled with the layer they sit in, activation checkpointing wraps the
-    compiled call (transformers' checkpointing layer calls nn.Module.__call__, which runs the compiled forward),
-    and since parameters are graph inputs every layer reuses one graph. The embedding, the mask construction and
-    the loss stay eager. mode: inductor's (training.torch_compile_mode). Returns the number of layers compiled."""
+    """torch.compile each decoder layer in place, the way torchtitan compiles its blocks: activation checkpointing
+    wraps the compiled call (it calls nn.Module.__call__), and since parameters are graph inputs every layer reuses
+    one graph; the embedding, the masks and the loss stay eager. Returns the number of layers compiled."""
     blocks = set(getattr(model.get_base_model(), "_no_split_modules", None) or ())
     layers = [m for m in model.modules() if type(m).__name__ in blocks]
     if not layers:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +11,7 @@ from core.config import RESUME, Config, changed_keys, load_config, to_yaml
 from core.errors import RunError
 from core.files import atomic_write_text
 from core.runfolder import RunFolder
+from train import distributed
 from train.callbacks import trim_metrics
 from train.checkpoint import (
     CheckpointError,
@@ -35,13 +35,6 @@ def _fix(folder: RunFolder, cfg: Config) -> str:
     )
 
 
-def _empty(folder: RunFolder) -> None:
-    """Everything but the lock this process holds."""
-    for p in folder.root.iterdir() if folder.root.exists() else []:
-        if p != folder.lock_file:
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
-
-
 def _explicit_checkpoint(folder: RunFolder, resume_from: Path, world_size: int) -> Path:
     resume_from = resume_from.resolve()
     if resume_from.parent != folder.checkpoints.resolve():
@@ -55,21 +48,15 @@ def _explicit_checkpoint(folder: RunFolder, resume_from: Path, world_size: int) 
     return resume_from
 
 
-def written_by(checkpoint: Path) -> int | None:
-    """How many processes trained a committed checkpoint: one RNG state file each (train.checkpoint.rng_files)."""
-    files = (read_record(checkpoint) or {}).get("files", {})
-    if "rng_state.pth" in files:
-        return 1
-    ranks = [n for n in files if n.startswith("rng_state_") and n.endswith(".pth")]
-    return len(ranks) or None
-
-
 def _check_world_size(folder: RunFolder, cfg: Config, checkpoint: Path | None, world_size: int) -> None:
     """A checkpoint resumes only under as many processes as wrote it: the global batch (processes x per-device
     batch x accumulation) and each rank's data shard and RNG state depend on it. Without this check the
     checkpoints would fail to verify (RNG files missing) and be moved aside, and training would start over."""
-    wrote = written_by(checkpoint) if checkpoint is not None else None
-    if wrote is None or wrote == world_size:
+    # How many processes wrote it: one RNG state file each (train.checkpoint.rng_files).
+    files = (read_record(checkpoint) or {}).get("files", {}) if checkpoint is not None else {}
+    ranks = [n for n in files if n.startswith("rng_state_") and n.endswith(".pth")]
+    wrote = 1 if "rng_state.pth" in files else len(ranks)
+    if not wrote or wrote == world_size:
         return
     launch = "python -m train" if wrote == 1 else f"torchrun --nproc-per-node {wrote} -m train"
     raise RunError(
@@ -108,7 +95,7 @@ def plan_resume(
                 f"{folder.root} holds an unfinished run started with a different config; resuming it "
                 f"with these changes is unsafe:\n    " + "\n    ".join(changed) + "\n" + _fix(folder, cfg)
             )
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = distributed.world().size
     plan = ResumePlan(None)
     if resume_from is not None:
         _check_world_size(folder, cfg, resume_from.resolve(), world_size)
@@ -142,7 +129,9 @@ def prepare_run_folder(
         # The manifest goes first: from here until training ends, nothing in this folder vouches for an adapter,
         # so `python -m convert export` refuses the one an earlier run published (convert.export.vouched_adapter).
         folder.manifest.unlink(missing_ok=True)
-        _empty(folder)
+        for p in folder.root.iterdir() if folder.root.exists() else []:
+            if p != folder.lock_file:  # the lock this process holds
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
     plan = plan_resume(folder, cfg, False, identity, resume_from)
     for checkpoint, why in plan.set_aside:  # never resumed from by accident later; kept, not deleted
         reject(checkpoint, why)

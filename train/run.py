@@ -1,12 +1,6 @@
-"""One run, top to bottom: resolve -> tokenizer -> data -> resume -> model -> preflight -> fit -> export -> finish.
-
-Everything a run writes lands in outputs/<run_name>/; finished artifacts are promoted to models/.
-A run whose manifest says "complete" is not trained again: the command reports it (docs/architecture.md,
-"Reruns"); `--fresh` discards the run folder and starts over.
-
-Under torchrun or accelerate launch (one process per GPU) every rank runs this, and rank 0 alone writes: it
-holds the lock, prepares the folder, writes the manifest, saves, promotes and exports, in the `on_main` blocks
-below, while the other ranks wait and then leave with its status (train/distributed.py).
+"""One run, top to bottom: resolve -> tokenizer -> data -> resume -> model -> preflight -> fit -> export -> finish
+(reruns: docs/architecture.md, "Reruns"). Under a launcher every rank runs this and rank 0 alone writes, in the
+`on_main` blocks below (train/distributed.py).
 """
 
 from __future__ import annotations
@@ -24,15 +18,17 @@ from convert.export import export_run, publish_run
 from convert.summary import print_summary
 from core.config import Config
 from core.errors import NonFiniteLoss, Preempted, RunError
-from core.files import atomic_replace_dir
+from core.files import atomic_replace_dir, record_files
 from core.hub import ResolvedModel, resolve_model
 from core.locks import promotion_lock, publisher_lock
+from core.provenance import git_commit, package_versions
 from core.runfolder import Layout, Manifest, RunFolder
 from train import distributed
-from train.data import PreparedData, load_data, show_example
+from train.callbacks import plot_losses, read_metrics
+from train.checkpoint import checkpoint_dirs
+from train.data import PreparedData, load_data, record_data, show_example
 from train.device import Placement, placement
 from train.diskspace import preflight
-from train.manifest import record_training, start_manifest
 from train.memory import memory_plan
 from train.model import build_model, load_tokenizer
 from train.report import check_complete_run_config, describe_plan, finished_summary, trained_line
@@ -53,11 +49,8 @@ def run(
     publish: bool = True,
 ) -> Manifest | None:
     """Train (or resume), export, verify and (publish) make the result live; return the manifest (None for a dry
-    run, which writes nothing). The nightly job publishes its candidate itself, after its gates.
-
-    The run folder's lock is held throughout (by rank 0 under a launcher): a second process on the same run gets
-    LockHeld (exit 75).
-    """
+    run). The nightly job publishes its candidate itself, after its gates. The run folder's lock is held throughout
+    (by rank 0 under a launcher)."""
     folder = RunFolder.of(cfg)
     if dry_run:
         if distributed.is_main():  # under a launcher one plan is enough
@@ -92,9 +85,8 @@ def publishing(cfg: Config, publish: bool) -> AbstractContextManager:
 def dry_run_plan(
     cfg: Config, folder: RunFolder, fresh: bool = False, resume_from: Path | None = None, gpu_memory: int | None = None
 ) -> None:
-    """Every check the real command makes (config, model, data, trainer settings), in whatever state the run folder
-    is; then what the command would do: train, resume from a checkpoint, publish, report a complete run, or refuse
-    (RunError, exit 2, as the real command would). Writes nothing and takes no lock."""
+    """Every check the real command makes, in whatever state the run folder is; then what the command would do, or
+    its refusal. Writes nothing and takes no lock."""
     inputs = _inputs(cfg, folder)
     validate_training_setup(cfg, folder, inputs.base, bool(inputs.data.evals))
     example = show_example(inputs.tokenizer, inputs.data.train_stats.sample or inputs.data.train[0])
@@ -147,9 +139,8 @@ class _Local:
 def _start(
     cfg: Config, folder: RunFolder, fresh: bool, resume_from: Path | None, local: _Local, publish: bool
 ) -> Manifest | tuple[Path | None, Manifest, dict]:
-    """Rank 0: the finished run's summary if it is complete (published first if it stopped after its export);
-    else resolve, validate and prepare the run folder, returning (checkpoint to resume or None, the manifest, the
-    inputs' identity)."""
+    """Rank 0: the finished run's summary if it is complete (published first if it stopped after its export); else
+    (checkpoint to resume or None, the manifest, the inputs' identity) once the run folder is prepared."""
     previous = None if fresh or resume_from is not None else folder.read_manifest_or_none()
     if previous is not None and previous.status == "exported" and publish:
         check_complete_run_config(folder, cfg)
@@ -237,3 +228,39 @@ def _finish(
     folder.write_manifest(manifest)
     print_summary(folder, cfg, manifest)
     return manifest
+
+
+def start_manifest(cfg: Config, folder: RunFolder, base: ResolvedModel, data: PreparedData) -> Manifest:
+    manifest = Manifest(
+        status="training",
+        run_name=cfg.run_name,
+        base_model={"repo_id": base.repo_id, "revision": base.revision, "path": str(base.path)},
+        data=record_data(folder.root, cfg.data, data.train_stats, data.eval_stats),  # + skipped_records.jsonl
+        packages=package_versions(),
+        git_commit=git_commit(),
+    )
+    folder.write_manifest(manifest)
+    return manifest
+
+
+def record_training(
+    manifest: Manifest, folder: RunFolder, steps: int, loss: float | None, resume: Path | None, seconds: float
+) -> None:
+    plot = plot_losses(folder.metrics, folder.root / "loss.png")
+    losses = [float(r["loss"]) for r in read_metrics(folder.metrics) if "loss" in r]
+    manifest.training = {
+        "global_step": steps,
+        "train_loss": loss,
+        "first_logged_loss": losses[0] if losses else None,
+        "last_logged_loss": losses[-1] if losses else None,
+        "seconds": round(seconds, 1),
+        "resumed_from": resume.name if resume else None,
+        "checkpoints": [p.name for p in checkpoint_dirs(folder.checkpoints)],
+    }
+    manifest.artifacts = {
+        # hashed in the run folder, where the export takes it from (convert.export.vouched_adapter checks it)
+        "adapter": {"path": str(folder.adapter_out), "files": record_files(folder.adapter)},
+        "metrics": str(folder.metrics),
+        "loss_plot": str(plot) if plot else None,
+    }
+    folder.write_manifest(manifest)

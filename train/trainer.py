@@ -54,7 +54,7 @@ def _dataset(examples: list[Example]) -> Dataset:
 
 def training_arguments(cfg: Config, folder: RunFolder, evaluating: bool) -> TrainingArguments:
     """The TrainingArguments of a run; building them validates optim, lr_scheduler_type and report_to (the dry
-    run builds them too, so a name transformers does not know fails before anything is written)."""
+    run builds them too)."""
     t = cfg.training
     bf16 = compute_dtype(cfg) == torch.bfloat16
     _check_launcher(cfg, bf16)
@@ -84,14 +84,8 @@ def training_arguments(cfg: Config, folder: RunFolder, evaluating: bool) -> Trai
 
 def _check_launcher(cfg: Config, bf16: bool) -> None:
     """What `accelerate launch` passes through the environment and the run cannot honour, refused before anything
-    loads (the dry run checks it too).
-
-    - mixed_precision (ACCELERATE_MIXED_PRECISION): TrainingArguments would take it over the run's config when
-      bf16 is off, so a float32 run would silently train under bf16 autocast. The run's config decides.
-    - FSDP (ACCELERATE_USE_FSDP): its checkpoints hold sharded model and optimizer state (pytorch_model_fsdp_0/,
-      optimizer_0/) instead of adapter_model.safetensors and optimizer.pt, which the commit protocol
-      (train/checkpoint.py) requires before a checkpoint counts; the first save would fail after the model loaded.
-    """
+    loads (docs/gpu-box.md): TrainingArguments would take its mixed_precision over the run's config when bf16 is
+    off (a float32 run silently autocast), and FSDP's sharded checkpoints would fail their first commit."""
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
         raise RunError(
             "FSDP (accelerate launch with configs/accelerate/fsdp2.yaml) cannot commit checkpoints yet: they are "
@@ -110,9 +104,8 @@ def _check_launcher(cfg: Config, bf16: bool) -> None:
 
 
 def static_width(model: PeftModel, cfg: Config) -> int | None:
-    """Flex attention is a compiled kernel that recompiles for every new batch shape (what that costs:
-    docs/gpu-box.md); every batch then gets max_seq_length columns, and compiles once. data.packing fills those
-    columns with examples instead of padding."""
+    """Flex attention recompiles for every new batch shape (docs/gpu-box.md): every batch gets max_seq_length
+    columns instead, and compiles once."""
     return cfg.data.max_seq_length if model.config._attn_implementation == "flex_attention" else None
 
 
@@ -138,11 +131,9 @@ def build_trainer(
 
 
 def fit(trainer: Trainer, resume: Path | None, folder: RunFolder, manifest: Manifest) -> TrainOutput:
-    """Train (or resume) to the end. An early stop leaves the folder resumable and is re-raised with its exit code.
-
-    Under several ranks rank 0 records the stop. A signal or a non-finite loss stops every rank at the same step
-    (train/callbacks.py): the others wait until rank 0 has recorded it. Any other error is one rank's own: it
-    leaves at once and the launcher stops the rest."""
+    """Train (or resume) to the end. An early stop leaves the folder resumable (rank 0 records it) and is re-raised
+    with its exit code. A stop every rank raises at the same step waits for rank 0's record; any other error is one
+    rank's own: it leaves at once and the launcher stops the rest."""
     try:
         if resume is not None and holds_last_step(resume):  # killed after training: load, don't step past it
             log.info(f"{resume.name} holds the run's last step: nothing left to train")
@@ -218,9 +209,8 @@ def _compile_failed(e: BaseException, last: str | None) -> RunError:
 
 
 def save_adapter(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, base_dir: Path, folder: RunFolder) -> None:
-    """The final adapter (and tokenizer) to <run>/adapter, swapped in whole: the copy the manifest vouches for
-    (convert.export.publish_run promotes it to models/). Every rank calls it (under FSDP the adapter's shards are
-    gathered for the save); rank 0 alone writes."""
+    """The final adapter (and tokenizer) to <run>/adapter, swapped in whole: the copy the manifest vouches for.
+    Every rank calls it (under FSDP the adapter's shards are gathered for the save); rank 0 alone writes."""
     staged = folder.root / ".adapter.partial"
     main = distributed.is_main()
     if main:

@@ -1,8 +1,5 @@
-"""Checks that need transformers but no training: run by --dry-run and before a real run writes anything.
-
-A setting that only fails once training starts (an optimizer or scheduler name transformers does not know, a
-`report_to` integration that is not installed, LoRA target modules that match nothing in the model) would
-otherwise crash after the run folder was created; here it is a RunError (exit 2) naming the key.
+"""Checks that need transformers but no training, run by --dry-run and before a real run writes anything: a
+setting that only fails once training starts would otherwise crash after the run folder was created.
 """
 
 from __future__ import annotations
@@ -49,19 +46,14 @@ def _trainer_settings(cfg: Config, folder: RunFolder, evaluating: bool) -> list[
     return problems
 
 
-def module_names(base: ResolvedModel, cfg: Config) -> set[str]:
-    """Names of the model's modules, from config.json alone: built on the meta device, no weights read."""
-    config = AutoConfig.from_pretrained(str(base.path), trust_remote_code=cfg.model.trust_remote_code)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
-    return {name for name, _ in model.named_modules()}
-
-
 def _lora_targets(base: ResolvedModel, cfg: Config) -> list[str]:
     targets = cfg.lora.target_modules
     if targets == ["all-linear"]:  # PEFT's shorthand: every linear layer but the output head
         return []
-    names = module_names(base, cfg)
+    config = AutoConfig.from_pretrained(str(base.path), trust_remote_code=cfg.model.trust_remote_code)
+    with torch.device("meta"):  # from config.json alone: no weights read
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+    names = {name for name, _ in model.named_modules()}
     # PEFT matches a target against the end of a dotted module name (tuners_utils.check_target_module_exists)
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if not missing:

@@ -31,7 +31,6 @@ def _roles(train: DataStats, evals: DataStats | None) -> list[DataStats]:
 
 
 def source_lines(st: DataStats) -> list[str]:
-    """One line per source: records read, invalid and held out, examples contributed, hub revision."""
     lines = []
     for s in st.sources:
         notes = [
@@ -49,7 +48,6 @@ def source_lines(st: DataStats) -> list[str]:
 
 
 def role_lines(st: DataStats, data: DataSection) -> list[str]:
-    """The totals of one role (train or eval): tokens, supervision, truncation, lengths, repeats, packing."""
     lines = [
         f"    {st.role}: {st.examples} examples from {st.records} records, {st.tokens:,} tokens, "
         f"{st.supervised_tokens:,} supervised ({st.supervised_tokens / max(st.tokens, 1):.1%}), "
@@ -76,7 +74,6 @@ def role_lines(st: DataStats, data: DataSection) -> list[str]:
 
 
 def skipped_lines(skipped: list[dict[str, str]], data: DataSection, root: Path) -> list[str]:
-    """The invalid records a run would skip: the first ten, and how many more."""
     if not skipped:
         return []
     lines = [
@@ -90,7 +87,7 @@ def skipped_lines(skipped: list[dict[str, str]], data: DataSection, root: Path) 
 
 
 def describe_data(data: DataSection, train: DataStats, evals: DataStats | None, root: Path) -> list[str]:
-    """The data part of the --dry-run plan: per-source counts, lengths, supervision, skips, fingerprint."""
+    """The data part of the --dry-run plan."""
     roles = _roles(train, evals)
     lines = [line for st in roles for line in source_lines(st)]
     lines += [line for st in roles for line in role_lines(st, data)]

@@ -30,9 +30,6 @@ log = logging.getLogger(__name__)
 PARALLEL_FROM = 20_000  # records; below this one process renders faster than starting workers
 
 
-# ----------------------------------------------------------------------------- rendering through datasets
-
-
 RENDERED_COLUMNS = ("input_ids", "labels", "length", "truncated", "field", "reason")
 
 
@@ -53,7 +50,7 @@ def _render_batch(batch: dict[str, list], renderer: Renderer) -> dict[str, list]
 def render_records(
     renderer: Renderer, records: list[str], formats: list[str], num_proc: int | None
 ) -> list[Rendered | RecordProblem]:
-    """Render JSON-encoded records with `datasets.map` (batched; in parallel for large inputs)."""
+    """Through `datasets.map` (batched; in parallel for large inputs)."""
     if not records:
         return []
     if num_proc is None:
@@ -90,9 +87,6 @@ def render_records(
     ]
 
 
-# ----------------------------------------------------------------------------- the whole data stage
-
-
 class PreparedData(NamedTuple):
     """What the data stage hands on: rows for training (examples, or packed rows) and their statistics; for the
     export, the held-out records verification scores and the first training records' ids (its filler and the
@@ -107,16 +101,14 @@ class PreparedData(NamedTuple):
 
 
 class SourceRead(NamedTuple):
-    """One configured source and the rows read from it."""
-
     role: str  # train | eval
     source: DataSource
     read: SourceRows
 
 
 def read_sources(data: DataSection, problems: list[str]) -> list[SourceRead]:
-    """Every train source, then every eval source, each cut to its max_samples; file-level problems (a missing
-    file, an unreadable array) go to `problems`."""
+    """Every train source, then every eval source, each cut to its max_samples; file-level problems go to
+    `problems`."""
     sources = []
     for role, entries in (("train", data.train_files), ("eval", data.eval_files)):
         for src in entries:
@@ -130,8 +122,7 @@ def read_sources(data: DataSection, problems: list[str]) -> list[SourceRead]:
 def check_records(
     renderer: Renderer, sources: list[SourceRead], num_proc: int | None, stats: dict[str, DataStats]
 ) -> list[ValidRecord]:
-    """Every row read, with its rendering: the valid records; each invalid one (unreadable, or rejected by the
-    renderer) is counted and listed in its source's and role's `stats`."""
+    """The valid records; each invalid one is counted and listed in its source's and role's `stats`."""
     readable = [(src.format, row.record) for _, src, read in sources for row in read.rows if row.record is not None]
     records = [json.dumps(record, ensure_ascii=False, default=str) for _, record in readable]
     rendered = iter(render_records(renderer, records, [fmt for fmt, _ in readable], num_proc))
@@ -155,8 +146,7 @@ def check_records(
 
 
 def stop_on_problems(problems: list[str], stats: dict[str, DataStats], max_invalid_fraction: float) -> None:
-    """Raise DataError, listing every problem, on any file-level problem or on more invalid records than
-    data.max_invalid_fraction allows (the ones allowed are skipped, and listed in the run folder)."""
+    """DataError on any file-level problem or on more invalid records than data.max_invalid_fraction allows."""
     invalid = [f"{s['where']}: {s['field']}: {s['reason']}" for st in stats.values() for s in st.skipped]
     total = sum(s.records for st in stats.values() for s in st.sources)  # read, valid or not
     if not problems and len(invalid) <= max_invalid_fraction * total:
@@ -176,17 +166,8 @@ def stop_on_problems(problems: list[str], stats: dict[str, DataStats], max_inval
     raise DataError(problems + invalid, hint)
 
 
-def rows_of(examples: list[Example], st: DataStats, data: DataSection) -> list[Example]:
-    """The rows the Trainer gets for one role (the examples, or packed rows with data.packing); fills `st`."""
-    finish_stats(st, examples)
-    rows = pack(examples, data.max_seq_length) if data.packing else examples
-    st.rows = len(rows)
-    return rows
-
-
 def load_datasets(tokenizer, data: DataSection) -> PreparedData:
-    """Read, validate, render, split and pack every source of `data`; DataError lists every problem (file and
-    record level) when the data is unusable."""
+    """DataError lists every problem (file and record level) when the data is unusable."""
     opts = RenderOptions(
         max_seq_length=data.max_seq_length,
         system_message=data.system_message,
@@ -205,7 +186,11 @@ def load_datasets(tokenizer, data: DataSection) -> PreparedData:
             [f"no training examples left (sources: {', '.join(s.label for s in stats['train'].sources)})"],
             "every record was invalid, held out for eval, or weighted away",
         )
-    rows = {role: rows_of(examples[role], stats[role], data) for role in ("train", "eval")}
+    rows = {}  # what the Trainer gets per role: the examples, or packed rows
+    for role in ("train", "eval"):
+        finish_stats(stats[role], examples[role])
+        rows[role] = pack(examples[role], data.max_seq_length) if data.packing else examples[role]
+        stats[role].rows = len(rows[role])
     has_eval = bool(data.eval_files or data.eval_fraction)
     if has_eval and not examples["eval"]:
         raise DataError(

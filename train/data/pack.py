@@ -1,12 +1,6 @@
-"""Packing examples into rows, and turning rows into model batches, without cross-example attention (docs/data.md).
-
-Every example starts with its one <bos> (core.records.render puts exactly one first and rejects text that would
-tokenize to another), so a row's example boundaries are its <bos> positions: the collator needs only the token ids.
-Isolation comes from transformers 5.x itself: given `position_ids` that restart at 0 for each example and no 2-D
-attention mask, masking_utils' `find_packed_sequence_indices` builds the causal and sliding-window masks per
-sequence, eager attention included, but only without a KV cache (`_preprocess_mask_arguments`); Gemma 2's config
-turns the cache on, so packed batches pass `use_cache=False`, as TRL's SFTTrainer does in compute_loss.
-tests/unit/test_data_packing.py: a packed batch's loss equals the unpacked one's.
+"""Packing examples into rows, and turning rows into model batches, without cross-example attention (docs/data.md,
+"Packing"). Every example starts with its one <bos> (core.records.render guarantees it), so a row's example
+boundaries are its <bos> positions: the collator needs only the token ids.
 """
 
 from __future__ import annotations
@@ -20,11 +14,8 @@ from train.data.stats import Example
 
 
 def pack_bins(lengths: list[int], capacity: int) -> list[list[int]]:
-    """Best-fit decreasing: indices of `lengths` grouped into bins of at most `capacity` tokens.
-
-    Longest first, each into the fullest bin that still has room (ties: the earliest bin), so the result is
-    deterministic. Examples are never split.
-    """
+    """Best-fit decreasing: longest first, each into the fullest bin that still has room (ties: the earliest), so
+    the result is deterministic; examples are never split."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     bins: list[list[int]] = []
     free: list[int] = []  # distinct remaining capacities, sorted
@@ -66,15 +57,9 @@ def pack(examples: list[Example], capacity: int) -> list[Example]:
 
 
 def collate(batch: list[dict], pad_id: int, width: int | None = None) -> dict:
-    """Rows -> a model batch, padded on the right (Gemma: right padding for training; pad id 0 is not eos).
-
-    width: pad every batch to this many columns (the longest row's length when None): compiled kernels (flex
-    attention) recompile for every new shape (train.trainer.static_width).
-
-    Rows of one example each: input_ids, labels, attention_mask (the usual padded batch). If any row holds
-    several examples: input_ids, labels, position_ids restarting at every <bos> (the padding tail counts as one
-    more sequence, seen by nothing real), no attention_mask, and use_cache=False (see the module docstring).
-    """
+    """Rows -> a model batch, padded on the right to `width` (train.trainer.static_width) or the longest row. If any
+    row holds several examples: position_ids restarting at every <bos>, no attention_mask, and use_cache=False
+    (transformers builds per-example masks only without a KV cache: docs/data.md, "Packing")."""
     bos = batch[0]["input_ids"][0]
     if any(not b["input_ids"] or b["input_ids"][0] != bos for b in batch):
         raise ValueError("collate: every row must start with the same <bos> token")

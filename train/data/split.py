@@ -27,8 +27,7 @@ class ValidRecord(NamedTuple):
 
 
 def content_digest(record: dict[str, Any]) -> bytes:
-    """sha256 of what a record teaches (its messages/prompt/completion/text, canonical JSON): metadata such as
-    ids or tags does not move a record between train and eval."""
+    """Of what a record teaches: metadata such as ids or tags does not move a record between train and eval."""
     content = {k: record[k] for k in ("messages", "prompt", "completion", "text") if k in record} or record
     text = json.dumps(content, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
@@ -42,9 +41,8 @@ def unit_interval(digest: bytes) -> float:
 def split_and_weight(
     valid: list[ValidRecord], data: DataSection, stats: dict[str, DataStats]
 ) -> dict[str, list[Example]]:
-    """Examples per role ("train", "eval"); a training record appears int(weight) times, plus once for a share of
-    them (by content hash) as large as the weight's fraction. Counts records, held-out records, duplicates and the
-    eval records also in training into `stats`."""
+    """Examples per role; a training record appears int(weight) times, plus once for a share of them (by content
+    hash) as large as the weight's fraction. Counts into `stats`."""
     examples: dict[str, list[Example]] = {"train": [], "eval": []}
     seen: dict[str, set[bytes]] = {"train": set(), "eval": set()}
     for role, src, s, record, r, where in valid:

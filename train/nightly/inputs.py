@@ -1,7 +1,5 @@
-"""A night's inputs, as one sha256 over four parts: the data, the config, the base model, the code; the same inputs
-as the live model's: nothing to train tonight. Computed in seconds, before anything heavy is imported, so that an
-unchanged night exits at once. docs/nightly.md ('What "unchanged" means') says what each part holds, and why the
-data part hashes files rather than the rendered tokens.
+"""A night's inputs, as one sha256 over four parts (docs/nightly.md, 'What "unchanged" means'), computed in seconds
+before anything heavy is imported, so that an unchanged night exits at once.
 """
 
 from __future__ import annotations
@@ -15,7 +13,7 @@ from typing import Any
 from convert.llamacpp import version_info
 from core.config import FINGERPRINTED, Config, keys_affecting
 from core.files import sha256_file
-from core.hub import default_hf_home, resolve_model
+from core.hub import default_hf_home, hub_cache_dir, repo_folder_name, resolve_model
 from core.provenance import git_commit, package_versions
 
 
@@ -46,7 +44,7 @@ def source_hash(path: str, revision: str = "main") -> str | dict[str, str]:
         return sha256_file(p)
     if p.is_dir():
         return {str(f.relative_to(p)): sha256_file(f) for f in sorted(p.rglob("*")) if f.is_file()}
-    ref = default_hf_home() / "hub" / ("datasets--" + path.replace("/", "--")) / "refs" / revision
+    ref = hub_cache_dir(default_hf_home()) / repo_folder_name(path, "dataset") / "refs" / revision
     return f"{path}@{ref.read_text().strip() if ref.is_file() else revision}"
 
 
@@ -54,18 +52,15 @@ def config_part(cfg: Config) -> dict[str, Any]:
     return keys_affecting(cfg, FINGERPRINTED)
 
 
-def base_part(cfg: Config) -> dict[str, Any]:
-    base = resolve_model(cfg.model.name_or_path, cfg.model.revision)
-    if base.repo_id is None:  # a local folder has no commit: its bytes are its identity
-        return {"path": str(base.path), "files": source_hash(str(base.path))}
-    return {"repo_id": base.repo_id, "revision": base.revision}
-
-
 def night_inputs(cfg: Config) -> NightInputs:
+    base = resolve_model(cfg.model.name_or_path, cfg.model.revision)
     parts = {
         "data": {s.path: source_hash(s.path, s.revision) for s in [*cfg.data.train_files, *cfg.data.eval_files]},
         "config": config_part(cfg),
-        "base": base_part(cfg),
+        # a local folder has no commit: its bytes are its identity
+        "base": {"repo_id": base.repo_id, "revision": base.revision}
+        if base.repo_id is not None
+        else {"path": str(base.path), "files": source_hash(str(base.path))},
         "code": {"packages": package_versions(), "llama_cpp": version_info(), "git_commit": git_commit()},
     }
     part_digests = {k: _digest(v) for k, v in parts.items()}

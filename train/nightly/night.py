@@ -1,8 +1,6 @@
 """One night, top to bottom (run_night; docs/nightly.md draws it), and the other verbs: status, rollback, prune.
-
-The champion is whatever release of export.name is live, whoever published it. Every decision is appended to the
-registry (models/finetuned/registry.jsonl) before it is reported; the job lock makes `run`, `rollback` and `prune`
-exclusive (a second one exits 75 naming the holder).
+The champion is whatever release of export.name is live, whoever published it; every decision is appended to the
+registry before it is reported.
 """
 
 from __future__ import annotations
@@ -47,8 +45,8 @@ class GateRejected(PipelineError):
 
 @contextmanager
 def job_lock(cfg: Config, layout: Layout, verb: str) -> Iterator[None]:
-    """The nightly job's lock: export.name's publisher lock, exclusive (core.locks.publisher_lock: no other nightly
-    verb and no `python -m train` of the same name meanwhile). A publication a crash left unrecorded is recorded."""
+    """export.name's publisher lock, exclusive: no other nightly verb and no `python -m train` of the same name
+    meanwhile. A publication a crash left unrecorded is recorded."""
     with publisher_lock(layout.gguf_dir, cfg.export.name, f"nightly {verb}", exclusive=True):
         live = releases.live(layout.gguf_dir, cfg.export.name)
         decided = (live.record.get("nightly") if live else None) or {}
@@ -98,9 +96,8 @@ def candidate_name(cfg: Config, layout: Layout, fp: NightInputs, today: date) ->
 
 
 def candidate_config(cfg: Config, run: str) -> Config:
-    """The config the candidate is made with: its own run name, no base export (the base does not change with the
-    data; `python -m train` exports it), and the eval set first in its verification's held-out set, so that
-    verification scores every eval record and the scores are read from it, not computed again."""
+    """The candidate's config: no base export (the base does not change with the data), and the eval set first in
+    its verification's held-out set, so that the scores are read from its verification, not computed again."""
     c = cfg.model_copy(deep=True)
     c.run_name = run
     c.export.enabled = True
@@ -150,8 +147,7 @@ def build(c: Config) -> Manifest:
 
 
 def decide(cfg: Config, layout: Layout, run: str, fp: NightInputs) -> tuple[dict[str, Any], Manifest, Config]:
-    """Build and score the candidate and the champion, apply the gates: the registry line of the decision (not yet
-    written), the candidate's manifest and config."""
+    """The registry line of the decision (not yet written), the candidate's manifest and config."""
     eval_set = load_eval_set(cfg)  # before training: a broken eval set fails in seconds, not after hours
     c = candidate_config(cfg, run)
     manifest = build(c)

@@ -3,7 +3,6 @@ and `status` (what is live, since when, its scores, the last nights)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ from core.config import Config
 from core.files import atomic_write_text
 from core.gates import Gate, table
 from core.runfolder import Layout
+from train.callbacks import save_figure
 from train.nightly.retention import registry
 from train.nightly.scores import number
 
@@ -29,7 +29,6 @@ def scores_line(scores: dict[str, Any] | None) -> str:
 
 
 def night_line(r: dict[str, Any]) -> str:
-    """One registry line as `time  decision  run  why`."""
     run = r.get("run") or r.get("champion") or "-"
     why = r.get("reason") or (f"{run} live again, was {r['from_run']}" if r.get("event") == "rollback" else "")
     if r.get("recovered"):
@@ -59,13 +58,7 @@ def plot_history(lines: list[dict[str, Any]], out: Path) -> Path | None:
     ax.set_xticks(xs, [r["time"][5:16].replace("T", " ") for r in nights], rotation=45, fontsize=8)
     ax.set_ylabel("loss on the eval set (nats/token)")
     ax.set_title("nightly candidates (filled: promoted, hollow: rejected)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp")  # a reader never sees half a picture
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, out)
-    return out
+    return save_figure(fig, ax, out)
 
 
 def score_table(record: dict[str, Any]) -> list[str]:
@@ -83,8 +76,7 @@ def score_table(record: dict[str, Any]) -> list[str]:
 
 
 def write_report(folder: Path, record: dict[str, Any], lines: list[dict[str, Any]]) -> Path:
-    """nightly.md (decision, gates, scores, the last nights) and nightly_scores.png in the run folder; `lines`: the
-    registry, this night's line included."""
+    """nightly.md and nightly_scores.png in the run folder; `lines`: the registry, this night's line included."""
     png = plot_history(lines, folder / "nightly_scores.png")
     gates = [
         Gate(g["name"], g["value"] if g["value"] != "nan" else None, g["threshold"], g["op"]) for g in record["gates"]
@@ -123,8 +115,7 @@ def write_report(folder: Path, record: dict[str, Any], lines: list[dict[str, Any
 
 
 def status_text(cfg: Config, layout: Layout, nights: int = 7) -> str:
-    """What applications load now (the live release of export.name: whose, since when, its scores, whether its
-    files are intact), what a rollback returns to, and the last nights."""
+    """What applications load now, what a rollback returns to, and the last nights."""
     name = cfg.export.name
     live = releases.live(layout.gguf_dir, name)
     lines = []

@@ -1,7 +1,5 @@
-"""What the nightly job keeps and deletes (docs/nightly.md, "Retention"). What it did not make (no
-outputs/<run>/nightly.json, no registry line, a release another command published) is never touched, nor is
-anything live. A folder is first renamed to .<name>.deleting, then removed: a crash midway leaves a name no run
-resolves, and the next prune finishes it.
+"""What the nightly job keeps and deletes (docs/nightly.md, "Retention"). A folder is first renamed to
+.<name>.deleting, then removed: a crash midway leaves a name no run resolves, and the next prune finishes it.
 """
 
 from __future__ import annotations
@@ -54,8 +52,7 @@ def last_activity(layout: Layout, run: str) -> str:
 
 
 def kept(cfg: Config, layout: Layout) -> tuple[set[str], set[str]]:
-    """(releases kept, runs kept): the live release and the keep_champions before it, their runs, and the most
-    recent keep_candidates other nightly runs."""
+    """(releases kept, runs kept)."""
     stack = list(dict.fromkeys(reversed(releases.stack(layout.gguf_dir, cfg.export.name))))
     live = releases.live(layout.gguf_dir, cfg.export.name)
     kept_releases = set(stack[: 1 + cfg.nightly.keep_champions]) | ({live.id} if live else set())
@@ -69,8 +66,7 @@ def kept(cfg: Config, layout: Layout) -> tuple[set[str], set[str]]:
 
 
 def doomed(cfg: Config, layout: Layout) -> dict[Path, str]:
-    """What retention deletes, each path with its run: every path of each nightly run not kept, and the nightly job's
-    releases not kept."""
+    """What retention deletes, each path with its run."""
     kept_releases, kept_runs = kept(cfg, layout)
     paths: dict[Path, str] = {}
     for run in nightly_runs(layout, cfg.export.name):

@@ -1,10 +1,7 @@
 """What the nightly job compares: one model's scores on the fixed eval set (docs/nightly.md defines each metric),
-and the gates a candidate must pass.
-
-Both losses are the scoring layer's (convert/score.py), on the eval records rendered as verification renders its
-held-out set (core.records.heldout). The candidate's verification has scored them already (its held-out set starts
-with the eval set): they are read from its verify.json. A model no verification scored on these records (a
-champion, when the eval set changed) is scored the same way, streamed.
+and the gates a candidate must pass. Both losses are convert/score.py's, on the eval records rendered as
+verification renders its held-out set: read from the candidate's verify.json, or scored now for a model no
+verification scored on these records (a champion, when the eval set changed).
 """
 
 from __future__ import annotations
@@ -42,9 +39,8 @@ def eval_paths(cfg: Config) -> list[str]:
 
 
 def load_eval_set(cfg: Config) -> EvalSet:
-    """The eval set, its records read (not yet rendered: that needs the scored model's tokenizer) so that a broken
-    file fails in seconds, before training. DataError if any record is unreadable: a smaller eval set would silently
-    change what the gates compare."""
+    """The eval set, its records read (rendering needs the scored model's tokenizer) so that a broken file fails in
+    seconds, before training. DataError if any record is unreadable: a smaller set would change what is compared."""
     paths = eval_paths(cfg)
     if not paths:
         raise DataError(
@@ -128,8 +124,8 @@ def jsonable(scores: dict[str, Any]) -> dict[str, Any]:
 
 
 def gates(candidate: dict[str, Any], champion: dict[str, Any] | None, n: NightlySection, tasks: bool) -> list[Gate]:
-    """What a candidate must pass to replace the champion: every metric measured and finite; the absolute limits
-    that are set; and, with a champion, no worse than it by more than the margins. NaN or missing never passes."""
+    """Every metric measured and finite, the absolute limits that are set, and no worse than the champion by more
+    than the margins. NaN or missing never passes."""
     required = [*LOSSES, *(["task_accuracy"] if tasks else [])]
     out = [check(f"{m} measured and finite", math.isfinite(number(candidate.get(m)))) for m in required]
     absolute = [
