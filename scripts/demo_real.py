@@ -26,13 +26,14 @@ from core.config import load_config
 from core.errors import cli_exit
 from core.hub import configure_cache_env
 from core.log import setup_cli_logging
-from core.records.sources import read_source
 
 DEFAULT_CONFIG = Path("configs/gemma3_270m_lora.yaml")
 
 
 def heldout_tasks(path: str) -> list[tuple[str, str]]:
     """(question, expected answer) of every held-out chat record: its user turn and its assistant turn."""
+    from core.records.sources import read_source  # noqa: PLC0415 (imports datasets: after setup_cli_logging)
+
     tasks = []
     for row in read_source(path).rows:
         messages = (row.record or {}).get("messages") or []
