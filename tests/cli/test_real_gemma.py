@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -330,3 +331,36 @@ def test_rerun_returns_at_once_and_force_rebuilds_the_same_bytes(real_home: Path
     print(f"\n[real] warm rerun {warm_s:.1f} s; --force rebuild {time.monotonic() - t0:.0f} s")
     assert ref.read_text() == snapshot.name  # the revision is a hash of every file's bytes
     assert sorted(p.name for p in (ref.parent.parent / "blobs").iterdir()) == blobs
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def test_a_few_steps_export_and_verify(real_home: Path, tmp_path: Path):
+    """`python -m train --config configs/gemma3_270m_lora.yaml` on the real model, cut to a few steps: it trains,
+    exports, verifies every GGUF against the merged model and publishes them; the manifest records where the
+    weights came from."""
+    import yaml
+
+    work = tmp_path / "work"
+    (work / "configs").mkdir(parents=True)
+    shutil.copytree(ROOT / "data", work / "data")
+    cfg = yaml.safe_load((ROOT / "configs" / "gemma3_270m_lora.yaml").read_text())
+    cfg["training"] |= {"max_steps": 4, "save_steps": 4, "logging_steps": 2, "warmup_steps": 1}
+    cfg["export"]["export_base"] = False
+    (work / "configs" / "real.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    t0 = time.monotonic()
+    res = run_cli("train", ["--config", "configs/real.yaml"], work, real_home, timeout=1800)
+    print(f"\n[real] 4 steps + export + verify: {time.monotonic() - t0:.0f} s")
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    run = work / "outputs" / cfg["run_name"]
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["training"]["global_step"] == 4
+    report = json.loads((run / "verify.json").read_text())
+    assert report["passed"] and {f["quant"] for f in report["files"]} == {"f16", "q8_0"}, report
+    assert all(f["passed"] for f in report["files"])
+    live = work / "models" / "gguf" / f"{cfg['export']['name']}.gguf"
+    assert live.resolve().is_file()
+    assert "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818" in json.dumps(manifest), (
+        "the weights' source, with the original GGUF's sha256, travels into the run's manifest"
+    )
