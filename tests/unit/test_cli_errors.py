@@ -11,8 +11,18 @@ from pathlib import Path
 import pytest
 
 from convert.export import vouched_adapter
+from core import errors
 from core.config import Config, ConfigError, load_config, parse_yaml, to_yaml
-from core.errors import EXIT_INVALID, Interrupted, PathError, RunError, cli_exit, exit_status
+from core.errors import (
+    EXIT_INVALID,
+    Interrupted,
+    NonFiniteLoss,
+    PathError,
+    Preempted,
+    RunError,
+    cli_exit,
+    exit_status,
+)
 from core.files import atomic_replace_dir, move_dir_into_place, record_files
 from core.paths import creatable_dir, require_dir, require_file, what_is
 from core.runfolder import Manifest, RunFolder
@@ -204,3 +214,27 @@ def test_a_signal_inside_a_deferred_block_takes_effect_as_the_block_ends(monkeyp
             pass  # no signal: nothing raised
         assert signal.getsignal(signal.SIGTERM) is outer
     assert signal.getsignal(signal.SIGTERM) is not signals._handle  # the handler in place before is back
+
+
+UNFINISHED = "nothing was published by the unfinished stage. To continue:"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--config", "c.yaml", "--fresh", "lora.r=4"],
+        ["--fresh", "--config", "c.yaml", "--resume-from", "outputs/r/checkpoints/checkpoint-5", "lora.r=4"],
+        ["--config", "c.yaml", "--resume-from=outputs/r/checkpoints/checkpoint-5", "lora.r=4"],
+    ],
+)
+def test_every_hint_names_a_command_that_resumes(argv: list[str], monkeypatch: pytest.MonkeyPatch):
+    """The three hints a stop prints (a signal, a non-finite loss, an unfinished export) name one command: the
+    run's own without --fresh (it would discard the checkpoint just committed) and without --resume-from (it would
+    set the newer checkpoints aside). test_interrupts follows the signal's hint verbatim on a real run."""
+    monkeypatch.setattr(errors, "_resume_command", errors._resume_command)  # restored after the test
+    errors.set_resume_command(argv)
+    want = "`python -m train --config c.yaml lora.r=4`"
+    assert errors.resume_command() == want
+    assert f"to resume: {want}" in str(Preempted(signal.SIGINT, 5, Path("checkpoint-5")))
+    assert f"then {want} resumes" in str(NonFiniteLoss(7, {"loss": "nan", "grad_norm": "nan"}))
+    assert exit_status(Interrupted(signal.SIGTERM)) == (143, f"stopped by SIGTERM; {UNFINISHED} {want}")
