@@ -94,17 +94,10 @@ class _Checkpoint:
             )
         return self.files[name]
 
-    def tensors(
-        self,
-        names: list[str],
-        shapes: list[torch.Size],
-        into: list[torch.Tensor] | None = None,
-        device: torch.device | None = None,
-    ):
-        """The named tensors, which must have `shapes`, in float32 on `device` (the CPU by default): copied into
-        `into` when given (buffers reused from one layer to the next spare page faults on ~0.3 GB per layer at the
-        2B's shapes)."""
-        out = into or [torch.empty(shape, dtype=torch.float32, device=device) for shape in shapes]
+    def tensors(self, names: list[str], shapes: list[torch.Size], into: list[torch.Tensor] | None = None):
+        """The named tensors, which must have `shapes`, in float32: copied into `into` when given (buffers reused
+        from one layer to the next spare page faults on ~0.3 GB per layer at the 2B's shapes; on the GPU for CUDA)."""
+        out = into or [torch.empty(shape, dtype=torch.float32) for shape in shapes]
         by_file: dict[Path, list[int]] = {}
         for i, name in enumerate(names):
             by_file.setdefault(self._file(name), []).append(i)
@@ -157,7 +150,9 @@ def _layer(
         layer = layer_cls(config, index)
     expected = layer.state_dict()
     names = [f"{ckpt.prefix}layers.{index}.{key}" for key in expected]
-    weights = ckpt.tensors(names, [w.shape for w in expected.values()], into=buffers, device=device)
+    if buffers is None and device.type != "cpu":  # the first layer's, on the GPU; later layers reuse them
+        buffers = [torch.empty(w.shape, dtype=torch.float32, device=device) for w in expected.values()]
+    weights = ckpt.tensors(names, [w.shape for w in expected.values()], into=buffers)
     layer.load_state_dict(dict(zip(expected, weights, strict=True)), strict=True, assign=True)
     return layer.eval()
 

@@ -4,6 +4,7 @@ machine. The GPU runs themselves are gpu-marked tests in test_reference.py and t
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import llama_cpp
@@ -14,7 +15,7 @@ import convert.score as score
 from convert.reference import _ieee_fp32, reference_device
 from core.config import Config, VerifySection, field_affects, load_config
 from core.errors import ConfigError, RunError
-from tests.conftest import TINY_REPO
+from tests.conftest import GEMMA_TEMPLATE, TINY_REPO
 
 
 @pytest.mark.parametrize(
@@ -59,13 +60,15 @@ def test_cuda_matmuls_are_ieee_inside_the_reference_and_restored_after():
         torch.backends.cuda.matmul.fp32_precision = before
 
 
-def test_verification_passes_verify_device_to_the_reference(hf_home: Path, monkeypatch):
+def test_verification_passes_verify_device_to_the_reference(hf_home: Path, tmp_path: Path, monkeypatch):
     """verify.device=cuda on a machine without CUDA stops verification before the reference loads a layer."""
     from convert.verify import verify_files
     from core.hub import resolve_model
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    model = resolve_model(TINY_REPO, hf_home=hf_home).path
+    model = tmp_path / "model"
+    shutil.copytree(resolve_model(TINY_REPO, hf_home=hf_home).path, model)
+    shutil.copyfile(GEMMA_TEMPLATE, model / "chat_template.jinja")  # the prompts are chat-rendered first
     cfg = Config().verify.model_copy(update={"device": "cuda", "min_scored_tokens": 8})
     with pytest.raises(RunError, match="verify.device is cuda"):
         verify_files(model, [("f32", model / "never-opened.gguf")], cfg, [])
