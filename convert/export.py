@@ -252,7 +252,16 @@ def _export_lora(
     log.info(f"  adapter -> {out.name} (convert_lora_to_gguf.py), checked {how}")
     ids = [r.ids for r in heldout] or training
     report = export_lora_gguf(
-        folder.adapter, base.path, merged, merged_gguf, out, ids, out.parent / "convert.log", base_gguf, keys
+        folder.adapter,
+        base.path,
+        merged,
+        merged_gguf,
+        out,
+        ids,
+        out.parent / "convert.log",
+        base_gguf,
+        keys,
+        device=cfg.verify.device,
     )
     if not report.passed:
         log.warning(f"adapter GGUF not shipped: {report.describe()}")

@@ -83,7 +83,13 @@ def convert_lora(
 
 
 def check_adapter(
-    lora_gguf: Path, runtime: Path, scale: float, reference_dir: Path, ids: list[list[int]], log_path: Path | None
+    lora_gguf: Path,
+    runtime: Path,
+    scale: float,
+    reference_dir: Path,
+    ids: list[list[int]],
+    log_path: Path | None,
+    device: str = "auto",
 ) -> LoraReport:
     """llama.cpp running `runtime` with the adapter applied at `scale` against the HF model in `reference_dir`, over
     about CHECK_TOKENS positions of `ids` (token sequences starting with <bos>)."""
@@ -101,7 +107,7 @@ def check_adapter(
     if not sequences:
         raise ValueError("the adapter check needs at least one token sequence")
     with GGUF(runtime, CHECK_WINDOW, log_path=log_path, lora=lora_gguf, lora_scale=scale) as g:
-        tally, _ = compare(reference_dir, g, sequences)
+        tally, _ = compare(reference_dir, g, sequences, device)
     m = tally.measures()
     report.measures = {"kld": m["kld"], "top1": m["top1_all"], "positions": m["positions"]}
     gate = LORA_MAX_KLD.get(report.outtype, math.nan)  # a type without a gate never passes
@@ -121,6 +127,7 @@ def export_lora_gguf(
     log_path: Path | None,
     base_gguf: Path | None = None,
     keys: dict[str, str] | None = None,
+    device: str = "auto",
 ) -> LoraReport:
     """Convert the adapter to `out` in the float type of merged_gguf and check it on base_gguf (of that type), or
     without one on merged_gguf at scale -1. On a failed gate `out` is deleted and the report says why."""
@@ -130,9 +137,9 @@ def export_lora_gguf(
     try:
         convert_lora(adapter_dir, base_dir, out, outtype, log_path, keys)
         if base_gguf is not None:
-            report = check_adapter(out, base_gguf, 1.0, merged_dir, ids, log_path)
+            report = check_adapter(out, base_gguf, 1.0, merged_dir, ids, log_path, device)
         else:
-            report = check_adapter(out, merged_gguf, -1.0, base_dir, ids, log_path)
+            report = check_adapter(out, merged_gguf, -1.0, base_dir, ids, log_path, device)
     except BaseException:
         out.unlink(missing_ok=True)
         raise

@@ -1,12 +1,18 @@
 """Gemma logits in float32 without the model in float32: the verification reference, streamed one decoder layer at a
 time through transformers' own layer classes (docs/export-and-verify.md, "The streamed reference"). Files are opened
 per read so that mapped pages of the checkpoint do not pile up in the resident set.
+
+Device (verify.device): on CUDA the layer's weights, its buffers and the hidden states live on the GPU, the same
+one-layer-at-a-time bound, read from the checkpoint on the CPU and copied over; the logits come back as CPU float32,
+so scoring and the gates do not depend on where the reference ran. Matmuls are IEEE float32 there, never TF32.
 """
 
 from __future__ import annotations
 
 import inspect
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +31,37 @@ SCRATCH_BUDGET = 4 << 30
 VOCAB_TILE_BYTES = 64 << 20  # float32 bytes of one output-layer tile: 7,281 rows at hidden 2304
 INDEX_FILE = "model.safetensors.index.json"  # transformers' shard index (SAFE_WEIGHTS_INDEX_NAME)
 MASKS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+
+
+def reference_device(wanted: str = "auto") -> torch.device:
+    """verify.device resolved on this machine: auto = CUDA when torch sees a device, else the CPU; cuda = refused
+    (RunError) without one rather than hours on the CPU."""
+    if wanted == "cpu" or (wanted == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if wanted not in ("cuda", "auto"):
+        raise RunError(f"verify.device: {wanted!r} is not one of auto, cuda, cpu")
+    if not torch.cuda.is_available():
+        raise RunError(
+            f"verify.device is cuda but torch sees no usable CUDA device (torch {torch.__version__}, built for CUDA "
+            f"{torch.version.cuda or '(none)'}): fix the driver (nvidia-smi must work), or set verify.device=auto/cpu"
+        )
+    return torch.device("cuda")
+
+
+@contextmanager
+def _ieee_fp32(device: torch.device) -> Iterator[None]:
+    """float32 matmuls in full precision on CUDA, whatever the process chose: TF32 keeps 10 mantissa bits, an error
+    of ~1e-3 relative in the logits, far above the NMSE gate of float files (1e-4 of the variance). The CPU is left
+    as it is (its float32 matmuls are IEEE)."""
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = before
 
 
 class _Checkpoint:
@@ -59,7 +96,7 @@ class _Checkpoint:
 
     def tensors(self, names: list[str], shapes: list[torch.Size], into: list[torch.Tensor] | None = None):
         """The named tensors, which must have `shapes`, in float32: copied into `into` when given (buffers reused
-        from one layer to the next spare page faults on ~0.3 GB per layer at the 2B's shapes)."""
+        from one layer to the next spare page faults on ~0.3 GB per layer at the 2B's shapes; on the GPU for CUDA)."""
         out = into or [torch.empty(shape, dtype=torch.float32) for shape in shapes]
         by_file: dict[Path, list[int]] = {}
         for i, name in enumerate(names):
@@ -95,35 +132,39 @@ class _Checkpoint:
             return out[: rows.shape[0]].copy_(rows)
 
 
-def _modules(config) -> tuple[type, torch.nn.Module, torch.nn.Module]:
-    """The family's decoder layer class, its final norm and its rotary embedding (float32, on the CPU), as
+def _modules(config, device: torch.device) -> tuple[type, torch.nn.Module, torch.nn.Module]:
+    """The family's decoder layer class, its final norm and its rotary embedding (float32, on `device`), as
     transformers builds them: read off the model built on the meta device (no weights, no memory)."""
     with torch.device("meta"):
         decoder = AutoModelForCausalLM.from_config(config).model
     norm = type(decoder.norm)(config.hidden_size, eps=config.rms_norm_eps)
-    return type(decoder.layers[0]), norm, type(decoder.rotary_emb)(config)
+    return type(decoder.layers[0]), norm.to(device), type(decoder.rotary_emb)(config).to(device)
 
 
-def _layer(ckpt: _Checkpoint, config, layer_cls: type, index: int, buffers: list[torch.Tensor] | None):
-    """transformers' decoder layer `index` with its weights in float32, read into `buffers` when given (the
-    previous layer's, free by now). Built on the meta device: no random initialization to overwrite."""
+def _layer(
+    ckpt: _Checkpoint, config, layer_cls: type, index: int, buffers: list[torch.Tensor] | None, device: torch.device
+):
+    """transformers' decoder layer `index` with its weights in float32 on `device`, read into `buffers` when given
+    (the previous layer's, free by now). Built on the meta device: no random initialization to overwrite."""
     with torch.device("meta"):
         layer = layer_cls(config, index)
     expected = layer.state_dict()
     names = [f"{ckpt.prefix}layers.{index}.{key}" for key in expected]
+    if buffers is None and device.type != "cpu":  # the first layer's, on the GPU; later layers reuse them
+        buffers = [torch.empty(w.shape, dtype=torch.float32, device=device) for w in expected.values()]
     weights = ckpt.tensors(names, [w.shape for w in expected.values()], into=buffers)
     layer.load_state_dict(dict(zip(expected, weights, strict=True)), strict=True, assign=True)
     return layer.eval()
 
 
-def _decoder(ckpt: _Checkpoint, config, texts_ids: list[list[int]]) -> list[torch.Tensor]:
-    """Final-normed hidden states [tokens, hidden] of every text, computed layer by layer."""
-    layer_cls, norm, rotary = _modules(config)
+def _decoder(ckpt: _Checkpoint, config, texts_ids: list[list[int]], device: torch.device) -> list[torch.Tensor]:
+    """Final-normed hidden states [tokens, hidden] of every text, computed layer by layer on `device`."""
+    layer_cls, norm, rotary = _modules(config, device)
     embed = f"{ckpt.prefix}embed_tokens.weight"
     # Gemma's scaled word embedding: the lookup times sqrt(hidden) held as a float32 tensor (not a Python float)
     scale = torch.tensor(config.hidden_size**0.5, dtype=torch.float32)
-    hidden = [(ckpt.rows(embed, ids) * scale)[None] for ids in texts_ids]
-    positions = [torch.arange(len(ids))[None] for ids in texts_ids]  # each text starts at position 0
+    hidden = [(ckpt.rows(embed, ids) * scale)[None].to(device) for ids in texts_ids]
+    positions = [torch.arange(len(ids), device=device)[None] for ids in texts_ids]  # each text starts at position 0
     layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
     # Gemma 3's rotary embedding takes the layer type (local layers have their own RoPE base); Gemma 1/2's does not
     per_type = "layer_type" in inspect.signature(rotary.forward).parameters
@@ -134,7 +175,7 @@ def _decoder(ckpt: _Checkpoint, config, texts_ids: list[list[int]]) -> list[torc
     }
     buffers = None
     for index, layer_type in enumerate(layer_types[: config.num_hidden_layers]):
-        layer = _layer(ckpt, config, layer_cls, index, buffers)
+        layer = _layer(ckpt, config, layer_cls, index, buffers, device)
         buffers = [p.data for p in layer.state_dict().values()]
         for t, h in enumerate(hidden):
             mask = MASKS[layer_type](
@@ -150,24 +191,25 @@ def _decoder(ckpt: _Checkpoint, config, texts_ids: list[list[int]]) -> list[torc
 def _chunk_logits(ckpt: _Checkpoint, config, output: str, hidden: torch.Tensor) -> np.ndarray:
     """Softcapped logits [positions, vocab] of one chunk, the output weight read in float32 tiles."""
     vocab = config.vocab_size
-    logits = torch.empty(hidden.shape[0], vocab, dtype=torch.float32)
+    logits = torch.empty(hidden.shape[0], vocab, dtype=torch.float32, device=hidden.device)
     # one tile buffer for the whole pass: a fresh allocation per tile costs as much as the upcast itself
-    tile = torch.empty(max(1, VOCAB_TILE_BYTES // (4 * config.hidden_size)), config.hidden_size)
+    tile = torch.empty(max(1, VOCAB_TILE_BYTES // (4 * config.hidden_size)), config.hidden_size, device=hidden.device)
     for start in range(0, vocab, tile.shape[0]):
         weight = ckpt.rows_into(output, start, tile)
         logits[:, start : start + weight.shape[0]] = torch.nn.functional.linear(hidden, weight)
     cap = getattr(config, "final_logit_softcapping", None)
     if cap is not None:  # Gemma2ForCausalLM.forward: logits / cap, tanh, * cap (Gemma 1 and 3 have none)
         logits.div_(cap).tanh_().mul_(cap)
-    return logits.numpy()
+    return logits.cpu().numpy()  # the CPU's own tensor there: no copy
 
 
 class Reference:
     """The reference of one set of texts: the decoder runs once (construction), then `logits_of()` runs the kept
     final hidden states of any positions through the output layer (~1/5 of a forward each time)."""
 
-    def __init__(self, model_dir: Path, texts_ids: list[list[int]]):
+    def __init__(self, model_dir: Path, texts_ids: list[list[int]], device: str = "auto"):
         model_dir = Path(model_dir)
+        self.device = reference_device(device)
         self.texts_ids = [[int(i) for i in ids] for ids in texts_ids]  # lists, tuples or arrays of ids
         if not (model_dir / "config.json").is_file():
             raise RunError(f"{model_dir}: no config.json; the reference needs a Hugging Face model folder")
@@ -186,8 +228,8 @@ class Reference:
         self.output = "lm_head.weight" if not self.config.tie_word_embeddings else f"{prefix}embed_tokens.weight"
         for name in dict.fromkeys([f"{prefix}embed_tokens.weight", self.output]):
             self.ckpt._check_shape(name, self.ckpt.shape(name), [vocab, self.config.hidden_size])
-        with torch.inference_mode():
-            self.hidden = _decoder(self.ckpt, self.config, self.texts_ids)
+        with torch.inference_mode(), _ieee_fp32(self.device):
+            self.hidden = _decoder(self.ckpt, self.config, self.texts_ids, self.device)
 
     def plan(self, chunk: int) -> list[tuple[int, int, int]]:
         """(text index, start, stop) of consecutive chunks of positions of each text, in order."""
@@ -202,6 +244,7 @@ class Reference:
     def logits_of(self, spans: list[tuple[int, int, int]]) -> np.ndarray:
         """float32 logits of several (text, start, stop) spans, their rows one after another: one pass over the
         output weight for all of them (each pass upcasts the whole vocabulary table, whatever the number of rows)."""
-        with torch.inference_mode():  # entered and left here: never held across a caller's yield (thread state)
+        # entered and left here: never held across a caller's yield (thread state)
+        with torch.inference_mode(), _ieee_fp32(self.device):
             hidden = torch.cat([self.hidden[t][start:stop] for t, start, stop in spans])
             return _chunk_logits(self.ckpt, self.config, self.output, hidden)

@@ -7,6 +7,7 @@ the adapter GGUF's check, the nightly job's losses and the summary's answers all
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import math
 import os
@@ -35,6 +36,18 @@ CHUNK = 128
 # Rows turned into float64 log-probabilities at once (8 x 256k x 8 bytes = 16 MB an array): the lowest peak memory
 # for the same speed (measured: docs/export-and-verify.md, "Scoring").
 BLOCK = 8
+
+
+@functools.cache
+def gpu_layers() -> int:
+    """n_gpu_layers of every GGUF opened here: all of them (-1) when the installed llama-cpp-python has a GPU device
+    (llama_supports_gpu_offload: built with CUDA or another GPU backend, and a device is visible), else none (0, the
+    CPU: the binding `make setup` and the image build is CPU-only). Decided, and logged, once a process."""
+    if llama_cpp.llama_supports_gpu_offload():
+        log.info("llama.cpp: GPU offload supported by the binding: GGUFs run with every layer on the GPU")
+        return -1
+    log.info("llama.cpp: no GPU offload in the binding: GGUFs run on the CPU")
+    return 0
 
 
 @contextmanager
@@ -85,6 +98,7 @@ class GGUF:
                 n_ubatch=CHUNK,
                 n_threads=n,
                 n_threads_batch=n,
+                n_gpu_layers=gpu_layers(),
                 vocab_only=vocab_only,
                 verbose=False,
                 seed=0,
@@ -381,16 +395,18 @@ def score(chunks: Iterator[tuple[int, np.ndarray]], sequences: list[Sequence], g
     return tally, ref_tally
 
 
-def compare(model_dir: Path, gguf: GGUF, sequences: list[Sequence]) -> tuple[Tally, Tally]:
-    """One GGUF against the HF model in `model_dir` (streamed, float32) on `sequences`, each at most a chunk long
-    for the reference to batch: (the file's tally, the reference's)."""
-    reference = ReferenceChunks(Reference(model_dir, [s.ids for s in sequences]), CHUNK, None)
+def compare(model_dir: Path, gguf: GGUF, sequences: list[Sequence], device: str = "auto") -> tuple[Tally, Tally]:
+    """One GGUF against the HF model in `model_dir` (streamed, float32, on `device`: verify.device) on `sequences`,
+    each at most a chunk long for the reference to batch: (the file's tally, the reference's)."""
+    reference = ReferenceChunks(Reference(model_dir, [s.ids for s in sequences], device), CHUNK, None)
     return score(iter(reference), sequences, gguf)
 
 
-def losses(model_dir: Path, gguf_path: Path, sequences: list[Sequence], n_ctx: int) -> tuple[dict, dict]:
+def losses(
+    model_dir: Path, gguf_path: Path, sequences: list[Sequence], n_ctx: int, device: str = "auto"
+) -> tuple[dict, dict]:
     """({record: [NLL, supervised tokens]} through a GGUF, through the HF model), for records no verification has
     scored already (nightly: a champion scored on a new eval set)."""
     with GGUF(gguf_path, n_ctx) as g:
-        tally, ref = compare(model_dir, g, sequences)
+        tally, ref = compare(model_dir, g, sequences, device)
     return tally.loss, ref.loss

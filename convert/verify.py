@@ -14,7 +14,7 @@ from pathlib import Path
 from transformers import AutoConfig, AutoTokenizer
 
 from convert.gguf_header import read_header
-from convert.reference import Reference
+from convert.reference import Reference, reference_device
 from convert.score import CHUNK, GGUF, ReferenceChunks, Sequence, score, windows
 from core.errors import EXIT_VERIFICATION, PipelineError
 from core.files import atomic_write_json, atomic_write_text, human_size
@@ -205,8 +205,9 @@ def verify_files(
             f"  only {scored.positions} positions to score, fewer than verify.min_scored_tokens="
             f"{scored.minimum}: gated on what there is (give verify.heldout_files more records)"
         )
-    log.info("  reference: the HF model in float32, layer by layer")
-    reference = ReferenceChunks(Reference(model_dir, [s.ids for s in scored.sequences]), CHUNK, scratch_dir)
+    device = reference_device(verify_cfg.device).type
+    log.info(f"  reference: the HF model in float32, layer by layer, on the {device.upper()} (verify.device)")
+    reference = ReferenceChunks(Reference(model_dir, [s.ids for s in scored.sequences], device), CHUNK, scratch_dir)
     try:
         return [_verify_file(q, path, reference, scored, window, verify_cfg, tokenizer, log_path) for q, path in files]
     finally:

@@ -366,6 +366,11 @@ class VerifySection(Section):
     recommend_max_kld: float = Field(0.02, gt=0)
     """Recommendation budget: verify.md names the smallest file whose mean KLD is within it. 0.02 nats of KL
     is about a 2% rise in perplexity, stricter than q4_k_m's hard gate (0.05)."""
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", json_schema_extra=PLACED)
+    """Where the HF reference (convert/reference.py) runs, for verification, the adapter GGUF's check and the
+    nightly losses. auto = CUDA when torch sees a device, else the CPU; cuda = stop (exit 2) without one. Its
+    logits come back to the CPU in float32 (IEEE matmuls on CUDA, never TF32): the measures agree across devices far
+    within the gates, so a change re-judges nothing."""
     demo_prompt: str | None = Field(None, json_schema_extra=PLACED)
     """A prompt the summary answers with the base and the fine-tuned GGUF side by side."""
     demo_expected: str | None = Field(None, json_schema_extra=PLACED)

@@ -174,3 +174,18 @@ def test_bad_inputs_are_clear_errors(tiny_dir, tmp_path):
     next(sharded.glob("model-00002-*.safetensors")).unlink()
     with pytest.raises(RunError, match=r"model.safetensors.index.json: names shard files that do not exist"):
         reference_logits(sharded, [[2]])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (verify.device=cuda)")
+def test_cuda_reference_equals_the_cpu_one(tiny_dir):
+    """The same streamed reference on CUDA: layers and hidden states on the GPU, logits back as CPU float32 arrays,
+    equal to the CPU's up to float32 summation order (IEEE matmuls on CUDA, not TF32)."""
+    texts = make_texts(768)
+    cpu, cuda = (Reference(tiny_dir, texts, device) for device in ("cpu", "cuda"))
+    assert cuda.device.type == "cuda" and cuda.hidden[0].device.type == "cuda"
+    plan = cpu.plan(CHUNK)
+    assert cuda.plan(CHUNK) == plan
+    got, want = cuda.logits_of(plan), cpu.logits_of(plan)
+    assert isinstance(got, np.ndarray) and got.dtype == np.float32 and got.shape == want.shape
+    assert np.abs(got - want).max() <= 1e-4 * max(1.0, float(np.abs(want).max()))

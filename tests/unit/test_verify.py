@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from convert.score import CHUNK, Sequence, windows
 from convert.verify import HF_REFERENCE, FileReport, recommend, scored_set, verify_files
@@ -379,3 +380,33 @@ def test_scoring_many_blocks_does_not_grow_the_heap():
     for _ in range(60):  # kept tensors: ~1.9 GB more; kept floats: -0.1 to +0.3 GB (the heap's own slack), measured
         tally.add_block(Block.of(ref), Block.of(got), next_ids, none, None)
     assert rss() - before < 600 << 20 and tally.measures()["positions"] == 65 * 16
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (verify.device=cuda)")
+def test_verdicts_and_measures_are_the_same_on_cpu_and_cuda(exported, monkeypatch):
+    """The tiny export verified twice: all on the CPU (reference on the CPU, llama.cpp without offload), then on the
+    GPU (reference on CUDA, llama.cpp offloaded when the binding can). Same gates passed, and every gated measure
+    within 1% of its gate of the CPU's: the device never decides a verdict."""
+    import llama_cpp
+
+    import convert.score as score_module
+
+    files = [(q, exported["files"][q]) for q in ("f32", "q8_0", "q4_k_m")]
+    runs = {}
+    for device in ("cpu", "cuda"):
+        if device == "cpu":
+            monkeypatch.setattr(llama_cpp, "llama_supports_gpu_offload", lambda: False)
+        else:
+            monkeypatch.undo()
+        score_module.gpu_layers.cache_clear()
+        runs[device] = verify_files(exported["model"], files, _verify_cfg(min_scored_tokens=256, device=device), [])
+    score_module.gpu_layers.cache_clear()
+    for cpu, cuda in zip(runs["cpu"], runs["cuda"], strict=True):
+        assert [(g.name, g.passed) for g in cpu.gates] == [(g.name, g.passed) for g in cuda.gates], cpu.quant
+        assert cpu.passed and cuda.passed, (cpu.failures(), cuda.failures())
+        assert cpu.measures["positions"] == cuda.measures["positions"] >= 256
+        for a, b in zip(cpu.gates, cuda.gates, strict=True):
+            if a.threshold is not None:
+                assert abs(a.value - b.value) <= 0.01 * a.threshold, (cpu.quant, a.describe(), b.describe())
+        assert cuda.measures["reference_ppl"] == pytest.approx(cpu.measures["reference_ppl"], rel=1e-4)

@@ -98,7 +98,7 @@ def score_model(
         window = min(cfg.verify.max_tokens_per_text, AutoConfig.from_pretrained(str(model_dir)).max_position_embeddings)
         bos = tokenizer.bos_token_id
         sequences = [w for r in records for w in windows(Sequence(r.ids, r.labels, r.key), bos, window)]
-        tuned, hf = losses(model_dir, gguf, sequences, window)
+        tuned, hf = losses(model_dir, gguf, sequences, window, cfg.verify.device)
     scores: dict[str, Any] = {"hf_loss": mean_loss(hf, keys), "gguf_loss": mean_loss(tuned, keys)}
     scores["quant_gap"] = scores["gguf_loss"] - scores["hf_loss"]
     scores |= {f"{k[:-5]}_perplexity": math.exp(min(scores[k], 700)) for k in LOSSES}
