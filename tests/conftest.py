@@ -6,12 +6,14 @@ builds them under a lock, the others wait and reuse the folder (`shared`)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import yaml
@@ -143,6 +145,19 @@ def build_tiny_model(home: Path) -> Path:
         env=cli_env(home),
     )
     return home
+
+
+def bench_module(name: str) -> ModuleType:
+    """bench/<name>.py imported as module <name> (the bench scripts are files, not a package); registered in
+    sys.modules: dataclasses look their module up by name."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def cli_env(hf_home: Path) -> dict[str, str]:

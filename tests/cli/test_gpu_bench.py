@@ -8,7 +8,6 @@ layers, and compiled layers are checked against eager ones in tests/unit/test_co
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -16,16 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, cli_env
+from tests.conftest import bench_module, cli_env
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("gpu_train", ROOT / "bench" / "gpu_train.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_module("gpu_train")
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ bytes from the kernel's I/O accounting, and the targets' ratios."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 import textwrap
@@ -11,13 +10,9 @@ import textwrap
 import psutil
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import bench_module
 
-spec = importlib.util.spec_from_file_location("bench_export", ROOT / "bench" / "bench_export.py")
-assert spec and spec.loader
-bench = importlib.util.module_from_spec(spec)
-sys.modules["bench_export"] = bench  # dataclasses look their module up by name
-spec.loader.exec_module(bench)
+bench = bench_module("bench_export")
 
 MiB = 1 << 20
 

@@ -4,22 +4,16 @@ variants each quant type gets, and the table."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 
 from convert.score import Block, Tally
 from core.records.render import IGNORE_INDEX
-from tests.conftest import ROOT
+from tests.conftest import bench_module
 
-spec = importlib.util.spec_from_file_location("bench_imatrix", ROOT / "bench" / "bench_imatrix.py")
-assert spec and spec.loader
-bench = importlib.util.module_from_spec(spec)
-sys.modules["bench_imatrix"] = bench  # dataclasses look their module up by name
-spec.loader.exec_module(bench)
+bench = bench_module("bench_imatrix")
 
 
 class CharTokenizer:
