@@ -64,8 +64,11 @@ def convert_lora(
     if outtype not in ADAPTER_TYPES:
         raise ValueError(f"adapter GGUF type {outtype!r}: one of {', '.join(ADAPTER_TYPES)}")
     out = out.resolve()
-    stage = out.with_name(f".{out.name}.adapter")
-    shutil.rmtree(stage, ignore_errors=True)
+    # the converter names the file after the adapter's folder (general.name, general.finetune): the staged copy's
+    # folder is named as the file, inside a hidden work folder
+    work = out.with_name(f".{out.name}.adapter")
+    stage = work / out.name.removesuffix(".gguf")
+    shutil.rmtree(work, ignore_errors=True)
     stage.mkdir(parents=True)
     try:
         config = json.loads((adapter_dir / "adapter_config.json").read_text())
@@ -78,7 +81,7 @@ def convert_lora(
             args = ["--base", str(base_dir.resolve()), "--outtype", outtype, "--outfile", str(tmp), str(stage)]
             run_converter("convert_lora_to_gguf.py", str(adapter_dir), args, tmp, log_path, keys)
     finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
     return out
 
 
