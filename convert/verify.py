@@ -5,6 +5,7 @@ HF model in float32 (convert/reference.py, convert/score.py), checked as an appl
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -283,6 +284,16 @@ def to_table(reports: list[FileReport]) -> str:
     return "\n".join(rows)
 
 
+def file_report(run_dir: Path, file: str) -> dict | None:
+    """The report of one file, by the name it ships under, in a run's verify.json (write_reports): its measures and
+    per-record losses; None without one."""
+    try:
+        reports = json.loads((run_dir / "verify.json").read_text())["files"]
+    except (OSError, ValueError, KeyError):
+        return None
+    return next((r for r in reports if Path(r["path"]).name == file), None)
+
+
 def write_reports(
     run_dir: Path, groups: dict[str, list[FileReport]], verify_cfg, passed: bool, reference: Path | None = None
 ) -> dict:
@@ -306,7 +317,7 @@ def write_reports(
     head = ["# Verification", ""]
     if reference:
         head += [
-            f"Reference: {reference} (Hugging Face, float32, streamed layer by layer on the CPU): every file,",
+            f"Reference: {reference} (Hugging Face, float32, streamed layer by layer): every file,",
             "the float GGUF and each quant, is scored against the model that was trained.",
             "",
         ]

@@ -17,7 +17,6 @@ held-out records (data/demo/heldout.jsonl, never trained on), before (the base m
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from core.config import load_config
 from core.errors import cli_exit
 from core.hub import configure_cache_env
 from core.log import setup_cli_logging
+from core.runfolder import RunFolder
 
 DEFAULT_CONFIG = Path("configs/gemma3_270m_lora.yaml")
 
@@ -44,14 +44,10 @@ def heldout_tasks(path: str) -> list[tuple[str, str]]:
     return tasks
 
 
-def mean_loss(report: dict, key: str) -> float:
-    """A file report's mean loss over its held-out records (verify.json: record -> [NLL, tokens])."""
-    losses = report[key].values()
-    return sum(nll for nll, _ in losses) / max(sum(n for _, n in losses), 1)
-
-
 def demo(config: Path, overrides: list[str]) -> int:
-    from convert.score import GGUF  # noqa: PLC0415 (after the cache variables: transformers reads them at import)
+    # after the cache variables: transformers reads them at import
+    from convert.score import GGUF, mean_loss  # noqa: PLC0415
+    from convert.verify import file_report  # noqa: PLC0415
     from train.run import run  # noqa: PLC0415
 
     cfg = load_config(config, overrides)
@@ -59,8 +55,7 @@ def demo(config: Path, overrides: list[str]) -> int:
     manifest = run(cfg)
     assert manifest is not None
     trained = time.monotonic() - t0
-    verify = json.loads((Path(cfg.paths.output_dir) / cfg.run_name / "verify.json").read_text())
-    by_name = {Path(r["path"]).name: r for r in verify["files"]}
+    run_dir = RunFolder.of(cfg).root
     default = {
         label: f"{name}.gguf" for label, name in (("base", cfg.export.base_name), ("fine-tuned", cfg.export.name))
     }
@@ -68,7 +63,7 @@ def demo(config: Path, overrides: list[str]) -> int:
     print(f"\n=== before and after, on {len(tasks)} held-out records (data the model never trained on)")
     print(f"{'':<12}{'HF loss':>10}{'GGUF loss':>11}{'exact answers':>16}")
     for label, file in default.items():
-        report = by_name.get(file)
+        report = file_report(run_dir, file)
         if report is None:  # a base export reused from an earlier run: its scores are in that run's verify.json
             print(f"{label:<12} (no verification of {file} in this run: its export was reused)")
             continue
@@ -76,7 +71,9 @@ def demo(config: Path, overrides: list[str]) -> int:
         with GGUF(gguf) as g:
             replies = [(q, want, g.reply(q, 64)) for q, want in tasks]
         exact = sum(stopped and got.strip() == want.strip() for _, want, (got, stopped) in replies)
-        hf, ours = mean_loss(report, "reference_losses"), mean_loss(report, "losses")
+        # per held-out record: [NLL, supervised tokens], through the HF reference and through the GGUF
+        hf = mean_loss(report["reference_losses"], list(report["reference_losses"]))
+        ours = mean_loss(report["losses"], list(report["losses"]))
         print(f"{label:<12}{hf:>10.3f}{ours:>11.3f}{f'{exact}/{len(tasks)}':>16}")
         for q, want, (got, _) in replies[:3]:
             print(f"    {q!r}\n      expected {want!r}\n      {label} says {got.strip()!r}")

@@ -233,16 +233,16 @@ def test_rollback_without_a_previous_model_is_a_clear_error(cli, night1, tmp_pat
 def test_the_candidate_scores_are_read_from_its_verification(night1, monkeypatch):
     """The scores the night recorded are its verification's per-record losses (scoring does not run the models
     again), and they are what scoring the models computes."""
-    from convert import score  # noqa: PLC0415 (the models' imports, for this test only)
+    from convert import score, verify  # noqa: PLC0415 (the models' imports, for this test only)
     from core.config import load_config  # noqa: PLC0415
-    from train.nightly import night, scores  # noqa: PLC0415
+    from train.nightly import scores  # noqa: PLC0415
 
     ws, run, line = night1["ws"], night1["run"], night1["line"]
     monkeypatch.chdir(ws)
     cfg = load_config("config.yaml")
     eval_set = scores.load_eval_set(cfg)
     model_dir, gguf = Path("models/finetuned/final_models") / run, live(ws).folder / NAMES[0]
-    report = night.verified(Path("outputs") / run, NAMES[0])
+    report = verify.file_report(Path("outputs") / run, NAMES[0])
     assert report is not None and len(report["losses"]) == len(DEMO_HELDOUT.read_text().splitlines())
 
     def not_again(*a, **k):

@@ -16,6 +16,7 @@ from typing import Any
 
 from convert.export import publish_run
 from convert.ggufs import gguf_filename
+from convert.verify import file_report
 from core import releases
 from core.config import Config
 from core.errors import PipelineError, Preempted, RunError, exit_status
@@ -107,15 +108,6 @@ def candidate_config(cfg: Config, run: str) -> Config:
     return c
 
 
-def verified(folder: Path, file: str) -> dict[str, Any] | None:
-    """The report of one published file name in a run's verify.json (its per-record losses), if there is one."""
-    try:
-        reports = json.loads((folder / "verify.json").read_text())["files"]
-    except (OSError, ValueError, KeyError):
-        return None
-    return next((r for r in reports if Path(r["path"]).name == file), None)
-
-
 def scores_of(layout: Layout, run: str, model_dir: Path, gguf: Path, eval_set: EvalSet, cfg: Config) -> dict:
     """A run's scores on this eval set, computed once: <nightly state>/scores/<run>.<eval set digest>.json."""
     path = layout.nightly / "scores" / f"{run}.{eval_set.digest[:16]}.json"
@@ -130,7 +122,7 @@ def scores_of(layout: Layout, run: str, model_dir: Path, gguf: Path, eval_set: E
             )
     default = gguf_filename(cfg.export.name, cfg.export.default_quant, cfg.export.default_quant)
     log.info(f"scoring {run} on the eval set ({len(eval_set.tasks)} task checks)")
-    scores = jsonable(score_model(model_dir, gguf, eval_set, cfg, verified(layout.run(run).root, default)))
+    scores = jsonable(score_model(model_dir, gguf, eval_set, cfg, file_report(layout.run(run).root, default)))
     atomic_write_json(path, scores)
     return scores
 
