@@ -550,18 +550,18 @@ def check_adapter(run_dir: Path, base_dir: Path) -> None:
     from safetensors import safe_open  # noqa: PLC0415
     from safetensors.torch import load_file  # noqa: PLC0415
 
-    from convert.merge import lora_deltas, merged_tensor  # noqa: PLC0415
+    from convert.merge import Merge  # noqa: PLC0415
 
     weights = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
     b_norms = [float(v.float().norm()) for k, v in weights.items() if ".lora_B." in k]
     zero = sum(n == 0 for n in b_norms)
-    deltas, scaling = lora_deltas(run_dir / "adapter")
+    merge = Merge(run_dir / "adapter")
     index = json.loads((base_dir / "model.safetensors.index.json").read_text())["weight_map"]
     changed = []
     for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.25.mlp.down_proj.weight"):
         with safe_open(str(base_dir / index[name]), framework="pt") as st:
             base = st.get_tensor(name)
-        merged = merged_tensor(base, deltas[name], scaling)
+        merged = merge.weight(name, base)
         changed.append(f"{name}: {(merged != base).float().mean().item():.1%} of bf16 weights changed")
     print(
         f"adapter: {len(b_norms)} LoRA B matrices, {zero} all zero, |B| from {min(b_norms):.3g} to {max(b_norms):.3g}; "

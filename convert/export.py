@@ -23,7 +23,7 @@ from convert.llamacpp import version_info
 from convert.lora_gguf import LoraReport, export_lora_gguf
 from convert.merge import is_tokenizer_file, merge_adapter
 from convert.modelfile import write_modelfile
-from convert.verify import VerificationFailed, write_reports
+from convert.verify import FileReport, VerificationFailed, verify_merge, write_reports
 from core import releases
 from core.config import BASE_EXPORT, Config, keys_affecting
 from core.errors import PipelineError, RunError
@@ -88,9 +88,9 @@ def export_run(
     merged = folder.export_dir / "merged"
     manifest.llama_cpp = version_info()
     models: list[ModelGGUFs] = []
+    merges: list[FileReport] = []
     try:
-        log.info(f"merging adapter into {base.repo_id or base.path}")
-        merge_adapter(base.path, folder.adapter, merged)
+        merges = _merge(cfg, folder, base, heldout, training, merged)
         log.info(f"exporting fine-tuned model as {cfg.export.name} ({', '.join(cfg.export.quants)})")
         adapter_sha = sha256_file(folder.adapter / "adapter_model.safetensors")
         keys = provenance(cfg, base) | {"finetune.adapter_sha256": adapter_sha}
@@ -103,7 +103,7 @@ def export_run(
             log.info(f"base GGUF {cfg.export.base_name} is current ({current.run}, revision {base.revision})")
         lora = _export_lora(cfg, folder, base, merged, models, current, heldout, training, keys)
     except VerificationFailed as e:
-        groups = {m.name: m.reports for m in models} | {"": e.reports}
+        groups = {"merge": merges} | {m.name: m.reports for m in models} | {"": e.reports}
         write_reports(folder.root, groups, cfg.verify, passed=False)
         manifest.status = "export_failed"
         manifest.verification = {"passed": False, "report": str(folder.verify_md)}
@@ -117,10 +117,15 @@ def export_run(
         names = {str(p): gguf_filename(m.name, q, cfg.export.default_quant) for q, p in m.files.items()}
         for r in m.reports:
             r.path = names.get(r.path, r.path)
-    groups = {m.name: m.reports for m in models}
+    groups = {"merge": merges} | {m.name: m.reports for m in models}
     written = write_reports(folder.root, groups, cfg.verify, True, folder.merged_out.absolute())
     art = manifest.artifacts
-    art["merged"] = {"path": str(merged), "files": record_files(merged)}
+    shipped = next(r for r in merges if r.gates)
+    art["merged"] = {
+        "path": str(merged),
+        "files": record_files(merged),
+        "into": shipped.path.removeprefix("merged into "),
+    }
     art["gguf"] = {label: _entries(cfg, m) for label, m in zip(("finetuned", "base"), models, strict=False)}
     if current is not None:
         art["gguf"]["base"] = {"name": cfg.export.base_name, "release": current.id, "files": current.record["quants"]}
@@ -138,11 +143,29 @@ def export_run(
         "passed": True,
         "report": str(folder.verify_md),
         "files": {Path(r.path).name: r.measures for m in models for r in m.reports},
+        "merge": {r.path: r.measures for r in merges},
         "recommended": written["recommended"],
     }
     manifest.status = "exported"
     folder.write_manifest(manifest)
     return manifest
+
+
+def _merge(
+    cfg: Config, folder: RunFolder, base: ResolvedModel, heldout: list[HeldOut], training: list[list[int]], out: Path
+) -> list[FileReport]:
+    """The merge check (convert.verify.verify_merge), then the way it chose written to `out`; its reports.
+    VerificationFailed, with nothing written, when that way is not within verify.max_merge_kld."""
+    log.info("checking the merge against the model as trained")
+    folder.export_dir.mkdir(parents=True, exist_ok=True)  # its reference logits are kept there between merges
+    merges, nf4 = verify_merge(
+        base.path, folder.adapter, cfg.model.load_in_4bit, cfg.verify, heldout, training, folder.export_dir
+    )
+    if not all(r.passed for r in merges):
+        raise VerificationFailed(merges)
+    log.info(f"merging adapter into {'the dequantized 4-bit base' if nf4 else 'the base'}: {base.repo_id or base.path}")
+    merge_adapter(base.path, folder.adapter, out, nf4)
+    return merges
 
 
 def _drop_float_intermediates(cfg: Config, models: list[ModelGGUFs]) -> None:

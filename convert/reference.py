@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -30,6 +30,9 @@ from core.hub import model_family
 SCRATCH_BUDGET = 4 << 30
 VOCAB_TILE_BYTES = 64 << 20  # float32 bytes of one output-layer tile: 7,281 rows at hidden 2304
 INDEX_FILE = "model.safetensors.index.json"  # transformers' shard index (SAFE_WEIGHTS_INDEX_NAME)
+# What a decoder weight is replaced with as it is read: (checkpoint name, tensor) -> tensor (convert.merge.Merge.weight:
+# the checkpoint with an adapter added, without writing it). The embedding and output rows are read as stored.
+Weights = Callable[[str, torch.Tensor], torch.Tensor]
 MASKS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
 
 
@@ -67,8 +70,8 @@ def _ieee_fp32(device: torch.device) -> Iterator[None]:
 class _Checkpoint:
     """Where each tensor of a safetensors checkpoint lives; reads tensors or row ranges in float32."""
 
-    def __init__(self, model_dir: Path):
-        self.model_dir = model_dir
+    def __init__(self, model_dir: Path, weights: Weights | None = None):
+        self.model_dir, self.weights = model_dir, weights
         index = model_dir / INDEX_FILE
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -105,7 +108,8 @@ class _Checkpoint:
             with safe_open(path, framework="pt") as st:
                 for i in group:
                     self._check_shape(names[i], st.get_slice(names[i]).get_shape(), shapes[i])
-                    out[i].copy_(st.get_tensor(names[i]))
+                    tensor = st.get_tensor(names[i])
+                    out[i].copy_(self.weights(names[i], tensor) if self.weights else tensor)
         return out
 
     def _check_shape(self, name: str, found: list[int], expected: list[int] | torch.Size) -> None:
@@ -207,7 +211,9 @@ class Reference:
     """The reference of one set of texts: the decoder runs once (construction), then `logits_of()` runs the kept
     final hidden states of any positions through the output layer (~1/5 of a forward each time)."""
 
-    def __init__(self, model_dir: Path, texts_ids: list[list[int]], device: str = "auto"):
+    def __init__(
+        self, model_dir: Path, texts_ids: list[list[int]], device: str = "auto", weights: Weights | None = None
+    ):
         model_dir = Path(model_dir)
         self.device = reference_device(device)
         self.texts_ids = [[int(i) for i in ids] for ids in texts_ids]  # lists, tuples or arrays of ids
@@ -216,7 +222,7 @@ class Reference:
         model_family(model_dir)
         self.config = AutoConfig.from_pretrained(str(model_dir))
         self.config._attn_implementation = "eager"  # the reference is what HF computes with attn_implementation="eager"
-        self.ckpt = _Checkpoint(model_dir)
+        self.ckpt = _Checkpoint(model_dir, weights)
         vocab = self.config.vocab_size
         for t, ids in enumerate(self.texts_ids):
             if len(ids) == 0:

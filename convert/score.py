@@ -284,6 +284,22 @@ class ReferenceChunks:
             self.file = None
 
 
+class InStep:
+    """A second reference as score()'s candidate (the merge check: a merged model against the model as trained):
+    made on the same sequences and chunk size, its chunks come in the order score() asks for positions."""
+
+    def __init__(self, name: str, chunks: ReferenceChunks):
+        self.path, self.chunks = Path(name), iter(chunks)
+
+    def start(self) -> None:
+        """A new sequence: nothing to forget (each text's positions are independent in the reference)."""
+
+    def logits(self, ids: list[int], pos0: int) -> np.ndarray:
+        _, logits = next(self.chunks)
+        assert logits.shape[0] == len(ids), "InStep: not made on the same sequences and chunks"
+        return logits
+
+
 # ----------------------------------------------------------------------------- the measures
 def log_softmax(x: np.ndarray) -> torch.Tensor:
     """float64 log-probabilities of logits [rows, vocab] (KLDs of f16 files are ~1e-7: float32 rounding would be of
@@ -367,10 +383,12 @@ def mean_loss(losses: dict[str, list[float]], records: list[str]) -> float:
     return total / count if count else math.nan
 
 
-def score(chunks: Iterator[tuple[int, np.ndarray]], sequences: list[Sequence], gguf: GGUF, prompts: int = 0):
-    """Run one GGUF over `sequences` in step with the reference's chunks. Returns the file's tally against the
-    reference and the reference's own (its perplexity and losses). The first `prompts` sequences are chat prompts:
-    their last position's logits are compared raw too (NMSE)."""
+def score(
+    chunks: Iterator[tuple[int, np.ndarray]], sequences: list[Sequence], gguf: GGUF | InStep, prompts: int = 0
+) -> tuple[Tally, Tally]:
+    """Run one GGUF (or InStep) over `sequences` in step with the reference's chunks. Returns the file's tally
+    against the reference and the reference's own (its perplexity and losses). The first `prompts` sequences are
+    chat prompts: their last position's logits are compared raw too (NMSE)."""
     tally, ref_tally = Tally(), Tally()
     t_prev, pos = -1, 0
     bar = progress(sum(len(s.ids) for s in sequences), f"score {gguf.path.name}", "tokens")

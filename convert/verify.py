@@ -12,11 +12,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
 from transformers import AutoConfig, AutoTokenizer
 
 from convert.gguf_header import read_header
+from convert.merge import Merge, nf4_weights
 from convert.reference import Reference, reference_device
-from convert.score import CHUNK, GGUF, ReferenceChunks, Sequence, score, windows
+from convert.score import CHUNK, GGUF, InStep, ReferenceChunks, Sequence, score, windows
 from core.errors import EXIT_VERIFICATION, PipelineError
 from core.files import atomic_write_json, atomic_write_text, human_size
 from core.gates import Gate, at_least, at_most, check, failures
@@ -54,6 +56,7 @@ REFERENCE_TEXTS = [
     "The data volume is at 91%; the system disk has 40 GB free.<end_of_turn>\n",
 ]
 
+MERGE = "merge"  # FileReport.quant of the merge check's reports (verify_merge)
 CHECKS = ("tokens_identical", "chat_template", "stop_token")  # every file's, whatever its type (_checks)
 HF_REFERENCE = "HF model"  # FileReport.reference of a file scored against the HF model
 
@@ -78,7 +81,7 @@ class FileReport:
 
 
 class VerificationFailed(PipelineError):
-    """A GGUF failed a gate: nothing was published; the report is in the run folder."""
+    """A GGUF, or the merge, failed a gate: nothing was published; the report is in the run folder."""
 
     exit_code = EXIT_VERIFICATION
 
@@ -192,20 +195,7 @@ def verify_files(
     in full; `fallback` (training records' ids) only while short of verify.min_scored_tokens. scratch_dir: where the
     reference's logits are kept between files (ReferenceChunks; None: recomputed for each file)."""
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    context = getattr(AutoConfig.from_pretrained(str(model_dir)), "max_position_embeddings", None) or 8192
-    window = min(verify_cfg.max_tokens_per_text, context)
-    scored = scored_set(
-        tokenizer, list(verify_cfg.prompts), heldout, fallback or [], verify_cfg.min_scored_tokens, window
-    )
-    log.info(
-        f"  scoring {len(files)} file(s) on {scored.positions} positions ({len(scored.sequences)} sequences of "
-        f"<= {window} tokens; {', '.join(f'{k} {v}' for k, v in scored.sources.items())})"
-    )
-    if scored.short:
-        log.warning(
-            f"  only {scored.positions} positions to score, fewer than verify.min_scored_tokens="
-            f"{scored.minimum}: gated on what there is (give verify.heldout_files more records)"
-        )
+    scored, window = _scored_set(model_dir, tokenizer, verify_cfg, heldout, fallback or [], f"{len(files)} file(s)")
     device = reference_device(verify_cfg.device).type
     log.info(f"  reference: the HF model in float32, layer by layer, on the {device.upper()} (verify.device)")
     reference = ReferenceChunks(Reference(model_dir, [s.ids for s in scored.sequences], device), CHUNK, scratch_dir)
@@ -213,6 +203,75 @@ def verify_files(
         return [_verify_file(q, path, reference, scored, window, verify_cfg, tokenizer, log_path) for q, path in files]
     finally:
         reference.close()
+
+
+def _scored_set(
+    model_dir: Path, tokenizer, verify_cfg, heldout: list[HeldOut], fallback: list[list[int]], what: str
+) -> tuple[ScoredSet, int]:
+    """The scored set of verify_cfg for the model in `model_dir`, and its window (logged: `what` is scored on it)."""
+    context = getattr(AutoConfig.from_pretrained(str(model_dir)), "max_position_embeddings", None) or 8192
+    window = min(verify_cfg.max_tokens_per_text, context)
+    scored = scored_set(tokenizer, list(verify_cfg.prompts), heldout, fallback, verify_cfg.min_scored_tokens, window)
+    log.info(
+        f"  scoring {what} on {scored.positions} positions ({len(scored.sequences)} sequences of "
+        f"<= {window} tokens; {', '.join(f'{k} {v}' for k, v in scored.sources.items())})"
+    )
+    if scored.short:
+        log.warning(
+            f"  only {scored.positions} positions to score, fewer than verify.min_scored_tokens="
+            f"{scored.minimum}: gated on what there is (give verify.heldout_files more records)"
+        )
+    return scored, window
+
+
+# The merges the merge check measures: into the base as stored, and (QLoRA) into the 4-bit base dequantized.
+W16, DEQUANTIZED = "the full-precision base", "the dequantized 4-bit base"
+
+
+def verify_merge(
+    base_dir: Path,
+    adapter_dir: Path,
+    qlora: bool,
+    verify_cfg,
+    heldout: list[HeldOut],
+    fallback: list[list[int]],
+    scratch_dir: Path | None = None,
+) -> tuple[list[FileReport], frozenset[str]]:
+    """The merge checked before it is written: each way of merging, computed as the reference reads the base (Merge
+    applied to each weight, no folder written), scored against the model as trained (the adapter added in float32
+    to the base training saw: for QLoRA its weights' nf4 round trip) on the verification's scored set. Returns one
+    report per way, the closest gated on verify.max_merge_kld, and the nf4 weight names of that way (merge_adapter's
+    `nf4`)."""
+    nf4 = nf4_weights(base_dir) if qlora else frozenset()
+    trained = Merge(adapter_dir, nf4)
+    ways = {W16: Merge(adapter_dir)} | ({DEQUANTIZED: trained} if qlora else {})
+    tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
+    scored, _ = _scored_set(base_dir, tokenizer, verify_cfg, heldout, fallback, f"{len(ways)} merge(s)")
+    ids, device = [s.ids for s in scored.sequences], verify_cfg.device
+
+    def as_trained(name: str, tensor):
+        return trained.weight(name, tensor, torch.float32)
+
+    what = f"the adapter on {'the nf4 base training used' if qlora else 'its base'}"
+    reference = ReferenceChunks(Reference(base_dir, ids, device, as_trained), CHUNK, scratch_dir)
+    reports = []
+    try:
+        for way, merge in ways.items():
+            start = time.monotonic()
+            merged = ReferenceChunks(Reference(base_dir, ids, device, merge.weight), CHUNK, None)
+            name = f"merged into {way}"
+            tally, ref_tally = score(iter(reference), scored.sequences, InStep(name, merged), len(scored.prompts))
+            measures = tally.measures() | {"reference_ppl": ref_tally.measures()["ppl"]}
+            reports.append(FileReport(name, MERGE, f"as trained: {what}", measures))
+            log.info(f"  {name}: mean KLD {measures['kld']:.2e} against {what} ({time.monotonic() - start:.0f} s)")
+    finally:
+        reference.close()
+    shipped = min(reports, key=lambda r: r.measures["kld"])
+    shipped.gates = [at_most("kld", shipped.measures["kld"], verify_cfg.max_merge_kld)]
+    for r in reports:
+        if r is not shipped:
+            r.notes.append(f"not shipped: {shipped.path} is closer to the model as trained")
+    return reports, nf4 if shipped.path == f"merged into {DEQUANTIZED}" else frozenset()
 
 
 def _verify_file(
@@ -274,12 +333,13 @@ def to_table(reports: list[FileReport]) -> str:
     for r in reports:
         g, m, nan = {x.name: x for x in r.gates}, r.measures, math.nan
         marks = [("ok" if g[n].passed else "FAIL") if n in g else "-" for n in CHECKS]
+        size = human_size(int(m["size"])) if "size" in m else "-"  # the merge check's rows are no files
+        result = "PASS" if r.passed else "FAIL: " + "; ".join(r.failures())
         rows.append(
-            f"| {Path(r.path).name} | {r.quant} | {r.reference} | {human_size(int(m.get('size', 0)))} | "
+            f"| {Path(r.path).name} | {r.quant} | {r.reference} | {size} | "
             f"{m.get('bits_per_weight', nan):.2f} | {m.get('kld', nan):.2e} | {m.get('kld_p99', nan):.2e} | "
             f"{m.get('top1_all', nan):.1%} | {m.get('ppl', nan):.4g} | {m.get('nmse', nan):.2e} | "
-            f"{' | '.join(marks)} | {gate_text(r.gates)} | "
-            f"{'PASS' if r.passed else 'FAIL: ' + '; '.join(r.failures())} |"
+            f"{' | '.join(marks)} | {gate_text(r.gates)} | {result if r.gates else 'not shipped'} |"
         )
     return "\n".join(rows)
 
@@ -298,10 +358,13 @@ def write_reports(
     run_dir: Path, groups: dict[str, list[FileReport]], verify_cfg, passed: bool, reference: Path | None = None
 ) -> dict:
     """verify.json (machine-readable, returned) and verify.md (the quality table, the reference, the scored token
-    count, the gates and a recommendation per exported model) in the run folder. groups: each model's reports."""
+    count, the gates and a recommendation per exported model) in the run folder. groups: each model's reports, and
+    the merge check's (verify_merge: first in the table, under "merge" in verify.json)."""
     reports = [r for group in groups.values() for r in group]
+    merges, files = [r for r in reports if r.quant == MERGE], [r for r in reports if r.quant != MERGE]
     scored = min((int(r.measures.get("positions", 0)) for r in reports), default=0)
     minimum, budget = verify_cfg.min_scored_tokens, verify_cfg.recommend_max_kld
+    groups = {name: [r for r in group if r.quant != MERGE] for name, group in groups.items()}
     recommended = {name: recommend(group, budget) for name, group in groups.items() if group}
     summary = {
         "passed": passed and all(r.passed for r in reports),
@@ -311,7 +374,8 @@ def write_reports(
         "short_of_minimum": scored < minimum,
         "recommend_max_kld": budget,
         "recommended": {n: (Path(r.path).name if r else None) for n, r in recommended.items()},
-        "files": to_json(reports),
+        "merge": to_json(merges),
+        "files": to_json(files),
     }
     atomic_write_json(run_dir / "verify.json", summary)
     head = ["# Verification", ""]
@@ -322,8 +386,10 @@ def write_reports(
             "",
         ]
     short = f" (SHORT of verify.min_scored_tokens={minimum}: the data holds no more)" if scored < minimum else ""
-    quants = list(dict.fromkeys(r.quant for r in reports))
+    quants = list(dict.fromkeys(r.quant for r in reports if r.quant != MERGE))
     gates = [f"- {q}: {gate_text(quality_gates(q, {}, verify_cfg))}" for q in quants]
+    if any(r.quant == MERGE for r in reports):
+        gates.append(f"- merge: kld <= {verify_cfg.max_merge_kld:g} against the model as trained (the shipped merge)")
     head += [f"Scored positions per file: {scored}{short}.", "", "Gates:", *gates]
     head += ["- every type: tokens identical, chat template equal, <end_of_turn> stops generation", ""]
     lines = [to_table(reports), ""]
@@ -335,6 +401,8 @@ def write_reports(
         "included); KLD: KL(reference || file) per position; same top-1: argmax agreement; ppl: perplexity of the "
         "scored text under the file's own logits (llama.cpp).",
     ]
+    if merges:
+        legend.append("merge: the merged HF model, before conversion, against the model as trained (float32).")
     tail = ["", "Notes:", *notes] if notes else []
     atomic_write_text(run_dir / "verify.md", "\n".join([*head, *lines, *legend, *tail]) + "\n")
     return summary

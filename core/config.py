@@ -73,7 +73,8 @@ class ModelSection(Section):
     version torch was built for) when CUDA is unusable, instead of silently training on the CPU."""
     load_in_4bit: bool = False
     """QLoRA: load the frozen base in 4 bits with bitsandbytes (nf4, double quantization, compute in model.dtype).
-    Export still merges the adapter into the full-precision base read from its safetensors."""
+    Export merges the adapter both into the 16-bit base and into the dequantized 4-bit one, and ships the merge
+    closer to the model as trained (verify.max_merge_kld)."""
     chat_template: str | None = "gemma"
     """Chat template to train with and ship: a built-in name (core/templates/NAME.jinja), a .jinja path, or
     null to keep the tokenizer's own. google/gemma-2-2b (base) ships none, so the default installs Gemma's."""
@@ -363,6 +364,9 @@ class VerifySection(Section):
     min_scored_tokens: int = Field(2048, ge=1)
     """Positions scored per file (the statistical power of mean/p99 KLD and same-top-1). If all the data is
     shorter, verification gates on what there is and the report says it fell short."""
+    max_merge_kld: float = Field(0.01, gt=0)
+    """Max mean KL(model as trained || merged model): the adapter on its base (for QLoRA, the nf4 base training
+    saw) against the merged HF model every GGUF is then verified against. Checked before the merge is written."""
     recommend_max_kld: float = Field(0.02, gt=0)
     """Recommendation budget: verify.md names the smallest file whose mean KLD is within it. 0.02 nats of KL
     is about a 2% rise in perplexity, stricter than q4_k_m's hard gate (0.05)."""

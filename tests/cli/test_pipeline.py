@@ -188,6 +188,10 @@ def test_verification_report_within_gates(golden):
         )["path"]
     )
     assert f"{FT}: Recommended: {best} " in md
+    [merge] = report["merge"]  # LoRA: one way to merge, into the base as stored (f32 here: rounding only)
+    assert merge["path"] == "merged into the full-precision base" and merge["passed"] and merge["quant"] == "merge"
+    assert merge["measures"]["kld"] < 1e-6 and merge["measures"]["positions"] == report["scored_tokens"]
+    assert "| merged into the full-precision base | merge | as trained: the adapter on its base |" in md
     assert f"recommended:  models/gguf/{best} ({FT}" in (golden / "train.out").read_text()  # the run summary
 
 

@@ -9,9 +9,13 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from convert.merge import merge_adapter
+from convert.merge import Merge, merge_adapter, nf4_roundtrip, nf4_weights
+from convert.reference import Reference
+from convert.score import CHUNK
+from convert.verify import W16, verify_merge
+from core.config import Config
 from core.errors import RunError
 from core.hub import resolve_model
 from core.tokenizer import save_tokenizer
@@ -79,3 +83,74 @@ def test_dora_is_refused(hf_home, tok, tmp_path):
     (adapter_dir / "adapter_config.json").write_text(json.dumps(config | {"use_dora": True}))
     with pytest.raises(RunError, match="does not support DoRA"):
         merge_adapter(base_dir, adapter_dir, tmp_path / "merged")
+
+
+# ----------------------------------------------------------------------------- the merge check
+def qlora_model(base_dir: Path, adapter_dir: Path):
+    """The model as QLoRA trains it: the base loaded in nf4 by transformers and bitsandbytes, the adapter on top."""
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        str(base_dir),
+        dtype=torch.float32,
+        quantization_config=quant,
+        device_map={"": "cpu"},
+        attn_implementation="eager",
+    )
+    return PeftModel.from_pretrained(model, str(adapter_dir)).eval()
+
+
+def test_the_nf4_round_trip_is_the_base_qlora_trains_on(hf_home, tok, tmp_path):
+    """nf4_weights names exactly the weights bitsandbytes loading quantizes, nf4_roundtrip gives their values, and the
+    reference with the adapter added that way computes what the QLoRA model computes."""
+    import bitsandbytes.functional as bnb
+
+    base_dir, adapter_dir = make_base_and_adapter(hf_home, tok, tmp_path, torch.bfloat16, False)
+    model = qlora_model(base_dir, adapter_dir)
+    stored = load_file(str(base_dir / "model.safetensors"))
+    quantized = {
+        f"{name.removeprefix('base_model.model.').replace('.base_layer', '')}.weight": m
+        for name, m in model.named_modules()
+        if type(m).__name__ == "Linear4bit"
+    }
+    assert set(quantized) == nf4_weights(base_dir)
+    for name, m in quantized.items():
+        loaded = bnb.dequantize_4bit(m.weight.data, m.weight.quant_state).float()
+        assert torch.equal(loaded, nf4_roundtrip(stored[name])), name
+
+    trained = Merge(adapter_dir, nf4_weights(base_dir))
+    ids = tok("The backup finished at 02:14 and every snapshot verified.")["input_ids"]
+    reference = Reference(base_dir, [ids], "cpu", lambda n, t: trained.weight(n, t, torch.float32))
+    ours = torch.from_numpy(reference.logits_of(reference.plan(CHUNK)))
+    with torch.no_grad():
+        theirs = model(torch.tensor([ids])).logits[0].float()
+    assert torch.allclose(ours, theirs, atol=1e-4, rtol=1e-4), (ours - theirs).abs().max()
+
+
+def test_the_merge_check_ships_the_merge_closest_to_the_model_as_trained(hf_home, tok, tmp_path):
+    base_dir, adapter_dir = make_base_and_adapter(hf_home, tok, tmp_path, torch.bfloat16, False)
+    verify = Config().verify.model_copy(update={"min_scored_tokens": 64, "device": "cpu"})
+
+    reports, nf4 = verify_merge(base_dir, adapter_dir, False, verify, [], [])
+    [lora] = reports
+    assert nf4 == frozenset() and lora.path == f"merged into {W16}" and lora.passed
+    assert 0 < lora.measures["kld"] < 1e-4  # bf16 rounding of the merged weights, nothing more
+    assert lora.measures["positions"] >= 64
+
+    reports, nf4 = verify_merge(base_dir, adapter_dir, True, verify, [], [])
+    w16, dequantized = reports
+    assert nf4 == nf4_weights(base_dir)  # shipped: the dequantized 4-bit base, which QLoRA trained on
+    assert dequantized.gates and dequantized.passed and not w16.gates and "not shipped" in w16.notes[0]
+    assert dequantized.measures["kld"] < lora.measures["kld"] * 10 < w16.measures["kld"]
+
+    strict = verify.model_copy(update={"max_merge_kld": 1e-12})
+    _, shipped = verify_merge(base_dir, adapter_dir, True, strict, [], [])[0]
+    assert not shipped.passed and shipped.failures()[0].startswith("kld ")
+    merge = Merge(adapter_dir, nf4)
+    out = merge_adapter(base_dir, adapter_dir, tmp_path / "merged", nf4)
+    for name, tensor in load_file(str(out / "model.safetensors")).items():
+        assert torch.equal(tensor, merge.weight(name, load_file(str(base_dir / "model.safetensors"))[name]))
