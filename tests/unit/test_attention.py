@@ -6,21 +6,19 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
-from transformers import Gemma2Config, Gemma2ForCausalLM
+from transformers import PreTrainedModel
 
 from core.config import ConfigError, load_config
-from scripts.tiny_model import TINY_CONFIG
+from tests.support import families
 from train.data import collate
 
 VOCAB = 320
 
 
-def gemma(attn: str, attn_softcap: float | None = 50.0) -> Gemma2ForCausalLM:
-    torch.manual_seed(0)
+def gemma(attn: str, attn_softcap: float | None = 50.0, family: str = "gemma2") -> PreTrainedModel:
     # initializer_range 1.0 makes the raw attention scores exceed the softcap of 50, so it decides the result
-    shape = dict(TINY_CONFIG, num_hidden_layers=2, vocab_size=VOCAB, initializer_range=1.0, sliding_window=16)
-    shape["attn_logit_softcapping"] = attn_softcap
-    return Gemma2ForCausalLM(Gemma2Config(**shape, attn_implementation=attn)).float()
+    shape = dict(num_hidden_layers=2, vocab_size=VOCAB, initializer_range=1.0, sliding_window=16)
+    return families.small_gemma(family, attn_logit_softcapping=attn_softcap, attn_implementation=attn, **shape)
 
 
 def packed_batch() -> dict:
@@ -34,24 +32,26 @@ def packed_batch() -> dict:
     return collate(rows, pad_id=0)
 
 
-def loss_and_grads(model: Gemma2ForCausalLM, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def loss_and_grads(model: PreTrainedModel, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     model.zero_grad(set_to_none=True)
     loss = model(**batch).loss
     loss.backward()
     return loss.detach(), {n: p.grad for n, p in model.named_parameters() if "layers.0.self_attn" in n}
 
 
-def test_flex_attention_equals_eager_on_a_packed_batch_with_softcap():
-    """Forward only: torch 2.13's FlexAttention has no backward on CPU (the gpu test below checks gradients)."""
+@pytest.mark.parametrize("family", families.FAMILIES)
+def test_flex_attention_equals_eager_on_a_packed_batch_with_softcap(family):
+    """Forward only: torch 2.13's FlexAttention has no backward on CPU (the gpu test below checks gradients).
+    Gemma 3: no softcap, a local and a global layer with their own RoPE bases, the window shorter than the rows."""
     batch = packed_batch()
     assert "position_ids" in batch and "attention_mask" not in batch  # really packed: isolation by positions
     with torch.no_grad():
-        ref = gemma("eager")(**batch).loss
-        flex = gemma("flex_attention")(**batch).loss
-        uncapped = gemma("eager", attn_softcap=None)(**batch).loss
+        ref = gemma("eager", family=family)(**batch).loss
+        flex = gemma("flex_attention", family=family)(**batch).loss
+        uncapped = gemma("eager", attn_softcap=None, family=family)(**batch).loss
     torch.testing.assert_close(flex, ref, atol=1e-5, rtol=1e-5)
-    # the softcap matters at these weights: without it the loss moves far beyond the tolerance above
-    assert abs(float(uncapped) - float(ref)) > 1e-2
+    if family == "gemma2":  # the softcap matters at these weights: without it the loss moves far beyond the tolerance
+        assert abs(float(uncapped) - float(ref)) > 1e-2
 
 
 @pytest.mark.gpu

@@ -10,27 +10,24 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 import torch._dynamo
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from torch._dynamo.utils import counters
-from transformers import Gemma2Config, Gemma2ForCausalLM
 
 from core.config import ConfigError, load_config
 from core.errors import RunError
 from core.runfolder import RunFolder
 from scripts.tiny_model import TINY_CONFIG
+from tests.support import families
 from train.model import compile_layers
 from train.trainer import training_arguments
 
 VOCAB = 512
 LAYERS = TINY_CONFIG["num_hidden_layers"]
 SEQ = 24  # longer than the sliding window (16): the sliding layers' mask differs from the full layers'
-# the demo model's shapes and softcaps (scripts/tiny_model.py), a smaller vocabulary and window
-SHAPE: dict[str, Any] = dict(TINY_CONFIG, vocab_size=VOCAB, sliding_window=16, attn_implementation="eager")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -44,10 +41,9 @@ def fresh_dynamo() -> Iterator[None]:
     counters.clear()
 
 
-def tiny_lora_gemma(seed: int = 0, layers: int = LAYERS) -> PeftModel:
-    torch.manual_seed(seed)
-    config = Gemma2Config(**dict(SHAPE, num_hidden_layers=layers))
-    model = Gemma2ForCausalLM(config).float()
+def tiny_lora_gemma(seed: int = 0, layers: int = LAYERS, family: str = "gemma2") -> PeftModel:
+    shape = dict(vocab_size=VOCAB, sliding_window=16, num_hidden_layers=layers, attn_implementation="eager")
+    model = families.small_gemma(family, seed, **shape)
     # init_lora_weights=False: B is random too, so A gets a gradient (with B = 0 it would be zero on both paths)
     lora = LoraConfig(
         task_type="CAUSAL_LM", r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False, target_modules=TARGETS
@@ -74,15 +70,16 @@ def lora_grads_after_step(model: PeftModel) -> tuple[torch.Tensor, dict[str, tor
     return loss.detach(), grads
 
 
-def test_compile_layers_compiles_each_decoder_layer_and_nothing_else():
-    model = tiny_lora_gemma()
+@pytest.mark.parametrize(("family", "layer"), [("gemma2", "Gemma2DecoderLayer"), ("gemma3_text", "Gemma3DecoderLayer")])
+def test_compile_layers_compiles_each_decoder_layer_and_nothing_else(family, layer):
+    model = tiny_lora_gemma(family=family)
     layers = list(model.get_base_model().model.layers)
     assert compile_layers(model) == LAYERS
     compiled = [m for m in model.modules() if m._compiled_call_impl is not None]
     assert [id(m) for m in compiled] == [id(m) for m in layers]
-    assert {type(m).__name__ for m in compiled} == {"Gemma2DecoderLayer"}
+    assert {type(m).__name__ for m in compiled} == {layer}
     # compiled in place: the adapter's keys (checkpoints, resume, export) are the eager model's, no _orig_mod.
-    eager_keys = list(get_peft_model_state_dict(tiny_lora_gemma()))
+    eager_keys = list(get_peft_model_state_dict(tiny_lora_gemma(family=family)))
     assert list(get_peft_model_state_dict(model)) == eager_keys and len(eager_keys) == 2 * 7 * LAYERS
 
 

@@ -13,10 +13,10 @@ import torch
 import trl.kernels.chunked_logprob as chunked
 import trl.trainer.utils as trl_utils
 from peft import LoraConfig, get_peft_model
-from transformers import Gemma2Config, Gemma2ForCausalLM
+from transformers import PreTrainedModel
 
 from core.records.render import IGNORE_INDEX
-from scripts.tiny_model import TINY_CONFIG
+from tests.support import families
 from train.data import collate
 from train.loss import enable_fused_lm_head
 
@@ -24,14 +24,12 @@ VOCAB = 384
 BOS = 2
 
 
-def small_gemma(seed: int = 0, softcap: float | None = 30.0) -> Gemma2ForCausalLM:
-    torch.manual_seed(seed)
-    shape = dict(TINY_CONFIG, num_hidden_layers=2, vocab_size=VOCAB, initializer_range=1.0)
-    shape["final_logit_softcapping"] = softcap
-    return Gemma2ForCausalLM(Gemma2Config(**shape, attn_implementation="eager")).float()
+def small_gemma(seed: int = 0, softcap: float | None = 30.0, family: str = "gemma2") -> PreTrainedModel:
+    shape = dict(num_hidden_layers=2, vocab_size=VOCAB, initializer_range=1.0, final_logit_softcapping=softcap)
+    return families.small_gemma(family, seed, attn_implementation="eager", **shape)
 
 
-def lora(model: Gemma2ForCausalLM):
+def lora(model: PreTrainedModel):
     # init_lora_weights=False: B is random too, so A gets a gradient (with B = 0 it would be zero on both paths)
     cfg = LoraConfig(
         task_type="CAUSAL_LM",
@@ -77,16 +75,18 @@ def small_tiles(monkeypatch):
     monkeypatch.setattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", 100)  # 384 = 3 full chunks + a partial one
 
 
+@pytest.mark.parametrize("family", families.FAMILIES)
 @pytest.mark.parametrize(
     "batch",
     [rows([40, 23, 31]), packed([[20, 17, 9], [30, 12]])],
     ids=["padded", "packed"],
 )
-def test_fused_loss_and_lora_grads_equal_reference(batch, small_tiles):
+def test_fused_loss_and_lora_grads_equal_reference(batch, family, small_tiles):
+    """Gemma 3 too: no final softcap, so the fused loss must not apply one (TRL reads it from the config)."""
     inputs = collate(batch, pad_id=0)
-    reference = lora(small_gemma())
+    reference = lora(small_gemma(family=family))
     ref_loss, ref_grads = loss_and_grads(reference, inputs)
-    base = small_gemma()
+    base = small_gemma(family=family)
     enable_fused_lm_head(base)
     fused = lora(base)
     out = fused(**inputs)
