@@ -262,7 +262,7 @@ def verify_merge(
             name = f"merged into {way}"
             tally, ref_tally = score(iter(reference), scored.sequences, InStep(name, merged), len(scored.prompts))
             measures = tally.measures() | {"reference_ppl": ref_tally.measures()["ppl"]}
-            reports.append(FileReport(name, MERGE, f"as trained: {what}", measures))
+            reports.append(FileReport(name, MERGE, f"as trained: {what}", measures, [], [], tally.loss, ref_tally.loss))
             log.info(f"  {name}: mean KLD {measures['kld']:.2e} against {what} ({time.monotonic() - start:.0f} s)")
     finally:
         reference.close()
@@ -334,10 +334,11 @@ def to_table(reports: list[FileReport]) -> str:
         g, m, nan = {x.name: x for x in r.gates}, r.measures, math.nan
         marks = [("ok" if g[n].passed else "FAIL") if n in g else "-" for n in CHECKS]
         size = human_size(int(m["size"])) if "size" in m else "-"  # the merge check's rows are no files
+        bits = f"{m['bits_per_weight']:.2f}" if "bits_per_weight" in m else "-"
         result = "PASS" if r.passed else "FAIL: " + "; ".join(r.failures())
         rows.append(
             f"| {Path(r.path).name} | {r.quant} | {r.reference} | {size} | "
-            f"{m.get('bits_per_weight', nan):.2f} | {m.get('kld', nan):.2e} | {m.get('kld_p99', nan):.2e} | "
+            f"{bits} | {m.get('kld', nan):.2e} | {m.get('kld_p99', nan):.2e} | "
             f"{m.get('top1_all', nan):.1%} | {m.get('ppl', nan):.4g} | {m.get('nmse', nan):.2e} | "
             f"{' | '.join(marks)} | {gate_text(r.gates)} | {result if r.gates else 'not shipped'} |"
         )
