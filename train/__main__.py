@@ -55,7 +55,7 @@ def memory_size(text: str) -> int:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m train",
-        description="LoRA fine-tuning of Gemma 2 with verified GGUF export through llama.cpp.",
+        description="LoRA and QLoRA fine-tuning of Gemma 2 (3 and 1 too) with verified GGUF export through llama.cpp.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

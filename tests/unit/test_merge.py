@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from convert.merge import Merge, merge_adapter, nf4_roundtrip, nf4_weights
 from convert.reference import Reference
 from convert.score import CHUNK
-from convert.verify import W16, verify_merge
+from convert.verify import DEQUANTIZED, W16, VerificationFailed, verify_merge, write_reports
 from core.config import Config
 from core.errors import RunError
 from core.hub import resolve_model
@@ -148,8 +148,17 @@ def test_the_merge_check_ships_the_merge_closest_to_the_model_as_trained(hf_home
     assert dequantized.measures["kld"] < lora.measures["kld"] * 10 < w16.measures["kld"]
 
     strict = verify.model_copy(update={"max_merge_kld": 1e-12})
-    _, shipped = verify_merge(base_dir, adapter_dir, True, strict, [], [])[0]
-    assert not shipped.passed and shipped.failures()[0].startswith("kld ")
+    failed, _ = verify_merge(base_dir, adapter_dir, True, strict, [], [])
+    assert not failed[1].passed and failed[1].failures()[0].startswith("kld ")
+    # what the export writes and says when the merge fails its gate (convert.export._merge: nothing merged yet)
+    error = VerificationFailed(failed)
+    assert f"merged into {DEQUANTIZED} [merge]: failed kld = " in str(error) and W16 not in str(error)
+    written = write_reports(tmp_path, {"": error.reports}, strict, passed=False)
+    assert written["passed"] is False and written["files"] == [] and written["recommended"] == {}
+    assert [m["passed"] for m in written["merge"]] == [True, False]  # the way not shipped has no gate
+    md = (tmp_path / "verify.md").read_text()
+    assert f"| merged into {DEQUANTIZED} | merge |" in md and "| kld <= 1e-12 | FAIL: kld = " in md
+    assert "- merge: kld <= 1e-12 against the model as trained" in md
     merge = Merge(adapter_dir, nf4)
     out = merge_adapter(base_dir, adapter_dir, tmp_path / "merged", nf4)
     for name, tensor in load_file(str(out / "model.safetensors")).items():
