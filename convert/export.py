@@ -23,7 +23,7 @@ from convert.llamacpp import version_info
 from convert.lora_gguf import LoraReport, export_lora_gguf
 from convert.merge import is_tokenizer_file, merge_adapter
 from convert.modelfile import write_modelfile
-from convert.verify import FileReport, VerificationFailed, verify_merge, write_reports
+from convert.verify import FileReport, MergeCheck, VerificationFailed, verify_merge, write_reports
 from core import releases
 from core.config import BASE_EXPORT, Config, keys_affecting
 from core.errors import PipelineError, RunError
@@ -90,12 +90,15 @@ def export_run(
     models: list[ModelGGUFs] = []
     merges: list[FileReport] = []
     try:
-        merges = _merge(cfg, folder, base, heldout, training, merged)
+        check = _merge(cfg, folder, base, heldout, training, merged)
+        merges = check.reports
         log.info(f"exporting fine-tuned model as {cfg.export.name} ({', '.join(cfg.export.quants)})")
         adapter_sha = sha256_file(folder.adapter / "adapter_model.safetensors")
         keys = provenance(cfg, base) | {"finetune.adapter_sha256": adapter_sha}
         work = folder.export_dir / cfg.export.name
-        models.append(export_ggufs(merged, cfg.export.name, cfg.export, cfg.verify, work, keys, heldout, training))
+        models.append(
+            export_ggufs(merged, cfg.export.name, cfg.export, cfg.verify, work, keys, heldout, training, check)
+        )
         current = current_base_export(cfg, base)
         if cfg.export.export_base and current is None:
             models.append(_export_base(cfg, folder, base, heldout, training))
@@ -153,19 +156,20 @@ def export_run(
 
 def _merge(
     cfg: Config, folder: RunFolder, base: ResolvedModel, heldout: list[HeldOut], training: list[list[int]], out: Path
-) -> list[FileReport]:
-    """The merge check (convert.verify.verify_merge), then the way it chose written to `out`; its reports.
-    VerificationFailed, with nothing written, when that way is not within verify.max_merge_kld."""
+) -> MergeCheck:
+    """The merge check (convert.verify.verify_merge), then the way it chose written to `out`. VerificationFailed,
+    with nothing written, when that way is not within verify.max_merge_kld."""
     log.info("checking the merge against the model as trained")
     folder.export_dir.mkdir(parents=True, exist_ok=True)  # its reference logits are kept there between merges
-    merges, nf4 = verify_merge(
+    check = verify_merge(
         base.path, folder.adapter, cfg.model.load_in_4bit, cfg.verify, heldout, training, folder.export_dir
     )
-    if not all(r.passed for r in merges):
-        raise VerificationFailed(merges)
-    log.info(f"merging adapter into {'the dequantized 4-bit base' if nf4 else 'the base'}: {base.repo_id or base.path}")
-    merge_adapter(base.path, folder.adapter, out, nf4)
-    return merges
+    if not all(r.passed for r in check.reports):
+        raise VerificationFailed(check.reports)
+    into = "the dequantized 4-bit base" if check.nf4 else "the base"
+    log.info(f"merging adapter into {into}: {base.repo_id or base.path}")
+    merge_adapter(base.path, folder.adapter, out, check.nf4)
+    return check
 
 
 def _drop_float_intermediates(cfg: Config, models: list[ModelGGUFs]) -> None:

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 
 from convert.imatrix import compute_imatrix
 from convert.llamacpp import convert_hf_to_gguf, quantize
-from convert.verify import FileReport, VerificationFailed, verify_files
+from convert.verify import FileReport, MergeCheck, VerificationFailed, verify_files
 from core.quants import QUANTS, float_gguf_type
 from core.records.heldout import HeldOut
 
@@ -49,10 +49,12 @@ def export_ggufs(
     provenance: dict[str, str],
     heldout: list[HeldOut],
     training: list[list[int]],
+    merge: MergeCheck | None = None,
 ) -> ModelGGUFs:
     """Convert one HF folder to every configured GGUF type in work_dir and verify all. training: the run's training
-    records' ids, the importance matrix's calibration text and the scored set's filler. Raises VerificationFailed if
-    a gate fails (the files stay for inspection); any other stop removes them."""
+    records' ids, the importance matrix's calibration text and the scored set's filler; merge: the merge check that
+    made model_dir (its reference is the verification's). Raises VerificationFailed if a gate fails (the files stay
+    for inspection); any other stop removes them."""
     work_dir.mkdir(parents=True, exist_ok=True)
     remove_work_files(work_dir, name)  # an earlier attempt's files are not this attempt's
     log_path = work_dir / "convert.log"
@@ -78,7 +80,7 @@ def export_ggufs(
                 quantize(source, files[quant], quant, export_cfg.token_embedding_type, log_path, imatrix=weights)
         log.info(f"  verifying {len(files)} file(s) against the HF model, one at a time")
         # work_dir keeps the reference's logits between files (unnamed: gone with the process)
-        reports = verify_files(model_dir, list(files.items()), verify_cfg, heldout, log_path, training, work_dir)
+        reports = verify_files(model_dir, list(files.items()), verify_cfg, heldout, log_path, training, work_dir, merge)
     except BaseException:
         remove_work_files(work_dir, name)
         raise

@@ -190,15 +190,22 @@ def verify_files(
     log_path: Path | None = None,
     fallback: list[list[int]] | None = None,
     scratch_dir: Path | None = None,
+    merge: MergeCheck | None = None,
 ) -> list[FileReport]:
     """Verify several GGUFs ((quant name, path) pairs) of the HF model in `model_dir`. `heldout` records are scored
     in full; `fallback` (training records' ids) only while short of verify.min_scored_tokens. scratch_dir: where the
-    reference's logits are kept between files (ReferenceChunks; None: recomputed for each file)."""
+    reference's logits are kept between files (ReferenceChunks; None: recomputed for each file). merge: the merge
+    check that made model_dir, whose reference of it (on the same scored set) is used rather than computed again."""
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    scored, window = _scored_set(model_dir, tokenizer, verify_cfg, heldout, fallback or [], f"{len(files)} file(s)")
     device = reference_device(verify_cfg.device).type
-    log.info(f"  reference: the HF model in float32, layer by layer, on the {device.upper()} (verify.device)")
-    reference = ReferenceChunks(Reference(model_dir, [s.ids for s in scored.sequences], device), CHUNK, scratch_dir)
+    if merge is None:
+        scored, window = _scored_set(model_dir, tokenizer, verify_cfg, heldout, fallback or [], f"{len(files)} file(s)")
+        log.info(f"  reference: the HF model in float32, layer by layer, on the {device.upper()} (verify.device)")
+        model = Reference(model_dir, [s.ids for s in scored.sequences], device)
+    else:
+        scored, window, model = merge.scored, merge.window, merge.reference
+        log.info(f"  reference: the merged model in float32 as the merge check computed it, on the {device.upper()}")
+    reference = ReferenceChunks(model, CHUNK, scratch_dir)
     try:
         return [_verify_file(q, path, reference, scored, window, verify_cfg, tokenizer, log_path) for q, path in files]
     finally:
@@ -228,6 +235,19 @@ def _scored_set(
 W16, DEQUANTIZED = "the full-precision base", "the dequantized 4-bit base"
 
 
+@dataclass
+class MergeCheck:
+    """verify_merge's result: a report per way of merging (the closest gated), the nf4 weight names of that way
+    (merge_adapter's `nf4`), and its reference on the scored set, which the verification of the merged model's
+    GGUFs reuses (verify_files): its decoder pass is the one the merged folder would give, computed already."""
+
+    reports: list[FileReport]
+    nf4: frozenset[str]
+    reference: Reference
+    scored: ScoredSet
+    window: int
+
+
 def verify_merge(
     base_dir: Path,
     adapter_dir: Path,
@@ -236,17 +256,15 @@ def verify_merge(
     heldout: list[HeldOut],
     fallback: list[list[int]],
     scratch_dir: Path | None = None,
-) -> tuple[list[FileReport], frozenset[str]]:
+) -> MergeCheck:
     """The merge checked before it is written: each way of merging, computed as the reference reads the base (Merge
     applied to each weight, no folder written), scored against the model as trained (the adapter added in float32
-    to the base training saw: for QLoRA its weights' nf4 round trip) on the verification's scored set. Returns one
-    report per way, the closest gated on verify.max_merge_kld, and the nf4 weight names of that way (merge_adapter's
-    `nf4`)."""
+    to the base training saw: for QLoRA its weights' nf4 round trip) on the verification's scored set."""
     nf4 = nf4_weights(base_dir) if qlora else frozenset()
     trained = Merge(adapter_dir, nf4)
     ways = {W16: Merge(adapter_dir)} | ({DEQUANTIZED: trained} if qlora else {})
     tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
-    scored, _ = _scored_set(base_dir, tokenizer, verify_cfg, heldout, fallback, f"{len(ways)} merge(s)")
+    scored, window = _scored_set(base_dir, tokenizer, verify_cfg, heldout, fallback, f"{len(ways)} merge(s)")
     ids, device = [s.ids for s in scored.sequences], verify_cfg.device
 
     def as_trained(name: str, tensor):
@@ -254,24 +272,29 @@ def verify_merge(
 
     what = f"the adapter on {'the nf4 base training used' if qlora else 'its base'}"
     reference = ReferenceChunks(Reference(base_dir, ids, device, as_trained), CHUNK, scratch_dir)
-    reports = []
+    reports, merged = [], []
     try:
         for way, merge in ways.items():
             start = time.monotonic()
-            merged = ReferenceChunks(Reference(base_dir, ids, device, merge.weight), CHUNK, None)
-            name = f"merged into {way}"
-            tally, ref_tally = score(iter(reference), scored.sequences, InStep(name, merged), len(scored.prompts))
+            merged.append(Reference(base_dir, ids, device, merge.weight))
+            name, candidate = (
+                f"merged into {way}",
+                InStep(f"merged into {way}", ReferenceChunks(merged[-1], CHUNK, None)),
+            )
+            tally, ref_tally = score(iter(reference), scored.sequences, candidate, len(scored.prompts))
             measures = tally.measures() | {"reference_ppl": ref_tally.measures()["ppl"]}
             reports.append(FileReport(name, MERGE, f"as trained: {what}", measures, [], [], tally.loss, ref_tally.loss))
             log.info(f"  {name}: mean KLD {measures['kld']:.2e} against {what} ({time.monotonic() - start:.0f} s)")
     finally:
         reference.close()
-    shipped = min(reports, key=lambda r: r.measures["kld"])
+    best = min(range(len(reports)), key=lambda i: reports[i].measures["kld"])
+    shipped = reports[best]
     shipped.gates = [at_most("kld", shipped.measures["kld"], verify_cfg.max_merge_kld)]
     for r in reports:
         if r is not shipped:
             r.notes.append(f"not shipped: {shipped.path} is closer to the model as trained")
-    return reports, nf4 if shipped.path == f"merged into {DEQUANTIZED}" else frozenset()
+    shipped_nf4 = nf4 if shipped.path == f"merged into {DEQUANTIZED}" else frozenset()
+    return MergeCheck(reports, shipped_nf4, merged[best], scored, window)
 
 
 def _verify_file(

@@ -10,10 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import Gemma2Config, Gemma2ForCausalLM
+from transformers import Gemma2Config
 
 from core.config import Config
 from scripts.tiny_model import TINY_CONFIG
+from tests.support import families
 from train.device import Placement
 from train.loss import enable_fused_lm_head
 from train.memory import PeakMemory, describe, estimate_step_memory
@@ -33,9 +34,12 @@ def config(**training) -> Config:
     )
 
 
-def measured_peak(cfg: Config) -> int:
-    torch.manual_seed(0)
-    model = Gemma2ForCausalLM(Gemma2Config(**SHAPE, attn_implementation="eager"))
+def small(family: str):
+    return families.small_gemma(family, vocab_size=8192, num_hidden_layers=2, attn_implementation="eager")
+
+
+def measured_peak(cfg: Config, family: str = "gemma2") -> int:
+    model = small(family)
     if cfg.training.activation_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -60,18 +64,16 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def estimates() -> dict[str, int]:
-    return {
-        name: estimate_step_memory(Gemma2Config(**SHAPE), config(**t), Placement(False, "eager")).peak
-        for name, t in CASES.items()
-    }
+# every case on Gemma 2; Gemma 3 (its own layers, QK-norm, no softcaps) at both ends
+MEASURED = [("gemma2", n) for n in CASES] + [("gemma3_text", "plain"), ("gemma3_text", "fused+checkpointing")]
 
 
-@pytest.mark.parametrize("name", CASES)
-def test_estimate_within_10_percent_of_the_measured_cpu_peak(name, estimates):
-    measured = measured_peak(config(**CASES[name]))
-    assert 0.9 * measured <= estimates[name] <= 1.1 * measured, (name, estimates[name], measured)
+@pytest.mark.parametrize(("family", "name"), MEASURED)
+def test_estimate_within_10_percent_of_the_measured_cpu_peak(family, name):
+    cfg = config(**CASES[name])
+    estimate = estimate_step_memory(small(family).config, cfg, Placement(False, "eager")).peak
+    measured = measured_peak(cfg, family)
+    assert 0.9 * measured <= estimate <= 1.1 * measured, (family, name, estimate, measured)
 
 
 def test_estimate_moves_with_the_knobs():

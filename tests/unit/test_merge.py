@@ -135,20 +135,20 @@ def test_the_merge_check_ships_the_merge_closest_to_the_model_as_trained(hf_home
     base_dir, adapter_dir = make_base_and_adapter(hf_home, tok, tmp_path, torch.bfloat16, False)
     verify = Config().verify.model_copy(update={"min_scored_tokens": 64, "device": "cpu"})
 
-    reports, nf4 = verify_merge(base_dir, adapter_dir, False, verify, [], [])
-    [lora] = reports
-    assert nf4 == frozenset() and lora.path == f"merged into {W16}" and lora.passed
+    check = verify_merge(base_dir, adapter_dir, False, verify, [], [])
+    [lora] = check.reports
+    assert check.nf4 == frozenset() and lora.path == f"merged into {W16}" and lora.passed
     assert 0 < lora.measures["kld"] < 1e-4  # bf16 rounding of the merged weights, nothing more
     assert lora.measures["positions"] >= 64
 
-    reports, nf4 = verify_merge(base_dir, adapter_dir, True, verify, [], [])
-    w16, dequantized = reports
-    assert nf4 == nf4_weights(base_dir)  # shipped: the dequantized 4-bit base, which QLoRA trained on
+    check = verify_merge(base_dir, adapter_dir, True, verify, [], [])
+    w16, dequantized = check.reports
+    assert check.nf4 == nf4_weights(base_dir)  # shipped: the dequantized 4-bit base, which QLoRA trained on
     assert dequantized.gates and dequantized.passed and not w16.gates and "not shipped" in w16.notes[0]
     assert dequantized.measures["kld"] < lora.measures["kld"] * 10 < w16.measures["kld"]
 
     strict = verify.model_copy(update={"max_merge_kld": 1e-12})
-    failed, _ = verify_merge(base_dir, adapter_dir, True, strict, [], [])
+    failed = verify_merge(base_dir, adapter_dir, True, strict, [], []).reports
     assert not failed[1].passed and failed[1].failures()[0].startswith("kld ")
     # what the export writes and says when the merge fails its gate (convert.export._merge: nothing merged yet)
     error = VerificationFailed(failed)
@@ -159,7 +159,12 @@ def test_the_merge_check_ships_the_merge_closest_to_the_model_as_trained(hf_home
     md = (tmp_path / "verify.md").read_text()
     assert f"| merged into {DEQUANTIZED} | merge |" in md and "| kld <= 1e-12 | FAIL: kld = " in md
     assert "- merge: kld <= 1e-12 against the model as trained" in md
-    merge = Merge(adapter_dir, nf4)
-    out = merge_adapter(base_dir, adapter_dir, tmp_path / "merged", nf4)
+    merge = Merge(adapter_dir, check.nf4)
+    out = merge_adapter(base_dir, adapter_dir, tmp_path / "merged", check.nf4)
     for name, tensor in load_file(str(out / "model.safetensors")).items():
         assert torch.equal(tensor, merge.weight(name, load_file(str(base_dir / "model.safetensors"))[name]))
+    # the verification of the merged GGUFs reuses the check's reference of the shipped way (verify_files' merge):
+    # the folder as written gives the same logits, bit for bit
+    plan = check.reference.plan(CHUNK)
+    written = Reference(out, [s.ids for s in check.scored.sequences], "cpu")
+    assert torch.equal(torch.from_numpy(written.logits_of(plan)), torch.from_numpy(check.reference.logits_of(plan)))
