@@ -23,7 +23,7 @@ from convert.llamacpp import version_info
 from convert.lora_gguf import LoraReport, export_lora_gguf
 from convert.merge import is_tokenizer_file, merge_adapter
 from convert.modelfile import write_modelfile
-from convert.verify import FileReport, MergeCheck, VerificationFailed, verify_merge, write_reports
+from convert.verify import MergeCheck, VerificationFailed, verify_merge, write_reports
 from core import releases
 from core.config import BASE_EXPORT, Config, keys_affecting
 from core.errors import PipelineError, RunError
@@ -88,10 +88,9 @@ def export_run(
     merged = folder.export_dir / "merged"
     manifest.llama_cpp = version_info()
     models: list[ModelGGUFs] = []
-    merges: list[FileReport] = []
+    check: MergeCheck | None = None
     try:
         check = _merge(cfg, folder, base, heldout, training, merged)
-        merges = check.reports
         log.info(f"exporting fine-tuned model as {cfg.export.name} ({', '.join(cfg.export.quants)})")
         adapter_sha = sha256_file(folder.adapter / "adapter_model.safetensors")
         keys = provenance(cfg, base) | {"finetune.adapter_sha256": adapter_sha}
@@ -106,7 +105,7 @@ def export_run(
             log.info(f"base GGUF {cfg.export.base_name} is current ({current.run}, revision {base.revision})")
         lora = _export_lora(cfg, folder, base, merged, models, current, heldout, training, keys)
     except VerificationFailed as e:
-        groups = {"merge": merges} | {m.name: m.reports for m in models} | {"": e.reports}
+        groups = {"merge": check.reports if check else []} | {m.name: m.reports for m in models} | {"": e.reports}
         write_reports(folder.root, groups, cfg.verify, passed=False)
         manifest.status = "export_failed"
         manifest.verification = {"passed": False, "report": str(folder.verify_md)}
@@ -120,15 +119,10 @@ def export_run(
         names = {str(p): gguf_filename(m.name, q, cfg.export.default_quant) for q, p in m.files.items()}
         for r in m.reports:
             r.path = names.get(r.path, r.path)
-    groups = {"merge": merges} | {m.name: m.reports for m in models}
+    groups = {"merge": check.reports} | {m.name: m.reports for m in models}
     written = write_reports(folder.root, groups, cfg.verify, True, folder.merged_out.absolute())
     art = manifest.artifacts
-    shipped = next(r for r in merges if r.gates)
-    art["merged"] = {
-        "path": str(merged),
-        "files": record_files(merged),
-        "into": shipped.path.removeprefix("merged into "),
-    }
+    art["merged"] = {"path": str(merged), "files": record_files(merged), "into": check.way}
     art["gguf"] = {label: _entries(cfg, m) for label, m in zip(("finetuned", "base"), models, strict=False)}
     if current is not None:
         art["gguf"]["base"] = {"name": cfg.export.base_name, "release": current.id, "files": current.record["quants"]}
@@ -146,7 +140,7 @@ def export_run(
         "passed": True,
         "report": str(folder.verify_md),
         "files": {Path(r.path).name: r.measures for m in models for r in m.reports},
-        "merge": {r.path: r.measures for r in merges},
+        "merge": {r.path: r.measures for r in check.reports},
         "recommended": written["recommended"],
     }
     manifest.status = "exported"
@@ -166,8 +160,7 @@ def _merge(
     )
     if not all(r.passed for r in check.reports):
         raise VerificationFailed(check.reports)
-    into = "the dequantized 4-bit base" if check.nf4 else "the base"
-    log.info(f"merging adapter into {into}: {base.repo_id or base.path}")
+    log.info(f"merging adapter into {check.way}: {base.repo_id or base.path}")
     merge_adapter(base.path, folder.adapter, out, check.nf4)
     return check
 

@@ -242,6 +242,7 @@ class MergeCheck:
     GGUFs reuses (verify_files): its decoder pass is the one the merged folder would give, computed already."""
 
     reports: list[FileReport]
+    way: str  # the base merged into: W16 or DEQUANTIZED
     nf4: frozenset[str]
     reference: Reference
     scored: ScoredSet
@@ -293,8 +294,8 @@ def verify_merge(
     for r in reports:
         if r is not shipped:
             r.notes.append(f"not shipped: {shipped.path} is closer to the model as trained")
-    shipped_nf4 = nf4 if shipped.path == f"merged into {DEQUANTIZED}" else frozenset()
-    return MergeCheck(reports, shipped_nf4, merged[best], scored, window)
+    way = list(ways)[best]
+    return MergeCheck(reports, way, nf4 if way == DEQUANTIZED else frozenset(), merged[best], scored, window)
 
 
 def _verify_file(

@@ -202,6 +202,8 @@ def test_manifest_records_provenance_and_hashes(golden):
     data_file = next(iter(m["data"]["train_files"]))
     assert m["data"]["train_files"][data_file] == sha256_file(Path(data_file))
     assert m["packages"]["transformers"] and m["packages"]["llama_cpp_python"] == m["llama_cpp"]["llama-cpp-python"]
+    assert m["artifacts"]["merged"]["into"] == "the full-precision base"  # LoRA: the base as stored
+    assert list(m["verification"]["merge"]) == ["merged into the full-precision base"]
     gguf = m["artifacts"]["gguf"]
     assert m["default_gguf"] == f"models/gguf/{FT}.gguf"
     for label, name in (("finetuned", FT), ("base", BASE)):
