@@ -8,10 +8,9 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from matplotlib.figure import Figure
 from transformers import TrainerCallback
 
 from core import signals
@@ -19,6 +18,9 @@ from core.errors import NonFiniteLoss, Preempted
 from core.files import atomic_write_text
 from train import distributed
 from train.checkpoint import apply_retention, commit_checkpoint, newest_committed
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,8 @@ def plot_losses(metrics_path: Path, out_path: Path) -> Path | None:
     evals = [(r["step"], float(r["eval_loss"])) for r in rows if "eval_loss" in r]
     if not train:
         return None
+    from matplotlib.figure import Figure  # noqa: PLC0415 (0.5 s of import, for one picture at the end of a run)
+
     fig = Figure(figsize=(7, 4), dpi=100)  # no pyplot: no global state, no GUI backend to pick
     ax = fig.subplots()
     ax.plot(*zip(*train, strict=True), label="train loss")
