@@ -40,8 +40,8 @@ With --memory-limit, each route runs in a fresh memory cgroup of that size (as `
 is whether it completes (OOM kills counted) and the cgroup's peak charge; no ratios when a route does not complete.
 2026-11-28, 2-core box: at 4 GiB ours completed in 670 s (every gate passed) and plain's merge was OOM-killed.
 Needs ~35 GB of free disk in the workdir and ~16 GiB of RAM. Time on a quiet 2-core box: the plain route ~2.5 min,
-our export ~8.5 min (500 s on 2026-11-28, 2,052 positions scored per file); ~11 min for both, model and adapter
-cached. Every long stage prints progress.
+our export ~15 min (902 s on 2026-12-07 with the merge check, 2,052 positions scored per file); ~18 min for both,
+model and adapter cached. Every long stage prints progress.
 """
 
 from __future__ import annotations
