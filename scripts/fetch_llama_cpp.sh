@@ -24,7 +24,9 @@ if [ -f "$dest/VERSION" ] && grep -qx "llama-cpp-python=$version" "$dest/VERSION
 else
     work=$(mktemp -d)
     trap 'rm -rf "$work"' EXIT
-    "$py" -m pip download --quiet --no-deps --no-binary :all: "llama-cpp-python==$version" -d "$work"
+    # --no-binary for this package only (as build_llama_cpp.sh): pip prepares the sdist's metadata, and with :all:
+    # its build dependencies (scikit-build-core, cmake, ninja) were built from source too, minutes with pip's cache empty
+    "$py" -m pip download --quiet --no-deps --no-binary llama-cpp-python "llama-cpp-python==$version" -d "$work"
     tar -xzf "$work"/llama_cpp_python-"$version".tar.gz -C "$work"
     src="$work/llama_cpp_python-$version"
     tree="$src/vendor/llama.cpp"
