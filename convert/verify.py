@@ -276,12 +276,9 @@ def verify_merge(
     reports, merged = [], []
     try:
         for way, merge in ways.items():
-            start = time.monotonic()
+            start, name = time.monotonic(), f"merged into {way}"
             merged.append(Reference(base_dir, ids, device, merge.weight))
-            name, candidate = (
-                f"merged into {way}",
-                InStep(f"merged into {way}", ReferenceChunks(merged[-1], CHUNK, None)),
-            )
+            candidate = InStep(name, ReferenceChunks(merged[-1], CHUNK, None))
             tally, ref_tally = score(iter(reference), scored.sequences, candidate, len(scored.prompts))
             measures = tally.measures() | {"reference_ppl": ref_tally.measures()["ppl"]}
             reports.append(FileReport(name, MERGE, f"as trained: {what}", measures, [], [], tally.loss, ref_tally.loss))
@@ -417,7 +414,7 @@ def write_reports(
         gates.append(f"- merge: kld <= {verify_cfg.max_merge_kld:g} against the model as trained (the shipped merge)")
     head += [f"Scored positions per file: {scored}{short}.", "", "Gates:", *gates]
     head += ["- every type: tokens identical, chat template equal, <end_of_turn> stops generation", ""]
-    lines = [to_table(reports), ""]
+    lines = [to_table(merges + files), ""]
     lines += [(f"{n}: " if len(recommended) > 1 else "") + recommendation_line(groups[n], budget) for n in recommended]
     notes = [f"- {Path(r.path).name}: {n}" for r in reports for n in r.notes]
     legend = [
