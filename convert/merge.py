@@ -86,7 +86,7 @@ def nf4_weights(model_dir: Path) -> frozenset[str]:
 
 class Merge:
     """The adapter added to base weights, tensor by tensor. nf4: names of base weights taken as their nf4 round trip
-    (the dequantized 4-bit base a QLoRA adapter was trained on) rather than as stored (the 16-bit base)."""
+    (the dequantized 4-bit base a QLoRA adapter was trained on) rather than as stored (the full-precision base)."""
 
     def __init__(self, adapter_dir: Path, nf4: frozenset[str] = frozenset()):
         self.deltas, self.scaling = lora_deltas(adapter_dir)

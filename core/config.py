@@ -73,7 +73,7 @@ class ModelSection(Section):
     version torch was built for) when CUDA is unusable, instead of silently training on the CPU."""
     load_in_4bit: bool = False
     """QLoRA: load the frozen base in 4 bits with bitsandbytes (nf4, double quantization, compute in model.dtype).
-    Export merges the adapter both into the 16-bit base and into the dequantized 4-bit one, and ships the merge
+    Export merges the adapter both into the full-precision base and into the dequantized 4-bit one, and ships the merge
     closer to the model as trained (verify.max_merge_kld)."""
     chat_template: str | None = "gemma"
     """Chat template to train with and ship: a built-in name (core/templates/NAME.jinja), a .jinja path, or
