@@ -44,6 +44,12 @@ class Gate:
             "passed": self.passed,
         }
 
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Gate:
+        """The gate to_json wrote; a non-finite value comes back as the float it was ("nan", "inf")."""
+        v = d["value"]
+        return cls(d["name"], float(v) if isinstance(v, str) else v, d["threshold"], d["op"])
+
 
 def at_most(name: str, value: Any, limit: float | None) -> Gate:
     return Gate(name, _number(value), _number(limit) if limit is not None else math.nan, "<=")

@@ -78,9 +78,7 @@ def score_table(record: dict[str, Any]) -> list[str]:
 def write_report(folder: Path, record: dict[str, Any], lines: list[dict[str, Any]]) -> Path:
     """nightly.md and nightly_scores.png in the run folder; `lines`: the registry, this night's line included."""
     png = plot_history(lines, folder / "nightly_scores.png")
-    gates = [
-        Gate(g["name"], g["value"] if g["value"] != "nan" else None, g["threshold"], g["op"]) for g in record["gates"]
-    ]
+    gates = [Gate.from_json(g) for g in record["gates"]]
     changed = f"changed since the champion: {', '.join(record['changed'])}" if record["champion_before"] else None
     md = [
         f"# Nightly {record['run']}: {record['decision']}",
