@@ -65,6 +65,26 @@ def hf_home(tmp_path_factory) -> Path:
     return shared(tmp_path_factory, "hf_home", build_tiny_model)
 
 
+# Written by the converter into tiny_gguf's file, as an export writes the run's keys (an empty value is kept too).
+TINY_GGUF_KEYS = {"finetune.run_name": "t", "finetune.adapter_sha256": ""}
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(hf_home: Path, tmp_path_factory) -> tuple[Path, Path]:
+    """(the tiny model's folder with the chat template we ship, its f32 GGUF with TINY_GGUF_KEYS), converted once."""
+
+    def build(work: Path) -> None:
+        from convert.llamacpp import convert_hf_to_gguf
+        from core.hub import resolve_model
+
+        shutil.copytree(resolve_model(TINY_REPO, hf_home=hf_home).path, work / "model")
+        shutil.copyfile(GEMMA_TEMPLATE, work / "model" / "chat_template.jinja")
+        convert_hf_to_gguf(work / "model", work / "t.f32.gguf", "f32", metadata=TINY_GGUF_KEYS)
+
+    work = shared(tmp_path_factory, "tiny_gguf", build)
+    return work / "model", work / "t.f32.gguf"
+
+
 # The golden run: the demo's shape at a test's size. Trained for 40 steps and exported (f16, q8_0 as the default,
 # q4_k_m, the base model, the adapter GGUF), with every path relative to its workspace.
 GOLDEN_RUN = "golden"
@@ -100,12 +120,12 @@ def golden_config(**sections) -> dict:
 
 
 @pytest.fixture(scope="session")
-def golden(hf_home: Path, tmp_path_factory) -> Path:
+def golden(cli, tmp_path_factory) -> Path:
     """The golden run's workspace (config.yaml, outputs/, models/): read it, never change it (`workspace` copies)."""
 
     def build(ws: Path) -> None:
         (ws / "config.yaml").write_text(yaml.safe_dump(golden_config(), sort_keys=False))
-        res = run_cli("train", ["--config", "config.yaml"], ws, hf_home)
+        res = cli.run("train", ["--config", "config.yaml"], ws)
         (ws / "train.out").write_text(res.stdout + res.stderr)
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
@@ -202,6 +222,7 @@ class CliServer:
     def __init__(self, hf_home: Path, cwd: Path, scratch: Path):
         self.scratch = scratch
         self.count = 0
+        self.detached = None  # a command started detached whose reply is still to come (tests/support/processes.py)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tests.support.cli_server"],
             cwd=cwd,
@@ -225,15 +246,25 @@ class CliServer:
         self.count += 1
         out, err = self.scratch / f"{self.count}.out", self.scratch / f"{self.count}.err"
         request = {"module": module, "args": args, "cwd": str(cwd), "stdout": str(out), "stderr": str(err)}
-        request["kill_at"] = kill_at
-        request["env"] = env or {}
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(json.dumps(request | {"timeout": timeout}) + "\n")
-        self.proc.stdin.flush()
-        reply = self.proc.stdout.readline()
-        assert reply, f"the CLI server died (exit {self.proc.wait()})"
-        rc = json.loads(reply)["returncode"]
+        self.send(request | {"kill_at": kill_at, "env": env or {}, "timeout": timeout})
+        rc = self.reply()["returncode"]
         return subprocess.CompletedProcess([module, *args], rc, out.read_text(), err.read_text())
+
+    def send(self, request: dict) -> None:
+        """One request; a detached command still running (a test that failed before it ended) is killed first: the
+        server serves one command at a time."""
+        if self.detached is not None:
+            self.detached.kill()
+            self.detached.wait()
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+
+    def reply(self) -> dict:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert line, f"the CLI server died (exit {self.proc.wait()})"
+        return json.loads(line)
 
     def close(self) -> None:
         if self.proc.stdin:

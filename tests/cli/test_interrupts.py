@@ -1,4 +1,5 @@
-"""SIGINT and SIGTERM at each stage of a run, through real CLI processes (issue 9).
+"""SIGINT and SIGTERM at each stage of a run, sent to the CLI's own process (issue 9): a fork of the CLI server
+(tests/support/processes.py `start_forked`) that runs the command's real main(), its handlers and its children.
 
 Every interrupted command must exit with 130 (SIGINT) or 143 (SIGTERM), without a traceback, leave `models/`
 byte for byte as it was, leave no work files (GGUFs, the merged model) or child processes behind, and the next
@@ -31,7 +32,7 @@ from convert.llamacpp import read_metadata
 from convert.tools import TOOLS, tool, version_info
 from core.files import sha256_file
 from tests.conftest import GOLDEN_RUN, ROOT
-from tests.support.processes import alive, logged_steps, start, stop, wait_for_line, wait_until
+from tests.support.processes import alive, logged_steps, start_forked, stop, wait_for_line, wait_until
 from tests.support.snapshots import tree_snapshot
 
 pytestmark = pytest.mark.slow
@@ -95,14 +96,14 @@ EXPORT_STAGES = [
 
 @pytest.mark.parametrize("stage, line, sig, held, next_line", EXPORT_STAGES, ids=[s[0] for s in EXPORT_STAGES])
 def test_export_interrupted_at_each_stage_leaves_models_and_recovers(
-    stage, line, sig, held, next_line, workspace: Path, hf_home: Path, cli, tmp_path: Path
+    stage, line, sig, held, next_line, workspace: Path, cli, tmp_path: Path
 ):
     before = tree_snapshot(workspace / "models")
     pids = tmp_path / "held.pids"
     hook = {"TEST_SLOW_CHILD": "60", "TEST_SLOW_CHILD_KIND": held, "TEST_SLOW_CHILD_PIDS": str(pids)}
     if held == "quantize":
         hook["LLAMA_TOOLS_DIR"] = str(slow_tools(tmp_path / "tools", "llama-quantize"))
-    proc = start(workspace, hf_home, "convert", ["export", "--config", "config.yaml", *EXPORT], hook, SLOW_CHILDREN)
+    proc = start_forked(cli, workspace, "convert", ["export", "--config", "config.yaml", *EXPORT], hook, SLOW_CHILDREN)
     wait_for_line(proc, line)
     wait_until(proc, lambda: pids.is_file() and pids.read_text().strip() != "", f"the {stage} held")
     out, seconds = stop(proc, sig)
@@ -192,9 +193,7 @@ FRESH = [
 ]
 
 
-def test_fresh_run_stopped_while_loading_and_in_training_is_neither_exported_nor_lost(
-    workspace: Path, hf_home: Path, cli
-):
+def test_fresh_run_stopped_while_loading_and_in_training_is_neither_exported_nor_lost(workspace: Path, cli):
     """Issue 9, class 4: a complete run -> the same run with --fresh, stopped by SIGTERM while the model loads (outside
     the training loop SIGTERM is an exception too), then again with --fresh and Ctrl-C mid-training -> nothing in
     models/ changed, and `convert export` refuses the previous run's adapter; the same training command without
@@ -203,14 +202,14 @@ def test_fresh_run_stopped_while_loading_and_in_training_is_neither_exported_nor
     metrics = run_dir(workspace) / "metrics.jsonl"
     golden_adapter = sha256_file(run_dir(workspace) / "adapter" / "adapter_model.safetensors")
 
-    proc = start(workspace, hf_home, "train", ["--config", "config.yaml", "--fresh", *FRESH])
+    proc = start_forked(cli, workspace, "train", ["--config", "config.yaml", "--fresh", *FRESH])
     wait_for_line(proc, f"training {GOLDEN_RUN}:")  # data read, run folder prepared; the model loads next
     out, _ = stop(proc, signal.SIGTERM)
     assert "stopped by SIGTERM" in out
     assert not (run_dir(workspace) / "adapter").exists() and not metrics.exists()  # --fresh emptied the folder
     assert tree_snapshot(workspace / "models") == before
 
-    proc = start(workspace, hf_home, "train", ["--config", "config.yaml", "--fresh", *FRESH])
+    proc = start_forked(cli, workspace, "train", ["--config", "config.yaml", "--fresh", *FRESH])
     wait_until(proc, lambda: metrics.is_file() and metrics.read_text().count("\n") >= 2, "two logged steps")
     out, seconds = stop(proc, signal.SIGINT)
     m = manifest(workspace)

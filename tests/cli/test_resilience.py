@@ -28,7 +28,7 @@ import yaml
 from core.locks import hold_lock
 from tests.conftest import DEMO_DATA, GOLDEN_RUN, GOLDEN_STEPS, ROOT, copy_workspace
 from tests.support.faults import ENOSPC_AT_SAVE, NAN_AT_STEP
-from tests.support.processes import logged_steps, start, stop, wait_for_step, wait_until
+from tests.support.processes import logged_steps, start, start_forked, stop, wait_for_step, wait_until
 from tests.support.snapshots import tree_snapshot
 from train.checkpoint import COMMIT_FILE, checkpoint_dirs, step_of, verify_checkpoint
 
@@ -149,7 +149,7 @@ def small_disk(folder: Path, room: int) -> Iterator[bool]:
 
 
 @pytest.fixture(scope="module")
-def lineage(golden: Path, hf_home: Path, cli, tmp_path_factory) -> Lineage:
+def lineage(golden: Path, cli, tmp_path_factory) -> Lineage:
     """The golden run's steps 21-40 again, stopped on the way every way a run stops, each attempt resuming the last:
 
     nan        step 23's loss is NaN (injected)                       -> exit 5 after checkpoint-22
@@ -178,12 +178,12 @@ def lineage(golden: Path, hf_home: Path, cli, tmp_path_factory) -> Lineage:
             res = cli.run("tests.support.faults", LINEAGE, ws, env=token | {ENOSPC_AT_SAVE: "2"})
         a["disk_full"] = attempt(ws, res.returncode, res.stdout + res.stderr, mounted=mounted)
 
-    proc = start(ws, hf_home, "train", LINEAGE, token)
+    proc = start_forked(cli, ws, "train", LINEAGE, token)
     wait_for_step(proc, metrics, 27)
     out, seconds = stop(proc, signal.SIGTERM)
     a["sigterm"] = attempt(ws, 143, out, seconds=seconds)
 
-    proc = start(ws, hf_home, "train", LINEAGE, token)
+    proc = start_forked(cli, ws, "train", LINEAGE, token)
     wait_for_step(proc, metrics, max(a["sigterm"].logged) + 3)
     out, _ = stop(proc, signal.SIGKILL)
     a["sigkill"] = attempt(ws, -9, out)

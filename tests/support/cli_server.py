@@ -14,7 +14,10 @@ Protocol, one JSON line each way on stdin/stdout:
 An optional "kill_at": POINT makes the command SIGKILL itself (no handler, no cleanup, as the OOM killer) when a
 promotion reaches that point of core.releases.reached (after_stage, before_switch, between_renames).
 "env" (optional) is added to the fork's environment before the command runs (the fault injection of
-tests/support/faults.py, served as "tests.support.faults", is asked for that way).
+tests/support/faults.py, served as "tests.support.faults", is asked for that way); "hook" (optional) is a file the
+fork runs next, before the command, as the interpreter would run a sitecustomize.py found first on PYTHONPATH (the
+slow-stage hook of tests/support/slow_children). With "detach": true the server first replies {"pid": N}, so that
+the test can signal the command while it runs, then {"returncode": N} when it ends; stdout and stderr may be one file.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import runpy
 import signal
 import sys
 import time
@@ -57,11 +61,17 @@ def _child(request: dict) -> None:
     try:
         os.environ.update(request.get("env") or {})
         os.chdir(request["cwd"])
-        for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
-            target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            os.dup2(target, fd)
-            os.close(target)
+        out = os.open(request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        same = request["stderr"] == request["stdout"]
+        err = out if same else os.open(request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(out, 1)
+        os.dup2(err, 2)
+        os.close(out)
+        if not same:
+            os.close(err)
         os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+        if request.get("hook"):
+            runpy.run_path(request["hook"])
         sys.argv = [f"python -m {request['module']}", *request["args"]]
         if request.get("kill_at"):
             from core import releases  # noqa: PLC0415
@@ -91,6 +101,8 @@ def serve(requests, reply_fd: int) -> None:
         pid = os.fork()
         if pid == 0:
             _child(request)
+        if request.get("detach"):
+            os.write(reply_fd, (json.dumps({"pid": pid}) + "\n").encode())
         deadline = time.monotonic() + float(request.get("timeout", 600))
         while True:
             done, status = os.waitpid(pid, os.WNOHANG)

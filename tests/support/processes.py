@@ -1,6 +1,8 @@
-"""Real CLI processes, for the tests where a process is the point (signals, kill -9, a held lock): started like a
-user starts them, their output in a file (a pipe could fill and block), stopped when a line or a logged step shows
-they reached the stage under test. Every other CLI call goes through the CLI server (tests/conftest.py `cli`)."""
+"""CLI processes that a test signals, kills or holds, their output in a file (a pipe could fill and block), stopped
+when a line or a logged step shows they reached the stage under test. `start` starts `python -m ...` as a user does,
+for the tests where the interpreter's start is part of the point (a second process beside a held one, torchrun);
+`start_forked` runs the command in a fork of the CLI server (tests/conftest.py `cli`): a process of its own that
+receives the signal, without the seconds of imports. Every other CLI call is `cli.run`."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import cli_env
+from tests.conftest import ROOT, cli_env
 
 EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGKILL: -9}  # what a stopped CLI exits with
 
@@ -54,6 +56,53 @@ def start(
             [sys.executable, "-m", module, *args], cwd=cwd, env=environ, stdout=out, stderr=subprocess.STDOUT
         )
     return Proc(popen, log)
+
+
+def start_forked(
+    cli, cwd: Path, module: str, args: list[str], env: dict[str, str] | None = None, hook: Path | None = None
+) -> Proc:
+    """`python -m module args` in cwd, run in a fork of the CLI server; `env` is added to its environment; `hook`:
+    a slow_children folder, run in the fork as its sitecustomize.py and first on its children's PYTHONPATH."""
+    log = cwd / f"{module}-{len(list(cwd.glob('*.out')))}.out"
+    log.touch()  # read before the fork opens it
+    env = dict(env or {})
+    if hook is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", str(ROOT))])
+    request = {"module": module, "args": args, "cwd": str(cwd), "stdout": str(log), "stderr": str(log), "env": env}
+    cli.send(request | {"detach": True, "hook": str(hook / "sitecustomize.py") if hook else None})
+    reply = cli.reply()
+    assert "pid" in reply, f"the CLI server answered {reply} to a detached start (request {cli.count})"
+    cli.detached = Detached(cli, reply["pid"])
+    return Proc(cli.detached, log)  # type: ignore[arg-type]
+
+
+class Detached:
+    """What the helpers here use of a Popen, for a command the CLI server runs detached: it is the server's child,
+    so its end is seen in /proc and its exit status read from the server's reply."""
+
+    def __init__(self, cli, pid: int):
+        self.cli, self.pid, self.returncode = cli, pid, None
+
+    def poll(self) -> int | None:
+        if self.returncode is None and not alive(self.pid):
+            self.returncode = self.cli.reply()["returncode"]
+            self.cli.detached = None
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(str(self.pid), timeout or 0)
+            time.sleep(0.02)
+        return self.returncode  # type: ignore[return-value]
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
 
 
 def wait_until(proc: Proc, ready: Callable[[], bool], what: str, timeout: float = 300) -> None:

@@ -9,17 +9,13 @@ import numpy as np
 import pytest
 
 from convert.gguf_header import read_header
-from convert.llamacpp import convert_hf_to_gguf
 from core.errors import InvalidInput
-from core.hub import resolve_model
-from tests.conftest import TINY_REPO
 
 
 @pytest.fixture(scope="module")
-def exported_gguf(hf_home, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("gguf") / "tiny.f16.gguf"
-    convert_hf_to_gguf(resolve_model(TINY_REPO, hf_home=hf_home).path, path, "f16")
-    return path
+def exported_gguf(golden: Path) -> Path:
+    """The golden run's fine-tuned f16 GGUF: written by the real converter, with the run's provenance keys."""
+    return golden / "models" / "gguf" / "gemma_2b_finetuned.f16.gguf"
 
 
 def write_gguf(path: Path) -> Path:

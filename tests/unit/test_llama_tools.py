@@ -20,19 +20,16 @@ import llama_cpp
 import pytest
 
 from convert.imatrix import compute_imatrix
-from convert.llamacpp import convert_hf_to_gguf, quantize, read_metadata
+from convert.llamacpp import quantize, read_metadata
 from convert.tools import TOOLS, tool, tools_dir, tree, version_info
 from core.errors import InvalidInput, LlamaCppError
-from core.hub import resolve_model
 from core.quants import QUANTS
-from tests.conftest import DEMO_DATA, ROOT, TINY_REPO
+from tests.conftest import DEMO_DATA, ROOT
 
 
 @pytest.fixture(scope="module")
-def f32_gguf(hf_home, tmp_path_factory):
-    path = tmp_path_factory.mktemp("gguf") / "tiny.f32.gguf"
-    convert_hf_to_gguf(resolve_model(TINY_REPO, hf_home=hf_home).path, path, "f32")
-    return path
+def f32_gguf(tiny_gguf):
+    return tiny_gguf[1]
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,27 +17,22 @@ from core.config import Config
 from core.gates import at_most
 from core.records.heldout import HeldOut
 from core.records.render import IGNORE_INDEX
-from tests.conftest import GEMMA_TEMPLATE, TINY_REPO
+from tests.conftest import TINY_GGUF_KEYS
 
-PROVENANCE = {"finetune.run_name": "t", "finetune.adapter_sha256": ""}  # an empty value is kept too
 WINDOW = 300  # > CHUNK and not a multiple of it: chunks of 128, 128, 44 cross the windows' boundaries
 
 
 @pytest.fixture(scope="module")
-def exported(hf_home: Path, tmp_path_factory) -> dict:
+def exported(tiny_gguf: tuple[Path, Path], tmp_path_factory) -> dict:
     """The tiny model with the chat template, its f32 GGUF and two quants of it."""
-    from convert.llamacpp import convert_hf_to_gguf, quantize
-    from core.hub import resolve_model
+    from convert.llamacpp import quantize
 
+    model, f32 = tiny_gguf
     work = tmp_path_factory.mktemp("verify")
-    model = work / "model"
-    shutil.copytree(resolve_model(TINY_REPO, "main", hf_home=hf_home).path, model)
-    shutil.copyfile(GEMMA_TEMPLATE, model / "chat_template.jinja")
-    files = {"f32": work / "t.f32.gguf"}
-    convert_hf_to_gguf(model, files["f32"], "f32", metadata=PROVENANCE)
+    files = {"f32": f32}
     for q in ("q8_0", "q4_k_m"):
         files[q] = work / f"t.{q}.gguf"
-        quantize(files["f32"], files[q], q, "q8_0")
+        quantize(f32, files[q], q, "q8_0")
     return {"model": model, "files": files}
 
 
@@ -47,7 +41,7 @@ def test_the_converter_writes_the_provenance_keys_and_quants_inherit_them(export
 
     for quant in ("f32", "q8_0"):
         meta = read_metadata(exported["files"][quant])
-        assert {k: meta.get(k) for k in PROVENANCE} == PROVENANCE
+        assert {k: meta.get(k) for k in TINY_GGUF_KEYS} == TINY_GGUF_KEYS
         assert meta["general.architecture"] == "gemma2" and meta["tokenizer.chat_template"]
 
 
