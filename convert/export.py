@@ -20,10 +20,10 @@ from transformers import AutoTokenizer
 
 from convert.ggufs import ModelGGUFs, export_ggufs, gguf_filename
 from convert.llamacpp import version_info
-from convert.lora_gguf import LoraReport, export_lora_gguf
+from convert.lora_gguf import export_lora_gguf
 from convert.merge import is_tokenizer_file, merge_adapter
 from convert.modelfile import write_modelfile
-from convert.verify import MergeCheck, VerificationFailed, verify_merge, write_reports
+from convert.verify import FileReport, MergeCheck, VerificationFailed, verify_merge, write_reports
 from core import releases
 from core.config import BASE_EXPORT, Config, keys_affecting
 from core.errors import PipelineError, RunError
@@ -130,9 +130,9 @@ def export_run(
     if lora is not None:
         art["lora_gguf"] = {
             "path": lora.path if lora.passed else None,
-            "type": lora.outtype,
+            "type": lora.quant,
             "passed": lora.passed,
-            "check": lora.against,
+            "check": lora.reference,
             "measures": lora.measures,
             "summary": lora.describe(),
         }
@@ -252,7 +252,7 @@ def _export_lora(
     heldout: list[HeldOut],
     training: list[list[int]],
     keys: dict[str, str],
-) -> LoraReport | None:
+) -> FileReport | None:
     """The adapter as <name>.lora.gguf beside the fine-tuned GGUFs, with the fine-tuned GGUFs' provenance `keys`,
     checked on a base GGUF of their float type when there is one (this export's, or the live base release's). Not
     shipped when its check fails (a warning: the model GGUFs are fine)."""

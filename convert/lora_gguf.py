@@ -9,7 +9,6 @@ import json
 import logging
 import math
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import gguf
@@ -17,8 +16,9 @@ import gguf
 from convert.gguf_header import read_header
 from convert.llamacpp import read_metadata, replaced_when_done, run_converter
 from convert.score import GGUF, Sequence, compare, windows
+from convert.verify import FileReport
 from core.errors import LlamaCppError
-from core.gates import Gate, at_least, at_most
+from core.gates import at_least, at_most
 from core.quants import quant_of_file_type
 
 log = logging.getLogger(__name__)
@@ -33,24 +33,6 @@ LORA_MIN_TOP1 = 0.99  # share of positions whose argmax agrees
 # hundred suffice, and each costs two forward passes of the 2B on the CPU; in windows of CHECK_WINDOW tokens.
 CHECK_TOKENS, CHECK_WINDOW = 512, 256
 ADAPTER_TYPES = ("f32", "f16", "bf16")  # convert_lora_to_gguf.py --outtype choices that are float
-
-
-@dataclass
-class LoraReport:
-    path: str
-    outtype: str
-    measures: dict[str, float] = field(default_factory=dict)
-    gates: list[Gate] = field(default_factory=list)
-    against: str = ""  # which check ran (check_adapter)
-
-    @property
-    def passed(self) -> bool:
-        return bool(self.gates) and all(g.passed for g in self.gates)
-
-    def describe(self) -> str:
-        shown = "; ".join(g.describe() for g in self.gates)
-        positions = int(self.measures.get("positions", 0))
-        return f"{Path(self.path).name} [lora {self.outtype}] {self.against}: {shown}, {positions} positions"
 
 
 def convert_lora(
@@ -93,7 +75,7 @@ def check_adapter(
     ids: list[list[int]],
     log_path: Path | None,
     device: str = "auto",
-) -> LoraReport:
+) -> FileReport:
     """llama.cpp running `runtime` with the adapter applied at `scale` against the HF model in `reference_dir`, over
     about CHECK_TOKENS positions of `ids` (token sequences starting with <bos>)."""
     header = read_header(lora_gguf)
@@ -101,7 +83,7 @@ def check_adapter(
     if meta.get("general.type") != "adapter" or meta.get("adapter.type") != "lora":
         raise LlamaCppError(f"{lora_gguf} is not a LoRA adapter GGUF (general.type {meta.get('general.type')})")
     # an adapter GGUF has no general.file_type: its type is its tensors' (lora_a/lora_b, all of one type)
-    report = LoraReport(str(lora_gguf), gguf.GGMLQuantizationType(header.tensors[0].type).name.lower())
+    outtype = gguf.GGMLQuantizationType(header.tensors[0].type).name.lower()
     sequences: list[Sequence] = []
     for seq in ids:
         if sum(len(s.ids) for s in sequences) >= CHECK_TOKENS:
@@ -112,12 +94,12 @@ def check_adapter(
     with GGUF(runtime, CHECK_WINDOW, log_path=log_path, lora=lora_gguf, lora_scale=scale) as g:
         tally, _ = compare(reference_dir, g, sequences, device)
     m = tally.measures()
-    report.measures = {"kld": m["kld"], "top1": m["top1_all"], "positions": m["positions"]}
-    gate = LORA_MAX_KLD.get(report.outtype, math.nan)  # a type without a gate never passes
-    report.gates = [at_most("kld", m["kld"], gate), at_least("top1", m["top1_all"], LORA_MIN_TOP1)]
+    gate = LORA_MAX_KLD.get(outtype, math.nan)  # a type without a gate never passes
+    gates = [at_most("kld", m["kld"], gate), at_least("top1", m["top1_all"], LORA_MIN_TOP1)]
     what = "base GGUF + adapter" if scale > 0 else "merged GGUF - adapter"
-    report.against = f"{what} vs the {'merged' if scale > 0 else 'base'} HF model"
-    return report
+    reference = f"the {'merged' if scale > 0 else 'base'} HF model ({what})"
+    measures = {"kld": m["kld"], "top1": m["top1_all"], "positions": m["positions"]}
+    return FileReport(str(lora_gguf), outtype, reference, measures, gates)
 
 
 def export_lora_gguf(
@@ -131,7 +113,7 @@ def export_lora_gguf(
     base_gguf: Path | None = None,
     keys: dict[str, str] | None = None,
     device: str = "auto",
-) -> LoraReport:
+) -> FileReport:
     """Convert the adapter to `out` in the float type of merged_gguf and check it on base_gguf (of that type), or
     without one on merged_gguf at scale -1. On a failed gate `out` is deleted and the report says why."""
     file_type = read_metadata(merged_gguf).get("general.file_type")

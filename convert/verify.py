@@ -79,6 +79,13 @@ class FileReport:
     def failures(self) -> list[str]:
         return failures(self.gates)
 
+    def describe(self) -> str:
+        """One line: `x.lora.gguf [f32] vs <reference>: kld = 2e-06 (gate <= 0.0001); top1 = 1 (gate >= 0.99), 512
+        positions`."""
+        shown = "; ".join(g.describe() for g in self.gates)
+        positions = int(self.measures.get("positions", 0))
+        return f"{Path(self.path).name} [{self.quant}] vs {self.reference}: {shown}, {positions} positions"
+
 
 class VerificationFailed(PipelineError):
     """A GGUF, or the merge, failed a gate: nothing was published; the report is in the run folder."""

@@ -6,6 +6,7 @@ import errno
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -154,6 +155,11 @@ def differences(recorded: Record, folder: Path, record: str = "the record", exac
         present = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
         problems += [f"{folder / name}: not in {record}" for name in sorted(present - recorded.keys())]
     return problems
+
+
+def jsonable(row: dict[str, Any]) -> dict[str, Any]:
+    """NaN and inf as the strings "nan"/"inf": JSON has no literal for them, and a reader must see no number."""
+    return {k: str(v) if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
 
 
 def append_line(path: Path, record: dict[str, Any]) -> None:

@@ -15,7 +15,7 @@ from transformers import TrainerCallback
 
 from core import signals
 from core.errors import NonFiniteLoss, Preempted
-from core.files import atomic_write_text
+from core.files import atomic_write_text, jsonable
 from train import distributed
 from train.checkpoint import apply_retention, commit_checkpoint, newest_committed
 
@@ -35,8 +35,7 @@ class MetricsJsonl(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
-        row = {"step": state.global_step, "epoch": state.epoch}
-        row |= {k: str(v) if isinstance(v, float) and not math.isfinite(v) else v for k, v in logs.items()}
+        row = {"step": state.global_step, "epoch": state.epoch} | jsonable(logs)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
 

@@ -38,8 +38,7 @@ def render_records(tokenizer, cfg: Config, paths: list[str], limit: int, what: s
     rows = [row for path in paths for row in read_source(path, problems=problems).rows][:limit]
     problems += [f"{row.where}: {row.problem[0]}: {row.problem[1]}" for row in rows if row.problem]
     ok = [(row.where, row.record) for row in rows if row.record is not None]
-    d = cfg.data
-    opts = RenderOptions(1 << 30, d.system_message, d.assistant_only_loss, d.completion_only_loss)  # never cut
+    opts = RenderOptions.of(cfg.data, max_seq_length=1 << 30)  # never cut
     rendered = Renderer(tokenizer, opts).render_many([record for _, record in ok], ["auto"] * len(ok))
     out = []
     for (where, _), result in zip(ok, rendered, strict=True):

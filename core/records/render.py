@@ -40,6 +40,12 @@ class RenderOptions:
     assistant_only_loss: bool = True
     completion_only_loss: bool = True
 
+    @classmethod
+    def of(cls, data, max_seq_length: int | None = None) -> RenderOptions:
+        """The options of a config's data section (config.DataSection): training and scoring render alike."""
+        length = max_seq_length or data.max_seq_length
+        return cls(length, data.system_message, data.assistant_only_loss, data.completion_only_loss)
+
 
 @dataclass
 class Rendered:

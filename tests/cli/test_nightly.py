@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from core import releases
+from core.files import jsonable
 from tests.conftest import DEMO_DATA, DEMO_HELDOUT, ROOT, TINY_REPO, copy_workspace
 
 pytestmark = pytest.mark.slow
@@ -249,7 +250,7 @@ def test_the_candidate_scores_are_read_from_its_verification(night1, monkeypatch
         raise AssertionError("convert.score.losses called: the candidate was scored again")
 
     monkeypatch.setattr(scores, "losses", not_again)
-    read = scores.jsonable(scores.score_model(model_dir, gguf, eval_set, cfg, report))
+    read = jsonable(scores.score_model(model_dir, gguf, eval_set, cfg, report))
     assert read | {"gguf": NAMES[0]} == line["scores"]["candidate"] | {"gguf": NAMES[0]}  # scored as its work file
     monkeypatch.setattr(scores, "losses", score.losses)
     computed = scores.score_model(model_dir, gguf, eval_set, cfg, None)

@@ -88,7 +88,7 @@ def test_run_folder_and_published_artifacts(golden):
     # the adapter GGUF's record: where it went and the check it passed, in the manifest and the summary
     lora = manifest(golden)["artifacts"]["lora_gguf"]
     assert lora["passed"] and lora["path"] == f"models/gguf/{FT}.lora.gguf"
-    assert lora["measures"]["kld"] <= 1e-4 and lora["check"] == "base GGUF + adapter vs the merged HF model"
+    assert lora["measures"]["kld"] <= 1e-4 and lora["check"] == "the merged HF model (base GGUF + adapter)"
     assert f"adapter GGUF: {lora['path']} (" in out
 
 

@@ -77,7 +77,7 @@ def test_adapter_gguf_reproduces_the_merged_model(base, tok, tmp_path, rslora, w
     assert report.measures["kld"] < LORA_MAX_KLD["f32"] / 10 and report.measures["top1"] == 1.0
     assert report.measures["positions"] > 500
     meta = read_metadata(out)
-    assert (meta["general.type"], meta["adapter.type"], report.outtype) == ("adapter", "lora", "f32")
+    assert (meta["general.type"], meta["adapter.type"], report.quant) == ("adapter", "lora", "f32")
     assert meta["finetune.run_name"] == "lora-test", "the run's provenance, as the model GGUFs carry it"
     # only the adapter is left: no base GGUF converted for the check, and the staged adapter folder is gone
     assert sorted(p.name for p in out.parent.iterdir()) == ["m.lora.gguf"]

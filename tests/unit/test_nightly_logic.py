@@ -20,7 +20,7 @@ import pytest
 from core import releases
 from core.config import FINGERPRINTED, Config, NightlySection, apply_override, keys_affecting
 from core.errors import DataError, LockHeld, Preempted, RunError
-from core.files import append_line, atomic_write_json, read_lines
+from core.files import append_line, atomic_write_json, jsonable, read_lines
 from core.gates import Gate, summary, table
 from core.locks import hold_lock
 from core.runfolder import Layout, Manifest
@@ -28,7 +28,7 @@ from tests.conftest import DEMO_HELDOUT
 from train.nightly import night, retention
 from train.nightly.inputs import NightInputs, config_part, night_inputs
 from train.nightly.report import status_json, status_text, write_report
-from train.nightly.scores import gates, jsonable, load_eval_set
+from train.nightly.scores import gates, load_eval_set
 
 NAME = "m"
 BY = night.BY

@@ -168,13 +168,7 @@ def stop_on_problems(problems: list[str], stats: dict[str, DataStats], max_inval
 
 def load_datasets(tokenizer, data: DataSection) -> PreparedData:
     """DataError lists every problem (file and record level) when the data is unusable."""
-    opts = RenderOptions(
-        max_seq_length=data.max_seq_length,
-        system_message=data.system_message,
-        assistant_only_loss=data.assistant_only_loss,
-        completion_only_loss=data.completion_only_loss,
-    )
-    renderer = Renderer(tokenizer, opts)
+    renderer = Renderer(tokenizer, RenderOptions.of(data))
     problems: list[str] = []  # file level: always fatal
     sources = read_sources(data, problems)
     stats = {"train": DataStats("train"), "eval": DataStats("eval")}  # in the order sources are read

@@ -20,14 +20,14 @@ from convert.verify import file_report
 from core import releases
 from core.config import Config
 from core.errors import PipelineError, Preempted, RunError, exit_status
-from core.files import append_line, atomic_write_json, read_lines
+from core.files import append_line, atomic_write_json, jsonable, read_lines
 from core.gates import summary
 from core.locks import publisher_lock
 from core.runfolder import Layout, Manifest
 from train.nightly.inputs import NightInputs, night_inputs
 from train.nightly.report import status_json, status_text, write_report
 from train.nightly.retention import BY, CANDIDATE_FILE, prune, registry
-from train.nightly.scores import EvalSet, eval_paths, gates, jsonable, load_eval_set, score_model
+from train.nightly.scores import EvalSet, eval_paths, gates, load_eval_set, score_model
 from train.run import run as train_run
 
 log = logging.getLogger(__name__)

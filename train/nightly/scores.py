@@ -118,11 +118,6 @@ def task_checks(gguf: Path, tasks: list[tuple[str, str]], max_new: int) -> dict[
     return {"task_accuracy": 1 - len(failures) / len(tasks), "tasks": len(tasks), "task_failures": failures}
 
 
-def jsonable(scores: dict[str, Any]) -> dict[str, Any]:
-    """NaN and inf as the strings "nan"/"inf": the registry stays strict JSON, and the gates see no number."""
-    return {k: str(v) if isinstance(v, float) and not math.isfinite(v) else v for k, v in scores.items()}
-
-
 def gates(candidate: dict[str, Any], champion: dict[str, Any] | None, n: NightlySection, tasks: bool) -> list[Gate]:
     """Every metric measured and finite, the absolute limits that are set, and no worse than the champion by more
     than the margins. NaN or missing never passes."""
