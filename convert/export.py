@@ -103,7 +103,7 @@ def export_run(
             models.append(_export_base(cfg, folder, base, heldout, training))
         elif current is not None:
             log.info(f"base GGUF {cfg.export.base_name} is current ({current.run}, revision {base.revision})")
-        lora = _export_lora(cfg, folder, base, merged, models, current, heldout, training, keys)
+        lora = _export_lora(cfg, folder, base, merged, models, current, [r.ids for r in heldout] or training, keys)
     except VerificationFailed as e:
         groups = {"merge": check.reports if check else []} | {m.name: m.reports for m in models} | {"": e.reports}
         write_reports(folder.root, groups, cfg.verify, passed=False)
@@ -249,8 +249,7 @@ def _export_lora(
     merged: Path,
     models: list[ModelGGUFs],
     current: releases.Release | None,
-    heldout: list[HeldOut],
-    training: list[list[int]],
+    ids: list[list[int]],
     keys: dict[str, str],
 ) -> FileReport | None:
     """The adapter as <name>.lora.gguf beside the fine-tuned GGUFs, with the fine-tuned GGUFs' provenance `keys`,
@@ -270,18 +269,9 @@ def _export_lora(
     out = merged_gguf.with_name(f"{tuned.name}.lora.gguf")
     how = "on the base GGUF" if base_gguf else "by removing it from the merged GGUF (no base GGUF of its type)"
     log.info(f"  adapter -> {out.name} (convert_lora_to_gguf.py), checked {how}")
-    ids = [r.ids for r in heldout] or training
+    log_path, device = out.parent / "convert.log", cfg.verify.device
     report = export_lora_gguf(
-        folder.adapter,
-        base.path,
-        merged,
-        merged_gguf,
-        out,
-        ids,
-        out.parent / "convert.log",
-        base_gguf,
-        keys,
-        device=cfg.verify.device,
+        folder.adapter, base.path, merged, merged_gguf, tuned.float_type, out, ids, log_path, base_gguf, keys, device
     )
     if not report.passed:
         log.warning(f"adapter GGUF not shipped: {report.describe()}")

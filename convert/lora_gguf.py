@@ -14,12 +14,12 @@ from pathlib import Path
 import gguf
 
 from convert.gguf_header import read_header
-from convert.llamacpp import read_metadata, replaced_when_done, run_converter
+from convert.llamacpp import replaced_when_done, run_converter
 from convert.score import GGUF, Sequence, compare, windows
 from convert.verify import FileReport
 from core.errors import LlamaCppError
 from core.gates import at_least, at_most
-from core.quants import quant_of_file_type
+from core.quants import FLOAT_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,6 @@ LORA_MIN_TOP1 = 0.99  # share of positions whose argmax agrees
 # Scored positions: the failures this catches (a dropped module, a wrong scale) move every position, so a few
 # hundred suffice, and each costs two forward passes of the 2B on the CPU; in windows of CHECK_WINDOW tokens.
 CHECK_TOKENS, CHECK_WINDOW = 512, 256
-ADAPTER_TYPES = ("f32", "f16", "bf16")  # convert_lora_to_gguf.py --outtype choices that are float
 
 
 def convert_lora(
@@ -43,8 +42,8 @@ def convert_lora(
 
     llama.cpp scales an adapter by alpha / r; PEFT's rsLoRA scales by alpha / sqrt(r): such an adapter is
     converted with alpha * sqrt(r), which gives llama.cpp PEFT's scale."""
-    if outtype not in ADAPTER_TYPES:
-        raise ValueError(f"adapter GGUF type {outtype!r}: one of {', '.join(ADAPTER_TYPES)}")
+    if outtype not in FLOAT_TYPES:
+        raise ValueError(f"adapter GGUF type {outtype!r}: one of {', '.join(FLOAT_TYPES)}")
     out = out.resolve()
     # the converter names the file after the adapter's folder (general.name, general.finetune): the staged copy's
     # folder is named as the file, inside a hidden work folder
@@ -107,6 +106,7 @@ def export_lora_gguf(
     base_dir: Path,
     merged_dir: Path,
     merged_gguf: Path,
+    outtype: str,
     out: Path,
     ids: list[list[int]],
     log_path: Path | None,
@@ -114,11 +114,8 @@ def export_lora_gguf(
     keys: dict[str, str] | None = None,
     device: str = "auto",
 ) -> FileReport:
-    """Convert the adapter to `out` in the float type of merged_gguf and check it on base_gguf (of that type), or
-    without one on merged_gguf at scale -1. On a failed gate `out` is deleted and the report says why."""
-    file_type = read_metadata(merged_gguf).get("general.file_type")
-    merged_type = quant_of_file_type(file_type) if isinstance(file_type, int) else None
-    outtype = merged_type if merged_type in ADAPTER_TYPES else "f32"
+    """Convert the adapter to `out` in `outtype`, the float type of merged_gguf, and check it on base_gguf (of that
+    type), or without one on merged_gguf at scale -1. On a failed gate `out` is deleted and the report says why."""
     try:
         convert_lora(adapter_dir, base_dir, out, outtype, log_path, keys)
         if base_gguf is not None:

@@ -125,12 +125,7 @@ class ScoredSet:
 
 
 def scored_set(
-    tokenizer,
-    prompts: list[str],
-    heldout: list[HeldOut],
-    fallback: list[list[int]],
-    min_tokens: int,
-    window: int,
+    tokenizer, prompts: list[str], heldout: list[HeldOut], fallback: list[list[int]], min_tokens: int, window: int
 ) -> ScoredSet:
     """Chat-rendered prompts (last-token NMSE/top-1), every held-out record, REFERENCE_TEXTS, then training records
     (token ids) only while the total is short of min_tokens; longer than `window`, in several windows, none cut."""
@@ -415,9 +410,8 @@ def write_reports(
             "",
         ]
     short = f" (SHORT of verify.min_scored_tokens={minimum}: the data holds no more)" if scored < minimum else ""
-    quants = list(dict.fromkeys(r.quant for r in reports if r.quant != MERGE))
-    gates = [f"- {q}: {gate_text(quality_gates(q, {}, verify_cfg))}" for q in quants]
-    if any(r.quant == MERGE for r in reports):
+    gates = [f"- {q}: {gate_text(quality_gates(q, {}, verify_cfg))}" for q in dict.fromkeys(r.quant for r in files)]
+    if merges:
         gates.append(f"- merge: kld <= {verify_cfg.max_merge_kld:g} against the model as trained (the shipped merge)")
     head += [f"Scored positions per file: {scored}{short}.", "", "Gates:", *gates]
     head += ["- every type: tokens identical, chat template equal, <end_of_turn> stops generation", ""]
