@@ -35,14 +35,6 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
     )
 
 
-@pytest.hookimpl(trylast=True)  # after pytest-randomly's shuffle
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The modules that start processes (tests/cli/) first, each half in the order pytest-randomly shuffled it.
-    Under xdist's loadscope a module runs whole on one worker: a long CLI module dealt last left the other worker
-    idle for its length (make test took 4:04 to 4:56 across shuffles). The shuffle within each half stays."""
-    items.sort(key=lambda item: not item.nodeid.startswith("tests/cli/"))  # stable: False (cli) sorts first
-
-
 def shared(tmp_path_factory, name: str, build) -> Path:
     """A folder `build(folder)` fills once per test session, whichever worker asks first; the others wait on the
     lock and reuse it (xdist workers' base folders are siblings under one session folder)."""
