@@ -48,7 +48,7 @@ def _artifact_lines(art: dict) -> list[str]:
     lora = art.get("lora_gguf")
     if lora and lora["path"]:
         size = human_size(Path(lora["path"]).stat().st_size) if Path(lora["path"]).is_file() else "missing"
-        lines.append(f"adapter GGUF: {lora['path']} ({size}, for the base GGUF; checked: {lora['check']})")
+        lines.append(f"adapter GGUF: {lora['path']} ({size}, for the base GGUF; checked against {lora['check']})")
     elif lora:
         lines.append(f"adapter GGUF: not shipped, its check failed: {lora['summary']}")
     return lines
