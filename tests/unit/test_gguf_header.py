@@ -13,9 +13,9 @@ from core.errors import InvalidInput
 
 
 @pytest.fixture(scope="module")
-def exported_gguf(golden: Path) -> Path:
-    """The golden run's fine-tuned f16 GGUF: written by the real converter, with the run's provenance keys."""
-    return golden / "models" / "gguf" / "gemma_2b_finetuned.f16.gguf"
+def exported_gguf(tiny_gguf: tuple[Path, Path]) -> Path:
+    """The tiny model's f32 GGUF: written by the real converter, with provenance keys and a chat template."""
+    return tiny_gguf[1]
 
 
 def write_gguf(path: Path) -> Path:
@@ -78,7 +78,7 @@ def test_exported_gguf_header(exported_gguf):
     meta, tensors = reader_view(exported_gguf)
     header = read_header(exported_gguf)
     assert header.metadata == meta
-    assert header.metadata["general.file_type"] == 1  # llama_ftype MOSTLY_F16
+    assert header.metadata["general.file_type"] == 0  # llama_ftype ALL_F32
     vocab = next(t.shape[1] for t in header.tensors if t.name == "token_embd.weight")  # ggml order: [hidden, vocab]
     assert header.metadata["tokenizer.ggml.tokens"] == f"[{vocab} items]"
     assert [(t.name, t.shape, t.type, t.n_elements) for t in header.tensors] == tensors
