@@ -67,11 +67,11 @@ def start_forked(
     log.touch()  # read before the fork opens it
     env = dict(env or {})
     if hook is not None:
-        env["PYTHONPATH"] = os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", str(ROOT))])
+        env["PYTHONPATH"] = os.pathsep.join([str(hook), str(ROOT)])  # the server's own is ROOT (cli_env)
     request = {"module": module, "args": args, "cwd": str(cwd), "stdout": str(log), "stderr": str(log), "env": env}
     cli.send(request | {"detach": True, "hook": str(hook / "sitecustomize.py") if hook else None})
     reply = cli.reply()
-    assert "pid" in reply, f"the CLI server answered {reply} to a detached start (request {cli.count})"
+    assert "pid" in reply, f"the CLI server answered {reply} to a detached start"
     cli.detached = Detached(cli, reply["pid"])
     return Proc(cli.detached, log)  # type: ignore[arg-type]
 
