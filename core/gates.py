@@ -9,6 +9,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from core.files import jsonable
+
 
 @dataclass(frozen=True)
 class Gate:
@@ -38,11 +40,7 @@ class Gate:
         return f"{self.name} = {shown} (gate {self.limit})"
 
     def to_json(self) -> dict[str, Any]:
-        v = self.value
-        return asdict(self) | {
-            "value": v if not isinstance(v, float) or math.isfinite(v) else str(v),
-            "passed": self.passed,
-        }
+        return asdict(self) | jsonable({"value": self.value}) | {"passed": self.passed}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Gate:
