@@ -37,6 +37,14 @@ class Proc:
         return self.log.read_text()
 
 
+def new_log(cwd: Path, module: str) -> Path:
+    """An empty <module>-<n>.out in cwd for a command's output (empty, so a test may read it before the command
+    writes)."""
+    log = cwd / f"{module}-{len(list(cwd.glob('*.out')))}.out"
+    log.touch()
+    return log
+
+
 def start(
     cwd: Path,
     hf_home: Path,
@@ -47,7 +55,7 @@ def start(
 ) -> Proc:
     """`python -m module args` in cwd; `env` is added to its environment, `path_first` goes first on its PYTHONPATH
     (and its children's: the slow-children hook)."""
-    log = cwd / f"{module}-{len(list(cwd.glob('*.out')))}.out"
+    log = new_log(cwd, module)
     environ = cli_env(hf_home) | (env or {})
     if path_first is not None:
         environ["PYTHONPATH"] = os.pathsep.join([str(path_first), environ["PYTHONPATH"]])
@@ -63,8 +71,7 @@ def start_forked(
 ) -> Proc:
     """`python -m module args` in cwd, run in a fork of the CLI server; `env` is added to its environment; `hook`:
     a slow_children folder, run in the fork as its sitecustomize.py and first on its children's PYTHONPATH."""
-    log = cwd / f"{module}-{len(list(cwd.glob('*.out')))}.out"
-    log.touch()  # read before the fork opens it
+    log = new_log(cwd, module)
     env = dict(env or {})
     if hook is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(hook), str(ROOT)])  # the server's own is ROOT (cli_env)
