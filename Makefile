@@ -20,14 +20,14 @@ setup: $(STAMP)  ## create .venv, install pinned deps, unpack llama.cpp's conver
 # ~/.cache/gemma-lora-pipeline/llama.cpp/<commit>/ (LLAMA_TOOLS_DIR overrides): llama-quantize, llama-imatrix and
 # the libraries that they and the llama-cpp-python binding load; the script installs the binding as a wheel
 # around those libraries. A cached build is reused: a fresh clone compiles nothing. The project's install then
-# finds the pinned binding installed; --only-binary makes pip fail rather than compile PyPI's sdist a second time.
+# finds the pinned binding installed; --only-binary makes the install fail rather than compile PyPI's sdist a second
+# time. The project's install is uv's, with pip's configuration (scripts/uv_install.sh: 7 s against pip's 75 s).
 # fetch_llama_cpp.sh goes first: the build reads the commit from the tree it unpacks.
 $(STAMP): pyproject.toml constraints.txt scripts/fetch_llama_cpp.sh scripts/build_llama_cpp.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
 	bash scripts/fetch_llama_cpp.sh $(LLAMA_CPP_DIR) $(PY)
 	bash scripts/build_llama_cpp.sh $(LLAMA_CPP_DIR) "" $(PY)
-	$(PY) -m pip install -c constraints.txt --only-binary llama-cpp-python -e '.[dev]'
+	bash scripts/uv_install.sh $(PY) -c constraints.txt --only-binary llama-cpp-python -e '.[dev]'
 	touch $@
 
 tiny-model: setup  ## build the tiny offline Gemma 2 into models/.cache (idempotent)
