@@ -34,4 +34,4 @@ for v in ${setting[constraint]:-}; do args+=(--constraint "$v"); done
 case ${setting[no-index]:-} in 1 | true | yes | on) args+=(--no-index) ;; esac
 [ -z "${setting[cert]:-}" ] || export SSL_CERT_FILE=${SSL_CERT_FILE:-${setting[cert]}}
 
-"$uv" pip install --quiet "${args[@]}" "$@"
+"$uv" pip install --quiet --compile-bytecode "${args[@]}" "$@"
