@@ -37,6 +37,12 @@ binding_libs=(libllama.so libggml.so libggml-base.so libggml-cpu.so)
 flags=(-DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF -DBUILD_SHARED_LIBS=ON -DCMAKE_PLATFORM_NO_VERSIONED_SONAME=ON
        -DCMAKE_BUILD_WITH_INSTALL_RPATH=ON '-DCMAKE_INSTALL_RPATH=$ORIGIN' -DLLAMA_OPENSSL=OFF
        -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF)
+# The tools' command-line glue is compiled without optimization: llama-common (argument parsing, JSON, chat
+# templates, the imatrix file) and the cpp-httplib it links are 239 of the build's ~516 CPU-seconds at -O3 and run
+# once per command. What computes stays at -O3: libggml and libllama (quantization, evaluation), and the tools' own
+# sources (llama-quantize's, llama-imatrix's activation sums). A CMake hook run after the top project() appends
+# -O0 to those two targets (the last -O wins) once they exist.
+glue_targets=(llama-common cpp-httplib)
 
 version=$(sed -n 's/^llama-cpp-python==\([0-9.]*\).*/\1/p' "$here/constraints.txt")
 [ -n "$version" ] || { echo "error: no llama-cpp-python pin in constraints.txt" >&2; exit 2; }
@@ -51,6 +57,7 @@ key=$commit
 [ -n "$key" ] && [ "$key" != unknown ] || key="llama-cpp-python-$version"
 dest="$root/$key"
 stamp="llama-cpp-python=$version llama.cpp=$commit flags=${flags[*]} tools=${tools[*]} binding=${binding_libs[*]}"
+stamp+=" O0=${glue_targets[*]}"
 
 # The one wheel of the build (py3-none-<platform>: the sdist sets wheel.py-api = "py3"; ctypes, no extension module).
 wheel_of() { compgen -G "$1/wheel/llama_cpp_python-$version-py3-none-*.whl"; }
@@ -77,7 +84,12 @@ else
     src="$sdist/vendor/llama.cpp"
     generator=()
     command -v ninja >/dev/null && generator=(-G Ninja)
-    cmake -S "$src" -B "$work/build" "${generator[@]}" "${flags[@]}" >"$work/cmake.log" 2>&1 \
+    glue="$work/glue-O0.cmake"
+    for t in "${glue_targets[@]}"; do
+        echo "cmake_language(DEFER DIRECTORY \"\${CMAKE_SOURCE_DIR}\" CALL set_property TARGET $t APPEND PROPERTY COMPILE_OPTIONS -O0)"
+    done > "$glue"
+    cmake -S "$src" -B "$work/build" "${generator[@]}" "${flags[@]}" "-DCMAKE_PROJECT_llama.cpp_INCLUDE=$glue" \
+        >"$work/cmake.log" 2>&1 \
         || { tail -n 30 "$work/cmake.log" >&2; echo "error: cmake configure failed" >&2; exit 1; }
     cmake --build "$work/build" --parallel "$(nproc 2>/dev/null || echo 2)" --target "${tools[@]}"
     mkdir -p "$work/stage/bin" "$work/stage/wheel"
