@@ -12,7 +12,12 @@ set -euo pipefail
 
 py=${1:?usage: $0 PYTHON ARGS...}
 shift
-"$py" -m pip install -qq uv  # -qq: not the warnings about indexes without uv
+# -qq: not the warnings about indexes without uv. uv only makes the install faster: where it cannot be had (a
+# mirror without it), pip installs the same things, reading its configuration itself.
+if ! "$py" -m pip install -qq uv; then
+    echo "uv is not installable here; installing with pip (about a minute slower)" >&2
+    exec "$py" -m pip install "$@"
+fi
 uv=$(dirname "$py")/uv
 
 # `pip config list` prints section.key='value': ":env:" for PIP_* variables, "global" and "install" for the files

@@ -12,10 +12,13 @@ from pathlib import Path
 from tests.conftest import ROOT
 
 FAKE_PYTHON = """#!/usr/bin/env bash
-# `-m pip config list` prints the canned configuration; `-m pip install -qq uv` puts uv beside this file.
+# `-m pip config list` prints the canned configuration; `-m pip install -qq uv` puts uv beside this file (fails
+# where no-uv exists); any other `-m pip install` records its arguments.
+here=$(dirname "$0")
 case "$*" in
-    "-m pip config list") cat "$(dirname "$0")/pip-config" ;;
-    "-m pip install -qq uv") cp "$(dirname "$0")/fake-uv" "$(dirname "$0")/uv" ;;
+    "-m pip config list") cat "$here/pip-config" ;;
+    "-m pip install -qq uv") [ ! -e "$here/no-uv" ] && cp "$here/fake-uv" "$here/uv" ;;
+    "-m pip install "*) shift 3; printf '%s\\n' pip "$@" > "$here/uv-args" ;;
     *) exit 9 ;;
 esac
 """
@@ -25,10 +28,13 @@ echo "SSL_CERT_FILE=${SSL_CERT_FILE:-}" >> "$(dirname "$0")/uv-args"
 """
 
 
-def install(tmp_path: Path, config: str, env: dict[str, str] | None = None) -> list[str]:
-    """Run the script with `config` as `pip config list` prints it; the arguments uv got, one per line."""
+def install(tmp_path: Path, config: str, env: dict[str, str] | None = None, uv: bool = True) -> list[str]:
+    """Run the script with `config` as `pip config list` prints it; the arguments uv got, one per line (with
+    uv=False, uv is not installable and pip's arguments are returned, after "pip")."""
     bin_dir = tmp_path / "venv" / "bin"
     bin_dir.mkdir(parents=True)
+    if not uv:
+        (bin_dir / "no-uv").touch()
     for name, text in (("python", FAKE_PYTHON), ("fake-uv", FAKE_UV), ("pip-config", config)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
@@ -73,3 +79,8 @@ def test_no_index_and_a_users_certificate_file_are_kept(tmp_path):
     assert "--no-index" in args
     assert args[-1] == "SSL_CERT_FILE=/mine.pem"
     assert not pairs(args, "--index-url") and not pairs(args, "--find-links")
+
+
+def test_without_uv_pip_installs_the_same_arguments(tmp_path):
+    args = install(tmp_path, "global.find-links='/from/file'\n", uv=False)
+    assert args == ["pip", "-e", ".[dev]"]  # pip reads its own configuration
