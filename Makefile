@@ -21,7 +21,7 @@ setup: $(STAMP)  ## create .venv, install pinned deps, unpack llama.cpp's conver
 # the libraries that they and the llama-cpp-python binding load; the script installs the binding as a wheel
 # around those libraries. A cached build is reused: a fresh clone compiles nothing. The project's install then
 # finds the pinned binding installed; --only-binary makes the install fail rather than compile PyPI's sdist a second
-# time. The project's install is uv's, with pip's configuration (scripts/uv_install.sh: 7 s against pip's 75 s).
+# time. The project's install is uv's, with pip's configuration (scripts/uv_install.sh: 30 s against pip's 75 s).
 # fetch_llama_cpp.sh goes first: the build reads the commit from the tree it unpacks.
 $(STAMP): pyproject.toml constraints.txt scripts/fetch_llama_cpp.sh scripts/build_llama_cpp.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
