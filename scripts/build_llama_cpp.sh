@@ -85,9 +85,12 @@ else
     generator=()
     command -v ninja >/dev/null && generator=(-G Ninja)
     glue="$work/glue-O0.cmake"
-    for t in "${glue_targets[@]}"; do
-        echo "cmake_language(DEFER DIRECTORY \"\${CMAKE_SOURCE_DIR}\" CALL set_property TARGET $t APPEND PROPERTY COMPILE_OPTIONS -O0)"
-    done > "$glue"
+    {   # cmake_language(DEFER) is CMake 3.19's; llama.cpp needs 3.14, and an older CMake builds the glue at -O3
+        echo "if(CMAKE_VERSION VERSION_GREATER_EQUAL 3.19)"
+        defer='cmake_language(DEFER DIRECTORY "${CMAKE_SOURCE_DIR}" CALL set_property TARGET'
+        for t in "${glue_targets[@]}"; do echo "  $defer $t APPEND PROPERTY COMPILE_OPTIONS -O0)"; done
+        echo "endif()"
+    } > "$glue"
     cmake -S "$src" -B "$work/build" "${generator[@]}" "${flags[@]}" "-DCMAKE_PROJECT_llama.cpp_INCLUDE=$glue" \
         >"$work/cmake.log" 2>&1 \
         || { tail -n 30 "$work/cmake.log" >&2; echo "error: cmake configure failed" >&2; exit 1; }
