@@ -23,7 +23,7 @@ setup: $(STAMP)  ## create .venv, install pinned deps, unpack llama.cpp's conver
 # finds the pinned binding installed; --only-binary makes the install fail rather than compile PyPI's sdist a second
 # time. The project's install is uv's, with pip's configuration (scripts/uv_install.sh: 30 s against pip's 75 s).
 # fetch_llama_cpp.sh goes first: the build reads the commit from the tree it unpacks.
-$(STAMP): pyproject.toml constraints.txt scripts/fetch_llama_cpp.sh scripts/build_llama_cpp.sh
+$(STAMP): pyproject.toml constraints.txt scripts/fetch_llama_cpp.sh scripts/build_llama_cpp.sh scripts/uv_install.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	bash scripts/fetch_llama_cpp.sh $(LLAMA_CPP_DIR) $(PY)
 	bash scripts/build_llama_cpp.sh $(LLAMA_CPP_DIR) "" $(PY)

@@ -14,9 +14,10 @@ set -euo pipefail
 
 py=${1:?usage: $0 PYTHON ARGS...}
 shift
+here=$(cd "$(dirname "$0")/.." && pwd)
 # -qq: not the warnings about indexes without uv. uv only makes the install faster: where it cannot be had (a
 # mirror without it), pip installs the same things, reading its configuration itself.
-if ! "$py" -m pip install -qq uv; then
+if ! "$py" -m pip install -qq -c "$here/constraints.txt" uv; then
     echo "uv is not installable here; installing with pip (about a minute slower)" >&2
     exec "$py" -m pip install "$@"
 fi

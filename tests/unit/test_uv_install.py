@@ -12,12 +12,12 @@ from pathlib import Path
 from tests.conftest import ROOT
 
 FAKE_PYTHON = """#!/usr/bin/env bash
-# `-m pip config list` prints the canned configuration; `-m pip install -qq uv` puts uv beside this file (fails
-# where no-uv exists); any other `-m pip install` records its arguments.
+# `-m pip config list` prints the canned configuration; the install of the pinned uv puts uv beside this file
+# (fails where no-uv exists); any other `-m pip install` records its arguments.
 here=$(dirname "$0")
 case "$*" in
     "-m pip config list") cat "$here/pip-config" ;;
-    "-m pip install -qq uv") [ ! -e "$here/no-uv" ] && cp "$here/fake-uv" "$here/uv" ;;
+    "-m pip install -qq -c "*"/constraints.txt uv") [ ! -e "$here/no-uv" ] && cp "$here/fake-uv" "$here/uv" ;;
     "-m pip install "*) shift 3; printf '%s\\n' pip "$@" > "$here/uv-args" ;;
     *) exit 9 ;;
 esac
