@@ -34,6 +34,7 @@ while IFS= read -r line; do
     [ "${rank[$key]:-0}" -ge "$r" ] || { setting[$key]=$value; rank[$key]=$r; }
 done < <("$py" -m pip config list)
 
+set -f  # the values below are split on spaces and never globbed
 args=(--python "$py" --index-strategy unsafe-best-match)  # pip's rule: the best version from any index
 for v in ${setting[index-url]:-}; do args+=(--index-url "$v"); done
 for v in ${setting[extra-index-url]:-}; do args+=(--extra-index-url "$v"); done
