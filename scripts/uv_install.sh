@@ -15,6 +15,10 @@ set -euo pipefail
 py=${1:?usage: $0 PYTHON ARGS...}
 shift
 here=$(cd "$(dirname "$0")/.." && pwd)
+"$py" -m pip --version >/dev/null 2>&1 || {
+    echo "error: $py cannot run pip; give the environment's interpreter (make setup passes .venv/bin/python)" >&2
+    exit 2
+}
 # -qq: not the warnings about indexes without uv. uv only makes the install faster: where it cannot be had (a
 # mirror without it), pip installs the same things, reading its configuration itself.
 if ! "$py" -m pip install -qq -c "$here/constraints.txt" uv; then

@@ -16,6 +16,7 @@ FAKE_PYTHON = """#!/usr/bin/env bash
 # (fails where no-uv exists); any other `-m pip install` records its arguments.
 here=$(dirname "$0")
 case "$*" in
+    "-m pip --version") echo "pip (stand-in)" ;;
     "-m pip config list") cat "$here/pip-config" ;;
     "-m pip install -qq -c "*"/constraints.txt uv") [ ! -e "$here/no-uv" ] && cp "$here/fake-uv" "$here/uv" ;;
     "-m pip install "*) shift 3; printf '%s\\n' pip "$@" > "$here/uv-args" ;;
@@ -84,3 +85,14 @@ def test_no_index_and_a_users_certificate_file_are_kept(tmp_path):
 def test_without_uv_pip_installs_the_same_arguments(tmp_path):
     args = install(tmp_path, "global.find-links='/from/file'\n", uv=False)
     assert args == ["pip", "-e", ".[dev]"]  # pip reads its own configuration
+
+
+def test_an_interpreter_without_pip_is_named_and_nothing_installed(tmp_path):
+    run = subprocess.run(
+        [shutil.which("bash"), str(ROOT / "scripts" / "uv_install.sh"), str(tmp_path / "python"), "-e", ".[dev]"],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert f"error: {tmp_path / 'python'} cannot run pip" in run.stderr
+    assert "uv is not installable" not in run.stderr
