@@ -143,6 +143,18 @@ def cli(hf_home: Path, tmp_path_factory):
     server.close()
 
 
+@pytest.fixture
+def aot_eager_compile(monkeypatch):
+    """torch.compile through AOTAutograd without code generation (backend "aot_eager"): what is ours to check on
+    CPU (the graphs dynamo captures, recompiles, autograd through them, masks and score functions) without
+    inductor building C++ kernels that no production run uses (a GPU compiles Triton kernels; the gpu tests do).
+    Building them cost 50 CPU-s of a fresh clone's suite (no kernel cache yet) for two tests."""
+    import torch
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda *args, **kw: compile_(*args, **{"backend": "aot_eager", **kw}))
+
+
 @pytest.fixture(scope="module")
 def tok(hf_home: Path):
     """The tiny model's tokenizer with the chat template we ship, loaded from the HF cache like a run does."""

@@ -39,10 +39,13 @@ def loss_and_grads(model: PreTrainedModel, batch: dict) -> tuple[torch.Tensor, d
     return loss.detach(), {n: p.grad for n, p in model.named_parameters() if "layers.0.self_attn" in n}
 
 
+@pytest.mark.usefixtures("aot_eager_compile")
 @pytest.mark.parametrize("family", families.FAMILIES)
 def test_flex_attention_equals_eager_on_a_packed_batch_with_softcap(family):
     """Forward only: torch 2.13's FlexAttention has no backward on CPU (the gpu test below checks gradients).
-    Gemma 3: no softcap, a local and a global layer with their own RoPE bases, the window shorter than the rows."""
+    Gemma 3: no softcap, a local and a global layer with their own RoPE bases, the window shorter than the rows.
+    transformers compiles flex_attention; here through AOTAutograd, so the masks and the softcap score function are
+    checked, not inductor's CPU kernel (conftest.aot_eager_compile)."""
     batch = packed_batch()
     assert "position_ids" in batch and "attention_mask" not in batch  # really packed: isolation by positions
     with torch.no_grad():

@@ -4,6 +4,7 @@ Each decoder layer is compiled in place and nothing else is; with activation che
 backward through the compiled model gives the loss and the LoRA gradients of the eager model built from the same
 seed, and dynamo captures one graph that all four layers share (parameters are graph inputs). The config accepts
 true/false/layers, and only true reaches TrainingArguments.torch_compile (the Trainer would compile the whole model).
+Compiled through AOTAutograd without kernel generation (conftest.aot_eager_compile).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ VOCAB = 512
 LAYERS = TINY_CONFIG["num_hidden_layers"]
 SEQ = 24  # longer than the sliding window (16): the sliding layers' mask differs from the full layers'
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+pytestmark = pytest.mark.usefixtures("aot_eager_compile")
 
 
 @pytest.fixture(autouse=True)
