@@ -14,21 +14,8 @@ from transformers import AutoModelForCausalLM
 from convert.llamacpp import convert_hf_to_gguf, read_metadata
 from convert.lora_gguf import LORA_MAX_KLD, export_lora_gguf
 from convert.merge import merge_adapter
-from core.hub import resolve_model
 from core.tokenizer import save_tokenizer
-from tests.conftest import DEMO_HELDOUT, TINY_REPO
-
-
-@pytest.fixture(scope="module")
-def base(hf_home: Path, tok, tmp_path_factory) -> tuple[Path, Path]:
-    """The tiny base in float32 and its f32 GGUF, made once for the module (the tests only read them)."""
-    src = resolve_model(TINY_REPO, hf_home=hf_home).path
-    root = tmp_path_factory.mktemp("lora_base")
-    base_dir, base_gguf = root / "base", root / "base.f32.gguf"
-    AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).save_pretrained(str(base_dir))
-    save_tokenizer(tok, base_dir, src / "tokenizer.model")
-    convert_hf_to_gguf(base_dir, base_gguf, "f32")
-    return base_dir, base_gguf
+from tests.conftest import DEMO_HELDOUT
 
 
 def make_adapter(base_dir: Path, tok, out: Path, rslora: bool) -> Path:
@@ -52,13 +39,14 @@ def heldout_ids(tok) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("rslora, with_base_gguf", [(False, True), (True, False)])
-def test_adapter_gguf_reproduces_the_merged_model(base, tok, tmp_path, rslora, with_base_gguf):
+def test_adapter_gguf_reproduces_the_merged_model(tiny_gguf, tok, tmp_path, rslora, with_base_gguf):
     """On the base GGUF (base + adapter vs the merged HF model), or without (merged GGUF - adapter vs the HF base)."""
-    base_dir, base_gguf = base
+    base_dir, base_gguf = tiny_gguf  # the tiny model in float32, its f32 GGUF
     adapter_dir = make_adapter(base_dir, tok, tmp_path / "adapter", rslora)
-    merged_gguf = tmp_path / "merged.f32.gguf"
+    merged_gguf = tmp_path / "merged.f32.gguf"  # what the check runs without a base GGUF, unread with one
     merged_dir = merge_adapter(base_dir, adapter_dir, tmp_path / "merged")
-    convert_hf_to_gguf(merged_dir, merged_gguf, "f32")
+    if not with_base_gguf:
+        convert_hf_to_gguf(merged_dir, merged_gguf, "f32")
     out = tmp_path / "export" / "m.lora.gguf"
     report = export_lora_gguf(
         adapter_dir,
@@ -85,8 +73,8 @@ def test_adapter_gguf_reproduces_the_merged_model(base, tok, tmp_path, rslora, w
 
 
 @pytest.mark.parametrize("with_base_gguf", [True, False])
-def test_an_adapter_that_does_not_reproduce_the_merged_model_is_not_kept(base, tok, tmp_path, with_base_gguf):
-    base_dir, base_gguf = base
+def test_an_adapter_that_does_not_reproduce_the_merged_model_is_not_kept(tiny_gguf, tok, tmp_path, with_base_gguf):
+    base_dir, base_gguf = tiny_gguf  # the tiny model in float32, its f32 GGUF
     adapter_dir = make_adapter(base_dir, tok, tmp_path / "adapter", rslora=False)
     out = tmp_path / "export" / "m.lora.gguf"
     # "merged" = the base itself: what a converter that dropped the adapter's delta would verify against
