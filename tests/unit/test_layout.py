@@ -27,18 +27,20 @@ def project_modules() -> dict[str, Path]:
     return {module_name(p): p for pkg in PACKAGES for p in sorted((ROOT / pkg).rglob("*.py"))}
 
 
+def import_targets(nodes) -> list[str]:
+    """The names the import statements among `nodes` import (`from pkg import name` gives pkg and pkg.name)."""
+    names: list[str] = []
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names += [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+    return names
+
+
 def imports_of(path: Path, modules: dict[str, Path]) -> set[str]:
     """Project modules imported by a file (`from pkg import name` counts `pkg.name` when that is a module)."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-        else:
-            continue
-        found |= {n for n in names if n in modules}
-    return found
+    return {n for n in import_targets(ast.walk(ast.parse(path.read_text(), str(path)))) if n in modules}
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -110,12 +112,12 @@ def test_production_code_does_not_import_test_tools():
     graph = import_graph()
     users = sorted(mod for mod, deps in graph.items() if "scripts.tiny_model" in deps)
     assert users == []  # the tiny-model builder is a command (python -m scripts.tiny_model), not a library
-    from_tests = []
-    for name, path in project_modules().items():
-        for node in ast.walk(ast.parse(path.read_text())):
-            targets = [a.name for a in node.names] if isinstance(node, ast.Import) else []
-            targets += [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
-            from_tests += [f"{name} imports {t}" for t in targets if t.split(".")[0] == "tests"]
+    from_tests = [
+        f"{name} imports {target}"
+        for name, path in project_modules().items()
+        for target in import_targets(ast.walk(ast.parse(path.read_text())))
+        if target.split(".")[0] == "tests"
+    ]
     assert from_tests == []
 
 
@@ -151,14 +153,8 @@ def loaded_on_import(names: list[str]) -> set[str]:
         loaded.add(name)
         if name not in modules:
             continue
-        for node in run_on_import(ast.parse(modules[name].read_text())):
-            if isinstance(node, ast.Import):
-                targets = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-            else:
-                continue
-            pending += [t for t in targets if t in modules] + [t.split(".")[0] for t in targets if t not in modules]
+        targets = import_targets(run_on_import(ast.parse(modules[name].read_text())))
+        pending += [t for t in targets if t in modules] + [t.split(".")[0] for t in targets if t not in modules]
     return loaded
 
 
