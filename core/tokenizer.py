@@ -21,11 +21,6 @@ def save_tokenizer(tokenizer, folder: Path, sentencepiece_model: Path) -> None:
 ADDED_TOKEN_FIELDS = ("content", "lstrip", "normalized", "rstrip", "single_word", "special")
 
 
-def special_tokens(tokens: dict[int, str]) -> dict[int, dict]:
-    """Added tokens that are special (the turn markers): matched whole in any text, never normalized."""
-    return {i: dict.fromkeys(ADDED_TOKEN_FIELDS, False) | {"content": t, "special": True} for i, t in tokens.items()}
-
-
 def fix_tokenizer_config(folder: Path, added_tokens: dict[int, dict]) -> None:
     """Restore the keys transformers 5's save_pretrained drops but llama.cpp's converter reads (gguf-py vocab.py,
     SpecialVocab._try_load_from_tokenizer_json): without `add_bos_token` the GGUF adds no <bos>; without

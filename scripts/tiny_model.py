@@ -30,7 +30,7 @@ from transformers import AutoTokenizer, Gemma2Config, Gemma2ForCausalLM
 
 from core.files import sha256_file
 from core.hub import default_hf_home, hub_cache_dir, repo_folder_name
-from core.tokenizer import fix_tokenizer_config, special_tokens
+from core.tokenizer import ADDED_TOKEN_FIELDS, fix_tokenizer_config
 
 TINY_REPO_ID = "tiny-gemma/gemma-2-tiny"
 
@@ -165,7 +165,9 @@ def write_tokenizer_files(folder: Path) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     tok = AutoTokenizer.from_pretrained(str(folder))
     tok.save_pretrained(str(folder))
-    fix_tokenizer_config(folder, special_tokens({tok.get_vocab()[t]: t for t in special}))
+    # every one special (the turn markers included): matched whole in any text, never normalized
+    flags = dict.fromkeys(ADDED_TOKEN_FIELDS, False) | {"special": True}
+    fix_tokenizer_config(folder, {tok.get_vocab()[t]: flags | {"content": t} for t in special})
 
 
 def build_weights(folder: Path, vocab_size: int, seed: int) -> None:
