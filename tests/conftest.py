@@ -150,9 +150,12 @@ def aot_eager_compile(monkeypatch):
     inductor building C++ kernels that no production run uses (a GPU compiles Triton kernels; the gpu tests do).
     Building them took these tests 50 s on a fresh clone, where no kernel is cached yet (12 s without)."""
     import torch
+    from transformers.integrations.flex_attention import WrappedFlexAttention
 
     compile_ = torch.compile
     monkeypatch.setattr(torch, "compile", lambda *args, **kw: compile_(*args, **{"backend": "aot_eager", **kw}))
+    # transformers keeps the flex_attention it compiled first, for the process: not the one compiled here
+    monkeypatch.setattr(WrappedFlexAttention, "_instance", None)
 
 
 @pytest.fixture(scope="module")
