@@ -341,24 +341,18 @@ class Renderer:
         if fmt == "messages":
             msgs, trained = normalize_messages(record["messages"], self.opts.system_message, self.check_text)
             return self.plan_chat(msgs, trained)
-        if fmt == "prompt_completion":
-            prompt, completion = record.get("prompt"), record.get("completion")
-            if not isinstance(prompt, str):
-                raise not_a_string("prompt", prompt)
-            if not isinstance(completion, str):
-                raise not_a_string("completion", completion)
-            if not completion.strip():
-                raise RecordProblem("completion", "is empty")
-            self.check_text(prompt, "prompt")
-            self.check_text(completion, "completion")
-            return [prompt, completion], [not self.opts.completion_only_loss, True], True
-        text = record["text"]
-        if not isinstance(text, str):
-            raise not_a_string("text", text)
-        if not text.strip():
-            raise RecordProblem("text", "is empty")
-        self.check_text(text, "text")
-        return [text], [True], True
+        # prompt_completion or text: strings, the last one (what is learned) not blank
+        fields = FORMATS[fmt]
+        texts = [record.get(k) for k in fields]
+        for k, text in zip(fields, texts, strict=True):
+            if not isinstance(text, str):
+                raise not_a_string(k, text)
+        if not texts[-1].strip():
+            raise RecordProblem(fields[-1], "is empty")
+        for k, text in zip(fields, texts, strict=True):
+            self.check_text(text, k)
+        trained = [True] if fmt == "text" else [not self.opts.completion_only_loss, True]
+        return texts, trained, True
 
     def plan_chat(self, msgs: list[dict[str, str]], trained: list[bool]) -> tuple[list[str], list[bool], bool]:
         text = self.chat_text(msgs)
