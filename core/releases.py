@@ -139,11 +139,6 @@ def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
-def _new_id(folder: Path, run: str) -> str:
-    taken = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
-    return next(i for i in (run, *(f"{run}.{n}" for n in range(2, 10_000))) if i not in taken)
-
-
 def _stage(gguf_dir: Path, name: str, run: str, files: dict[str, Path], meta: dict[str, Any]) -> Release:
     """A new release folder holding `files` (renamed in where they share a file system, else copied), their record
     and `meta`, made durable, renamed into place in one step. Leftovers of interrupted stagings are removed."""
@@ -151,7 +146,8 @@ def _stage(gguf_dir: Path, name: str, run: str, files: dict[str, Path], meta: di
     folder.mkdir(parents=True, exist_ok=True)
     for p in folder.glob(".*"):  # a staging folder an interrupted publish left
         shutil.rmtree(p, ignore_errors=True)
-    release_id = _new_id(folder, run)
+    taken = {p.name for p in folder.iterdir()}  # run, then run.2, run.3, ... when the run is promoted again
+    release_id = next(i for i in (run, *(f"{run}.{n}" for n in range(2, 10_000))) if i not in taken)
     stage = Path(tempfile.mkdtemp(dir=folder, prefix=f".{release_id}."))
     try:
         for file, src in files.items():
