@@ -5,8 +5,7 @@ manifest.json (docs/architecture.md, "The manifest"): every CLI reads and writes
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -110,11 +109,9 @@ class RunFolder:
     verify_md = _InRun("verify.md")
     lock_file = _InRun(".lock")
 
-    @contextmanager
-    def locked(self) -> Iterator[None]:
+    def locked(self) -> AbstractContextManager[None]:
         """Hold the run folder's lock (exit 75 for a second process; kept when --fresh empties the folder)."""
-        with hold_lock(self.lock_file, f"run folder {self.root}", self.run_name):
-            yield
+        return hold_lock(self.lock_file, f"run folder {self.root}", self.run_name)
 
     def read_manifest(self) -> Manifest | None:
         """The run's manifest, or None when the run has not written one yet."""
