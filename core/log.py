@@ -28,7 +28,7 @@ class _ToStdout(logging.StreamHandler):
         super().handleError(record)
 
 
-def setup_cli_logging(level: int = logging.INFO) -> None:
+def setup_cli_logging() -> None:
     """Route our loggers to stdout (below ERROR) and stderr (ERROR and above), message only."""
     out = _ToStdout(sys.stdout)
     out.addFilter(lambda record: record.levelno < logging.ERROR)
@@ -39,7 +39,7 @@ def setup_cli_logging(level: int = logging.INFO) -> None:
     for name in PACKAGES:
         logger = logging.getLogger(name)
         logger.handlers[:] = [out, err]
-        logger.setLevel(level)
+        logger.setLevel(logging.INFO)
     # bitsandbytes (imported by PEFT) warns on AVX512-BF16 CPUs that it cannot download an optional kernel: offline
     # that is always so and changes nothing (its fallback runs).
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)

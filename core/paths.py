@@ -43,11 +43,11 @@ def user_path(path: str | os.PathLike) -> Path:
     return Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
 
 
-def require_file(path: str | os.PathLike, what: str, fix: str = "", allow_empty: bool = False) -> Path:
-    """`path` as an absolute path, if it is a readable regular file (non-empty unless allow_empty)."""
+def require_file(path: str | os.PathLike, what: str, fix: str = "") -> Path:
+    """`path` as an absolute path, if it is a readable, non-empty regular file."""
     full = user_path(path)
     found = what_is(full)
-    if found == "a file" or (allow_empty and found == "an empty file"):
+    if found == "a file":
         return full
     raise _refused(what, path, f"is {found}, not a file" + (" with content" if found == "an empty file" else ""), fix)
 

@@ -35,12 +35,12 @@ def package_versions() -> dict[str, str | None]:
     return out
 
 
-def git_commit(folder: Path | None = None) -> str | None:
+def git_commit() -> str | None:
     """Commit of the project checkout (with '+dirty' when it has local changes), or None outside git."""
 
     def git(*args: str) -> str:
-        cwd = folder or Path(__file__).resolve().parent.parent
-        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
+        root = Path(__file__).resolve().parent.parent
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
 
     try:
         commit, dirty = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
