@@ -675,8 +675,7 @@ def commented_defaults(model: type[BaseModel] = Config, indent: int = 0) -> str:
         out += [f"{pad}# {line.strip()}" for line in (field.description or "").splitlines()]
         ann = field.annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
-            out.append(f"{pad}{name}:")
-            out.append(commented_defaults(ann, indent + 1))
+            out += [f"{pad}{name}:", commented_defaults(ann, indent + 1)]
         else:
             value = field.get_default(call_default_factory=True)
             dumped = yaml.safe_dump({name: value}, default_flow_style=True, width=1000).strip()
