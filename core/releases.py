@@ -71,11 +71,10 @@ def live(gguf_dir: Path, name: str) -> Release | None:
 
 
 def release_ids(gguf_dir: Path, name: str) -> list[str]:
-    """Every release of `name` on disk (not the live pointer, not a staging folder)."""
-    folder = releases_dir(gguf_dir, name)
-    if not folder.is_dir():
-        return []
-    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.is_symlink() and not p.name.startswith("."))
+    """Every release of `name` on disk (not the live pointer, not a staging folder); [] before the first publish
+    (glob, unlike iterdir, finds nothing in a folder that does not exist)."""
+    found = releases_dir(gguf_dir, name).glob("*")
+    return sorted(p.name for p in found if p.is_dir() and not p.is_symlink() and not p.name.startswith("."))
 
 
 def history(gguf_dir: Path, name: str) -> list[dict[str, Any]]:
