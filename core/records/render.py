@@ -343,10 +343,12 @@ class Renderer:
             return self.plan_chat(msgs, trained)
         # prompt_completion or text: strings, the last one (what is learned) not blank
         fields = FORMATS[fmt]
-        texts = [record.get(k) for k in fields]
-        for k, text in zip(fields, texts, strict=True):
+        texts: list[str] = []
+        for k in fields:
+            text = record.get(k)
             if not isinstance(text, str):
                 raise not_a_string(k, text)
+            texts.append(text)
         if not texts[-1].strip():
             raise RecordProblem(fields[-1], "is empty")
         for k, text in zip(fields, texts, strict=True):
