@@ -186,22 +186,22 @@ def check_tool_call_id(call_id: Any, field: str, earlier: list[Turn]) -> None:
         )
 
 
-def turn_order_problem(role: str, i: int, prev_role: str | None, prev_i: int) -> str | None:
-    """Why message `i` (of `role`) cannot follow message `prev_i` (of `prev_role`; None: it opens the
+def turn_order_problem(role: str, i: int, prev_role: str | None) -> str | None:
+    """Why message `i` (of `role`) cannot follow message i - 1 (of `prev_role`; None: it opens the
     conversation), or None when it can."""
     if role == "system":
         return "'system' is only allowed as the first message"
     if prev_role is None and role != "user":
         return f"the conversation must start with a user message (after an optional system message), got '{role}'"
     if prev_role == role and role in ("user", "assistant"):
-        return f"two consecutive {role} messages at index {prev_i} and {i}"
+        return f"two consecutive {role} messages at index {i - 1} and {i}"
     if role == "tool" and prev_role not in ("assistant", "tool"):
         return (
             f"a tool result must follow the assistant message that called the tool (or another tool result), "
-            f"not '{prev_role}' at index {prev_i}"
+            f"not '{prev_role}' at index {i - 1}"
         )
     if role == "user" and prev_role == "tool":
-        return f"a user message cannot follow the tool result at index {prev_i}: the assistant answers tool results"
+        return f"a user message cannot follow the tool result at index {i - 1}: the assistant answers tool results"
     return None
 
 
@@ -210,17 +210,15 @@ def check_turn_order(turns: list[Turn], start: int) -> None:
     following the assistant message that called the tool, and end with an assistant message."""
     if start == len(turns):
         raise RecordProblem("messages", "has only a system message")
-    prev_role, prev_i = None, -1
-    for i in range(start, len(turns)):
-        role = turns[i].message["role"]
-        problem = turn_order_problem(role, i, prev_role, prev_i)
+    roles = [t.message["role"] for t in turns]
+    for i in range(start, len(roles)):
+        problem = turn_order_problem(roles[i], i, roles[i - 1] if i > start else None)
         if problem:
             raise RecordProblem(f"messages[{i}].role", problem)
-        prev_role, prev_i = role, i
-    if prev_role != "assistant":
+    if roles[-1] != "assistant":
         raise RecordProblem(
-            f"messages[{prev_i}].role",
-            f"the last message must be from the assistant (nothing to learn otherwise), got '{prev_role}'",
+            f"messages[{len(roles) - 1}].role",
+            f"the last message must be from the assistant (nothing to learn otherwise), got '{roles[-1]}'",
         )
 
 
