@@ -24,9 +24,9 @@ from core.errors import RunError
 from core.files import move_dir_into_place
 from core.tokenizer import save_tokenizer
 
-# safetensors' dtype names (the format's spec, safetensors/src/tensor.rs `Dtype`) for what checkpoints hold.
-SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
-TORCH_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
+# Bytes per element of safetensors' dtype names (the format's spec, safetensors/src/tensor.rs `Dtype`) for what
+# checkpoints hold.
+DTYPE_BYTES = {"F32": 4, "BF16": 2, "F16": 2}
 NF4_BLOCK = 64  # bitsandbytes' 4-bit block size, which transformers' BitsAndBytesConfig leaves at its default
 PEFT_PREFIX = "base_model.model."  # PEFT's key prefix in adapter_model.safetensors
 # Adapter features that change the arithmetic above; a merge must refuse them rather than merge wrongly.
@@ -111,7 +111,7 @@ def _header(views: dict[str, Any], metadata: dict[str, str] | None) -> bytes:
     offset = 0
     for name, view in views.items():
         dtype, shape = view.get_dtype(), list(view.get_shape())
-        size = math.prod(shape) * torch.empty((), dtype=TORCH_DTYPES[dtype]).element_size()
+        size = math.prod(shape) * DTYPE_BYTES[dtype]
         entries[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
         offset += size
     text = json.dumps(entries, separators=(",", ":")).encode()
