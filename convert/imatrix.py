@@ -23,14 +23,6 @@ MIN_CHUNK_TOKENS = 64
 DEFAULT_MAX_TOKENS = 16384
 
 
-def chunk_size(n_tokens: int) -> int:
-    """CHUNK_TOKENS, or the largest power of two that still gives llama-imatrix its two chunks."""
-    size = CHUNK_TOKENS
-    while size > MIN_CHUNK_TOKENS and 2 * size > n_tokens:
-        size //= 2
-    return size
-
-
 def compute_imatrix(
     float_gguf: Path, texts: list[str], out: Path, log_path: Path, max_tokens: int = DEFAULT_MAX_TOKENS
 ) -> Path:
@@ -46,7 +38,9 @@ def compute_imatrix(
                 break
             kept.append(text)
             n_tokens += len(vocab.tokenize(text, bos=False))
-    chunk = chunk_size(n_tokens)
+    chunk = CHUNK_TOKENS  # or the largest power of two that still gives llama-imatrix its two chunks
+    while chunk > MIN_CHUNK_TOKENS and 2 * chunk > n_tokens:
+        chunk //= 2
     if n_tokens < 2 * chunk:
         raise InvalidInput(
             f"the importance matrix needs at least {2 * MIN_CHUNK_TOKENS} tokens of calibration text; "

@@ -45,24 +45,6 @@ def is_tokenizer_file(path: Path) -> bool:
     return path.name.startswith("tokenizer") or path.name in ("special_tokens_map.json", "chat_template.jinja")
 
 
-def lora_deltas(adapter_dir: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float]:
-    """{base weight name: (A, B)} of the adapter, and its scaling."""
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    used = [name for key, name in UNSUPPORTED.items() if config.get(key)]
-    if used:
-        raise RunError(f"{adapter_dir}: the streaming merge does not support {', '.join(used)} in the adapter")
-    r, alpha = config["r"], config["lora_alpha"]
-    scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-    weights = load_file(str(adapter_dir / "adapter_model.safetensors"))  # small: r x hidden per module
-    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for key, a in weights.items():
-        if ".lora_A." not in key:
-            continue
-        target = key.removeprefix(PEFT_PREFIX).replace(".lora_A.weight", ".weight")
-        pairs[target] = (a, weights[key.replace(".lora_A.", ".lora_B.")])
-    return pairs, scaling
-
-
 def nf4_roundtrip(weight: torch.Tensor) -> torch.Tensor:
     """A weight as QLoRA trains on it, in float32: quantized the way transformers loads it with model.load_in_4bit
     (bitsandbytes nf4 in blocks of 64, the blocks' absmax quantized again: double quantization), then dequantized.
@@ -89,7 +71,18 @@ class Merge:
     (the dequantized 4-bit base a QLoRA adapter was trained on) rather than as stored (the full-precision base)."""
 
     def __init__(self, adapter_dir: Path, nf4: frozenset[str] = frozenset()):
-        self.deltas, self.scaling = lora_deltas(adapter_dir)
+        config = json.loads((adapter_dir / "adapter_config.json").read_text())
+        used = [name for key, name in UNSUPPORTED.items() if config.get(key)]
+        if used:
+            raise RunError(f"{adapter_dir}: the streaming merge does not support {', '.join(used)} in the adapter")
+        r, alpha = config["r"], config["lora_alpha"]
+        self.scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        weights = load_file(str(adapter_dir / "adapter_model.safetensors"))  # small: r x hidden per module
+        self.deltas: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # base weight name -> (A, B)
+        for key, a in weights.items():
+            if ".lora_A." in key:
+                target = key.removeprefix(PEFT_PREFIX).replace(".lora_A.weight", ".weight")
+                self.deltas[target] = (a, weights[key.replace(".lora_A.", ".lora_B.")])
         self.nf4 = nf4
 
     def weight(self, name: str, base: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
