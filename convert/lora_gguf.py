@@ -19,7 +19,6 @@ from convert.score import GGUF, Sequence, compare, windows
 from convert.verify import FileReport
 from core.errors import LlamaCppError
 from core.gates import at_least, at_most
-from core.quants import FLOAT_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +41,6 @@ def convert_lora(
 
     llama.cpp scales an adapter by alpha / r; PEFT's rsLoRA scales by alpha / sqrt(r): such an adapter is
     converted with alpha * sqrt(r), which gives llama.cpp PEFT's scale."""
-    if outtype not in FLOAT_TYPES:
-        raise ValueError(f"adapter GGUF type {outtype!r}: one of {', '.join(FLOAT_TYPES)}")
     out = out.resolve()
     # the converter names the file after the adapter's folder (general.name, general.finetune): the staged copy's
     # folder is named as the file, inside a hidden work folder
