@@ -55,11 +55,10 @@ def native_output_to(log_path: Path | None) -> Iterator[None]:
     """Run native code with what it prints on stdout/stderr (llama.cpp's load logs, which ignore verbose=False in
     places) sent to a log file, or discarded. Stop signals take effect when the block ends: raised from llama.cpp's
     log callback, their exception would be discarded by ctypes."""
-    log_path = log_path or Path(os.devnull)
     sys.stdout.flush()
     sys.stderr.flush()
     saved = {fd: os.dup(fd) for fd in (1, 2)}
-    with signals.deferred(), open(log_path, "ab") as out:
+    with signals.deferred(), open(log_path or os.devnull, "ab") as out:
         for fd in saved:
             os.dup2(out.fileno(), fd)
         try:
