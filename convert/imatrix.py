@@ -8,9 +8,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from convert.llamacpp import replaced_when_done, run_child
+from convert.llamacpp import replaced_when_done, run_child, tool
 from convert.score import GGUF
-from convert.tools import tool
 from core.errors import InvalidInput, LlamaCppError
 
 # llama-imatrix's default context; each chunk of this many tokens is one forward pass (a <bos> starts it).
