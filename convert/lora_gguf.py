@@ -35,7 +35,7 @@ CHECK_TOKENS, CHECK_WINDOW = 512, 256
 
 def convert_lora(
     adapter_dir: Path, base_dir: Path, out: Path, outtype: str, log_path: Path | None, keys: dict[str, str] | None
-) -> Path:
+) -> None:
     """convert_lora_to_gguf.py of the pinned tree, offline (`--base` gives the config the Hub would), into `out`;
     `keys` (the run's provenance) written into the file as the merged model's GGUF carries them.
 
@@ -60,7 +60,6 @@ def convert_lora(
             run_converter("convert_lora_to_gguf.py", str(adapter_dir), args, tmp, log_path, keys)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return out
 
 
 def export_lora_gguf(
