@@ -167,8 +167,7 @@ def apply_retention(checkpoints: Path, keep_last: int | None) -> list[Path]:
     keeping the best by eval loss too. Uncommitted folders are left alone here; resume moves them to rejected/."""
     if keep_last is None:
         return []
-    records = [(c, read_record(c)) for c in checkpoint_dirs(checkpoints)]
-    committed = [(c, r) for c, r in records if r is not None]
+    committed = [(c, r) for c in checkpoint_dirs(checkpoints) if (r := read_record(c)) is not None]
     keep = {c for c, _ in committed[-keep_last:]}
     evaluated = [(r["eval_loss"], step_of(c), c) for c, r in committed if r.get("eval_loss") is not None]
     if evaluated:
