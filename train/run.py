@@ -56,23 +56,21 @@ def run(
         if distributed.is_main():  # under a launcher one plan is enough
             dry_run_plan(cfg, folder, fresh, resume_from, gpu_memory)
         return None
-    if not distributed.world().distributed:
-        with folder.locked(), publishing(cfg, publish):
-            return _run(cfg, folder, fresh, resume_from, None, publish)
-    where = placement(cfg)  # every rank alike: the process group's backend depends on it
-    w = distributed.init(where.cuda)
+    w = distributed.world()
+    where = None  # alone: placed once a complete run has been reported (_start)
+    if w.distributed:
+        where = placement(cfg)  # every rank alike: the process group's backend depends on it
+        distributed.init(where.cuda)
     shared = {"run folder": folder.root, "models_dir": Layout.of(cfg).models}  # several machines: on shared storage
-    if w.main:
-        with ExitStack() as held:
+    with ExitStack() as held:  # rank 0's locks
+        try:
             distributed.on_main(lambda: [held.enter_context(c) for c in (folder.locked(), publishing(cfg, publish))])
             distributed.check_shared(shared)
             return _run(cfg, folder, fresh, resume_from, where, publish)
-    try:
-        distributed.on_main(lambda: None)  # rank 0 takes the lock
-        distributed.check_shared(shared)
-        return _run(cfg, folder, fresh, resume_from, where, publish)
-    except (distributed.FollowsMain, distributed.NotShared, Preempted, NonFiniteLoss) as e:  # rank 0 stops alike
-        distributed.leave_after_main(e)
+        except (distributed.FollowsMain, distributed.NotShared, Preempted, NonFiniteLoss) as e:
+            if w.main or not w.distributed:
+                raise
+            distributed.leave_after_main(e)  # rank 0 stops alike
 
 
 def publishing(cfg: Config, publish: bool) -> AbstractContextManager:
