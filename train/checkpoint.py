@@ -172,14 +172,12 @@ def apply_retention(checkpoints: Path, keep_last: int | None) -> list[Path]:
     evaluated = [(r["eval_loss"], step_of(c), c) for c, r in committed if r.get("eval_loss") is not None]
     if evaluated:
         keep.add(min(evaluated)[2])
-    removed = []
-    for folder, _ in committed:
-        if folder not in keep:
-            # The record goes first: a kill in the middle of rmtree leaves an uncommitted folder, never
-            # a committed one with files missing.
-            (folder / COMMIT_FILE).unlink()
-            shutil.rmtree(folder)
-            removed.append(folder)
+    removed = [c for c, _ in committed if c not in keep]
+    for folder in removed:
+        # The record goes first: a kill in the middle of rmtree leaves an uncommitted folder, never
+        # a committed one with files missing.
+        (folder / COMMIT_FILE).unlink()
+        shutil.rmtree(folder)
     if removed:
         log.info(f"retention: removed {', '.join(p.name for p in removed)} (training.save_total_limit={keep_last})")
     return removed
