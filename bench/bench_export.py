@@ -674,12 +674,12 @@ def ensure_run(snapshot: Path, rebuild: bool, logs: Path) -> Path:
 
 def quantizer() -> tuple[str, Callable[[Path, Path, str, str], list[str]]]:
     """What quantizes the plain route and its command (SRC, DST, QUANT, TOKEN_EMBD -> argv): llama-quantize of the
-    pinned commit (convert/tools.py), spelled as our export spells it."""
+    pinned commit (convert/llamacpp.py), spelled as our export spells it."""
     from convert.llamacpp import quantize_tool_command  # noqa: PLC0415 (finds the pinned tree and tools)
 
     binary = quantize_tool_command(Path("src"), Path("dst"), "q8_0", None, None)[0]
     return (
-        f"llama-quantize ({binary}; convert/tools.py, built from the pinned llama.cpp tree)",
+        f"llama-quantize ({binary}; convert/llamacpp.py, built from the pinned llama.cpp tree)",
         lambda src, dst, q, te: quantize_tool_command(src, dst, q, te or None, None),
     )
 

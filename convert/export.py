@@ -94,10 +94,7 @@ def export_run(
         log.info(f"exporting fine-tuned model as {cfg.export.name} ({', '.join(cfg.export.quants)})")
         adapter_sha = sha256_file(folder.adapter / "adapter_model.safetensors")
         keys = provenance(cfg, base) | {"finetune.adapter_sha256": adapter_sha}
-        work = folder.export_dir / cfg.export.name
-        models.append(
-            export_ggufs(merged, cfg.export.name, cfg.export, cfg.verify, work, keys, heldout, training, check)
-        )
+        models.append(export_ggufs(cfg, merged, cfg.export.name, folder.export_dir, keys, heldout, training, check))
         current = current_base_export(cfg, base)
         if cfg.export.export_base and current is None:
             models.append(_export_base(cfg, folder, base, heldout, training))
@@ -235,9 +232,8 @@ def _export_base(
                 (staged / p.name).symlink_to(p.resolve())
         tokenizer = AutoTokenizer.from_pretrained(str(folder.adapter))
         save_tokenizer(tokenizer, staged, folder.adapter / "tokenizer.model")
-        work = folder.export_dir / cfg.export.base_name
         keys = provenance(cfg, base)
-        return export_ggufs(staged, cfg.export.base_name, cfg.export, cfg.verify, work, keys, heldout, training)
+        return export_ggufs(cfg, staged, cfg.export.base_name, folder.export_dir, keys, heldout, training)
     finally:
         shutil.rmtree(staged, ignore_errors=True)
 

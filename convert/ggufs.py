@@ -14,6 +14,7 @@ from transformers import AutoTokenizer
 from convert.imatrix import compute_imatrix
 from convert.llamacpp import convert_hf_to_gguf, quantize
 from convert.verify import FileReport, MergeCheck, VerificationFailed, verify_files
+from core.config import Config
 from core.quants import QUANTS, float_gguf_type
 from core.records.heldout import HeldOut
 
@@ -41,46 +42,46 @@ def gguf_filename(name: str, quant: str, default_quant: str) -> str:
 
 
 def export_ggufs(
+    cfg: Config,
     model_dir: Path,
     name: str,
-    export_cfg,
-    verify_cfg,
-    work_dir: Path,
+    export_dir: Path,
     provenance: dict[str, str],
     heldout: list[HeldOut],
     training: list[list[int]],
     merge: MergeCheck | None = None,
 ) -> ModelGGUFs:
-    """Convert one HF folder to every configured GGUF type in work_dir and verify all. training: the run's training
-    records' ids, the importance matrix's calibration text and the scored set's filler; merge: the merge check that
-    made model_dir (its reference is the verification's). Raises VerificationFailed if a gate fails (the files stay
-    for inspection); any other stop removes them."""
+    """Convert one HF folder to every configured GGUF type in the work folder export_dir/<name> and verify all.
+    training: the run's training records' ids, the importance matrix's calibration text and the scored set's filler;
+    merge: the merge check that made model_dir (its reference is the verification's). Raises VerificationFailed if a
+    gate fails (the files stay for inspection); any other stop removes them."""
+    work_dir = export_dir / name
     work_dir.mkdir(parents=True, exist_ok=True)
     remove_work_files(work_dir, name)  # an earlier attempt's files are not this attempt's
     log_path = work_dir / "convert.log"
-    float_type = float_gguf_type(export_cfg.float_type, export_cfg.quants, model_dir)
+    float_type = float_gguf_type(cfg.export.float_type, cfg.export.quants, model_dir)
     source = work_dir / f"{name}.{float_type}.gguf"
     files = {float_type: source}
     try:
         log.info(f"  converting -> {source.name} (llama.cpp convert_hf_to_gguf.py; log: {log_path})")
         convert_hf_to_gguf(model_dir, source, float_type, log_path, model_name=name, metadata=provenance)
         imatrix = None
-        if export_cfg.imatrix and any(not QUANTS[q].is_float and q != "q8_0" for q in export_cfg.quants):
+        if cfg.export.imatrix and any(not QUANTS[q].is_float and q != "q8_0" for q in cfg.export.quants):
             calibration = training or [r.ids for r in heldout]
             log.info(f"  importance matrix from {len(calibration)} record(s) (llama-imatrix; log: {log_path})")
             tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
             # llama-imatrix tokenizes its text file itself; decoding one sequence gives a str (the stubs allow a list)
             text = [tokenizer.decode(ids[1:]) for ids in calibration]
             imatrix = compute_imatrix(source, text, work_dir / f"{name}.imatrix.gguf", log_path)  # type: ignore[arg-type]
-        for quant in export_cfg.quants:
+        for quant in cfg.export.quants:
             if quant != float_type:
                 files[quant] = work_dir / f"{name}.{quant}.gguf"
                 log.info(f"  quantizing -> {files[quant].name}" + (" (importance matrix)" if imatrix else ""))
                 weights = None if QUANTS[quant].is_float else imatrix
-                quantize(source, files[quant], quant, export_cfg.token_embedding_type, log_path, imatrix=weights)
+                quantize(source, files[quant], quant, cfg.export.token_embedding_type, log_path, imatrix=weights)
         log.info(f"  verifying {len(files)} file(s) against the HF model, one at a time")
         # work_dir keeps the reference's logits between files (unnamed: gone with the process)
-        reports = verify_files(model_dir, list(files.items()), verify_cfg, heldout, log_path, training, work_dir, merge)
+        reports = verify_files(model_dir, list(files.items()), cfg.verify, heldout, log_path, training, work_dir, merge)
     except BaseException:
         remove_work_files(work_dir, name)
         raise

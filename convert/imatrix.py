@@ -8,9 +8,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from convert.llamacpp import replaced_when_done, run_child
+from convert.llamacpp import replaced_when_done, run_child, tool
 from convert.score import GGUF
-from convert.tools import tool
 from core.errors import InvalidInput, LlamaCppError
 
 # llama-imatrix's default context; each chunk of this many tokens is one forward pass (a <bos> starts it).
@@ -21,14 +20,6 @@ MIN_CHUNK_TOKENS = 64
 # Calibration budget: llama.cpp's usual imatrix runs use ~100 chunks of 512; the matrix is an average that
 # settles long before (its PR 4861 thread), and the forward passes cost CPU minutes at the 2B's size.
 DEFAULT_MAX_TOKENS = 16384
-
-
-def chunk_size(n_tokens: int) -> int:
-    """CHUNK_TOKENS, or the largest power of two that still gives llama-imatrix its two chunks."""
-    size = CHUNK_TOKENS
-    while size > MIN_CHUNK_TOKENS and 2 * size > n_tokens:
-        size //= 2
-    return size
 
 
 def compute_imatrix(
@@ -46,7 +37,9 @@ def compute_imatrix(
                 break
             kept.append(text)
             n_tokens += len(vocab.tokenize(text, bos=False))
-    chunk = chunk_size(n_tokens)
+    chunk = CHUNK_TOKENS  # or the largest power of two that still gives llama-imatrix its two chunks
+    while chunk > MIN_CHUNK_TOKENS and 2 * chunk > n_tokens:
+        chunk //= 2
     if n_tokens < 2 * chunk:
         raise InvalidInput(
             f"the importance matrix needs at least {2 * MIN_CHUNK_TOKENS} tokens of calibration text; "

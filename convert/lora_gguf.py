@@ -19,7 +19,6 @@ from convert.score import GGUF, Sequence, compare, windows
 from convert.verify import FileReport
 from core.errors import LlamaCppError
 from core.gates import at_least, at_most
-from core.quants import FLOAT_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +35,12 @@ CHECK_TOKENS, CHECK_WINDOW = 512, 256
 
 def convert_lora(
     adapter_dir: Path, base_dir: Path, out: Path, outtype: str, log_path: Path | None, keys: dict[str, str] | None
-) -> Path:
+) -> None:
     """convert_lora_to_gguf.py of the pinned tree, offline (`--base` gives the config the Hub would), into `out`;
     `keys` (the run's provenance) written into the file as the merged model's GGUF carries them.
 
     llama.cpp scales an adapter by alpha / r; PEFT's rsLoRA scales by alpha / sqrt(r): such an adapter is
     converted with alpha * sqrt(r), which gives llama.cpp PEFT's scale."""
-    if outtype not in FLOAT_TYPES:
-        raise ValueError(f"adapter GGUF type {outtype!r}: one of {', '.join(FLOAT_TYPES)}")
     out = out.resolve()
     # the converter names the file after the adapter's folder (general.name, general.finetune): the staged copy's
     # folder is named as the file, inside a hidden work folder
@@ -63,42 +60,6 @@ def convert_lora(
             run_converter("convert_lora_to_gguf.py", str(adapter_dir), args, tmp, log_path, keys)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return out
-
-
-def check_adapter(
-    lora_gguf: Path,
-    runtime: Path,
-    scale: float,
-    reference_dir: Path,
-    ids: list[list[int]],
-    log_path: Path | None,
-    device: str = "auto",
-) -> FileReport:
-    """llama.cpp running `runtime` with the adapter applied at `scale` against the HF model in `reference_dir`, over
-    about CHECK_TOKENS positions of `ids` (token sequences starting with <bos>)."""
-    header = read_header(lora_gguf)
-    meta = header.metadata
-    if meta.get("general.type") != "adapter" or meta.get("adapter.type") != "lora":
-        raise LlamaCppError(f"{lora_gguf} is not a LoRA adapter GGUF (general.type {meta.get('general.type')})")
-    # an adapter GGUF has no general.file_type: its type is its tensors' (lora_a/lora_b, all of one type)
-    outtype = gguf.GGMLQuantizationType(header.tensors[0].type).name.lower()
-    sequences: list[Sequence] = []
-    for seq in ids:
-        if sum(len(s.ids) for s in sequences) >= CHECK_TOKENS:
-            break
-        sequences += windows(Sequence(seq), seq[0], CHECK_WINDOW)
-    if not sequences:
-        raise ValueError("the adapter check needs at least one token sequence")
-    with GGUF(runtime, CHECK_WINDOW, log_path=log_path, lora=lora_gguf, lora_scale=scale) as g:
-        tally, _ = compare(reference_dir, g, sequences, device)
-    m = tally.measures()
-    gate = LORA_MAX_KLD.get(outtype, math.nan)  # a type without a gate never passes
-    gates = [at_most("kld", m["kld"], gate), at_least("top1", m["top1_all"], LORA_MIN_TOP1)]
-    what = "base GGUF + adapter" if scale > 0 else "merged GGUF - adapter"
-    reference = f"the {'merged' if scale > 0 else 'base'} HF model ({what})"
-    measures = {"kld": m["kld"], "top1": m["top1_all"], "positions": m["positions"]}
-    return FileReport(str(lora_gguf), outtype, reference, measures, gates)
 
 
 def export_lora_gguf(
@@ -114,17 +75,38 @@ def export_lora_gguf(
     keys: dict[str, str] | None = None,
     device: str = "auto",
 ) -> FileReport:
-    """Convert the adapter to `out` in `outtype`, the float type of merged_gguf, and check it on base_gguf (of that
-    type), or without one on merged_gguf at scale -1. On a failed gate `out` is deleted and the report says why."""
+    """Convert the adapter to `out` in `outtype`, the float type of merged_gguf, and check it: llama.cpp running
+    base_gguf (of that type) with the adapter applied, against the merged HF model; or without one, merged_gguf with
+    it applied at scale -1, against the base HF model; over about CHECK_TOKENS positions of `ids` (token sequences
+    starting with <bos>). On a failed gate `out` is deleted and the report says why."""
+    runtime, scale, reference_dir = (base_gguf, 1.0, merged_dir) if base_gguf else (merged_gguf, -1.0, base_dir)
     try:
         convert_lora(adapter_dir, base_dir, out, outtype, log_path, keys)
-        if base_gguf is not None:
-            report = check_adapter(out, base_gguf, 1.0, merged_dir, ids, log_path, device)
-        else:
-            report = check_adapter(out, merged_gguf, -1.0, base_dir, ids, log_path, device)
+        header = read_header(out)
+        meta = header.metadata
+        if meta.get("general.type") != "adapter" or meta.get("adapter.type") != "lora":
+            raise LlamaCppError(f"{out} is not a LoRA adapter GGUF (general.type {meta.get('general.type')})")
+        # an adapter GGUF has no general.file_type: its type is its tensors' (lora_a/lora_b, all of one type)
+        written = gguf.GGMLQuantizationType(header.tensors[0].type).name.lower()
+        sequences: list[Sequence] = []
+        for seq in ids:
+            if sum(len(s.ids) for s in sequences) >= CHECK_TOKENS:
+                break
+            sequences += windows(Sequence(seq), seq[0], CHECK_WINDOW)
+        if not sequences:
+            raise ValueError("the adapter check needs at least one token sequence")
+        with GGUF(runtime, CHECK_WINDOW, log_path=log_path, lora=out, lora_scale=scale) as g:
+            tally, _ = compare(reference_dir, g, sequences, device)
     except BaseException:
         out.unlink(missing_ok=True)
         raise
+    m = tally.measures()
+    gate = LORA_MAX_KLD.get(written, math.nan)  # a type without a gate never passes
+    gates = [at_most("kld", m["kld"], gate), at_least("top1", m["top1_all"], LORA_MIN_TOP1)]
+    what = "base GGUF + adapter" if scale > 0 else "merged GGUF - adapter"
+    reference = f"the {'merged' if scale > 0 else 'base'} HF model ({what})"
+    measures = {"kld": m["kld"], "top1": m["top1_all"], "positions": m["positions"]}
+    report = FileReport(str(out), written, reference, measures, gates)
     if not report.passed:
         out.unlink(missing_ok=True)
     return report

@@ -24,9 +24,9 @@ from core.errors import RunError
 from core.files import move_dir_into_place
 from core.tokenizer import save_tokenizer
 
-# safetensors' dtype names (the format's spec, safetensors/src/tensor.rs `Dtype`) for what checkpoints hold.
-SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
-TORCH_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
+# Bytes per element of safetensors' dtype names (the format's spec, safetensors/src/tensor.rs `Dtype`) for what
+# checkpoints hold.
+DTYPE_BYTES = {"F32": 4, "BF16": 2, "F16": 2}
 NF4_BLOCK = 64  # bitsandbytes' 4-bit block size, which transformers' BitsAndBytesConfig leaves at its default
 PEFT_PREFIX = "base_model.model."  # PEFT's key prefix in adapter_model.safetensors
 # Adapter features that change the arithmetic above; a merge must refuse them rather than merge wrongly.
@@ -43,24 +43,6 @@ UNSUPPORTED = {
 def is_tokenizer_file(path: Path) -> bool:
     """A file of an HF folder that the run's tokenizer replaces (it carries the chat template the run trained with)."""
     return path.name.startswith("tokenizer") or path.name in ("special_tokens_map.json", "chat_template.jinja")
-
-
-def lora_deltas(adapter_dir: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float]:
-    """{base weight name: (A, B)} of the adapter, and its scaling."""
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    used = [name for key, name in UNSUPPORTED.items() if config.get(key)]
-    if used:
-        raise RunError(f"{adapter_dir}: the streaming merge does not support {', '.join(used)} in the adapter")
-    r, alpha = config["r"], config["lora_alpha"]
-    scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-    weights = load_file(str(adapter_dir / "adapter_model.safetensors"))  # small: r x hidden per module
-    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for key, a in weights.items():
-        if ".lora_A." not in key:
-            continue
-        target = key.removeprefix(PEFT_PREFIX).replace(".lora_A.weight", ".weight")
-        pairs[target] = (a, weights[key.replace(".lora_A.", ".lora_B.")])
-    return pairs, scaling
 
 
 def nf4_roundtrip(weight: torch.Tensor) -> torch.Tensor:
@@ -89,7 +71,18 @@ class Merge:
     (the dequantized 4-bit base a QLoRA adapter was trained on) rather than as stored (the full-precision base)."""
 
     def __init__(self, adapter_dir: Path, nf4: frozenset[str] = frozenset()):
-        self.deltas, self.scaling = lora_deltas(adapter_dir)
+        config = json.loads((adapter_dir / "adapter_config.json").read_text())
+        used = [name for key, name in UNSUPPORTED.items() if config.get(key)]
+        if used:
+            raise RunError(f"{adapter_dir}: the streaming merge does not support {', '.join(used)} in the adapter")
+        r, alpha = config["r"], config["lora_alpha"]
+        self.scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        weights = load_file(str(adapter_dir / "adapter_model.safetensors"))  # small: r x hidden per module
+        self.deltas: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # base weight name -> (A, B)
+        for key, a in weights.items():
+            if ".lora_A." in key:
+                target = key.removeprefix(PEFT_PREFIX).replace(".lora_A.weight", ".weight")
+                self.deltas[target] = (a, weights[key.replace(".lora_A.", ".lora_B.")])
         self.nf4 = nf4
 
     def weight(self, name: str, base: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -111,7 +104,7 @@ def _header(views: dict[str, Any], metadata: dict[str, str] | None) -> bytes:
     offset = 0
     for name, view in views.items():
         dtype, shape = view.get_dtype(), list(view.get_shape())
-        size = math.prod(shape) * torch.empty((), dtype=TORCH_DTYPES[dtype]).element_size()
+        size = math.prod(shape) * DTYPE_BYTES[dtype]
         entries[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
         offset += size
     text = json.dumps(entries, separators=(",", ":")).encode()

@@ -136,15 +136,6 @@ class _Checkpoint:
             return out[: rows.shape[0]].copy_(rows)
 
 
-def _modules(config, device: torch.device) -> tuple[type, torch.nn.Module, torch.nn.Module]:
-    """The family's decoder layer class, its final norm and its rotary embedding (float32, on `device`), as
-    transformers builds them: read off the model built on the meta device (no weights, no memory)."""
-    with torch.device("meta"):
-        decoder = AutoModelForCausalLM.from_config(config).model
-    norm = type(decoder.norm)(config.hidden_size, eps=config.rms_norm_eps)
-    return type(decoder.layers[0]), norm.to(device), type(decoder.rotary_emb)(config).to(device)
-
-
 def _layer(
     ckpt: _Checkpoint, config, layer_cls: type, index: int, buffers: list[torch.Tensor] | None, device: torch.device
 ):
@@ -163,7 +154,12 @@ def _layer(
 
 def _decoder(ckpt: _Checkpoint, config, texts_ids: list[list[int]], device: torch.device) -> list[torch.Tensor]:
     """Final-normed hidden states [tokens, hidden] of every text, computed layer by layer on `device`."""
-    layer_cls, norm, rotary = _modules(config, device)
+    # the family's decoder layer class, final norm and rotary embedding (float32, on `device`) as transformers builds
+    # them: read off the model built on the meta device (no weights, no memory)
+    with torch.device("meta"):
+        decoder = AutoModelForCausalLM.from_config(config).model
+    layer_cls, rotary = type(decoder.layers[0]), type(decoder.rotary_emb)(config).to(device)
+    norm = type(decoder.norm)(config.hidden_size, eps=config.rms_norm_eps).to(device)
     embed = f"{ckpt.prefix}embed_tokens.weight"
     # Gemma's scaled word embedding: the lookup times sqrt(hidden) held as a float32 tensor (not a Python float)
     scale = torch.tensor(config.hidden_size**0.5, dtype=torch.float32)

@@ -55,11 +55,10 @@ def native_output_to(log_path: Path | None) -> Iterator[None]:
     """Run native code with what it prints on stdout/stderr (llama.cpp's load logs, which ignore verbose=False in
     places) sent to a log file, or discarded. Stop signals take effect when the block ends: raised from llama.cpp's
     log callback, their exception would be discarded by ctypes."""
-    log_path = log_path or Path(os.devnull)
     sys.stdout.flush()
     sys.stderr.flush()
     saved = {fd: os.dup(fd) for fd in (1, 2)}
-    with signals.deferred(), open(log_path, "ab") as out:
+    with signals.deferred(), open(log_path or os.devnull, "ab") as out:
         for fd in saved:
             os.dup2(out.fileno(), fd)
         try:
@@ -301,12 +300,6 @@ class InStep:
 
 
 # ----------------------------------------------------------------------------- the measures
-def log_softmax(x: np.ndarray) -> torch.Tensor:
-    """float64 log-probabilities of logits [rows, vocab] (KLDs of f16 files are ~1e-7: float32 rounding would be of
-    their size). torch, not numpy: its kernels use every core, numpy's one (docs/export-and-verify.md, "Scoring")."""
-    return torch.log_softmax(torch.as_tensor(x, dtype=torch.float64), dim=-1)
-
-
 @dataclass
 class Block:
     """Log-probabilities of a block of rows and their argmax."""
@@ -316,9 +309,12 @@ class Block:
 
     @classmethod
     def of(cls, logits: np.ndarray) -> Block:
-        """From float32 logits [rows, vocab]; the argmax is taken on them (log-softmax keeps each row's order, and
-        numpy's float32 argmax is ~20x faster than torch's on float64)."""
-        return cls(log_softmax(logits), logits.argmax(-1))
+        """From float32 logits [rows, vocab]. The log-probabilities in float64 (KLDs of f16 files are ~1e-7: float32
+        rounding would be of their size), by torch, not numpy: its kernels use every core, numpy's one
+        (docs/export-and-verify.md, "Scoring"). The argmax is taken on the logits (log-softmax keeps each row's
+        order, and numpy's float32 argmax is ~20x faster than torch's on float64)."""
+        lp = torch.log_softmax(torch.as_tensor(logits, dtype=torch.float64), dim=-1)
+        return cls(lp, logits.argmax(-1))
 
 
 @dataclass

@@ -5,6 +5,7 @@ HF model in float32 (convert/reference.py, convert/score.py), checked as an appl
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -269,10 +270,7 @@ def verify_merge(
     tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
     scored, window = _scored_set(base_dir, tokenizer, verify_cfg, heldout, fallback, f"{len(ways)} merge(s)")
     ids, device = [s.ids for s in scored.sequences], verify_cfg.device
-
-    def as_trained(name: str, tensor):
-        return trained.weight(name, tensor, torch.float32)
-
+    as_trained = functools.partial(trained.weight, dtype=torch.float32)
     what = f"the adapter on {'the nf4 base training used' if qlora else 'its base'}"
     reference = ReferenceChunks(Reference(base_dir, ids, device, as_trained), CHUNK, scratch_dir)
     reports, merged = [], []

@@ -15,7 +15,7 @@
 # usage: scripts/build_llama_cpp.sh TREE [DEST] [PYTHON]
 #   TREE    the converter tree that scripts/fetch_llama_cpp.sh unpacked (its VERSION names the commit)
 #   DEST    cache root (default: $LLAMA_TOOLS_DIR, else ${XDG_CACHE_HOME:-~/.cache}/gemma-lora-pipeline/llama.cpp);
-#           the build goes to DEST/<llama.cpp commit>/: bin/ (tools and libraries; convert/tools.py looks there),
+#           the build goes to DEST/<llama.cpp commit>/: bin/ (tools and libraries; convert/llamacpp.py looks there),
 #           wheel/ (the binding), BUILD-INFO
 #   PYTHON  interpreter whose pip downloads the sdist, builds the wheel and installs it (default: python)
 # A folder whose BUILD-INFO matches the commit and flags is reused (nothing compiled); a new pin builds into a
@@ -52,7 +52,7 @@ if ! grep -qx "llama-cpp-python=$version" "$tree/VERSION" 2>/dev/null; then
     exit 2
 fi
 commit=$(sed -n 's/^llama.cpp=//p' "$tree/VERSION")
-# The folder name convert/tools.py computes from the same VERSION file.
+# The folder name convert/llamacpp.py computes from the same VERSION file.
 key=$commit
 [ -n "$key" ] && [ "$key" != unknown ] || key="llama-cpp-python-$version"
 dest="$root/$key"

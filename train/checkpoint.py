@@ -167,20 +167,17 @@ def apply_retention(checkpoints: Path, keep_last: int | None) -> list[Path]:
     keeping the best by eval loss too. Uncommitted folders are left alone here; resume moves them to rejected/."""
     if keep_last is None:
         return []
-    records = [(c, read_record(c)) for c in checkpoint_dirs(checkpoints)]
-    committed = [(c, r) for c, r in records if r is not None]
+    committed = [(c, r) for c in checkpoint_dirs(checkpoints) if (r := read_record(c)) is not None]
     keep = {c for c, _ in committed[-keep_last:]}
     evaluated = [(r["eval_loss"], step_of(c), c) for c, r in committed if r.get("eval_loss") is not None]
     if evaluated:
         keep.add(min(evaluated)[2])
-    removed = []
-    for folder, _ in committed:
-        if folder not in keep:
-            # The record goes first: a kill in the middle of rmtree leaves an uncommitted folder, never
-            # a committed one with files missing.
-            (folder / COMMIT_FILE).unlink()
-            shutil.rmtree(folder)
-            removed.append(folder)
+    removed = [c for c, _ in committed if c not in keep]
+    for folder in removed:
+        # The record goes first: a kill in the middle of rmtree leaves an uncommitted folder, never
+        # a committed one with files missing.
+        (folder / COMMIT_FILE).unlink()
+        shutil.rmtree(folder)
     if removed:
         log.info(f"retention: removed {', '.join(p.name for p in removed)} (training.save_total_limit={keep_last})")
     return removed

@@ -155,12 +155,6 @@ class FollowsMain(RunError):
         super().__init__(f"rank {world().rank}: rank 0 stopped with exit status {code} (its output says why)")
 
 
-def exit_code_of(e: BaseException) -> int:
-    """The status `python -m train` exits with for e (1 for an unexpected error)."""
-    status = exit_status(e)
-    return status[0] if status else 1
-
-
 def on_main(fn: Callable[[], T]) -> T:
     """fn() on rank 0 alone, while the others wait; every rank returns rank 0's result. When fn raises on rank 0,
     rank 0 re-raises it and the others raise FollowsMain with its exit status."""
@@ -173,7 +167,8 @@ def on_main(fn: Callable[[], T]) -> T:
             result = fn()
         except BaseException as e:  # every rank must learn of it, then it is re-raised as it was
             failure = e
-    code, result = broadcast((exit_code_of(failure) if failure is not None else 0, result))
+    code = 0 if failure is None else (exit_status(failure) or (1, ""))[0]  # 1: an unexpected error
+    code, result = broadcast((code, result))
     if failure is not None:
         raise failure
     if code:

@@ -56,23 +56,21 @@ def run(
         if distributed.is_main():  # under a launcher one plan is enough
             dry_run_plan(cfg, folder, fresh, resume_from, gpu_memory)
         return None
-    if not distributed.world().distributed:
-        with folder.locked(), publishing(cfg, publish):
-            return _run(cfg, folder, fresh, resume_from, None, publish)
-    where = placement(cfg)  # every rank alike: the process group's backend depends on it
-    w = distributed.init(where.cuda)
+    w = distributed.world()
+    where = None  # alone: placed once a complete run has been reported (_start)
+    if w.distributed:
+        where = placement(cfg)  # every rank alike: the process group's backend depends on it
+        distributed.init(where.cuda)
     shared = {"run folder": folder.root, "models_dir": Layout.of(cfg).models}  # several machines: on shared storage
-    if w.main:
-        with ExitStack() as held:
+    with ExitStack() as held:  # rank 0's locks
+        try:
             distributed.on_main(lambda: [held.enter_context(c) for c in (folder.locked(), publishing(cfg, publish))])
             distributed.check_shared(shared)
             return _run(cfg, folder, fresh, resume_from, where, publish)
-    try:
-        distributed.on_main(lambda: None)  # rank 0 takes the lock
-        distributed.check_shared(shared)
-        return _run(cfg, folder, fresh, resume_from, where, publish)
-    except (distributed.FollowsMain, distributed.NotShared, Preempted, NonFiniteLoss) as e:  # rank 0 stops alike
-        distributed.leave_after_main(e)
+        except (distributed.FollowsMain, distributed.NotShared, Preempted, NonFiniteLoss) as e:
+            if w.main or not w.distributed:
+                raise
+            distributed.leave_after_main(e)  # rank 0 stops alike
 
 
 def publishing(cfg: Config, publish: bool) -> AbstractContextManager:
@@ -82,9 +80,7 @@ def publishing(cfg: Config, publish: bool) -> AbstractContextManager:
     return publisher_lock(Path(cfg.export.gguf_dir), cfg.export.name, cfg.run_name, exclusive=False)
 
 
-def dry_run_plan(
-    cfg: Config, folder: RunFolder, fresh: bool = False, resume_from: Path | None = None, gpu_memory: int | None = None
-) -> None:
+def dry_run_plan(cfg: Config, folder: RunFolder, fresh: bool, resume_from: Path | None, gpu_memory: int | None) -> None:
     """Every check the real command makes, in whatever state the run folder is; then what the command would do, or
     its refusal. Writes nothing and takes no lock."""
     inputs = _inputs(cfg, folder)
@@ -176,14 +172,13 @@ def _run(
     resume, manifest, identity = started
     if resume is not None:  # rank 0's pick, at this rank's path (rank 0's may be absolute, from --resume-from)
         resume = folder.checkpoints / resume.name
-    if local.inputs is None:  # not rank 0
-        local.inputs = _inputs(cfg, folder)
-        if local.inputs.identity != identity:
-            raise RunError(
-                f"rank {distributed.world().rank} read other inputs than rank 0 ({local.inputs.identity} != "
-                f"{identity}): every rank must see the same model and data files"
-            )
-    base, tokenizer, data = local.inputs.base, local.inputs.tokenizer, local.inputs.data
+    got = local.inputs or _inputs(cfg, folder)  # rank 0 read them in _start; the other ranks read them now
+    if got.identity != identity:
+        raise RunError(
+            f"rank {distributed.world().rank} read other inputs than rank 0 ({got.identity} != "
+            f"{identity}): every rank must see the same model and data files"
+        )
+    base, tokenizer, data = got.base, got.tokenizer, got.data
     assert local.where is not None  # rank 0's start() placed it; the other ranks were given it
     # --- model and preflight
     model = build_model(base, cfg, local.where)
@@ -197,27 +192,43 @@ def _run(
     result = fit(trainer, resume, folder, manifest)
     save_adapter(trainer, tokenizer, base.path, folder)  # every rank takes part (FSDP gathers); rank 0 writes
     del trainer, model
-    return distributed.on_main(lambda: _finish(cfg, folder, base, manifest, result, resume, t0, data, publish))
+    return distributed.on_main(lambda: _finish(cfg, folder, got, manifest, result, resume, t0, publish))
 
 
 def _finish(
     cfg: Config,
     folder: RunFolder,
-    base: ResolvedModel,
+    got: Inputs,
     manifest: Manifest,
     result,
     resume: Path | None,
     t0: float,
-    data: PreparedData,
     publish: bool,
 ) -> Manifest:
     """Record the training, export (merge, GGUF, quantize, verify, the adapter GGUF), publish, and finish."""
-    record_training(manifest, folder, result.global_step, result.training_loss, resume, time.time() - t0)
+    plot = plot_losses(folder.metrics, folder.root / "loss.png")
+    losses = [float(r["loss"]) for r in read_metrics(folder.metrics) if "loss" in r]
+    manifest.training = {
+        "global_step": result.global_step,
+        "train_loss": result.training_loss,
+        "first_logged_loss": losses[0] if losses else None,
+        "last_logged_loss": losses[-1] if losses else None,
+        "seconds": round(time.time() - t0, 1),
+        "resumed_from": resume.name if resume else None,
+        "checkpoints": [p.name for p in checkpoint_dirs(folder.checkpoints)],
+    }
+    manifest.artifacts = {
+        # hashed in the run folder, where the export takes it from (convert.export.vouched_adapter checks it)
+        "adapter": {"path": str(folder.adapter_out), "files": record_files(folder.adapter)},
+        "metrics": str(folder.metrics),
+        "loss_plot": str(plot) if plot else None,
+    }
+    folder.write_manifest(manifest)
     log.info(trained_line(manifest, folder.adapter))
     manifest.status = "exporting"  # from here on the run folder vouches for its adapter (vouched_adapter)
     folder.write_manifest(manifest)
     if cfg.export.enabled:
-        manifest = export_run(cfg, folder, base, manifest, data.heldout, data.training_ids)
+        manifest = export_run(cfg, folder, got.base, manifest, got.data.heldout, got.data.training_ids)
         if publish:
             manifest = publish_run(cfg, folder, manifest)
     else:
@@ -243,26 +254,3 @@ def start_manifest(cfg: Config, folder: RunFolder, base: ResolvedModel, data: Pr
     )
     folder.write_manifest(manifest)
     return manifest
-
-
-def record_training(
-    manifest: Manifest, folder: RunFolder, steps: int, loss: float | None, resume: Path | None, seconds: float
-) -> None:
-    plot = plot_losses(folder.metrics, folder.root / "loss.png")
-    losses = [float(r["loss"]) for r in read_metrics(folder.metrics) if "loss" in r]
-    manifest.training = {
-        "global_step": steps,
-        "train_loss": loss,
-        "first_logged_loss": losses[0] if losses else None,
-        "last_logged_loss": losses[-1] if losses else None,
-        "seconds": round(seconds, 1),
-        "resumed_from": resume.name if resume else None,
-        "checkpoints": [p.name for p in checkpoint_dirs(folder.checkpoints)],
-    }
-    manifest.artifacts = {
-        # hashed in the run folder, where the export takes it from (convert.export.vouched_adapter checks it)
-        "adapter": {"path": str(folder.adapter_out), "files": record_files(folder.adapter)},
-        "metrics": str(folder.metrics),
-        "loss_plot": str(plot) if plot else None,
-    }
-    folder.write_manifest(manifest)

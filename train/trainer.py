@@ -142,13 +142,8 @@ def fit(trainer: Trainer, resume: Path | None, folder: RunFolder, manifest: Mani
         with signals.handled(), signals.deferred():  # StopOnSignal stops at a step's end, with a checkpoint
             return trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except BaseException as e:
-        together = isinstance(e, (Preempted, NonFiniteLoss))  # raised by every rank at the same step
-        if not distributed.is_main():
-            if together:
-                distributed.barrier()
-            raise
-        stop = training_stopped(e, folder, manifest, trainer.state.global_step)
-        if together:
+        stop = training_stopped(e, folder, manifest, trainer.state.global_step) if distributed.is_main() else e
+        if isinstance(e, (Preempted, NonFiniteLoss)):  # raised by every rank at the same step
             distributed.barrier()
         if stop is e:
             raise

@@ -28,8 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from convert.llamacpp import read_metadata
-from convert.tools import TOOLS, tool, version_info
+from convert.llamacpp import TOOLS, read_metadata, tool, version_info
 from core.files import sha256_file
 from tests.conftest import GOLDEN_RUN, ROOT
 from tests.support.processes import alive, logged_steps, start_forked, stop, wait_for_line, wait_until

@@ -20,8 +20,7 @@ import llama_cpp
 import pytest
 
 from convert.imatrix import compute_imatrix
-from convert.llamacpp import quantize, read_metadata
-from convert.tools import TOOLS, tool, tools_dir, tree, version_info
+from convert.llamacpp import TOOLS, quantize, read_metadata, tool, tools_dir, tree, version_info
 from core.errors import InvalidInput, LlamaCppError
 from core.quants import QUANTS
 from tests.conftest import DEMO_DATA, ROOT

@@ -8,7 +8,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import datasets
 
@@ -35,16 +35,13 @@ RENDERED_COLUMNS = ("input_ids", "labels", "length", "truncated", "field", "reas
 
 def _render_batch(batch: dict[str, list], renderer: Renderer) -> dict[str, list]:
     records = [json.loads(r) for r in batch["record"]]
-    out: dict[str, list] = {column: [] for column in RENDERED_COLUMNS}
-    for result in renderer.render_many(records, batch["format"]):
-        values: tuple[Any, ...]
-        if isinstance(result, Rendered):
-            values = (result.input_ids, result.labels, result.length, result.truncated, "", "")
-        else:  # the same columns either way: a Dataset has one schema
-            values = ([], [], 0, False, result.field, result.reason)
-        for column, value in zip(RENDERED_COLUMNS, values, strict=True):
-            out[column].append(value)
-    return out
+    rows = [
+        (r.input_ids, r.labels, r.length, r.truncated, "", "")
+        if isinstance(r, Rendered)
+        else ([], [], 0, False, r.field, r.reason)  # the same columns either way: a Dataset has one schema
+        for r in renderer.render_many(records, batch["format"])
+    ]
+    return {column: list(values) for column, values in zip(RENDERED_COLUMNS, zip(*rows, strict=True), strict=True)}
 
 
 def render_records(

@@ -47,11 +47,8 @@ def pack(examples: list[Example], capacity: int) -> list[Example]:
     """Whole examples concatenated into rows of at most `capacity` tokens (pack_bins)."""
     rows = []
     for members in pack_bins([len(e.input_ids) for e in examples], capacity):
-        ids: list[int] = []
-        labels: list[int] = []
-        for i in members:
-            ids += examples[i].input_ids
-            labels += examples[i].labels
+        ids = [t for i in members for t in examples[i].input_ids]
+        labels = [t for i in members for t in examples[i].labels]
         rows.append(Example(ids, labels, examples[members[0]].where, len(ids)))
     return rows
 

@@ -71,9 +71,8 @@ def doomed(cfg: Config, layout: Layout) -> dict[Path, str]:
     paths: dict[Path, str] = {}
     for run in nightly_runs(layout, cfg.export.name):
         if run not in kept_runs:
-            for p in [layout.run(run).root, layout.final_model(run), layout.adapter(run)]:
-                paths[p] = run
-            paths |= dict.fromkeys(sorted((layout.nightly / "scores").glob(f"{run}.*.json")), run)
+            scores = sorted((layout.nightly / "scores").glob(f"{run}.*.json"))
+            paths |= dict.fromkeys([layout.run(run).root, layout.final_model(run), layout.adapter(run), *scores], run)
     for release_id in releases.release_ids(layout.gguf_dir, cfg.export.name):
         found = releases.release(layout.gguf_dir, cfg.export.name, release_id)
         if found is not None and found.id not in kept_releases and found.record.get("by") == BY:
