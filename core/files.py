@@ -10,6 +10,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,11 @@ def _publish_mode(path: Path, directory: bool = False) -> None:
     umask = os.umask(0)  # the only way to read it is to set it
     os.umask(umask)
     os.chmod(path, (0o777 if directory else 0o666) & ~umask)
+
+
+def now() -> str:
+    """The local time as every record, lock and history line writes it (ISO 8601 with its UTC offset)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
 def fsync_dir(folder: Path) -> None:

@@ -8,7 +8,6 @@ import fcntl
 import json
 import os
 import socket
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from core.errors import LockHeld
+from core.files import now
 
 
 def read_holder(lock_file: Path) -> dict:
@@ -29,7 +29,7 @@ def read_holder(lock_file: Path) -> dict:
 def _holder_recorded(lock_file: Path, run_name: str) -> Iterator[None]:
     """The lock file names this process while the block runs, and nobody after it (no reader names a holder that has
     gone). Written through a second descriptor: the flock belongs to the locker's, which writes here do not touch."""
-    since = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    since = now()
     lock_file.write_text(
         json.dumps({"pid": os.getpid(), "run_name": run_name, "host": socket.gethostname(), "since": since})
     )

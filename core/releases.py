@@ -10,13 +10,12 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from core.errors import DiskSpaceError, RunError
-from core.files import Record, append_line, differences, fsync_dir, read_lines, record_files
+from core.files import Record, append_line, differences, fsync_dir, now, read_lines, record_files
 from core.locks import promotion_lock
 
 RELEASES, LIVE, RECORD, HISTORY = ".releases", "live", "release.json", "history.jsonl"
@@ -132,10 +131,6 @@ def publish(
         line |= {k: new.record[k] for k in ("by", "inputs") if k in new.record}
         append_line(releases_dir(gguf_dir, name) / HISTORY, line)
     return new
-
-
-def now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
 def _stage(gguf_dir: Path, name: str, run: str, files: dict[str, Path], meta: dict[str, Any]) -> Release:

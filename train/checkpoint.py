@@ -9,11 +9,10 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
-from core.files import atomic_write_json, differences, fsync_dir, record_files
+from core.files import atomic_write_json, differences, fsync_dir, now, record_files
 from core.paths import what_is
 
 log = logging.getLogger(__name__)
@@ -70,7 +69,7 @@ def commit_checkpoint(
     record = {
         "format": RECORD_FORMAT,
         "step": step,
-        "committed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "committed_at": now(),
         "identity": identity,
         **(extra or {}),
         "files": files,

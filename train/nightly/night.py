@@ -20,7 +20,7 @@ from convert.verify import file_report
 from core import releases
 from core.config import Config
 from core.errors import PipelineError, Preempted, RunError, exit_status
-from core.files import append_line, atomic_write_json, jsonable, read_lines
+from core.files import append_line, atomic_write_json, jsonable, now, read_lines
 from core.gates import summary
 from core.locks import publisher_lock
 from core.runfolder import Layout, Manifest
@@ -52,14 +52,14 @@ def job_lock(cfg: Config, layout: Layout, verb: str) -> Iterator[None]:
         live = releases.live(layout.gguf_dir, cfg.export.name)
         decided = (live.record.get("nightly") if live else None) or {}
         if decided and not any(r.get("time") == decided["time"] for r in read_lines(layout.registry)):
-            append_line(layout.registry, decided | {"recovered": releases.now()})
+            append_line(layout.registry, decided | {"recovered": now()})
             log.info(f"recovered: {decided['run']} had been published when the job stopped; recorded")
         yield
 
 
 def stamp(cfg: Config, record: dict[str, Any]) -> dict[str, Any]:
     """A registry line: when, where, and which name's night (one registry serves every name under models/)."""
-    return {"time": releases.now(), "host": socket.gethostname(), "name": cfg.export.name, **record}
+    return {"time": now(), "host": socket.gethostname(), "name": cfg.export.name, **record}
 
 
 # ----------------------------------------------------------------------------- one night
@@ -179,9 +179,7 @@ def train_and_decide(cfg: Config, layout: Layout, fp: NightInputs, today: date) 
     log.info(f"tonight's candidate: {run}" + (f" (the live model: {champion.run})" if champion else " (none is live)"))
     meta = layout.run(run).root / CANDIDATE_FILE
     if not meta.is_file():
-        atomic_write_json(
-            meta, {"inputs": fp.digest, "name": cfg.export.name, "parts": fp.parts, "created": releases.now()}
-        )
+        atomic_write_json(meta, {"inputs": fp.digest, "name": cfg.export.name, "parts": fp.parts, "created": now()})
     try:
         record, manifest, c = decide(cfg, layout, run, fp)
         if record["decision"] == "promoted":
