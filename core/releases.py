@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import DiskSpaceError, RunError
-from core.files import Record, append_line, differences, fsync_dir, now, read_lines, record_files
+from core.files import Record, append_line, atomic_write_json, differences, fsync_dir, now, read_lines, record_files
 from core.locks import promotion_lock
 
 RELEASES, LIVE, RECORD, HISTORY = ".releases", "live", "release.json", "history.jsonl"
@@ -147,7 +147,7 @@ def _stage(gguf_dir: Path, name: str, run: str, files: dict[str, Path], meta: di
         for file, src in files.items():
             _move(src, stage / file)
         record = {"name": name, "run": run, "time": now(), **meta, "files": record_files(stage, fsync=True)}
-        (stage / RECORD).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+        atomic_write_json(stage / RECORD, record)  # fsynced: the release is durable before it is renamed in
         for p in stage.iterdir():
             os.chmod(p, 0o444)  # immutable: an application reading it must never see it change
         os.chmod(stage, 0o755)

@@ -110,6 +110,26 @@ def test_release_files_are_read_only_and_recorded(gguf):
     assert rel.problems() == []
 
 
+def test_every_file_of_a_release_is_on_disk_before_it_is_renamed_in(gguf, monkeypatch):
+    """A crash after the rename must not find a torn release.json beside whole data files."""
+    synced: set[int] = set()  # inodes forced to disk, up to the release folder's rename
+    fsync, rename = os.fsync, os.rename
+
+    def logged_fsync(fd: int) -> None:
+        fsync(fd)
+        synced.add(os.fstat(fd).st_ino)
+
+    def logged_rename(src, dst) -> None:
+        rename(src, dst)
+        if Path(dst).name == "r1":  # the staged release, renamed in: what it holds must already be durable
+            monkeypatch.setattr(os, "fsync", fsync)
+
+    monkeypatch.setattr(os, "fsync", logged_fsync)
+    monkeypatch.setattr(os, "rename", logged_rename)
+    rel = publish(gguf, "r1")
+    assert {p.name for p in rel.folder.iterdir() if p.stat().st_ino in synced} == {DEFAULT, Q4, "release.json"}
+
+
 @pytest.mark.parametrize(
     ("harm", "problem"),
     [
