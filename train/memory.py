@@ -162,7 +162,7 @@ def estimate_step_memory(
     fused = fused_lm_head_enabled(cfg, where.cuda)
     attn = "eager" if where.attn_implementation == "eager" else "memory_estimate_fused"
     with torch.device("meta"):  # the LoRA model as the run builds it, without weights
-        dtype = torch.bfloat16 if cfg.model.dtype == "auto" and where.cuda else compute_dtype(cfg)
+        dtype = compute_dtype(cfg, where.cuda)  # where: the planned card's, which need not be in this machine
         model = AutoModelForCausalLM.from_config(model_config, dtype=dtype, attn_implementation=attn)
     if cfg.training.activation_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

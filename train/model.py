@@ -57,13 +57,14 @@ def uses_cuda(cfg: Config) -> bool:
     return cfg.model.device != "cpu" and torch.cuda.is_available()
 
 
-def compute_dtype(cfg: Config) -> torch.dtype:
+def compute_dtype(cfg: Config, cuda: bool) -> torch.dtype:
+    """model.dtype on CUDA (`cuda`) or the CPU: auto is bfloat16 on CUDA, float32 on the CPU."""
     if cfg.model.dtype == "auto":
-        return torch.bfloat16 if uses_cuda(cfg) else torch.float32
+        return torch.bfloat16 if cuda else torch.float32
     return getattr(torch, cfg.model.dtype)
 
 
-def quantization(cfg: Config) -> BitsAndBytesConfig | None:
+def quantization(cfg: Config, dtype: torch.dtype) -> BitsAndBytesConfig | None:
     """model.load_in_4bit: QLoRA's recipe (Dettmers et al. 2023), which bitsandbytes 0.50.2 runs on CPU too
     (tests/cli/test_gpu_path.py trains with it)."""
     if not cfg.model.load_in_4bit:
@@ -72,7 +73,7 @@ def quantization(cfg: Config) -> BitsAndBytesConfig | None:
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute_dtype(cfg),
+        bnb_4bit_compute_dtype=dtype,
     )
 
 
@@ -80,10 +81,11 @@ def build_model(base: ResolvedModel, cfg: Config, where: Placement) -> PeftModel
     # get_peft_model draws LoRA's A matrices from torch's RNG, and the Trainer seeds only in its
     # __init__, later: without this every process starts from a different adapter.
     set_seed(cfg.training.seed)
-    quant = quantization(cfg)
+    dtype = compute_dtype(cfg, where.cuda)
+    quant = quantization(cfg, dtype)
     model = AutoModelForCausalLM.from_pretrained(
         str(base.path),
-        dtype=compute_dtype(cfg),
+        dtype=dtype,
         attn_implementation=where.attn_implementation,
         trust_remote_code=cfg.model.trust_remote_code,
         use_safetensors=True,  # never unpickle weights (a .bin-only model fails here, by design)

@@ -56,7 +56,7 @@ def training_arguments(cfg: Config, folder: RunFolder, evaluating: bool) -> Trai
     """The TrainingArguments of a run; building them validates optim, lr_scheduler_type and report_to (the dry
     run builds them too)."""
     t = cfg.training
-    bf16 = compute_dtype(cfg) == torch.bfloat16
+    bf16 = compute_dtype(cfg, uses_cuda(cfg)) == torch.bfloat16
     _check_launcher(cfg, bf16)
     # The training section is TrainingArguments' keys (fused_lm_head aside), these set the run's way:
     ours = dict(
